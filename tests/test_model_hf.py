@@ -3,13 +3,9 @@ loaded from safetensors (single, sharded, bf16) and from GGUF (F32, F16, Q8_0, Q
 import numpy as np
 import pytest
 import torch
-from conftest import hf_logits, hf_model_with, make_hf_model, write_gguf
+from conftest import hf_logits, hf_model_with, load_tiny, make_hf_model, write_gguf
 
 import gguf
-from tinyllm import load
-from tinyllm.backend import get_device
-from tinyllm.loaders import assemble_weights, read_checkpoint
-from tinyllm.model import Model
 
 PROMPT = [1, 17, 99, 5, 42, 42, 8, 120, 3, 64, 77]
 STEPS = [11, 25, 7, 90, 2, 33]
@@ -25,9 +21,7 @@ VARIANTS = {
 
 
 def load_model(path, dtype="float32"):
-    ckpt = read_checkpoint(path)
-    device = get_device("cpu")
-    return Model(ckpt.config, assemble_weights(ckpt, np.float32 if dtype == "float32" else np.float16, device), device)
+    return load_tiny(path, np.float32 if dtype == "float32" else np.float16)
 
 
 def check_against(model, ref_model, atol):
