@@ -47,9 +47,9 @@ class SentencePieceStyle:
     @classmethod
     def llama2(cls):
         """Llama 2's layout: a normalizer that prepends `▁` and replaces spaces; the decoder strips one space."""
-        norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        tk = cls._train(norm, None)
-        tk.normalizer = norm
+        # trained with Metaspace splitting, so that (as in SentencePiece) no piece spans two words
+        tk = cls._train(None, pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"))
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
         return tk
