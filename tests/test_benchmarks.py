@@ -1,0 +1,90 @@
+"""The benchmark harness runs end to end on a tiny random model in seconds.
+
+These tests check the harness, never the speed: no assertion on any timing beyond
+"it is a positive number", so a slow or busy machine cannot fail them.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_model(directory: Path) -> Path:
+    """A random LlamaForCausalLM saved as safetensors, with a word-level tokenizer.json."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    words = "the a of and to in lighthouse keeper stairs harbour boats water weather fog storms".split()
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def run_module(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_e2e_tinyllm_alone_writes_json_and_markdown(tiny_model, tmp_path):
+    run_module("e2e", "--model", str(tiny_model), "--engines", "tinyllm", "--repeats", "2",
+               "--new-tokens", "6", "--prefill-lengths", "16", "40", "--gemv-repeats", "3", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    assert result["benchmark"] == "e2e"
+    assert result["settings"]["new_tokens"] == 6
+    assert {"date", "cpu", "commit", "command"} <= set(result["machine"])
+    tiny = result["engines"]["tinyllm"]
+    assert tiny["repeats"] == 2 and tiny["errors"] == []
+    for key in ("load_s", "ttft_s", "decode_tok_s", "prefill_16_tok_s", "prefill_40_tok_s", "peak_rss_mib"):
+        s = tiny[key]
+        assert len(s["values"]) == 2 and s["min"] <= s["median"] <= s["max"] and s["min"] > 0
+    assert len(tiny["generated"]) == 7  # the first token from prefill, then 6 decode steps
+    assert result["ratios"] == {}  # no peer ran, so no ratio is made up
+    gemv = result["gemv_ceiling"]
+    assert gemv["gemvs"] == 2 * 4 + 1  # QKV, output, gate|up, down per layer, then the LM head
+    assert gemv["weight_bytes"] == 4 * (2 * (32 * 64 + 32 * 32 + 32 * 128 + 64 * 32) + 64 * 32)
+    assert gemv["ceiling_tok_s"] == pytest.approx(1 / gemv["sweep_s"]["median"])
+    assert gemv["tinyllm_fraction"] == pytest.approx(tiny["decode_tok_s"]["median"] * gemv["sweep_s"]["median"])
+    md = (tmp_path / "e2e.md").read_text()
+    assert "| decode (tok/s) |" in md and "NumPy GEMV ceiling" in md
+
+
+def test_e2e_ratios_come_from_the_same_run(tiny_model, tmp_path):
+    pytest.importorskip("transformers")
+    run_module("e2e", "--model", str(tiny_model), "--engines", "tinyllm,transformers", "--repeats", "1",
+               "--new-tokens", "4", "--prefill-lengths", "16", "--no-gemv", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    tiny, peer = result["engines"]["tinyllm"], result["engines"]["transformers"]
+    assert peer["repeats"] == 1, peer["errors"]
+    ratios = result["ratios"]["transformers"]
+    for key in ("load_s", "ttft_s", "decode_tok_s", "prefill_16_tok_s", "peak_rss_mib"):
+        assert ratios[key] == pytest.approx(tiny[key]["median"] / peer[key]["median"])
+    # the same weights and greedy decoding: transformers must pick tinyllm's tokens
+    assert result["greedy_agreement"]["transformers"] == 5
+    assert "tinyllm / transformers" in (tmp_path / "e2e.md").read_text()
+
+
+def test_e2e_unknown_engine_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--engines", "tinyllm,vllm", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--engines: unknown engine 'vllm'" in proc.stderr
