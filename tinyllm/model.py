@@ -148,14 +148,33 @@ class Model:
             chunks = [self.forward(tokens[:, i:i + PREFILL_CHUNK], cache, last_only)
                       for i in range(0, t, PREFILL_CHUNK)]
             return chunks[-1] if last_only else self.xp.concatenate(chunks, axis=1)
-        logits = self.forward_block(tokens, cache, cache.length, last_only)
+        logits = self.forward_block(tokens, [cache], last_only)
         cache.length += t
         return logits
 
-    def forward_block(self, tokens, cache: KVCache, pos: int, last_only: bool):
+    def decode_batch(self, tokens, caches: list[KVCache]):
+        """One decode step for B independent sequences, each with its own cache and position
+        (continuous batching: sequences join and leave between steps). The matrices are read
+        once for all B tokens; attention runs per sequence over its own cache.
+        tokens: B ints -> float32 logits [B, V]"""
+        for cache in caches:
+            cache.check_room(1)
+        tokens = self.xp.asarray(tokens).reshape(len(caches), 1)  # [B, 1]
+        logits = self.forward_block(tokens, caches, last_only=True)
+        for cache in caches:
+            cache.length += 1
+        return logits[:, 0]
+
+    def forward_block(self, tokens, caches: list[KVCache], last_only: bool):
+        """tokens [B, T]; row b continues the sequence held in caches[b] at its own position."""
         c, w, ops = self.config, self.weights, self.ops
         b, t = tokens.shape
-        cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]  # [T, E/2]
+        if len(caches) == 1:
+            pos = caches[0].length
+            cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]  # [T, E/2]
+        else:
+            rows = self.xp.asarray([cache.length for cache in caches])[:, None] + self.xp.arange(t)  # [B, T]
+            cos, sin = self.cos[rows], self.sin[rows]  # [B, T, E/2]
         x = ops.embedding(w.tok_embeddings, tokens)  # [B, T, D]
         n_q, n_kv = c.n_heads, c.n_kv_heads
         for i, layer in enumerate(w.layers):
@@ -164,7 +183,7 @@ class Model:
             qkv = ops.linear(h, layer.wqkv).reshape(b, t, n_q + 2 * n_kv, c.head_dim)  # [B, T, H+2K, E]
             qk = ops.rope(qkv[:, :, :n_q + n_kv], cos, sin)  # q and k sit side by side: rotate both at once
             q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + n_kv:]
-            attn = ops.attention(q, k, v, cache, i, pos, self.scale)  # [B, T, H*E]
+            attn = self.attend(q, k, v, caches, i)  # [B, T, H*E]
             x = ops.add(x, ops.linear(attn, layer.wo))
             # MLP
             h = ops.rms_norm(x, layer.mlp_norm, c.norm_eps)
@@ -173,3 +192,11 @@ class Model:
             x = x[:, -1:]  # only the positions asked for are projected to the vocabulary
         x = ops.rms_norm(x, w.norm, c.norm_eps)
         return ops.linear(x, w.output).astype(self.xp.float32)  # [B, T, V]
+
+    def attend(self, q, k, v, caches: list[KVCache], layer: int):
+        """Attention of each sequence over its own cache.  q: [B, T, H, E]; k, v: [B, T, K, E] -> [B, T, H*E]"""
+        if len(caches) == 1:
+            return self.ops.attention(q, k, v, caches[0], layer, caches[0].length, self.scale)
+        rows = [self.ops.attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], cache, layer, cache.length, self.scale)
+                for r, cache in enumerate(caches)]
+        return self.xp.concatenate(rows, axis=0)

@@ -52,10 +52,11 @@ def rope_tables(config: Config, n_positions: int, xp=np, freq_factors=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + E/2) of every head.  x: [B, T, N, E]; cos, sin: [T, E/2]."""
+    """Rotate channel pairs (i, i + E/2) of every head.
+    x: [B, T, N, E]; cos, sin: [T, E/2] (one position per token) or [B, T, E/2] (per sequence)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos = cos[:, None, :]  # [T, E/2] -> [T, 1, E/2], broadcast over heads
-    sin = sin[:, None, :]
+    cos = cos[..., None, :]  # [..., T, E/2] -> [..., T, 1, E/2], broadcast over heads
+    sin = sin[..., None, :]
     xp = array_module(x)
     return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype, copy=False)
