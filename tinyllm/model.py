@@ -67,9 +67,9 @@ class Ops:
 
     def rms_norm(self, x, weight, eps: float):
         """x / sqrt(mean(x^2) + eps) * weight, computed in float32 whatever x is."""
-        xf = x.astype(self.xp.float32)
-        inv_rms = 1.0 / self.xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)  # [B, T, 1]
-        return (xf * inv_rms).astype(x.dtype) * weight
+        xf = x.astype(self.xp.float32, copy=False)
+        mean_sq = (xf * xf).sum(axis=-1, keepdims=True) * (1.0 / x.shape[-1])  # [B, T, 1]
+        return (xf * (1.0 / self.xp.sqrt(mean_sq + eps))).astype(x.dtype, copy=False) * weight
 
     def linear(self, x, w):
         """x @ w.T for w stored (out, in).  [..., in] -> [..., out]"""
@@ -90,11 +90,11 @@ class Ops:
         keys, values = cache.update(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos)  # [B, K, S, E]
         s = keys.shape[2]
         q = q.transpose(0, 2, 1, 3).reshape(b, n_kv, (h // n_kv) * t, e)  # [B, T, H, E] -> [B, K, R*T, E]
-        scores = (q @ keys.transpose(0, 1, 3, 2)).astype(xp.float32) * scale  # [B, K, R*T, S]
+        scores = (q @ keys.transpose(0, 1, 3, 2)).astype(xp.float32, copy=False) * scale  # [B, K, R*T, S]
         mask = cache.mask(t)
         if mask is not None:  # only the last T columns (this block's own tokens) need masking
             scores.reshape(b, n_kv, h // n_kv, t, s)[..., pos:] += mask
-        probs = self.softmax(scores).astype(values.dtype)
+        probs = self.softmax(scores).astype(values.dtype, copy=False)
         out = probs @ values  # [B, K, R*T, S] @ [B, K, S, E] -> [B, K, R*T, E]
         return out.reshape(b, h, t, e).transpose(0, 2, 1, 3).reshape(b, t, h * e)
 
