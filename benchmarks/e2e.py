@@ -366,9 +366,9 @@ def to_markdown(result: dict) -> str:
     for key, label, higher in figures(s["prefill_lengths"]):
         row = [label]
         for n in names:
-            s = engines[n].get(key)
-            best = None if s is None else (s["max"] if higher else s["min"])
-            row.append("-" if s is None else f"{fmt(s['median'])} ({fmt(best)})")
+            v = engines[n].get(key)
+            best = None if v is None else (v["max"] if higher else v["min"])
+            row.append("-" if v is None else f"{fmt(v['median'])} ({fmt(best)})")
         row += [fmt(ratios[p].get(key)) for p in peers]
         rows.append(row)
     md = [f"# End to end on the CPU: {Path(s['model']).name}\n", header_markdown(result["machine"]),
