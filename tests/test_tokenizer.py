@@ -166,7 +166,8 @@ def llama_vocab(byte_tokens=True):
 
 
 def write_tokenizer_gguf(path: Path, model="llama", tokens=None, scores=None, types=None, merges=None,
-                         pre=None, bos=1, eos=2, unk=None, add_bos=None, add_space_prefix=None, template=None):
+                         pre=None, bos=1, eos=2, unk=None, pad=None, add_bos=None, add_space_prefix=None,
+                         template=None):
     """A GGUF holding llama hyper-parameters and a tokenizer only: transformers reads its
     tokenizer from the metadata alone, and so does tinyllm."""
     w = gguf.GGUFWriter(str(path), "llama")
@@ -194,6 +195,8 @@ def write_tokenizer_gguf(path: Path, model="llama", tokens=None, scores=None, ty
         w.add_eos_token_id(eos)
         if unk is not None:
             w.add_unk_token_id(unk)
+        if pad is not None:
+            w.add_pad_token_id(pad)
         if add_bos is not None:
             w.add_add_bos_token(add_bos)
         if add_space_prefix is not None:
@@ -385,6 +388,20 @@ def test_byte_level_gguf_word_splitting_matches_transformers(byte_level_vocab, t
     else:
         assert pieces == ["\u01204567"]
     assert tok.encode("x")[0] == bos
+
+
+def test_padding_id_on_an_ordinary_token_does_not_make_it_special(byte_level_vocab, tmp_path):
+    """Some files point tokenizer.ggml.padding_token_id at an ordinary token ("!"). tinyllm
+    never pads, so that token stays text: the ids equal transformers' for the same file
+    without the padding id."""
+    tokens, merges, types = byte_level_vocab
+    common = dict(model="gpt2", tokens=tokens, types=types, merges=merges, bos=len(tokens) - 2,
+                  eos=len(tokens) - 1, unk=len(tokens) - 3, add_bos=False)
+    padded = write_tokenizer_gguf(tmp_path / "pad.gguf", pad=tokens.index("!"), **common)
+    ref = ref_from_gguf(write_tokenizer_gguf(tmp_path / "nopad.gguf", **common))
+    tok = tiny_from_gguf(padded)
+    check_same_ids(tok, ref, ["Hello world!", "Well!! hello!"])
+    assert not tok.is_special(tokens.index("!"))
 
 
 # ---- bad inputs -----------------------------------------------------------------------------

@@ -162,9 +162,10 @@ class Tokenizer:
             raise CheckpointError(f"{source}: tokenizer.ggml.model is {kind!r}; tinyllm reads 'gpt2' (byte-level BPE) "
                                   "and 'llama' (SentencePiece BPE)")
 
-        # Control tokens and the named special tokens are matched whole and skipped when
-        # decoding with skip_special_tokens; user-defined ones are matched whole but are text.
-        named = {i for key, i in special_ids.items() if i is not None and key != "eot"}
+        # Control tokens and BOS, EOS, <unk> are matched whole and skipped when decoding with
+        # skip_special_tokens; user-defined ones are matched whole but are text. (Not the
+        # padding id: some files point it at an ordinary token such as "!".)
+        named = {special_ids[key] for key in ("bos", "eos", "unknown") if special_ids[key] is not None}
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                for i, t in enumerate(types) if t == TOKEN_CONTROL or i in named])
         tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
