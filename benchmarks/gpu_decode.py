@@ -1,0 +1,244 @@
+"""Batch-1 decode on the GPU: tinyllm's graph-captured fast path, its readable CuPy path,
+and transformers (eager, and with a static cache) side by side, on random fp16 weights
+of real model shapes.
+
+    python benchmarks/gpu_decode.py                      # both shapes, all peers
+    python benchmarks/gpu_decode.py --shapes smollm2-135m --peers none
+
+What is measured, per shape (medians of repeats, after warm-up, clocks read after a sync):
+- decode tok/s: 256 new tokens after a 16-token prompt, greedy; the time from the first
+  decode launch to the last token on the host (prefill excluded);
+- GPU time per step: back-to-back graph replays timed with CUDA events, and the graph's
+  kernel count; bytes per step (weights + KV cache read) over that time, as a fraction of
+  the device-to-device copy bandwidth measured in the same run;
+- prefill tok/s and time to first token for a 512-token prompt;
+- transformers' generate() on the same weights: eager (dynamic cache) and with
+  cache_implementation="static" (which transformers compiles), decode tok/s measured as
+  (tokens(256) - tokens(1)) / (time(256) - time(1)) so its prefill cancels out.
+Results go to JSON (--out) and a Markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import cupy as cp  # noqa: E402
+
+from benchmarks.gpu_models import SHAPES, random_model, to_transformers  # noqa: E402
+from tinyllm.cuda import CudaDecoder  # noqa: E402
+from tinyllm.model import Model  # noqa: E402
+
+PROMPT_LEN, NEW_TOKENS, LONG_PROMPT = 16, 256, 512
+
+
+def sync():
+    cp.cuda.Device().synchronize()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (1 GiB, median of 10)."""
+    a = cp.ones(2 ** 29, dtype=cp.float16)
+    b = cp.empty_like(a)
+    times = []
+    for _ in range(12):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        b[...] = a
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+    del a, b
+    return 2 * 2 ** 30 / statistics.median(times[2:])
+
+
+def step_bytes(model: Model, context: int) -> int:
+    """Bytes one decode step must read: every weight but the embedding table (one row),
+    plus the KV cache over `context` positions."""
+    c, w = model.config, model.weights
+    layer_bytes = sum(a.nbytes for layer in w.layers for a in vars(layer).values())
+    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * context
+    return layer_bytes + w.norm.nbytes + w.output.nbytes + c.dim * 2 + kv
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n)[None, :]
+
+
+def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
+    ids = prompt_ids(PROMPT_LEN, model.config.vocab_size)
+    cache = decoder.new_cache(PROMPT_LEN + NEW_TOKENS + 8)
+    rates, tokens = [], None
+    for r in range(repeats + 1):
+        cache.length = 0
+        first = int(cp.argmax(model.forward(ids, cache)[0, -1]))
+        sync()
+        start = time.perf_counter()
+        out = list(decoder.decode(cache, first, NEW_TOKENS))
+        elapsed = time.perf_counter() - start
+        if r:  # the first run is warm-up
+            rates.append(NEW_TOKENS / elapsed)
+        tokens = out
+    # GPU time per step: replays queued back to back, timed with events
+    step = decoder.captured(cache)
+    cache.length = PROMPT_LEN + NEW_TOKENS // 2
+    n = 200
+    start_ev, end_ev = cp.cuda.Event(), cp.cuda.Event()
+    with decoder.stream:
+        from tinyllm.cuda import kernels as K
+        K.set_step(decoder.token, decoder.ops.pos, decoder.params, 1, cache.length, 0.0)
+        start_ev.record(decoder.stream)
+        for _ in range(n):  # the graph advances the position itself; stays inside the cache
+            K.set_step(decoder.token, decoder.ops.pos, decoder.params, 1, cache.length, 0.0)
+            step.graph.launch(decoder.stream)
+        end_ev.record(decoder.stream)
+    end_ev.synchronize()
+    step_s = cp.cuda.get_elapsed_time(start_ev, end_ev) / 1e3 / n
+    return {"decode_tok_s": statistics.median(rates), "decode_runs": rates, "gpu_step_us": step_s * 1e6,
+            "graph_kernels": step.n_nodes, "tokens_head": tokens[:8],
+            "bytes_per_step": step_bytes(model, PROMPT_LEN + NEW_TOKENS // 2)}
+
+
+def bench_prefill(model: Model, repeats: int) -> dict:
+    ids = prompt_ids(LONG_PROMPT, model.config.vocab_size, seed=1)
+    cache = model.new_cache(LONG_PROMPT + 8)
+    ttft, prefill = [], []
+    for r in range(repeats + 1):
+        cache.length = 0
+        sync()
+        start = time.perf_counter()
+        logits = model.forward(ids, cache)
+        sync()
+        mid = time.perf_counter()
+        int(cp.argmax(logits[0, -1]).get())  # the first token, on the host
+        end = time.perf_counter()
+        if r:
+            prefill.append(mid - start)
+            ttft.append(end - start)
+    return {"ttft_ms": 1e3 * statistics.median(ttft), "prefill_tok_s": LONG_PROMPT / statistics.median(prefill)}
+
+
+def bench_eager(model: Model, n: int = 32) -> float:
+    """Eager decode (no graph), greedy, tok/s over n steps (host-bound: for comparison)."""
+    ids = prompt_ids(PROMPT_LEN, model.config.vocab_size)
+    cache = model.new_cache(PROMPT_LEN + n + 8)
+    tok = int(cp.argmax(model.forward(ids, cache)[0, -1]))
+    for _ in range(4):  # warm-up steps
+        tok = int(cp.argmax(model.forward(np.array([[tok]]), cache)[0, -1]))
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        tok = int(cp.argmax(model.forward(np.array([[tok]]), cache)[0, -1]))
+    return n / (time.perf_counter() - start)
+
+
+def bench_transformers(model: Model, static: bool) -> dict:
+    import torch
+
+    hf = to_transformers(model)
+    ids = torch.tensor(prompt_ids(PROMPT_LEN, model.config.vocab_size), device="cuda")
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+
+    def run(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    compile_s = run(NEW_TOKENS)  # warm-up (static: torch.compile happens here)
+    run(NEW_TOKENS)
+    t1 = statistics.median([run(1) for _ in range(3)])
+    tn = statistics.median([run(NEW_TOKENS) for _ in range(3)])
+    del hf
+    torch.cuda.empty_cache()
+    return {"decode_tok_s": (NEW_TOKENS - 1) / (tn - t1), "first_call_s": compile_s}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--peers", choices=["none", "eager", "all"], default="all")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
+              "commit": commit(), "command": "python benchmarks/gpu_decode.py " + " ".join(argv or sys.argv[1:]),
+              "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "shapes": {}}
+    for name in args.shapes:
+        print(f"[{name}] building random fp16 weights", flush=True)
+        fast = random_model(name, "cuda", seed=0)
+        readable = Model(fast.config, fast.weights, fast.device)
+        row = {"weights_GB": fast.weights.nbytes / 1e9}
+        start = time.perf_counter()
+        decoder = CudaDecoder(fast)
+        row["warmup_s"] = time.perf_counter() - start
+        row.update(bench_fast(fast, decoder, args.repeats))
+        row["bandwidth_fraction"] = row["bytes_per_step"] / (row["gpu_step_us"] * 1e-6) / (result["copy_bandwidth_GBs"] * 1e9)
+        row["limit_tok_s"] = result["copy_bandwidth_GBs"] * 1e9 / row["bytes_per_step"]
+        row.update(bench_prefill(fast, args.repeats))
+        row["readable_eager_tok_s"] = bench_eager(readable)
+        row["fast_eager_tok_s"] = bench_eager(fast)
+        print(f"[{name}] fast {row['decode_tok_s']:.0f} tok/s, step {row['gpu_step_us']:.0f} us", flush=True)
+        if args.peers != "none":
+            row["transformers_eager"] = bench_transformers(fast, static=False)
+        if args.peers == "all":
+            try:
+                row["transformers_static"] = bench_transformers(fast, static=True)
+            except Exception as e:  # report, never hide, a failing peer
+                row["transformers_static"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        result["shapes"][name] = row
+        del decoder, fast, readable
+        cp.get_default_memory_pool().free_all_blocks()
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    def peer(row, key):
+        p = row.get(key)
+        if not p:
+            return "-"
+        return f"{p['decode_tok_s']:.1f}" if "decode_tok_s" in p else "error"
+
+    lines = [f"{result['date']} · {result['device']} · commit {result['commit']} · copy bandwidth "
+             f"{result['copy_bandwidth_GBs']:.0f} GB/s · `{result['command']}`", "",
+             "| shape | tinyllm fast (graph) tok/s | GPU µs/step | kernels/step | of copy BW | BW limit tok/s "
+             "| TTFT 512 ms | prefill tok/s | readable CuPy tok/s | fast eager tok/s | transformers eager | "
+             "transformers static |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["shapes"].items():
+        lines.append(
+            f"| {name} | {r['decode_tok_s']:.0f} | {r['gpu_step_us']:.0f} | {r['graph_kernels']} | "
+            f"{100 * r['bandwidth_fraction']:.0f}% | {r['limit_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
+            f"{r['prefill_tok_s']:.0f} | {r['readable_eager_tok_s']:.1f} | {r['fast_eager_tok_s']:.1f} | "
+            f"{peer(r, 'transformers_eager')} | {peer(r, 'transformers_static')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

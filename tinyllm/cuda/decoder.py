@@ -1,0 +1,218 @@
+"""CudaDecoder: the whole decode step captured once into a CUDA graph, replayed per token.
+
+Even with fused kernels, a decode step is ~150 launches. Launched one by one from
+Python each costs ~10 µs of host time, more than the GPU needs to run it, so the step
+would be host-bound. A CUDA graph records the launches once and replays them with one
+call. What makes the readable `Model.forward` capturable:
+
+- no host sync, no host<->device copy, no cuBLAS inside the step: FastOps (ops.py) runs
+  its own kernels for every operation of a one-token step;
+- the inputs that change per token live in device memory: the token id (`self.token`)
+  and the position (`ops.pos`), written by a tiny kernel before a replay, or advanced by
+  the graph itself: its last kernel samples the next token, writes it where the next
+  step reads its input and increments the position;
+- every buffer the graph touches stays alive with it: temporaries come from a private
+  memory pool that lives as long as the graph, so no later allocation can reuse them.
+
+Because each replay feeds itself, the host can queue step i+1 before it reads token i:
+the GPU never waits for Python. The host reads each token through a small asynchronous
+copy into pinned memory and an event.
+
+Sampling: greedy or temperature / top-k / top-p / min-p on the device (kernels.cu);
+the one uniform number per token is drawn on the host from the sampler's seeded
+generator, so a seeded run is reproducible. Repetition/presence/frequency penalties
+need the token history on the host: `supports(params)` is False for them, and the
+caller replays logits (`step_logits`) and samples on the host instead.
+
+    decoder = CudaDecoder(llm.model)          # compiles kernels, captures a warm-up graph
+    cache = decoder.new_cache(4096)           # a cache and its captured step
+    logits = llm.model.forward(prompt_ids, cache)
+    first = sampler(to_numpy(logits[0, -1]))
+    for tok in decoder.decode(cache, first, max_new_tokens - 1, sampler):
+        ...
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+
+from ..errors import DeviceError
+from ..model import Model
+from . import kernels as K
+from .ops import FastOps
+
+_DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
+
+
+class _CapturedStep:
+    """A captured decode step for one KV cache, with everything it must keep alive."""
+
+    def __init__(self, graph, pool, logits, history, cache):
+        self.graph = graph
+        self.pool = pool          # the graph's temporaries live here
+        self.logits = logits      # [1, 1, V] fp32, written by every replay
+        self.history = history    # [S_cap + 1] int64: history[p + 1] = token sampled at position p
+        self.cache = weakref.ref(cache)
+
+    @property
+    def n_nodes(self) -> int:
+        """Kernel nodes in the graph (from its DOT description)."""
+        return self.graph.debug_dot_str().count("KERNEL")
+
+
+class CudaDecoder:
+    def __init__(self, model: Model, warmup: bool = True):
+        if not model.device.is_cuda:
+            raise DeviceError(f"the CUDA fast path needs a model on a GPU, this one is on {model.device.name}")
+        if model.dtype != np.float16:
+            raise DeviceError(f"the CUDA fast path needs fp16 weights, got {np.dtype(model.dtype).name} (use --dtype float16)")
+        import cupy as cp
+
+        self.cp = cp
+        self.model = model
+        self.ops = model.ops if isinstance(model.ops, FastOps) else FastOps(model)
+        model.ops = self.ops  # inject: the model's own forward now calls the fused kernels
+        c = model.config
+        self.token = cp.zeros((1, 1), dtype=cp.int64)   # the step's input token
+        self.params = cp.zeros(5, dtype=cp.float32)     # temperature, top_k, top_p, min_p, u
+        self.w_scratch = cp.empty(c.vocab_size, dtype=cp.float32)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._steps: dict[int, _CapturedStep] = {}
+        self.warmup_seconds = 0.0
+        if warmup:
+            self.warmup()
+
+    # ---- load time ---------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Compile every kernel and capture + replay one step, so the first request is warm."""
+        start = time.perf_counter()
+        K.compile_kernels(self.ops.kernel_names(self.model.weights))
+        cache = self.model.new_cache(2 * K.ATTENTION_CHUNK)
+        self.step_logits(cache, 0)
+        self._steps.pop(id(cache), None)
+        self.stream.synchronize()
+        self.warmup_seconds = time.perf_counter() - start
+
+    def new_cache(self, capacity: int | None = None):
+        """A KV cache with its decode step already captured."""
+        cache = self.model.new_cache(capacity)
+        self.captured(cache)
+        return cache
+
+    # ---- capture -------------------------------------------------------------------------
+    def captured(self, cache) -> _CapturedStep:
+        step = self._steps.get(id(cache))
+        if step is None or step.cache() is not cache:
+            step = self._steps[id(cache)] = self._capture(cache)
+        return step
+
+    def _step(self, cache, history):
+        """One decode step as ordinary calls: the model's forward, then the sampler kernel."""
+        logits = self.model.forward(self.token, cache)  # [1, 1, V] fp32
+        self.ops.flush()
+        K.sample_token(logits, self.params, self.w_scratch, self.token, history, self.ops.pos)
+        return logits
+
+    def _capture(self, cache) -> _CapturedStep:
+        cp = self.cp
+        length = cache.length
+        cache.check_room(1)
+        pool = cp.cuda.MemoryPool()
+        history = cp.zeros(cache.capacity + 1, dtype=cp.int64)
+        self.ops.host_writes_position = False
+        try:
+            with cp.cuda.using_allocator(pool.malloc), self.stream:
+                # One eager step first: loads kernels and fills the private pool, so that
+                # the capture allocates nothing new. It writes K/V at `length`, which the
+                # first real step overwrites.
+                K.set_step(self.token, self.ops.pos, self.params, 0, length, 0.0)
+                self._step(cache, history)
+                cache.length = length
+                self.stream.synchronize()
+                self.stream.begin_capture()
+                try:
+                    logits = self._step(cache, history)
+                finally:
+                    graph = self.stream.end_capture()
+                    cache.length = length
+                graph.upload(self.stream)
+                self.stream.synchronize()
+        finally:
+            self.ops.host_writes_position = True
+        return _CapturedStep(graph, pool, logits, history, cache)
+
+    # ---- replay ----------------------------------------------------------------------------
+    def _set_params(self, params) -> None:
+        if params is None or params.greedy:
+            values = [0.0, 0.0, 1.0, 0.0, 0.0]
+        else:
+            values = [params.temperature, params.top_k, params.top_p, params.min_p, 0.0]
+        self.params.set(np.asarray(values, dtype=np.float32), stream=self.stream)
+
+    @staticmethod
+    def supports(params) -> bool:
+        """Whether decode() can sample with these SamplingParams on the device."""
+        return params is None or not params.uses_history
+
+    def step_logits(self, cache, token: int):
+        """Replay one step with `token` at position cache.length; returns the logits [V] (a copy)."""
+        step = self.captured(cache)
+        self._set_params(None)
+        self.stream.wait_event(self.cp.cuda.get_current_stream().record())
+        with self.stream:
+            K.set_step(self.token, self.ops.pos, self.params, int(token), cache.length, 0.0)
+            step.graph.launch(self.stream)
+            out = step.logits.reshape(-1).copy()
+        self.stream.synchronize()
+        cache.length += 1
+        return out
+
+    def decode(self, cache, token: int, max_new_tokens: int, sampler=None):
+        """Yield up to max_new_tokens ids, each the model's choice after the previous one;
+        `token` (e.g. sampled from the prefill logits) is the first input.
+
+        `sampler`: a tinyllm.sampler.Sampler (its params and seeded generator), or None
+        for greedy. Stop early by closing the generator (break out of the loop): the
+        cache then holds exactly the tokens consumed."""
+        params = None if sampler is None else sampler.params
+        if not self.supports(params):
+            raise ValueError("repetition/presence/frequency penalties need host sampling: use step_logits")
+        if max_new_tokens <= 0:
+            return
+        cp = self.cp
+        step = self.captured(cache)
+        cache.check_room(max_new_tokens)
+        start = cache.length
+        self._set_params(params)
+        greedy = params is None or params.greedy
+        host = cp.cuda.alloc_pinned_memory(8 * max_new_tokens)
+        out = np.frombuffer(host, dtype=np.int64, count=max_new_tokens)
+        events = []
+        self.stream.wait_event(cp.cuda.get_current_stream().record())  # after the prefill
+
+        def launch(i):
+            u = 0.0 if greedy else sampler.uniform()
+            with self.stream:
+                K.set_step(self.token, self.ops.pos, self.params, int(token) if i == 0 else None, start, u)
+            step.graph.launch(self.stream)
+            cp.cuda.runtime.memcpyAsync(host.ptr + 8 * i, step.history.data.ptr + 8 * (start + i + 1), 8,
+                                        _DEVICE_TO_HOST, self.stream.ptr)
+            events.append(self.stream.record())
+
+        try:
+            launch(0)
+            for i in range(max_new_tokens):
+                if i + 1 < max_new_tokens:
+                    launch(i + 1)  # queue the next step before waiting for this one
+                events[i].synchronize()
+                cache.length = start + i + 1
+                yield int(out[i])
+        finally:
+            self.stream.synchronize()
+
+
+def enable_fast_path(model: Model, warmup: bool = True) -> CudaDecoder:
+    """Inject the fused kernels into `model` and return its graph-captured decoder."""
+    return CudaDecoder(model, warmup=warmup)

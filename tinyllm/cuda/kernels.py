@@ -1,0 +1,124 @@
+"""Compiling and launching the fused kernels of kernels.cu.
+
+CuPy compiles CUDA C++ at run time with NVRTC and keeps the binaries in its kernel
+cache (~/.cupy/kernel_cache), so the compilation cost is paid once per machine, and
+per process only a module load. Templates are instantiated for the model's own sizes
+(K, the GEMV's input length, and E, R, the attention's head dim and group size) so
+the compiler can unroll every loop and keep the weight loads in registers.
+
+Each launcher takes CuPy arrays and launches on the current stream; none of them
+synchronizes or copies between host and device, so all of them can be captured into
+a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = (Path(__file__).with_name("kernels.cu")).read_text()
+OPTIONS = ("--std=c++17",)
+GEMV_WARPS = 8           # rows per block: one warp per row
+ATTENTION_CHUNK = 128    # positions per attention block (CHUNK in kernels.cu)
+SAMPLE_THREADS = 1024
+EPI_STORE, EPI_RESIDUAL, EPI_SWIGLU = 0, 1, 2
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+_modules: dict[str, object] = {}  # kernel name -> the RawModule that holds it
+
+
+def compile_kernels(names) -> None:
+    """Compile every kernel in `names` in one NVRTC call (one module) unless already done."""
+    cp = _cupy()
+    todo = sorted({n for n in names if n not in _modules})
+    if not todo:
+        return
+    templates = [n for n in todo if "<" in n]
+    module = cp.RawModule(code=SOURCE, options=OPTIONS, name_expressions=templates)
+    module.compile()
+    for n in todo:
+        _modules[n] = module
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(name: str):
+    """A compiled kernel by name; templates by their instantiation, e.g. 'gemv<2048, true, 0>'."""
+    if name not in _modules:
+        compile_kernels([name])
+    return _modules[name].get_function(name)
+
+
+PLAIN_KERNELS = ("embedding", "rms_norm_rows", "sample_token", "set_step")
+
+
+def gemv_name(k: int, norm: bool, epilogue: int) -> str:
+    return f"gemv<{k}, {'true' if norm else 'false'}, {epilogue}>"
+
+
+def attention_name(head_dim: int, n_rep: int) -> str:
+    return f"decode_attention<{head_dim}, {n_rep}>"
+
+
+def _ptr(a) -> int:
+    return a.data.ptr
+
+
+def embedding(table, token, out):
+    """out[D] = table[token[0]] with token read from device memory."""
+    d = table.shape[1]
+    kernel("embedding")(((d + 255) // 256,), (256,), (table, token, out, np.int32(d)))
+
+
+def rms_norm_rows(x, w, eps: float, out):
+    rows = x.size // x.shape[-1]
+    kernel("rms_norm_rows")((rows,), (256,), (x, w, out, np.int32(x.shape[-1]), np.float32(eps)))
+
+
+def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
+    """out = W @ x (fp16 in, fp32 accumulate) with an optional RMSNorm prologue and an epilogue.
+
+    w: [N, K] (EPI_SWIGLU: [2N, K], gate rows then up rows); x: [K]; out: [N]."""
+    n_out, k = w.shape
+    if epilogue == EPI_SWIGLU:
+        n_out //= 2
+    norm = norm_w is not None
+    blocks = (n_out + GEMV_WARPS - 1) // GEMV_WARPS
+    # unused pointer arguments get x: a valid address the kernel never reads
+    kernel(gemv_name(k, norm, epilogue))((blocks,), (32 * GEMV_WARPS,), (
+        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out)))
+
+
+def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
+                     scratch, out, n_rep: int):
+    """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E]."""
+    n_kv, s_cap, e = k_cache.shape[-3:]
+    part_o, part_ml, counters = scratch
+    n_chunks = (s_cap + ATTENTION_CHUNK - 1) // ATTENTION_CHUNK
+    kernel(attention_name(e, n_rep))((n_chunks, n_kv), (ATTENTION_CHUNK,), (
+        q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
+        np.int32(1 if rotate else 0), part_o, part_ml, counters, out))
+
+
+def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int):
+    """Per-chunk partial outputs and softmax stats, and one arrival counter per KV head."""
+    cp = _cupy()
+    n_chunks = (capacity + ATTENTION_CHUNK - 1) // ATTENTION_CHUNK
+    return (cp.empty((n_kv, n_chunks, n_rep, head_dim), dtype=cp.float32),
+            cp.empty((n_kv, n_chunks, n_rep, 2), dtype=cp.float32),
+            cp.zeros(n_kv, dtype=cp.uint32))
+
+
+def sample_token(logits, params, w_scratch, token, history, pos):
+    v = logits.size
+    kernel("sample_token")((1,), (SAMPLE_THREADS,), (logits, np.int32(v), params, w_scratch, token, history, pos))
+
+
+def set_step(token, pos, params, tok: int | None, position: int, u: float):
+    kernel("set_step")((1,), (1,), (token, pos, params, np.int64(tok or 0), np.int32(position), np.float32(u),
+                                    np.int32(tok is not None)))

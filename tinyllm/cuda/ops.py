@@ -1,0 +1,232 @@
+"""FastOps: model.py's named operations, replaced by fused CUDA kernels for one-token decode.
+
+The model calls `ops.rms_norm`, `ops.linear`, `ops.rope`, `ops.attention`, `ops.swiglu`
+and `ops.add` one after another. Run one kernel per call and a decode step costs about
+eleven launches per layer; most of them move a few kilobytes, so their fixed cost
+(launch, ramp-up, tail: a few microseconds each) would dominate. Fusing neighbours
+halves that, but the model must stay one readable function. So FastOps *defers*:
+
+    h   = ops.rms_norm(x, w)        -> returns an empty buffer h and a promise "h = norm(x)"
+    qkv = ops.linear(h, wqkv)       -> sees the promise on its input: ONE kernel, norm + GEMV
+    ...
+    y   = ops.linear(a, wo)         -> returns an empty y and a promise "y = wo @ a"
+    x   = ops.add(x, y)             -> ONE kernel: GEMV with the residual add as epilogue
+
+A promise is kept by the next operation if it can fuse with it; otherwise that operation
+first keeps the promise by launching the plain kernel, so every buffer holds its value
+before anything reads it. model.py only reshapes and slices between calls (views, no
+reads), which is what makes this safe. The result, per layer:
+
+    1  rms_norm + QKV GEMV                 (wqkv stacked: one matrix)
+    2  RoPE(q, k) + KV-cache write + split-K GQA attention + merge
+    3  wo GEMV + residual add
+    4  rms_norm + gate|up GEMV + SiLU(gate) * up
+    5  down GEMV + residual add
+
+plus the embedding, the final norm + LM head, and the fp32 cast of the logits.
+
+Only the decode shape (batch 1, one token, fp16) takes the fused path; everything else
+(prefill, batches, float32) runs the readable operations, with cuBLAS for the matmuls.
+The position of the new token comes from `self.pos`, an int32 in device memory, so a
+captured step can be replayed at any position (decoder.py writes it; eager calls write
+it from the `pos` argument).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..model import Model, Ops
+from . import kernels as K
+
+
+@dataclass
+class _Norm:
+    """Promise: out = rms_norm(x, w)."""
+    x: object
+    w: object
+    eps: float
+    out: object
+
+    def keep(self, ops):
+        K.rms_norm_rows(self.x, self.w, self.eps, self.out)
+
+
+@dataclass
+class _Linear:
+    """Promise: out = W @ h, where h may itself be a pending norm."""
+    h: object
+    w: object
+    norm: _Norm | None
+    out: object
+
+    def launch(self, ops, epilogue=K.EPI_STORE, out=None, residual=None):
+        n = self.norm
+        K.gemv(self.w, n.x if n else self.h, self.out if out is None else out, epilogue=epilogue,
+               norm_w=n.w if n else None, eps=n.eps if n else 0.0, residual=residual)
+
+    def keep(self, ops):
+        self.launch(ops)
+
+
+@dataclass
+class _Rope:
+    """Promise: out = rope(qk) at the current position."""
+    qk: object
+    cos: object
+    sin: object
+    out: object
+
+    def keep(self, ops):
+        self.out[...] = Ops.rope(ops, self.qk, self.cos, self.sin)  # the readable op
+
+
+class FastOps(Ops):
+    """Ops for a CuPy model whose one-token decode runs fused kernels (see module docstring)."""
+
+    def __init__(self, model: Model):
+        import cupy as cp
+
+        super().__init__(cp)
+        c = model.config
+        self.config = c
+        self.cos, self.sin = model.cos, model.sin  # [S_max, E/2] fp32, the full tables
+        self.pos = cp.zeros(1, dtype=cp.int32)     # the decode position, in device memory
+        self.host_writes_position = True           # False while a graph is captured: decoder.py writes pos
+        self.pending = None                        # at most one promise, made by the last call
+        self._scratch = {}                         # attention scratch by cache capacity
+        layers = model.weights.layers
+        # linears whose result the next op can absorb (add or swiglu): those are deferred
+        self._deferred = {id(layer.wo) for layer in layers} | {id(layer.w_down) for layer in layers} \
+            | {id(layer.w_gate_up) for layer in layers}
+        self.fused_attention = c.head_dim in (64, 128) and c.n_rep <= 16
+        self.stats = {"fused": 0, "kept": 0}       # fusions made and promises kept unfused
+
+    # ---- which calls take the fast path ------------------------------------------------
+    def kernel_names(self, weights) -> list[str]:
+        """Every kernel this model's decode step launches (compiled together at warm-up)."""
+        c = self.config
+        names = list(K.PLAIN_KERNELS)
+        for k, norm, epi in [(c.dim, True, K.EPI_STORE), (c.dim, False, K.EPI_STORE), (c.dim, True, K.EPI_SWIGLU),
+                             (c.dim, False, K.EPI_SWIGLU), (c.n_heads * c.head_dim, False, K.EPI_RESIDUAL),
+                             (c.n_heads * c.head_dim, False, K.EPI_STORE), (c.hidden_dim, False, K.EPI_RESIDUAL),
+                             (c.hidden_dim, False, K.EPI_STORE)]:
+            if k % 8 == 0:
+                names.append(K.gemv_name(k, norm, epi))
+        if self.fused_attention:
+            names.append(K.attention_name(c.head_dim, c.n_rep))
+        return sorted(set(names))
+
+    @staticmethod
+    def _one_token(x) -> bool:
+        """The decode shape: [1, 1, ...], fp16, contiguous, 16-byte aligned."""
+        return (x.ndim >= 3 and x.shape[0] == 1 and x.shape[1] == 1 and x.dtype == np.float16
+                and x.flags.c_contiguous and x.data.ptr % 16 == 0)
+
+    def _take(self):
+        p, self.pending = self.pending, None
+        return p
+
+    def _keep(self, p):
+        if p is not None:
+            self.stats["kept"] += 1
+            p.keep(self)
+
+    def flush(self):
+        """Keep any promise still open (decoder.py calls this at the end of a step)."""
+        self._keep(self._take())
+
+    # ---- the operations ------------------------------------------------------------------
+    def embedding(self, table, tokens):
+        self.flush()
+        if tokens.shape == (1, 1) and tokens.dtype == np.int64 and table.dtype == np.float16:
+            out = self.xp.empty((1, 1, table.shape[1]), dtype=table.dtype)
+            K.embedding(table, tokens, out)
+            return out
+        return super().embedding(table, tokens)
+
+    def rms_norm(self, x, weight, eps: float):
+        self.flush()
+        if not self._one_token(x):
+            return super().rms_norm(x, weight, eps)
+        out = self.xp.empty_like(x)
+        self.pending = _Norm(x, weight, eps, out)
+        return out
+
+    def linear(self, x, w):
+        p = self._take()
+        norm = p if isinstance(p, _Norm) and p.out is x else None
+        if norm is None:
+            self._keep(p)
+        k = w.shape[1]
+        if not (self._one_token(x) and w.dtype == np.float16 and k % 8 == 0 and w.flags.c_contiguous):
+            self._keep(norm)
+            return super().linear(x, w)
+        out = self.xp.empty((1, 1, w.shape[0]), dtype=np.float16)
+        promise = _Linear(x, w, norm, out)
+        if norm is not None:
+            self.stats["fused"] += 1
+        if id(w) in self._deferred:
+            self.pending = promise
+        else:
+            promise.launch(self)
+        return out
+
+    def add(self, x, y):
+        p = self._take()
+        if isinstance(p, _Linear) and p.out is y and self._one_token(x) and x.shape == y.shape:
+            self.stats["fused"] += 1
+            out = self.xp.empty_like(x)
+            p.launch(self, K.EPI_RESIDUAL, out=out, residual=x)
+            return out
+        self._keep(p)
+        return super().add(x, y)
+
+    def swiglu(self, gate_up):
+        p = self._take()
+        if isinstance(p, _Linear) and p.out is gate_up:
+            self.stats["fused"] += 1
+            out = self.xp.empty((1, 1, gate_up.shape[-1] // 2), dtype=np.float16)
+            p.launch(self, K.EPI_SWIGLU, out=out)
+            return out
+        self._keep(p)
+        return super().swiglu(gate_up)
+
+    def rope(self, qk, cos, sin):
+        self.flush()
+        if not (self.fused_attention and qk.shape[:2] == (1, 1) and qk.dtype == np.float16):
+            return super().rope(qk, cos, sin)
+        out = self.xp.empty(qk.shape, dtype=qk.dtype)
+        self.pending = _Rope(qk, cos, sin, out)
+        return out
+
+    def attention(self, q, k, v, cache, layer: int, pos: int, scale: float):
+        p = self._take()
+        c = self.config
+        shaped = (self.fused_attention and q.shape[:2] == (1, 1) and q.dtype == np.float16 and cache.k[layer].shape[0] == 1
+                  and all(a.strides[-1] == 2 and a.strides[-2] == 2 * c.head_dim for a in (q, k, v)))
+        rotate = (shaped and isinstance(p, _Rope) and q.data.ptr == p.out.data.ptr
+                  and k.data.ptr == p.out.data.ptr + 2 * c.n_heads * c.head_dim)
+        if not rotate:
+            self._keep(p)
+        if not shaped:
+            return super().attention(q, k, v, cache, layer, pos, scale)
+        if rotate:  # read q and k before rotation, straight from the QKV output
+            self.stats["fused"] += 1
+            q_src, k_src = p.qk[:, :, :c.n_heads], p.qk[:, :, c.n_heads:]
+        else:
+            q_src, k_src = q, k
+        if self.host_writes_position:
+            self.pos.fill(pos)
+        out = self.xp.empty((1, 1, c.n_heads * c.head_dim), dtype=np.float16)
+        K.decode_attention(q_src, k_src, v, self.cos, self.sin, self.pos, cache.k[layer], cache.v[layer],
+                           scale, rotate, self.scratch(cache.capacity), out, c.n_rep)
+        return out
+
+    def scratch(self, capacity: int):
+        """Attention scratch for a cache capacity; kept for the life of these ops (graphs use it)."""
+        if capacity not in self._scratch:
+            c = self.config
+            self._scratch[capacity] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity)
+        return self._scratch[capacity]
