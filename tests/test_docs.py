@@ -1,0 +1,217 @@
+"""The tutorial in docs/ is tested like code.
+
+1. Every ```python block of every chapter (docs/NN-*.md) runs, in order, in one namespace
+   per chapter, and what it prints must equal the ```text block that follows it in the
+   chapter (a block with no ```text block after it must print nothing). A block fenced
+   ```python no-run is shown but not executed (the few that need a GPU).
+2. Every link into the repository (`[...](../tinyllm/model.py)`) points at a file that
+   exists, and when the link's text names code (`Ops.rms_norm`, `apply_rope`,
+   `KVCache.nbytes`), that name is defined in the linked file: a rename cannot silently
+   break the tutorial. Links between docs pages must resolve too.
+
+`tinyllm.load()` takes seconds, so the chapters share one loaded default model: while a
+chapter runs, `tinyllm.load()` with no arguments returns the module's shared LLM.
+
+To see what a chapter's blocks print (when writing one):
+
+    python tests/test_docs.py docs/07-attention.md            # print each block's output
+    python tests/test_docs.py --write docs/07-attention.md    # rewrite its ```text blocks
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+CHAPTERS = sorted(DOCS.glob("[0-9][0-9]-*.md"))
+PAGES = sorted(DOCS.glob("*.md"))
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+# ---- reading a chapter ---------------------------------------------------------------------
+def code_blocks(text: str):
+    """(source, expected output or None, span of the text block or None, line) for every
+    runnable python block, in order."""
+    fences = list(FENCE.finditer(text))
+    blocks = []
+    for i, m in enumerate(fences):
+        if m.group(1).strip() != "python":
+            continue
+        expected, span = None, None
+        nxt = fences[i + 1] if i + 1 < len(fences) else None
+        if nxt is not None and nxt.group(1).strip() == "text" and not text[m.end():nxt.start()].strip():
+            expected, span = nxt.group(2), nxt.span()
+        blocks.append((m.group(2), expected, span, text.count("\n", 0, m.start()) + 1))
+    return blocks
+
+
+def normalize(out: str) -> str:
+    return "\n".join(line.rstrip() for line in out.strip("\n").splitlines())
+
+
+# ---- running a chapter -----------------------------------------------------------------------
+@contextlib.contextmanager
+def shared_default_model(llm):
+    """`tinyllm.load()` (no arguments) returns `llm` while the chapter runs."""
+    import tinyllm
+
+    real = tinyllm.load
+
+    def load(path=None, device="cpu", dtype=None):
+        if path is None and device == "cpu" and dtype is None and llm is not None:
+            return llm
+        return real(path, device, dtype)
+
+    tinyllm.load = load
+    try:
+        yield
+    finally:
+        tinyllm.load = real
+
+
+def run_chapter(path: Path, llm=None):
+    """Run every block; yield (line, source, expected, printed) one block at a time."""
+    ns = {"__name__": f"docs_{path.stem.replace('-', '_')}"}
+    with shared_default_model(llm):
+        for source, expected, span, line in code_blocks(path.read_text(encoding="utf-8")):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(source, f"{path.name}:{line}", "exec"), ns)
+            yield line, source, expected, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def default_llm():
+    import tinyllm
+
+    return tinyllm.load()
+
+
+def test_chapters_exist():
+    assert len(CHAPTERS) >= 2, "docs/ should hold the tutorial's chapters (docs/NN-*.md)"
+    assert (DOCS / "README.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_chapter_snippets_print_what_the_chapter_shows(chapter, default_llm, monkeypatch):
+    monkeypatch.chdir(ROOT)  # snippets open repository files by relative path
+    for line, _source, expected, printed in run_chapter(chapter, default_llm):
+        where = f"{chapter.name}, the python block at line {line}"
+        if expected is None:
+            assert printed == "", f"{where} prints output but no ```text block follows it:\n{printed}"
+        else:
+            assert normalize(printed) == normalize(expected), (
+                f"{where} printed:\n{printed}\nthe chapter shows:\n{expected}")
+
+
+# ---- links to code ---------------------------------------------------------------------------
+def defined_names(path: Path) -> set[str]:
+    """Top-level functions, classes and assignments, and `Class.member` for each class's
+    methods, properties and annotated fields."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    names.add(f"{node.name}.{item.name}")
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    names.add(f"{node.name}.{item.target.id}")
+                elif isinstance(item, ast.Assign):
+                    names |= {f"{node.name}.{t.id}" for t in item.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+CODE_NAME = re.compile(r"^`([A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)?)(?:\(\))?`$")
+
+
+def links(page: Path):
+    text = page.read_text(encoding="utf-8")
+    text = FENCE.sub("", text)  # links inside code blocks are code, not links
+    for m in LINK.finditer(text):
+        label, target = m.group(1), m.group(2)
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue  # web addresses and anchors in the same page
+        yield label, target
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_links_point_at_existing_files_and_names(page):
+    problems = []
+    for label, target in links(page):
+        file = (page.parent / target.split("#")[0]).resolve()
+        if not file.exists():
+            problems.append(f"[{label}]({target}): {file.relative_to(ROOT) if file.is_relative_to(ROOT) else file} does not exist")
+            continue
+        m = CODE_NAME.match(label)
+        if m and file.suffix == ".py" and m.group(1) not in (file.name, file.stem):
+            name = m.group(1)  # `Ops.rms_norm`, `apply_rope()`; a label that is the file's own name is not checked
+            if name not in defined_names(file):
+                problems.append(f"[{label}]({target}): {name} is not defined in {file.relative_to(ROOT)}")
+    assert not problems, f"{page.name}:\n" + "\n".join(problems)
+
+
+def test_every_chapter_links_code_it_explains():
+    """A chapter that teaches the code links to it (the lint above then checks the names)."""
+    for page in CHAPTERS:
+        code_links = [t for _, t in links(page) if t.startswith("../") and ".py" in t]
+        assert code_links, f"{page.name} links to no code"
+
+
+def test_the_index_lists_every_chapter():
+    index = (DOCS / "README.md").read_text(encoding="utf-8")
+    targets = {t.split("#")[0] for _, t in links(DOCS / "README.md")}
+    missing = [p.name for p in CHAPTERS if p.name not in targets]
+    assert not missing, f"docs/README.md does not link {missing}"
+    assert index.strip()
+
+
+# ---- writing a chapter -------------------------------------------------------------------------
+def _main(argv):
+    write = "--write" in argv
+    paths = [Path(a) for a in argv if not a.startswith("--")]
+    import tinyllm
+
+    llm = tinyllm.load()
+    for path in paths:
+        path = path.resolve()
+        outputs = []
+        for line, _source, expected, printed in run_chapter(path, llm):
+            print(f"---- {path.name}:{line}" + ("" if expected is None else "  (has a text block)"))
+            print(printed, end="")
+            outputs.append(printed)
+        if write:
+            text = path.read_text(encoding="utf-8")
+            blocks = code_blocks(text)
+            for (_src, expected, span, line), printed in reversed(list(zip(blocks, outputs))):
+                body = "```text\n" + printed.rstrip("\n") + "\n```"
+                if span is not None:
+                    text = text[:span[0]] + body + text[span[1]:]
+                elif printed:
+                    # insert a text block after the python block that starts at `line`
+                    start = sum(len(l) + 1 for l in text.split("\n")[:line - 1])
+                    end = FENCE.search(text, start).end()
+                    text = text[:end] + "\n" + body + text[end:]
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    _main(sys.argv[1:])
