@@ -187,7 +187,8 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def header_markdown(info: dict) -> str:
-    return (f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads), "
+    threads = f", {info['threads']} threads" if info.get("threads") else ""
+    return (f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores{threads}), "
             f"NumPy {info['numpy']} ({info['blas']}), Python {info['python']}, commit `{info['commit']}`, "
             f"load average at start {fmt(info['load_average'], 2)}.\n\nCommand: `{info['command']}`\n")
 

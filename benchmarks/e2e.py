@@ -68,6 +68,11 @@ class TinyLLMEngine:
         logits = self.model.forward(self.np.asarray([[token]]), self.cache)
         return int(logits[0, -1].argmax())
 
+    def extend(self, ids):
+        """More prompt tokens after what the cache holds; the greedy next token."""
+        logits = self.model.forward(self.np.asarray([ids]), self.cache)
+        return int(logits[0, -1].argmax())
+
 
 class TransformersEngine:
     """transformers in float32, the same checkpoint (a GGUF is dequantized by transformers itself)."""
@@ -97,8 +102,12 @@ class TransformersEngine:
         return int(out.logits[0, -1].argmax())
 
     def step(self, token):
+        return self.extend([token])
+
+    def extend(self, ids):
         with self.torch.inference_mode():
-            out = self.model(input_ids=self.torch.tensor([[token]]), past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=self.torch.tensor([ids]), past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1)
         self.cache = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
@@ -136,7 +145,10 @@ class LlamaCppEngine:
         return self._argmax_last()
 
     def step(self, token):
-        self.llm.eval([token])
+        return self.extend([token])
+
+    def extend(self, ids):
+        self.llm.eval(ids)
         return self._argmax_last()
 
 

@@ -88,3 +88,37 @@ def test_e2e_unknown_engine_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--engines", "tinyllm,vllm", "--out",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--engines: unknown engine 'vllm'" in proc.stderr
+
+
+def test_components_table_for_every_length(tiny_model, tmp_path):
+    run_module("components", "--model", str(tiny_model), "--device", "cpu", "--seq-lens", "1", "8", "32",
+               "--repeats", "3", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "components.json").read_text())
+    assert result["settings"]["dim"] == 32 and result["settings"]["n_kv_heads"] == 2
+    (cpu,) = result["devices"]
+    assert cpu["device"] == "cpu" and cpu["dtype"] == "float32"
+    assert set(cpu["by_seq_len"]) == {"1", "8", "32"}
+    for timings in cpu["by_seq_len"].values():
+        assert set(timings) == {"rope", "qkv_projection", "attention_scores", "mask_cached", "mask_rebuilt",
+                                "attention"}
+        assert all(t["n"] == 3 and t["median"] > 0 for t in timings.values())
+    md = (tmp_path / "components.md").read_text()
+    assert "| mask_rebuilt |" in md and "T=32" in md
+
+
+def test_scaling_writes_both_curves_and_a_plot(tiny_model, tmp_path):
+    run_module("scaling", "--model", str(tiny_model), "--contexts", "16", "32", "--prompt-lengths", "8", "24",
+               "--decode-tokens", "3", "--repeats", "2", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    tiny = result["engines"]["tinyllm"]
+    assert set(tiny["decode_tok_s"]) == {"16", "32"} and set(tiny["prefill_tok_s"]) == {"8", "24"}
+    for curve in tiny.values():
+        for point in curve.values():
+            assert len(point["values"]) == 2 and point["min"] <= point["median"] <= point["max"]
+    assert "## decode tok/s by context length" in (tmp_path / "scaling.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert result["plot"] is None  # the JSON and the table are written all the same
+    else:
+        assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
