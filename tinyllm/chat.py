@@ -117,3 +117,40 @@ def chat_prompt_ids(tokenizer, messages, add_generation_prompt: bool = True) -> 
 
 def _one_line(error) -> str:
     return " ".join(str(error).split())
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache between turns.
+
+    Each turn re-renders the whole conversation with the template, and the Context
+    prefills only the tokens after the part already in the cache (the new user turn,
+    and the end of the assistant's previous answer).
+
+        session = ChatSession(llm, system="Be brief.")
+        for tok in session.send("Hello!"):
+            print(tok.text, end="")
+    """
+
+    def __init__(self, llm, system: str | None = None, max_context: int | None = None,
+                 sampler=None, rules=None):
+        from .generate import Context
+
+        self.llm = llm
+        self.template = ChatTemplate.from_tokenizer(llm.tokenizer)  # fail early when there is none
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.context = Context(llm.model, max_context)
+        self.sampler = sampler
+        self.rules = rules
+
+    def send(self, text: str):
+        """Add a user turn; returns the Generation of the answer (iterate it to run it)."""
+        from .generate import Generation
+
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.template.render(self.messages, add_generation_prompt=True)
+        ids = self.llm.tokenizer.encode(prompt, add_bos=False)
+        return Generation(self.llm.model, self.llm.tokenizer, ids, sampler=self.sampler, rules=self.rules,
+                          context=self.context, on_finish=self._answered)
+
+    def _answered(self, generation) -> None:
+        self.messages.append({"role": "assistant", "content": generation.text})

@@ -38,6 +38,56 @@ class LLM:
     def config(self):
         return self.model.config
 
+    # ---- generation: see generate.py, sampler.py, chat.py --------------------------------------
+    def prompt_ids(self, prompt, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a prompt: text, a list of ids, or (chat=True) text or a list of messages
+        rendered with the checkpoint's chat template."""
+        from .chat import build_messages, chat_prompt_ids
+
+        if chat:
+            messages = build_messages(prompt, system) if isinstance(prompt, str) else list(prompt)
+            if system and not isinstance(prompt, str):
+                messages = [{"role": "system", "content": system}] + messages
+            return chat_prompt_ids(self.tokenizer, messages)
+        if system:
+            raise ConfigError("system: a system prompt needs the chat template (chat=True)")
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(i) for i in prompt]
+
+    def stream(self, prompt, *, chat: bool = False, system: str | None = None, max_new_tokens: int = 256,
+               stop=(), eos_ids=None, context=None, **sampling):
+        """A Generation: iterate it for tokens with their text; `.text` and `.stats` afterwards.
+
+        `sampling`: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty, seed (see sampler.SamplingParams); temperature 0 (default) is greedy."""
+        from .generate import Generation, StopRules
+        from .sampler import Sampler, SamplingParams
+
+        sampler = Sampler(SamplingParams(**sampling))
+        rules = StopRules(max_new_tokens, stop, eos_ids)
+        return Generation(self.model, self.tokenizer, self.prompt_ids(prompt, chat, system),
+                          sampler=sampler, rules=rules, context=context)
+
+    def generate(self, prompt, **kwargs):
+        """Generate to the end: a Completion with .text, .token_ids, .finish_reason, .stats.
+        Plain text completion; pass chat=True (or use `chat`) for the chat template."""
+        return self.stream(prompt, **kwargs).run()
+
+    def chat(self, messages, **kwargs):
+        """One chat answer for a user message (str) or a list of {'role', 'content'} messages."""
+        return self.stream(messages, chat=True, **kwargs).run()
+
+    def chat_session(self, system: str | None = None, max_context: int | None = None, *,
+                     max_new_tokens: int = 256, stop=(), eos_ids=None, **sampling):
+        """A multi-turn ChatSession that keeps its KV cache between turns."""
+        from .chat import ChatSession
+        from .generate import StopRules
+        from .sampler import Sampler, SamplingParams
+
+        return ChatSession(self, system, max_context, Sampler(SamplingParams(**sampling)),
+                           StopRules(max_new_tokens, stop, eos_ids))
+
 
 def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
     c = ckpt.config
