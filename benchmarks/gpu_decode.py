@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ import cupy as cp  # noqa: E402
 
 from benchmarks.gpu_models import SHAPES, random_model, to_transformers  # noqa: E402
 from tinyllm.cuda import CudaDecoder  # noqa: E402
+from tinyllm.cuda import kernels as K  # noqa: E402
 from tinyllm.model import Model  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, LONG_PROMPT = 16, 256, 512
@@ -95,7 +97,6 @@ def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
     n = 200
     start_ev, end_ev = cp.cuda.Event(), cp.cuda.Event()
     with decoder.stream:
-        from tinyllm.cuda import kernels as K
         K.set_step(decoder.token, decoder.ops.pos, decoder.params, 1, cache.length, 0.0)
         start_ev.record(decoder.stream)
         for _ in range(n):  # the graph advances the position itself; stays inside the cache
@@ -107,6 +108,68 @@ def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
     return {"decode_tok_s": statistics.median(rates), "decode_runs": rates, "gpu_step_us": step_s * 1e6,
             "graph_kernels": step.n_nodes, "tokens_head": tokens[:8],
             "bytes_per_step": step_bytes(model, PROMPT_LEN + NEW_TOKENS // 2)}
+
+
+def kernel_profile(model: Model, decoder: CudaDecoder, context: int = PROMPT_LEN + NEW_TOKENS // 2) -> list[dict]:
+    """GPU time of each fused kernel of one eager fast step, from CUDA events around each
+    launch, with the bytes it must read and the rate achieved."""
+    from tinyllm.cuda import kernels as K
+
+    c = model.config
+    records = []
+    originals = {}
+
+    def wrap(name, label, nbytes):
+        fn = getattr(K, name)
+        originals[name] = fn
+
+        def timed(*args, **kwargs):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            fn(*args, **kwargs)
+            end.record()
+            records.append((label(*args, **kwargs), nbytes(*args, **kwargs), start, end))
+        setattr(K, name, timed)
+
+    def gemv_label(w, x, out, epilogue=0, norm_w=None, **_):
+        kind = {0: "store", 1: "residual", 2: "swiglu"}[epilogue]
+        return f"gemv {w.shape[0]}x{w.shape[1]} {'norm+' if norm_w is not None else ''}{kind}"
+
+    wrap("gemv", gemv_label, lambda w, x, out, **_: w.nbytes)
+    wrap("decode_attention", lambda *a, **k: "attention (rope+kv+split-K)",
+         lambda *a, **k: 2 * c.n_kv_heads * c.head_dim * 2 * context)
+    wrap("embedding", lambda *a, **k: "embedding", lambda *a, **k: c.dim * 4)
+    wrap("sample_token", lambda *a, **k: "sample (argmax)", lambda logits, *a, **k: logits.nbytes)
+    # a spinning kernel holds the GPU while Python queues the step, so that the kernels run
+    # back to back and each event pair brackets GPU work only, not Python's launch time
+    spin = cp.RawKernel(r'''extern "C" __global__ void spin(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) {} }''', "spin")
+    try:
+        cache = model.new_cache(context + 8)
+        cache.length = context - 1
+        for _ in range(3):
+            records.clear()
+            cache.length = context - 1
+            spin((1,), (1,), (np.int64(300_000_000),))  # ~0.15 s
+            logits = model.forward(np.array([[1]]), cache)
+            decoder.ops.flush()
+            K.sample_token(logits, decoder.params, decoder.w_scratch, decoder.token,
+                           cp.zeros(cache.capacity + 1, cp.int64), decoder.ops.pos)
+            sync()
+    finally:
+        for name, fn in originals.items():
+            setattr(K, name, fn)
+    rows: dict[str, dict] = {}
+    for label, nbytes, start, end in records:
+        r = rows.setdefault(label, {"kernel": label, "count": 0, "us": 0.0, "bytes": nbytes})
+        r["count"] += 1
+        r["us"] += cp.cuda.get_elapsed_time(start, end) * 1e3
+    out = []
+    for r in rows.values():
+        r["us_each"] = r["us"] / r["count"]
+        r["GB_s"] = r["bytes"] / (r["us_each"] * 1e-6) / 1e9
+        out.append(r)
+    return sorted(out, key=lambda r: -r["us"])
 
 
 def bench_prefill(model: Model, repeats: int) -> dict:
@@ -168,6 +231,8 @@ def bench_transformers(model: Model, static: bool) -> dict:
 
 
 def commit() -> str:
+    if os.environ.get("TINYLLM_COMMIT"):  # the GPU machine gets the tree without .git
+        return os.environ["TINYLLM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -196,8 +261,15 @@ def main(argv=None) -> dict:
         decoder = CudaDecoder(fast)
         row["warmup_s"] = time.perf_counter() - start
         row.update(bench_fast(fast, decoder, args.repeats))
+        row["pdl"] = K.pdl_active()
+        if row["pdl"]:  # the same without programmatic dependent launch, for comparison
+            K.set_pdl(False)
+            plain = bench_fast(fast, decoder, args.repeats)
+            K.set_pdl(True)
+            row["no_pdl"] = {k: plain[k] for k in ("decode_tok_s", "gpu_step_us")}
         row["bandwidth_fraction"] = row["bytes_per_step"] / (row["gpu_step_us"] * 1e-6) / (result["copy_bandwidth_GBs"] * 1e9)
         row["limit_tok_s"] = result["copy_bandwidth_GBs"] * 1e9 / row["bytes_per_step"]
+        row["kernels"] = kernel_profile(fast, decoder)
         row.update(bench_prefill(fast, args.repeats))
         row["readable_eager_tok_s"] = bench_eager(readable)
         row["fast_eager_tok_s"] = bench_eager(fast)
@@ -237,6 +309,18 @@ def markdown(result: dict) -> str:
             f"{100 * r['bandwidth_fraction']:.0f}% | {r['limit_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
             f"{r['prefill_tok_s']:.0f} | {r['readable_eager_tok_s']:.1f} | {r['fast_eager_tok_s']:.1f} | "
             f"{peer(r, 'transformers_eager')} | {peer(r, 'transformers_static')} |")
+    for name, r in result["shapes"].items():
+        if "no_pdl" in r:
+            lines.append(f"\n{name}: without programmatic dependent launch {r['no_pdl']['decode_tok_s']:.0f} tok/s, "
+                         f"{r['no_pdl']['gpu_step_us']:.0f} µs per step")
+    for name, r in result["shapes"].items():
+        if "kernels" in r:
+            lines += ["", f"{name}: GPU time per kernel of one eager step (CUDA events; {r['graph_kernels']} graph nodes, "
+                      f"{r['gpu_step_us']:.0f} µs per replayed step)", "",
+                      "| kernel | per step | µs each | µs per step | GB/s |", "|---|---|---|---|---|"]
+            for k in r["kernels"]:
+                lines.append(f"| {k['kernel']} | {k['count']} | {k['us_each']:.1f} | {k['us']:.0f} | {k['GB_s']:.0f} |")
+            lines.append(f"| total timed | | | {sum(k['us'] for k in r['kernels']):.0f} | |")
     return "\n".join(lines)
 
 

@@ -187,7 +187,7 @@ def _attention_inputs(shape, length, capacity):
 
 
 @pytest.mark.parametrize("shape", ["tinyllama", "smollm2"])
-@pytest.mark.parametrize("length", [1, 127, 128, 129, 300, 1000, 2048])
+@pytest.mark.parametrize("length", [1, 127, 129, 255, 256, 257, 300, 1000, 2048])
 def test_decode_attention_kernel(shape, length, record):
     capacity = 2048
     c, cache, pos, qkv = _attention_inputs(shape, length, capacity)
@@ -336,6 +336,23 @@ def test_graph_replay_equals_eager_fast_decode(pair, record):
     record(max_abs_diff=worst, graph_nodes=decoder.captured(graph_cache).n_nodes)
     assert worst == 0.0
     assert graph_cache.length == eager_cache.length == 16 + 128
+
+
+def test_graph_with_and_without_programmatic_launch_agree(pair, record):
+    """Programmatic dependent launch only changes when kernels start, never what they compute."""
+    name, readable, fast, decoder = pair
+    tokens = np.random.default_rng(7).integers(0, fast.config.vocab_size, 24)
+    results = []
+    for pdl in (True, False):
+        K.set_pdl(pdl)
+        try:
+            cache, _ = _prefilled(fast)
+            results.append([decoder.step_logits(cache, int(t)) for t in tokens])
+        finally:
+            K.set_pdl(True)
+    worst = max(float(cp.abs(a - b).max()) for a, b in zip(*results))
+    record(max_abs_diff=worst, pdl_active=float(K.pdl_active()))
+    assert worst == 0.0
 
 
 def test_fast_path_against_readable_cupy(pair, record):

@@ -58,8 +58,10 @@ class _CapturedStep:
 
     @property
     def n_nodes(self) -> int:
-        """Kernel nodes in the graph (from its DOT description)."""
-        return self.graph.debug_dot_str().count("KERNEL")
+        """Nodes in the graph (node definitions in its DOT description)."""
+        import re
+
+        return len(set(re.findall(r'"(\w*node_\d+)"\s*\[', self.graph.debug_dot_str())))
 
 
 class CudaDecoder:
@@ -89,7 +91,7 @@ class CudaDecoder:
         """Compile every kernel and capture + replay one step, so the first request is warm."""
         start = time.perf_counter()
         K.compile_kernels(self.ops.kernel_names(self.model.weights))
-        cache = self.model.new_cache(2 * K.ATTENTION_CHUNK)
+        cache = self.model.new_cache(2 * K.attention_chunk(self.model.config.head_dim) + 1)
         self.step_logits(cache, 0)
         self._steps.pop(id(cache), None)
         self.stream.synchronize()

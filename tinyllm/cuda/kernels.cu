@@ -93,12 +93,24 @@ extern "C" __global__ void rms_norm_rows(const __half* __restrict__ x, const __h
 }
 
 // ---------------------------------------------------------------------------------------
+// Programmatic dependent launch (Hopper): a kernel launched with the PDL attribute may
+// start while the kernel before it is still running. It must call pdl_wait() before it
+// reads anything the previous kernel wrote (or writes anything it reads); what comes
+// before (weights, old cache entries) overlaps the previous kernel's tail. Each kernel
+// calls pdl_launch_dependents() first thing, so the next one is launched as soon as all
+// of this one's blocks are running. Without the attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: ); }
+
+// ---------------------------------------------------------------------------------------
 // GEMV with fp32 accumulation: y[n] = sum_k W[n, k] * h[k].  One warp per output row;
-// each lane issues all its 16-byte weight loads before the first multiply (K is a
+// each lane issues all its 16-byte weight loads before anything else (K is a
 // compile-time constant, so the loop unrolls and the loads stay in registers).
 //
-//   NORM:  h = rms_norm(x, norm_w) computed in the prologue (each block re-derives the
-//          norm of x, 2*K bytes from L2, instead of a separate kernel and a round trip)
+//   NORM:  h = rms_norm(x) * norm_w, fused: y = inv_rms * sum_k W[n, k] * (x[k] * norm_w[k]),
+//          where each warp gets sum(x^2) from the x values it reads anyway: no extra
+//          pass, no block-wide reduction (h is never rounded to fp16 here, unlike the
+//          readable path: the results differ by fp16 rounding, ~1e-3 relative)
 //   EPI 0: out[n] = fp16(y[n])
 //   EPI 1: out[n] = res[n] + fp16(y[n])                    (the residual connection)
 //   EPI 2: rows n and n + N: out[n] = silu(fp16(y[n])) * fp16(y[n + N])   (gate | up)
@@ -121,25 +133,14 @@ __device__ __forceinline__ void load_row(Row<K>& r, const __half* __restrict__ w
     }
 }
 
-template <int K>
-__device__ __forceinline__ float dot_row(const Row<K>& r, const uint4* __restrict__ hv, int lane) {
-    float acc = 0.f;
+__device__ __forceinline__ void fma8(const uint4& w, const float (&h)[8], float& acc) {
+    const __half2* w2 = reinterpret_cast<const __half2*>(&w);
 #pragma unroll
-    for (int i = 0; i < Row<K>::PER_LANE; i++) {
-        const int c = i * 32 + lane;
-        if (c < Row<K>::NV) {
-            const uint4 xv = hv[c];
-            const __half2* w2 = reinterpret_cast<const __half2*>(&r.v[i]);
-            const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 a = __half22float2(w2[j]), b = __half22float2(x2[j]);
-                acc = fmaf(a.x, b.x, acc);
-                acc = fmaf(a.y, b.y, acc);
-            }
-        }
+    for (int j = 0; j < 4; j++) {
+        const float2 a = __half22float2(w2[j]);
+        acc = fmaf(a.x, h[2 * j], acc);
+        acc = fmaf(a.y, h[2 * j + 1], acc);
     }
-    return warp_sum(acc);
 }
 
 template <int K, bool NORM, int EPI>
@@ -147,40 +148,67 @@ __global__ void __launch_bounds__(256) gemv(const __half* __restrict__ W, const 
                                              const __half* __restrict__ norm_w, float eps,
                                              const __half* __restrict__ res, __half* __restrict__ out, int N) {
     static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
+    pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + warp;
-    const uint4* hv = reinterpret_cast<const uint4*>(x);
-    __shared__ __align__(16) __half hs[NORM ? K : 8];
-    if (NORM) {
-        __shared__ float red[33];
-        float ss = 0.f;
-        for (int i = threadIdx.x; i < K; i += blockDim.x) { float f = h2f(x[i]); ss += f * f; }
-        ss = block_sum(ss, red);
-        const float inv = 1.f / sqrtf(ss / K + eps);
-        for (int i = threadIdx.x; i < K; i += blockDim.x) hs[i] = __hmul(f2h(h2f(x[i]) * inv), norm_w[i]);
-        __syncthreads();
-        hv = reinterpret_cast<const uint4*>(hs);
-    }
-    if (row >= N) return;
-    // every weight load of this lane is issued before the first multiply: the "memory"
-    // clobber keeps the activation loads (and so the math) behind them
+    const bool active = row < N;
     Row<K> wa, wb;
-    load_row<K>(wa, W + (size_t)row * K, lane);
-    if (EPI == EPI_SWIGLU) load_row<K>(wb, W + (size_t)(row + N) * K, lane);
-    asm volatile("" ::: "memory");
-    const float y = dot_row<K>(wa, hv, lane);
-    if (EPI == EPI_SWIGLU) {
-        const float u = dot_row<K>(wb, hv, lane);
-        if (lane == 0) {
+    if (active) {
+        load_row<K>(wa, W + (size_t)row * K, lane);
+        if (EPI == EPI_SWIGLU) load_row<K>(wb, W + (size_t)(row + N) * K, lane);
+    }
+    // the "memory" clobber in pdl_wait keeps every activation load behind the weight loads
+    // (and the branch below keeps ptxas from sinking the weight loads to their first use)
+    pdl_wait();
+    if (!active) return;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    const uint4* nv = reinterpret_cast<const uint4*>(norm_w);
+    float acc_a = 0.f, acc_b = 0.f, ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < Row<K>::PER_LANE; i++) {
+        const int c = i * 32 + lane;
+        if (c < Row<K>::NV) {
+            const uint4 xr = xv[c];
+            const __half2* x2 = reinterpret_cast<const __half2*>(&xr);
+            float h[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __half22float2(x2[j]);
+                h[2 * j] = f.x; h[2 * j + 1] = f.y;
+            }
+            if (NORM) {
+                const uint4 nr = nv[c];
+                const __half2* n2 = reinterpret_cast<const __half2*>(&nr);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float2 g = __half22float2(n2[j]);
+                    ss = fmaf(h[2 * j], h[2 * j], ss);
+                    ss = fmaf(h[2 * j + 1], h[2 * j + 1], ss);
+                    h[2 * j] *= g.x; h[2 * j + 1] *= g.y;
+                }
+            }
+            fma8(wa.v[i], h, acc_a);
+            if (EPI == EPI_SWIGLU) fma8(wb.v[i], h, acc_b);
+        }
+    }
+    float y = warp_sum(acc_a);
+    float u = (EPI == EPI_SWIGLU) ? warp_sum(acc_b) : 0.f;
+    if (NORM) {
+        const float inv = 1.f / sqrtf(warp_sum(ss) / K + eps);
+        y *= inv;
+        u *= inv;
+    }
+    if (lane == 0) {
+        if (EPI == EPI_SWIGLU) {
             // mirrors `gate / (1.0 + exp(-gate)) * up` evaluated in fp16 by CuPy
             const __half g = f2h(y), up = f2h(u);
             const __half e = f2h(expf(-h2f(g)));
             const __half d = f2h(1.f + h2f(e));
             out[row] = __hmul(__hdiv(g, d), up);
+        } else {
+            const __half yh = f2h(y);
+            out[row] = (EPI == EPI_RESIDUAL) ? __hadd(res[row], yh) : yh;
         }
-    } else if (lane == 0) {
-        const __half yh = f2h(y);
-        out[row] = (EPI == EPI_RESIDUAL) ? __hadd(res[row], yh) : yh;
     }
 }
 
@@ -193,116 +221,178 @@ __global__ void __launch_bounds__(256) gemv(const __half* __restrict__ W, const 
 // Fused in: RoPE of q and k (when `rotate`), the write of the new k and v into the
 // cache at `pos`, and the merge of the chunks' partial softmaxes, done by the last
 // block of each KV head to finish (a counter in device memory says which is last).
+// CHUNK (positions per block = threads per block) is 256 for E = 64 and 128 for E = 128,
+// so that a block's values fit in shared memory; contexts up to CHUNK need no merge.
 //
 //   q: [H, E], k_new, v_new: [K, E] (views of the QKV output), cos/sin: [S_max, E/2]
 //   k_cache, v_cache: [K, S_cap, E] (this layer's);  out: [H * E]
-#define CHUNK 128
-
-template <int E, int R>
+template <int E, int R, int CHUNK>
 __global__ void __launch_bounds__(CHUNK) decode_attention(
         const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos_ptr,
         __half* k_cache, __half* v_cache, int S_cap, float scale, int rotate,
         float* part_o, float* part_ml, unsigned int* counters, __half* __restrict__ out) {
     constexpr int HALF = E / 2;
+    constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
+    constexpr int WARPS = CHUNK / 32;
+    pdl_launch_dependents();
     const int c = blockIdx.x, j = blockIdx.y, t = threadIdx.x;
-    const int pos = pos_ptr[0];
+    const int lane = t & 31, warp = t >> 5;
+    const int pos = pos_ptr[0];  // written before this step began: safe before pdl_wait
     const int n_keys = pos + 1;
     const int n_chunks = (n_keys + CHUNK - 1) / CHUNK;
-    if (c >= n_chunks) return;
+    if (c >= n_chunks) { pdl_wait(); return; }
+    const int first = c * CHUNK;                       // this chunk's first position
+    const int n_here = min(CHUNK, n_keys - first);     // positions in this chunk
+    const bool holds_pos = (c == n_chunks - 1);        // the chunk where the new token goes
 
-    __shared__ float sq[R][E];        // this KV head's R query heads (rotated), fp32
-    __shared__ float sp[R][CHUNK];    // scores, then probabilities
-    __shared__ float red[33];
-    __shared__ float sm[R], sl[R];
+    __shared__ __align__(16) __half sv[CHUNK][E];     // the chunk's values
+    __shared__ float sq[R][E];                        // this KV head's R query heads, rotated
+    __shared__ float skn[E];                          // the new key, rotated
+    __shared__ float sp[R][CHUNK];                    // probabilities, then partial outputs
+    __shared__ float red[WARPS][R];
     __shared__ int is_last;
-    const float* cs = cos_t + (size_t)pos * HALF;
-    const float* sn = sin_t + (size_t)pos * HALF;
-
-    // RoPE, rounded like the readable path: fp16(x1*cos - x2*sin) without FMA contraction
-    for (int i = t; i < R * HALF; i += CHUNK) {
-        const int r = i / HALF, e = i % HALF;
-        const __half* qh = q + (size_t)(j * R + r) * E;
-        const float x1 = h2f(qh[e]), x2 = h2f(qh[e + HALF]);
-        if (rotate) {
-            sq[r][e] = h2f(f2h(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e]))));
-            sq[r][e + HALF] = h2f(f2h(__fadd_rn(__fmul_rn(x2, cs[e]), __fmul_rn(x1, sn[e]))));
-        } else {
-            sq[r][e] = x1;
-            sq[r][e + HALF] = x2;
-        }
-    }
     __half* kc = k_cache + (size_t)j * S_cap * E;
     __half* vc = v_cache + (size_t)j * S_cap * E;
-    if (c == n_chunks - 1) {  // the chunk that holds `pos` writes the new key and value
-        for (int e = t; e < HALF; e += CHUNK) {
-            const float x1 = h2f(k_new[j * E + e]), x2 = h2f(k_new[j * E + e + HALF]);
-            if (rotate) {
-                kc[(size_t)pos * E + e] = f2h(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e])));
-                kc[(size_t)pos * E + e + HALF] = f2h(__fadd_rn(__fmul_rn(x2, cs[e]), __fmul_rn(x1, sn[e])));
-            } else {
-                kc[(size_t)pos * E + e] = k_new[j * E + e];
-                kc[(size_t)pos * E + e + HALF] = k_new[j * E + e + HALF];
-            }
-        }
-        for (int e = t; e < E; e += CHUNK) vc[(size_t)pos * E + e] = v_new[j * E + e];
-    }
-    __syncthreads();  // the new key/value and sq are visible to the whole block
 
-    // scores: one key per thread; fp16(q.k) like the fp16 matmul, then fp32 * scale
-    const int s = c * CHUNK + t;
-    if (s < n_keys) {
-        const uint4* kr = reinterpret_cast<const uint4*>(kc + (size_t)s * E);
-        float acc[R];
+    // 1. issue every load of the cache first (older positions: written by earlier steps,
+    // so this overlaps the previous kernel): this thread's key row, its share of the values
+    const int s = first + t;
+    uint4 kreg[ROW_VECS];
+    if (t < n_here && s != pos) {
 #pragma unroll
-        for (int r = 0; r < R; r++) acc[r] = 0.f;
+        for (int i = 0; i < ROW_VECS; i++) kreg[i] = reinterpret_cast<const uint4*>(kc + (size_t)s * E)[i];
+    }
+    uint4 vreg[ROW_VECS];
 #pragma unroll
-        for (int v8 = 0; v8 < E / 8; v8++) {
-            const uint4 kv = kr[v8];
-            const __half2* k2 = reinterpret_cast<const __half2*>(&kv);
+    for (int i = 0; i < ROW_VECS; i++) {
+        const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
+        vreg[i] = (row < n_here && first + row != pos)
+            ? reinterpret_cast<const uint4*>(vc + (size_t)(first + row) * E)[col] : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();  // from here on: q, k, v of this step, written by the QKV GEMV
 #pragma unroll
-            for (int jj = 0; jj < 4; jj++) {
-                const float2 kf = __half22float2(k2[jj]);
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    acc[r] = fmaf(sq[r][v8 * 8 + 2 * jj], kf.x, fmaf(sq[r][v8 * 8 + 2 * jj + 1], kf.y, acc[r]));
+    for (int i = 0; i < ROW_VECS; i++) {
+        const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
+        if (first + row == pos) vreg[i] = reinterpret_cast<const uint4*>(v_new + (size_t)j * E)[col];
+    }
+    // 2. RoPE of q (and of the new k), rounded like the readable path: fp16(x1*cos - x2*sin), no FMA
+    const float* cs = cos_t + (size_t)pos * HALF;
+    const float* sn = sin_t + (size_t)pos * HALF;
+    for (int i = t; i < (R + 1) * HALF; i += CHUNK) {
+        const int r = i / HALF, e = i % HALF;
+        const __half* x = (r < R) ? q + (size_t)(j * R + r) * E : k_new + (size_t)j * E;
+        const float x1 = h2f(x[e]), x2 = h2f(x[e + HALF]);
+        float y1 = x1, y2 = x2;
+        if (rotate) {
+            y1 = h2f(f2h(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e]))));
+            y2 = h2f(f2h(__fadd_rn(__fmul_rn(x2, cs[e]), __fmul_rn(x1, sn[e]))));
+        }
+        if (r < R) { sq[r][e] = y1; sq[r][e + HALF] = y2; }
+        else {
+            skn[e] = y1; skn[e + HALF] = y2;
+            if (holds_pos) {  // the new key and value go into the cache for later steps
+                kc[(size_t)pos * E + e] = f2h(y1);
+                kc[(size_t)pos * E + e + HALF] = f2h(y2);
+                vc[(size_t)pos * E + e] = v_new[(size_t)j * E + e];
+                vc[(size_t)pos * E + e + HALF] = v_new[(size_t)j * E + e + HALF];
             }
         }
-#pragma unroll
-        for (int r = 0; r < R; r++) sp[r][t] = h2f(f2h(acc[r])) * scale;
-    } else {
-#pragma unroll
-        for (int r = 0; r < R; r++) sp[r][t] = -INFINITY;
     }
-    // chunk-local softmax statistics per query head
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        const float m = block_max(sp[r][t], red);
-        const float p = (s < n_keys) ? expf(sp[r][t] - m) : 0.f;
-        const float l = block_sum(p, red);
-        sp[r][t] = p;
-        if (t == 0) { sm[r] = m; sl[r] = l; }
+    for (int i = 0; i < ROW_VECS; i++) {
+        const int idx = i * CHUNK + t;
+        reinterpret_cast<uint4*>(&sv[0][0])[idx] = vreg[i];
     }
     __syncthreads();
-    // partial output: thread (g, e) sums its share of the chunk's keys for every head
+
+    // 3. scores of all R heads for this thread's key: fp16(q.k) like the fp16 matmul, then * scale
+    float sc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) sc[r] = 0.f;
+    if (t < n_here) {
+        if (s == pos) {
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+#pragma unroll
+                for (int r = 0; r < R; r++) sc[r] = fmaf(sq[r][e], skn[e], sc[r]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < ROW_VECS; i++) {
+                const __half2* k2 = reinterpret_cast<const __half2*>(&kreg[i]);
+#pragma unroll
+                for (int jj = 0; jj < 4; jj++) {
+                    const float2 kf = __half22float2(k2[jj]);
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        sc[r] = fmaf(sq[r][i * 8 + 2 * jj + 1], kf.y, fmaf(sq[r][i * 8 + 2 * jj], kf.x, sc[r]));
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) sc[r] = h2f(f2h(sc[r])) * scale;
+    } else {
+#pragma unroll
+        for (int r = 0; r < R; r++) sc[r] = -INFINITY;
+    }
+    // 4. chunk softmax statistics for all heads at once: warp shuffles, one exchange
+    float m[R], l[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) { m[r] = warp_max(sc[r]); }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) red[warp][r] = m[r];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float mm = red[0][r];
+#pragma unroll
+        for (int w = 1; w < WARPS; w++) mm = fmaxf(mm, red[w][r]);
+        m[r] = mm;
+        const float p = (t < n_here) ? expf(sc[r] - mm) : 0.f;
+        sp[r][t] = p;
+        l[r] = warp_sum(p);
+    }
+    __syncthreads();  // everyone has read red (max) and written sp
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) red[warp][r] = l[r];
+    }
+    // 5. partial output from shared memory: thread (g, e) sums a share of the keys for every head
     constexpr int GROUPS = CHUNK / E;  // 2 for E = 64, 1 for E = 128
     const int e = t % E, g = t / E;
     float o[R];
 #pragma unroll
     for (int r = 0; r < R; r++) o[r] = 0.f;
-    if (g < GROUPS) {
-        const int end = min(CHUNK, n_keys - c * CHUNK);
-        for (int kk = g; kk < end; kk += GROUPS) {
-            const float v = h2f(vc[(size_t)(c * CHUNK + kk) * E + e]);
+    for (int kk = g; kk < n_here; kk += GROUPS) {
+        const float v = h2f(sv[kk][e]);
 #pragma unroll
-            for (int r = 0; r < R; r++) o[r] = fmaf(sp[r][kk], v, o[r]);
-        }
+        for (int r = 0; r < R; r++) o[r] = fmaf(sp[r][kk], v, o[r]);
     }
     __syncthreads();
-    // reduce over the GROUPS, reusing sp as scratch ([R][CHUNK] >= [R][GROUPS*E])
 #pragma unroll
-    for (int r = 0; r < R; r++) if (g < GROUPS) sp[r][g * E + e] = o[r];
+    for (int r = 0; r < R; r++) {
+        float ll = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) ll += red[w][r];
+        l[r] = ll;
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) sp[r][g * E + e] = o[r];  // reuse sp: [R][CHUNK] >= [R][GROUPS * E]
     __syncthreads();
+
+    if (n_chunks == 1) {  // the whole context in one chunk: normalise and done
+        for (int i = t; i < R * E; i += CHUNK) {
+            const int r = i / E, ee = i % E;
+            float sum = 0.f;
+#pragma unroll
+            for (int gg = 0; gg < GROUPS; gg++) sum += sp[r][gg * E + ee];
+            out[(size_t)j * R * E + i] = f2h(sum / l[r]);
+        }
+        return;
+    }
     const int n_total_chunks = (S_cap + CHUNK - 1) / CHUNK;
     float* po = part_o + ((size_t)j * n_total_chunks + c) * R * E;
     float* pml = part_ml + ((size_t)j * n_total_chunks + c) * R * 2;
@@ -313,9 +403,12 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
         for (int gg = 0; gg < GROUPS; gg++) sum += sp[r][gg * E + ee];
         po[i] = sum;
     }
-    if (t < R) { pml[2 * t] = sm[t]; pml[2 * t + 1] = sl[t]; }
+    if (t == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) { pml[2 * r] = m[r]; pml[2 * r + 1] = l[r]; }
+    }
 
-    // the last block of this KV head to finish merges all chunks
+    // 6. the last block of this KV head to finish merges all chunks
     __threadfence();
     __syncthreads();
     if (t == 0) is_last = (atomicAdd(&counters[j], 1u) == (unsigned)(n_chunks - 1));
@@ -326,15 +419,15 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     const float* pml0 = part_ml + (size_t)j * n_total_chunks * R * 2;
     for (int i = t; i < R * E; i += CHUNK) {
         const int r = i / E;
-        float m = -INFINITY;
-        for (int cc = 0; cc < n_chunks; cc++) m = fmaxf(m, __ldcg(pml0 + (cc * R + r) * 2));
-        float l = 0.f, acc = 0.f;
+        float mm = -INFINITY;
+        for (int cc = 0; cc < n_chunks; cc++) mm = fmaxf(mm, __ldcg(pml0 + (cc * R + r) * 2));
+        float ll = 0.f, acc = 0.f;
         for (int cc = 0; cc < n_chunks; cc++) {
-            const float w = expf(__ldcg(pml0 + (cc * R + r) * 2) - m);
-            l += w * __ldcg(pml0 + (cc * R + r) * 2 + 1);
+            const float w = expf(__ldcg(pml0 + (cc * R + r) * 2) - mm);
+            ll += w * __ldcg(pml0 + (cc * R + r) * 2 + 1);
             acc += w * __ldcg(po0 + (size_t)cc * R * E + i);
         }
-        out[(size_t)j * R * E + i] = f2h(acc / l);
+        out[(size_t)j * R * E + i] = f2h(acc / ll);
     }
     if (t == 0) counters[j] = 0;  // ready for the next layer / step
 }

@@ -12,7 +12,9 @@ a CUDA graph.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,11 @@ import numpy as np
 SOURCE = (Path(__file__).with_name("kernels.cu")).read_text()
 OPTIONS = ("--std=c++17",)
 GEMV_WARPS = 8           # rows per block: one warp per row
-ATTENTION_CHUNK = 128    # positions per attention block (CHUNK in kernels.cu)
+
+def attention_chunk(head_dim: int) -> int:
+    """Positions per attention block (CHUNK in kernels.cu): its values must fit in shared memory."""
+    return 256 if head_dim <= 64 else 128
+
 SAMPLE_THREADS = 1024
 EPI_STORE, EPI_RESIDUAL, EPI_SWIGLU = 0, 1, 2
 
@@ -62,11 +68,73 @@ def gemv_name(k: int, norm: bool, epilogue: int) -> str:
 
 
 def attention_name(head_dim: int, n_rep: int) -> str:
-    return f"decode_attention<{head_dim}, {n_rep}>"
+    return f"decode_attention<{head_dim}, {n_rep}, {attention_chunk(head_dim)}>"
 
 
-def _ptr(a) -> int:
-    return a.data.ptr
+# ---- launching, optionally with programmatic dependent launch (PDL) -----------------------
+# CuPy launches kernels with cuLaunchKernel, which has no launch attributes. The PDL
+# attribute ("this kernel may start before the previous one ends"; see pdl_wait in
+# kernels.cu) needs cuLaunchKernelEx, reached through NVIDIA's cuda-python bindings
+# (installed alongside CuPy 14). Stream capture records it as a programmatic edge of the
+# graph. Without the bindings, or with TINYLLM_PDL=0, kernels launch the plain way.
+_pdl = {"enabled": os.environ.get("TINYLLM_PDL", "1") != "0", "driver": None}
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch on or off (for comparisons; re-capture graphs after)."""
+    _pdl["enabled"] = enabled
+
+
+def pdl_active() -> bool:
+    if not _pdl["enabled"]:
+        return False
+    if _pdl["driver"] is None:
+        try:
+            from cuda.bindings import driver
+
+            cp = _cupy()
+            major = cp.cuda.Device().compute_capability[:1]
+            _pdl["driver"] = driver if int(major) >= 9 else False
+        except Exception:
+            _pdl["driver"] = False
+    return bool(_pdl["driver"])
+
+
+def _ctype_arg(a):
+    if hasattr(a, "data") and hasattr(a.data, "ptr"):
+        return a.data.ptr, ctypes.c_void_p
+    if isinstance(a, np.float32):
+        return float(a), ctypes.c_float
+    if isinstance(a, np.int32):
+        return int(a), ctypes.c_int
+    if isinstance(a, np.int64):
+        return int(a), ctypes.c_longlong
+    raise TypeError(f"unsupported kernel argument {type(a).__name__}")
+
+
+def launch(name: str, grid, block, args, pdl: bool = False) -> None:
+    """Launch a kernel on the current stream; with `pdl`, as a programmatic dependent launch."""
+    fn = kernel(name)
+    if not (pdl and pdl_active()):
+        fn(grid, block, args)
+        return
+    cu = _pdl["driver"]
+    cfg = cu.CUlaunchConfig()
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    block = tuple(block) + (1,) * (3 - len(block))
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
+    cfg.sharedMemBytes = 0
+    cfg.hStream = cu.CUstream(_cupy().cuda.get_current_stream().ptr)
+    attr = cu.CUlaunchAttribute()
+    attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg.attrs = [attr]
+    cfg.numAttrs = 1
+    values, types = zip(*(_ctype_arg(a) for a in args))
+    err, = cu.cuLaunchKernelEx(cfg, cu.CUfunction(fn.ptr), (values, types), 0)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuLaunchKernelEx({name}) failed: {err}")
 
 
 def embedding(table, token, out):
@@ -90,8 +158,9 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
     norm = norm_w is not None
     blocks = (n_out + GEMV_WARPS - 1) // GEMV_WARPS
     # unused pointer arguments get x: a valid address the kernel never reads
-    kernel(gemv_name(k, norm, epilogue))((blocks,), (32 * GEMV_WARPS,), (
-        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out)))
+    launch(gemv_name(k, norm, epilogue), (blocks,), (32 * GEMV_WARPS,), (
+        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out)),
+        pdl=True)
 
 
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
@@ -99,16 +168,17 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E]."""
     n_kv, s_cap, e = k_cache.shape[-3:]
     part_o, part_ml, counters = scratch
-    n_chunks = (s_cap + ATTENTION_CHUNK - 1) // ATTENTION_CHUNK
-    kernel(attention_name(e, n_rep))((n_chunks, n_kv), (ATTENTION_CHUNK,), (
+    chunk = attention_chunk(e)
+    n_chunks = (s_cap + chunk - 1) // chunk
+    launch(attention_name(e, n_rep), (n_chunks, n_kv), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
-        np.int32(1 if rotate else 0), part_o, part_ml, counters, out))
+        np.int32(1 if rotate else 0), part_o, part_ml, counters, out), pdl=True)
 
 
 def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int):
     """Per-chunk partial outputs and softmax stats, and one arrival counter per KV head."""
     cp = _cupy()
-    n_chunks = (capacity + ATTENTION_CHUNK - 1) // ATTENTION_CHUNK
+    n_chunks = (capacity + attention_chunk(head_dim) - 1) // attention_chunk(head_dim)
     return (cp.empty((n_kv, n_chunks, n_rep, head_dim), dtype=cp.float32),
             cp.empty((n_kv, n_chunks, n_rep, 2), dtype=cp.float32),
             cp.zeros(n_kv, dtype=cp.uint32))
