@@ -150,9 +150,13 @@ def kv_cache() -> None:
         per_token = kv_bytes_per_token(c, size)
         ctx = np.arange(0, c.max_seq_len + 1, 64)
         ax.plot(ctx, ctx * per_token / 2**20, label=f"{name}, {dtype}: {per_token / 1024:g} KiB per token")
-        ax.plot(ctx[-1], ctx[-1] * per_token / 2**20, "o", color=ax.lines[-1].get_color())
+        color = ax.lines[-1].get_color()
+        ax.plot(ctx[-1], ctx[-1] * per_token / 2**20, "o", color=color)
+        ax.plot(ctx, ctx * per_token * c.n_rep / 2**20, ls="--", lw=1, color=color,
+                label=f"{name} without GQA (K = H = {c.n_heads}): {per_token * c.n_rep / 1024:g} KiB per token")
+    ax.set_ylim(0, 1100)
     ax.set(xlabel="context length (positions)", ylabel="KV cache (MiB)",
-           title="KV-cache memory = 2 x L x K x E x bytes x positions\n(dot: the model's trained context)")
+           title="KV-cache memory = 2 x L x K x E x bytes x positions\n(dot: the model's trained context; dashed: one KV head per query head)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save(fig, "kv_cache")
