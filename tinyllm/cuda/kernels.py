@@ -132,7 +132,8 @@ def launch(name: str, grid, block, args, pdl: bool = False) -> None:
     cfg.attrs = [attr]
     cfg.numAttrs = 1
     values, types = zip(*(_ctype_arg(a) for a in args))
-    err, = cu.cuLaunchKernelEx(cfg, cu.CUfunction(fn.ptr), (values, types), 0)
+    handle = fn.kernel.ptr if hasattr(fn, "kernel") else fn.ptr  # RawKernel -> its CUfunction
+    err, = cu.cuLaunchKernelEx(cfg, cu.CUfunction(handle), (values, types), 0)
     if err != cu.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuLaunchKernelEx({name}) failed: {err}")
 
