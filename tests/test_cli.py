@@ -1,0 +1,144 @@
+"""`python -m tinyllm.run` in a subprocess: the default run, --json, --chat over stdin,
+and user errors (one line on stderr, no traceback, non-zero exit status)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinyllm.run import DEFAULT_PROMPT, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+STATS_LINE = re.compile(r"^\[\d+ tokens \((eos|stop|length|context)\) \| prompt \d+ tokens.* tok/s.*first token "
+                        r"[\d.]+ s \| decode [\d.]+ tok/s \| load [\d.]+ s\]$")
+
+
+def cli(*args, stdin=None, timeout=600):
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, "-m", "tinyllm.run", *args], input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=timeout)
+
+
+def hf_chat_greedy(hf_default, messages, n):
+    import torch
+
+    model, tok = hf_default
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2)
+    new = out[0, len(ids):].tolist()
+    return ids, new, tok.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_default_run_streams_the_reference_answer(hf_default):
+    """No flags: the embedded model answers the built-in question; the text is transformers'
+    greedy answer to the same chat prompt, spaces and all; one stats line on stderr."""
+    r = cli()
+    assert r.returncode == 0, r.stderr
+    _, _, expected = hf_chat_greedy(hf_default, [{"role": "user", "content": DEFAULT_PROMPT}], 256)
+    assert r.stdout == expected + "\n"
+    assert " " in expected.strip() and "\ufffd" not in r.stdout
+    assert STATS_LINE.match(r.stderr.strip()), r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_json_output(hf_default):
+    r = cli("--raw", "--prompt", "The capital of France is", "--max-new-tokens", "6", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    out = json.loads(r.stdout)
+    _, tok = hf_default
+    assert out["prompt_ids"] == tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length"
+    assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
+    s = out["stats"]
+    assert s["new_tokens"] == 6 and s["prompt_tokens"] == len(out["prompt_ids"])
+    assert s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 and s["ttft_s"] > 0
+
+
+@pytest.mark.slow
+def test_chat_two_turns_through_stdin(hf_default):
+    r = cli("--chat", "--json", "--max-new-tokens", "10", "--system", "You are brief.",
+            stdin="Name a fruit.\nName another one.\n")
+    assert r.returncode == 0, r.stderr
+    turns = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(turns) == 2
+    assert turns[1]["stats"]["cached_tokens"] > len(turns[0]["prompt_ids"])  # turn 1 stayed in the KV cache
+    messages = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a fruit."},
+                {"role": "assistant", "content": turns[0]["text"]}, {"role": "user", "content": "Name another one."}]
+    ids, new, _ = hf_chat_greedy(hf_default, messages, 10)
+    assert turns[1]["prompt_ids"] == ids
+    assert turns[1]["token_ids"] == new[:len(turns[1]["token_ids"])]
+
+
+@pytest.mark.slow
+def test_chat_streams_text_per_turn():
+    r = cli("--chat", "--max-new-tokens", "5", "--quiet", "--stop", "\n", stdin="Hi!\n\n/exit\nnever read\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert len(r.stdout.splitlines()) == 1  # one turn (the blank line is skipped, /exit ends the chat)
+
+
+@pytest.mark.slow
+def test_context_overflow_is_one_line_error():
+    r = cli("--max-context", "8", "--prompt", "This prompt is longer than eight tokens once templated.")
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "context overflow" in r.stderr and "--max-context" in r.stderr
+
+
+def gpu_usable() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["--top-k", "many"], 2, "argument --top-k: invalid int value"),
+    (["--dtype", "int3"], 2, "argument --dtype: invalid choice"),
+    (["--prompt", "a", "--prompt-file", "b"], 2, "not allowed with argument"),
+    (["--temperature", "-1"], 1, "--temperature: must be >= 0"),
+    (["--top-p", "1.5"], 1, "--top-p: must be in (0, 1]"),
+    (["--min-p", "-0.5"], 1, "--min-p: must be in [0, 1]"),
+    (["--repetition-penalty", "0"], 1, "--repetition-penalty: must be > 0"),
+    (["--max-new-tokens", "-3"], 1, "--max-new-tokens: must be >= 0"),
+    (["--max-context", "0"], 1, "--max-context: must be a positive number"),
+    (["--raw", "--system", "x"], 1, "--system needs the chat template"),
+    (["--model", "/no/such/model.gguf"], 1, "/no/such/model.gguf: no such file or directory"),
+    (["--prompt-file", "/no/such/prompt.txt"], 1, "--prompt-file: /no/such/prompt.txt: no such file"),
+    (["--device", "tpu"], 1, "--device: expected 'cpu', 'cuda' or 'cuda:N'"),
+    (["--device", "cuda"], 1, "CUDA"),
+])
+def test_user_errors_are_one_line(args, status, message):
+    if args == ["--device", "cuda"] and gpu_usable():
+        pytest.skip("a GPU is usable here, so --device cuda is not an error")
+    r = cli(*args, timeout=120)
+    assert r.returncode == status
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("python -m tinyllm.run: error: ")
+    assert message in r.stderr
+
+
+def test_help_documents_every_flag():
+    text = build_parser().format_help()
+    for flag in ("--model", "--device", "--prompt", "--prompt-file", "--chat", "--raw", "--max-new-tokens",
+                 "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty", "--presence-penalty",
+                 "--frequency-penalty", "--seed", "--stop", "--system", "--max-context", "--dtype", "--json",
+                 "--quiet"):
+        assert re.search(rf"{flag}\b", text), flag
+    r = cli("--help", timeout=120)
+    assert r.returncode == 0 and "--repetition-penalty" in r.stdout

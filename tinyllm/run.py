@@ -1,0 +1,295 @@
+"""`python -m tinyllm.run`: the command line.
+
+    python -m tinyllm.run                                   # the embedded SmolLM2-135M answers a built-in question
+    python -m tinyllm.run --prompt "Why is the sky blue?"   # one answer, streamed
+    python -m tinyllm.run --chat                            # a conversation; the KV cache is kept between turns
+    python -m tinyllm.run --model path/to/model --device cuda --raw --prompt "Once upon a time"
+    python -m tinyllm.run --json --prompt "2+2?"            # one JSON object (text, token ids, stats)
+
+The flow is the library's: load (tinyllm.load) -> prompt ids (chat template unless --raw)
+-> a Generation (sampler + stop rules) -> text streamed to stdout, one stats line on
+stderr. Every error a user can cause prints one line on stderr and exits non-zero:
+2 for a bad flag, 1 for anything else (a bad path, a bad value, no GPU, a prompt that
+does not fit), 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .errors import TinyLLMError
+
+DEFAULT_PROMPT = "In two sentences, what does a baker do?"
+PROG = "python -m tinyllm.run"
+DTYPE_CHOICES = ("auto", "float32", "fp32", "float16", "fp16")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=(
+        "Run a Llama-family model: stream an answer to a prompt, or chat. With no flags, the "
+        "embedded SmolLM2-135M-Instruct answers a built-in question on the CPU."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="PATH", help="a Hugging Face directory, a .safetensors file (config.json "
+                   "beside it) or a .gguf file (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA needs CuPy and an NVIDIA GPU)")
+    m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype (auto: float32 on the CPU, float16 on the GPU)")
+    m.add_argument("--max-context", type=int, metavar="N", help="KV cache size in tokens (default: prompt + "
+                   "--max-new-tokens, or the model's context length with --chat)")
+
+    q = p.add_argument_group("prompt")
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT", help=f"the prompt; '-' reads it from stdin "
+                     f"(default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file ('-': stdin)")
+    q.add_argument("--system", metavar="TEXT", help="a system prompt for the chat template")
+    q.add_argument("--raw", action="store_true", help="plain text completion: skip the chat template")
+    q.add_argument("--chat", action="store_true", help="interactive multi-turn chat: one user turn per line "
+                   "of stdin (/exit or end of input quits); the KV cache is kept between turns")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="stop after N new tokens")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains TEXT (not printed); repeatable")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; higher is more random")
+    g.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="keep the most likely tokens up to this mass (1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' definition (1: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's definition, -2..2 (0: off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's definition, -2..2 (0: off)")
+    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text (default: random)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) at the "
+                   "end instead of streaming; one per turn with --chat")
+    o.add_argument("--quiet", action="store_true", help="no stats line, no progress display")
+    return p
+
+
+# ---- settings checked before the (slow) model load ---------------------------------------------
+
+def sampling_params(args):
+    from .sampler import SamplingError, SamplingParams
+
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, seed=args.seed)
+    except SamplingError as e:  # name the flag, not the Python parameter
+        raise UsageError(f"--{e.param.replace('_', '-')}: {e.detail}") from None
+
+
+def stop_rules(args):
+    from .generate import StopRules
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
+    if any(not s for s in args.stop):
+        raise UsageError("--stop: a stop string must not be empty")
+    return StopRules(args.max_new_tokens, tuple(args.stop))
+
+
+def check_flags(args) -> None:
+    if args.raw and args.system is not None:
+        raise UsageError("--system needs the chat template; drop --raw")
+    if args.raw and args.chat:
+        raise UsageError("--chat needs the chat template; drop --raw")
+    if args.max_context is not None and args.max_context <= 0:
+        raise UsageError(f"--max-context: must be a positive number of tokens, got {args.max_context}")
+    if args.chat and "-" in (args.prompt, args.prompt_file):
+        raise UsageError("--chat reads its turns from stdin, so the prompt cannot come from stdin ('-')")
+
+
+def read_prompt(args) -> str | None:
+    """The prompt text from --prompt, --prompt-file or stdin ('-'); None when none was given."""
+    if args.prompt is not None:
+        return sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            return sys.stdin.read()
+        path = Path(args.prompt_file)
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"--prompt-file: {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-file: {path}: cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+    return None
+
+
+class UsageError(TinyLLMError, ValueError):
+    """A flag value the command line rejects before loading anything."""
+
+
+# ---- loading, with a progress display on a terminal ------------------------------------------
+
+def load_model(args):
+    import tinyllm
+
+    show = not args.quiet and sys.stderr.isatty()
+    with LoadingDisplay(args.model or "the default model", enabled=show):
+        llm = tinyllm.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+    if args.max_context is not None and args.max_context > llm.config.max_seq_len:
+        raise UsageError(f"--max-context: {args.max_context} is more than the model's context length "
+                         f"({llm.config.max_seq_len})")
+    return llm
+
+
+class LoadingDisplay:
+    """A moving bar and the elapsed time on stderr while the model loads (a terminal only).
+
+    The loaders report no progress, so the bar shows that work is going on, not how much
+    is left; it is erased when loading ends."""
+
+    WIDTH = 24
+
+    def __init__(self, what: str, enabled: bool):
+        self.what = Path(what).name if what else what
+        self.enabled = enabled
+        self._done = threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            self._start = time.perf_counter()
+            self._thread = threading.Thread(target=self._draw, daemon=True)
+            self._thread.start()
+        return self
+
+    def _draw(self):
+        i = 0
+        while not self._done.wait(0.1):
+            pos = i % (2 * self.WIDTH - 2)
+            pos = pos if pos < self.WIDTH else 2 * self.WIDTH - 2 - pos  # bounce back and forth
+            bar = " " * pos + "#" + " " * (self.WIDTH - pos - 1)
+            sys.stderr.write(f"\rloading {self.what} [{bar}] {time.perf_counter() - self._start:5.1f} s")
+            sys.stderr.flush()
+            i += 1
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._done.set()
+            self._thread.join()
+            sys.stderr.write("\r\033[K")  # erase the line
+            sys.stderr.flush()
+        return False
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+def run_generation(generation, out=None):
+    """Run one Generation to the end, streaming its text to `out` (None: no streaming).
+
+    The one call that does the model's work; a profiler can wrap it. -> Completion"""
+    for token in generation:
+        if out is not None and token.text:
+            out.write(token.text)
+            out.flush()
+    return generation.result()
+
+
+def completion_json(llm, done, device: str) -> str:
+    return json.dumps({"text": done.text, "token_ids": done.token_ids, "prompt_ids": done.prompt_ids,
+                       "finish_reason": done.finish_reason, "stats": done.stats.as_dict(),
+                       "model": str(llm.path), "device": device, "load_s": round(llm.load_seconds, 3)},
+                      ensure_ascii=False)
+
+
+def report(llm, done, args, turn_end: str = "\n") -> None:
+    """After a generation: the JSON object, or the newline + one stats line on stderr."""
+    if args.json:
+        print(completion_json(llm, done, args.device), flush=True)
+        return
+    sys.stdout.write(turn_end)
+    sys.stdout.flush()
+    if not args.quiet:
+        note = ""
+        if done.finish_reason == "context":
+            note = f" | context full ({llm.config.max_seq_len if args.max_context is None else args.max_context} tokens)"
+        print(f"[{done.stats.summary()} | load {llm.load_seconds:.1f} s{note}]", file=sys.stderr, flush=True)
+
+
+def one_shot(llm, args, sampling, rules, prompt: str) -> int:
+    from .generate import Context, Generation
+    from .sampler import Sampler
+
+    ids = llm.prompt_ids(prompt, chat=not args.raw, system=args.system)
+    context = None if args.max_context is None else Context(llm.model, args.max_context)
+    generation = Generation(llm.model, llm.tokenizer, ids, sampler=Sampler(sampling), rules=rules, context=context)
+    done = run_generation(generation, None if args.json else sys.stdout)
+    report(llm, done, args)
+    return 0
+
+
+def chat_loop(llm, args, sampling, rules, first: str | None) -> int:
+    from .chat import ChatSession
+    from .sampler import Sampler
+
+    session = ChatSession(llm, system=args.system, max_context=args.max_context, sampler=Sampler(sampling),
+                          rules=rules)
+    interactive = sys.stdin.isatty()
+    if interactive and not args.quiet:
+        print("chat: one message per line; /exit or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        if first is not None:
+            text, first = first, None
+        else:
+            if interactive:
+                sys.stdout.write(">>> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            text = line.rstrip("\r\n")
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if not text.strip():
+            continue
+        done = run_generation(session.send(text), None if args.json else sys.stdout)
+        report(llm, done, args, turn_end="\n\n" if interactive else "\n")
+    return 0
+
+
+def run(args) -> int:
+    check_flags(args)
+    sampling = sampling_params(args)
+    rules = stop_rules(args)
+    prompt = read_prompt(args)
+    llm = load_model(args)
+    if args.chat:
+        return chat_loop(llm, args, sampling, rules, prompt)
+    return one_shot(llm, args, sampling, rules, DEFAULT_PROMPT if prompt is None else prompt)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 1
+    except (TinyLLMError, FileNotFoundError, ValueError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
