@@ -117,7 +117,7 @@ def test_chapter_snippets_print_what_the_chapter_shows(chapter, default_llm, mon
 # ---- links to code ---------------------------------------------------------------------------
 def defined_names(path: Path) -> set[str]:
     """Top-level functions, classes and assignments, and `Class.member` for each class's
-    methods, properties and annotated fields."""
+    methods, properties, fields and attributes set on `self`."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     names = set()
     for node in tree.body:
@@ -127,6 +127,10 @@ def defined_names(path: Path) -> set[str]:
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     names.add(f"{node.name}.{item.name}")
+                    for sub in ast.walk(item):  # attributes set on self, e.g. `self.length = 0`
+                        if (isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store)
+                                and isinstance(sub.value, ast.Name) and sub.value.id == "self"):
+                            names.add(f"{node.name}.{sub.attr}")
                 elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
                     names.add(f"{node.name}.{item.target.id}")
                 elif isinstance(item, ast.Assign):
@@ -165,6 +169,24 @@ def test_links_point_at_existing_files_and_names(page):
             if name not in defined_names(file):
                 problems.append(f"[{label}]({target}): {name} is not defined in {file.relative_to(ROOT)}")
     assert not problems, f"{page.name}:\n" + "\n".join(problems)
+
+
+INLINE_MEMBER = re.compile(r"`([A-Z][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)(?:\(\))?`")
+
+
+def test_names_in_the_prose_exist():
+    """`Class.member` written in the prose (linked or not) exists, when Class is a tinyllm class."""
+    defined = set()
+    for file in (ROOT / "tinyllm").rglob("*.py"):
+        defined |= defined_names(file)
+    classes = {n for n in defined if "." not in n and n[:1].isupper()}
+    problems = []
+    for page in PAGES:
+        prose = FENCE.sub("", page.read_text(encoding="utf-8"))
+        for cls, member in INLINE_MEMBER.findall(prose):
+            if cls in classes and f"{cls}.{member}" not in defined:
+                problems.append(f"{page.name}: `{cls}.{member}` is not defined in tinyllm/")
+    assert not problems, "\n".join(problems)
 
 
 def test_every_chapter_links_code_it_explains():
