@@ -338,6 +338,7 @@ class Server:
         async def lifespan(app):
             yield
             self.stop()  # after uvicorn has let in-flight streams finish (or cancelled them)
+            print("tinyllm.serve: stopped", file=sys.stderr, flush=True)
 
         return Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -560,7 +561,10 @@ def main(argv=None) -> int:
           f"warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     config = uvicorn.Config(server.app(), host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
-    uvicorn.Server(config).run()  # SIGINT/SIGTERM: stop accepting, let streams finish, then stop
+    # On SIGINT/SIGTERM uvicorn stops accepting connections, lets in-flight streams finish
+    # (cancelling those still running after --shutdown-timeout), runs the lifespan's
+    # shutdown (the scheduler stops), then re-raises the signal so the exit status shows it.
+    uvicorn.Server(config).run()
     server.stop()
     return 0
 

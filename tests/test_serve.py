@@ -1,0 +1,397 @@
+"""The HTTP server, end to end: the real `python -m tinyllm.serve` in a subprocess on
+127.0.0.1, the default model, talked to with the official `openai` client (chat and
+completions, streamed and not) and with plain HTTP (errors, disconnects, /metrics).
+
+The reference for "the tokens a request returns alone" is greedy decoding written here,
+one sequence at a time with `Model.forward` (itself checked against transformers in
+test_default_model.py): a batched step must not change any sequence's tokens."""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai", reason="the server tests need the openai client (pip install 'tinyllm[test]')")
+pytest.importorskip("starlette", reason="the server needs starlette (pip install 'tinyllm[serve]')")
+pytest.importorskip("uvicorn", reason="the server needs uvicorn (pip install 'tinyllm[serve]')")
+pytest.importorskip("prometheus_client", reason="the server needs prometheus_client (pip install 'tinyllm[serve]')")
+
+import tinyllm  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MAX_BATCH, MAX_QUEUE = 16, 4
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # a prompt the model continues for a long time
+PROMPTS = [
+    "The capital of France is", "Once upon a time, there was a", "def fibonacci(n):",
+    "The three primary colors are", "My favourite breakfast is", "Water boils at a temperature of",
+    "In 1492, Columbus", "The quick brown fox", "To make a cup of tea, first", "The largest planet in our solar system",
+    "A haiku about autumn:", "import numpy as np\n", "The meaning of life is", "Photosynthesis is the process",
+    "Dear diary, today I", "The best way to learn a language is",
+]
+
+
+# ---- the server and the reference model, once per module ------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.log_path = tmp / "serve.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tinyllm.serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--log-level", "warning",
+             "--shutdown-timeout", "20"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                status, _ = request("GET", "/health", port=self.port, timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass  # the port opens only after warm-up
+            time.sleep(0.5)
+        pytest.fail(f"the server was not ready in {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("serve"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tinyllm.load()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+def request(method: str, path: str, body=None, *, port: int, timeout: float = 120):
+    """Plain HTTP: (status, parsed JSON or text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read().decode()
+        try:
+            return resp.status, json.loads(raw)
+        except json.JSONDecodeError:
+            return resp.status, raw
+    finally:
+        conn.close()
+
+
+def greedy_alone(llm, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding of one sequence with Model.forward: prefill, then one token at a time."""
+    model = llm.model
+    eos = set(llm.tokenizer.eos_ids) | set(model.config.eos_token_ids)
+    cache = model.new_cache(len(prompt_ids) + max_tokens)
+    logits = model.forward(np.asarray([prompt_ids]), cache)  # [1, 1, V]
+    out = []
+    for _ in range(max_tokens):
+        token = int(np.argmax(logits[0, -1]))
+        out.append(token)
+        if token in eos or len(out) == max_tokens:
+            break
+        logits = model.forward(np.asarray([[token]]), cache)
+    return out
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """One sample's value from the Prometheus text format (0 when absent)."""
+    pattern = re.escape(name + ("{" + labels + "}" if labels else "")) + r" ([0-9.e+-]+)"
+    m = re.search(r"^" + pattern + "$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def metrics(server) -> str:
+    status, text = request("GET", "/metrics", port=server.port)
+    assert status == 200
+    return text
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"not within {timeout} s: {what}")
+
+
+def open_stream(port: int, body: dict):
+    """A streamed completion over a raw connection: (connection, response) once headers arrived."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def hang_up(conn) -> None:
+    """Close the connection the way a client that goes away does (FIN now, whatever is unread)."""
+    if conn.sock is not None:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+def idle(server) -> bool:
+    text = metrics(server)
+    return metric(text, "tinyllm_running_requests") == 0 and metric(text, "tinyllm_queue_depth") == 0
+
+
+# ---- the OpenAI API through the official client ------------------------------------------------------
+
+def test_models_and_health(server, client):
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id == "SmolLM2-135M-Instruct.Q4_1"
+    status, body = request("GET", "/health", port=server.port)
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_completion_matches_greedy_reference(client, model_id, llm):
+    prompt = "The capital of France is"
+    ids = llm.tokenizer.encode(prompt)
+    expected = greedy_alone(llm, ids, 8)
+    r = client.completions.create(model=model_id, prompt=prompt, max_tokens=8, extra_body={"return_token_ids": True})
+    choice = r.choices[0]
+    assert choice.token_ids == expected
+    assert choice.text == llm.tokenizer.decode(expected)
+    assert choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 8, len(ids) + 8)
+    assert r.object == "text_completion" and r.model == model_id
+
+
+def test_completion_stream_equals_non_stream(client, model_id):
+    args = dict(model=model_id, prompt="Once upon a time, there was a", max_tokens=8)
+    whole = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_chat_non_stream_and_stream(client, model_id, llm):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."}]
+    ids = llm.prompt_ids(messages, chat=True)
+    expected = greedy_alone(llm, ids, 10)
+    r = client.chat.completions.create(model=model_id, messages=messages, max_tokens=10,
+                                       extra_body={"return_token_ids": True})
+    assert r.choices[0].token_ids == expected
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == llm.tokenizer.decode(expected)
+    eos = set(llm.tokenizer.eos_ids) | set(llm.config.eos_token_ids)
+    assert r.choices[0].finish_reason == ("stop" if expected[-1] in eos else "length")
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(expected)
+
+    chunks = list(client.chat.completions.create(model=model_id, messages=messages, max_tokens=10, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_stop_string_and_seeded_sampling(client, model_id, llm):
+    prompt = "The three primary colors are"
+    full = llm.tokenizer.decode(greedy_alone(llm, llm.tokenizer.encode(prompt), 12))
+    word = full.split()[2]  # a word from the middle of the greedy answer
+    r = client.completions.create(model=model_id, prompt=prompt, max_tokens=12, stop=[word])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[:full.index(word)]
+
+    args = dict(model=model_id, prompt=prompt, max_tokens=8, temperature=1.0, top_p=0.95, seed=1234)
+    assert client.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
+
+
+# ---- continuous batching -------------------------------------------------------------------------------
+
+def test_16_concurrent_greedy_requests_equal_their_alone_answers(server, client, model_id, llm):
+    max_tokens = 6
+
+    def ask(prompt):
+        r = client.completions.create(model=model_id, prompt=prompt, max_tokens=max_tokens,
+                                      extra_body={"return_token_ids": True})
+        return r.choices[0].token_ids
+
+    reference = [greedy_alone(llm, llm.tokenizer.encode(p), max_tokens) for p in PROMPTS]
+    alone = [ask(p) for p in PROMPTS]  # one at a time: each decodes in a batch of 1
+    assert alone == reference
+
+    steps_before = metric(metrics(server), "tinyllm_batch_size_count")
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def ask_together(prompt):
+        barrier.wait()
+        return ask(prompt)
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(ask_together, PROMPTS))
+    assert together == reference
+
+    # The requests really shared decode steps: far fewer steps than tokens, batches above 1.
+    text = metrics(server)
+    steps = metric(text, "tinyllm_batch_size_count") - steps_before
+    assert 0 < steps < len(PROMPTS) * (max_tokens - 1) / 2
+    assert metric(text, "tinyllm_batch_size_bucket", 'le="1.0"') < metric(text, "tinyllm_batch_size_count")
+
+
+# ---- bad requests, disconnects, a full queue ------------------------------------------------------------
+
+def test_disconnect_mid_stream_frees_the_slot(server, client, model_id):
+    before = metric(metrics(server), "tinyllm_request_finish_total", 'reason="cancelled"')
+    conn, resp = open_stream(server.port, {"prompt": COUNTING, "max_tokens": 500})
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")  # the first token arrived
+    wait_until(lambda: metric(metrics(server), "tinyllm_running_requests") == 1, 30, "the stream is running")
+    hang_up(conn)
+    wait_until(lambda: idle(server), 10, "the disconnected stream left the batch")
+    text = metrics(server)
+    assert metric(text, "tinyllm_request_finish_total", 'reason="cancelled"') == before + 1
+    r = client.completions.create(model=model_id, prompt="Hello", max_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+def test_burst_beyond_the_queue_gets_503_then_service_resumes(server, client, model_id):
+    streams = []
+    try:
+        for i in range(MAX_BATCH + MAX_QUEUE):  # fill the batch and the queue; each stream is accepted
+            conn, resp = open_stream(server.port, {"prompt": COUNTING, "max_tokens": 500})
+            assert resp.status == 200
+            streams.append(conn)
+        status, body = request("POST", "/v1/completions", {"prompt": "One more", "max_tokens": 2}, port=server.port)
+        assert status == 503
+        assert body["error"]["code"] == "queue_full" and "--max-queue" in body["error"]["message"]
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model=model_id, prompt="And another", max_tokens=2)
+        assert e.value.status_code == 503
+    finally:
+        for conn in streams:
+            hang_up(conn)
+    wait_until(lambda: idle(server), 30, "all disconnected streams left the batch and the queue")
+    assert metric(metrics(server), "tinyllm_requests_total", 'endpoint="/v1/completions",status="503"') >= 2
+    r = client.completions.create(model=model_id, prompt="Hello", max_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+BAD_FIELDS = [
+    ("model", "no-such-model"), ("temperature", -1), ("top_p", 0), ("top_k", 1.5), ("min_p", 2),
+    ("repetition_penalty", 0), ("presence_penalty", 3), ("frequency_penalty", "x"), ("seed", -1),
+    ("max_tokens", 0), ("stop", [""]), ("n", 2), ("stream", "yes"), ("logprobs", 3),
+    ("prompt", [["a"], ["b"]]),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_FIELDS, ids=[f for f, _ in BAD_FIELDS])
+def test_each_invalid_field_is_a_400_naming_it(server, field, value):
+    status, body = request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2, field: value},
+                           port=server.port)
+    assert status == 400, body
+    error = body["error"]
+    assert error["param"] == field and error["message"].startswith(f"{field}:")
+    assert error["type"] == "invalid_request_error"
+
+
+def test_every_invalid_field_at_once_then_a_normal_request(server, client, model_id, llm):
+    body = {field: value for field, value in BAD_FIELDS}
+    status, answer = request("POST", "/v1/completions", body, port=server.port)
+    assert status == 400
+    message = answer["error"]["message"]
+    for field, _ in BAD_FIELDS:
+        assert f"{field}:" in message, field
+    assert answer["error"]["code"] == "model_not_found"  # the first field named is the model
+
+    cases = [  # (path, body, the field the error names)
+        ("/v1/completions", b'{"prompt": "Hi", "max_tokens": 2', "body"),         # malformed JSON
+        ("/v1/completions", b'["a list"]', "body"),
+        ("/v1/completions", {"max_tokens": 2}, "prompt"),                            # no prompt
+        ("/v1/completions", {"prompt": [1] * llm.config.max_seq_len}, "prompt"),     # longer than the context
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": llm.config.max_seq_len}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
+         "max_completion_tokens"),
+    ]
+    for path, body, field in cases:
+        status, answer = request("POST", path, body, port=server.port)
+        assert status == 400 and answer["error"]["param"] == field, (body, answer)
+
+    with pytest.raises(openai.BadRequestError) as e:  # what a client of the official SDK sees
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}], n=2)
+    assert "n: only n=1" in str(e.value)
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_metrics_in_prometheus_format(server):
+    text = metrics(server)
+    assert metric(text, "tinyllm_requests_total", 'endpoint="/v1/completions",status="200"') > 0
+    assert metric(text, "tinyllm_requests_total", 'endpoint="/v1/completions",status="400"') > 0
+    assert metric(text, "tinyllm_prompt_tokens_total") > 0
+    assert metric(text, "tinyllm_generation_tokens_total") > 0
+    assert metric(text, "tinyllm_time_to_first_token_seconds_count") > 0
+    assert metric(text, "tinyllm_time_per_output_token_seconds_count") > 0
+    assert "# TYPE tinyllm_time_to_first_token_seconds histogram" in text
+    assert "# TYPE tinyllm_queue_depth gauge" in text
+
+
+# ---- last: shutdown ----------------------------------------------------------------------------------
+
+def test_graceful_shutdown_finishes_the_stream_in_flight(server):
+    conn, resp = open_stream(server.port, {"prompt": "Count to ten:", "max_tokens": 12})
+    assert resp.readline().startswith(b"data: ")
+    server.proc.send_signal(signal.SIGTERM)
+    rest = resp.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]")
+    assert '"finish_reason": "length"' in rest
+    # uvicorn re-raises the signal it handled once it has shut down cleanly
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    server.log.flush()
+    assert "tinyllm.serve: stopped" in server.log_path.read_text()
+    with pytest.raises(OSError):
+        request("GET", "/health", port=server.port, timeout=2)
