@@ -124,20 +124,35 @@ class LlamaCppEngine:
         self.np, self.Llama = np, Llama
 
     def load(self, path, threads):
-        Llama = self.Llama
-        kwargs = dict(model_path=str(path), n_ctx=self.capacity, n_batch=512, n_threads=threads,
-                      n_threads_batch=threads, logits_all=False, verbose=False)
-        # llama.cpp's "extra buffer types" repack weights for the CPU's AMX/matrix units; on this
-        # project's reference CPU that path segfaults with Q4_1, so it is turned off where the
-        # binding knows the switch (older bindings have no such option and no such path).
-        import inspect
+        self.turn_off_extra_buffer_types()
+        self.llm = self.Llama(model_path=str(path), n_ctx=self.capacity, n_batch=512, n_threads=threads,
+                              n_threads_batch=threads, logits_all=False, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
 
-        if "use_extra_bufts" in inspect.signature(Llama.__init__).parameters:
-            kwargs["use_extra_bufts"] = False
-        self.llm = Llama(**kwargs)
+    @staticmethod
+    def turn_off_extra_buffer_types():
+        """llama.cpp's "extra buffer types" repack weights for the CPU's matrix units; on this
+        project's reference CPU that path segfaults with Q4_1. The switch is a field of the C
+        struct llama_model_params that `Llama(...)` does not expose, so the binding's default
+        params are wrapped to clear it (bindings without the field have no such path)."""
+        import llama_cpp.llama_cpp as lib
+
+        make = lib.llama_model_default_params
+        if getattr(make, "tinyllm_wrapped", False) or "use_extra_bufts" not in dict(make()._fields_):
+            return
+
+        def without_extra_bufts():
+            params = make()
+            params.use_extra_bufts = False
+            return params
+
+        without_extra_bufts.tinyllm_wrapped = True
+        lib.llama_model_default_params = without_extra_bufts
 
     def _argmax_last(self):
-        return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # With logits_all=False, eval() keeps only the last token's logits inside llama.cpp.
+        logits = self.np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+        return int(logits.argmax())
 
     def prefill(self, ids, capacity):
         self.llm.reset()  # forget the previous prompt: the next eval starts at position 0
@@ -329,7 +344,7 @@ def run(args) -> dict:
     tiny = result["engines"].get("tinyllm", {})
     result["greedy_agreement"] = {
         e: same_prefix(tiny.get("generated", []), v.get("generated", []))
-        for e, v in result["engines"].items() if e != "tinyllm" and v.get("generated")}
+        for e, v in result["engines"].items() if e != "tinyllm" and v.get("generated") and tiny.get("generated")}
     result["targets"] = targets(result)
     return result
 
