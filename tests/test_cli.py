@@ -142,3 +142,12 @@ def test_help_documents_every_flag():
         assert re.search(rf"{flag}\b", text), flag
     r = cli("--help", timeout=120)
     assert r.returncode == 0 and "--repetition-penalty" in r.stdout
+
+
+def test_stop_flag_understands_backslash_escapes():
+    from tinyllm.run import unescape
+
+    assert unescape(r"\n\n") == "\n\n"
+    assert unescape(r"a\tb") == "a\tb"
+    assert unescape(r"c:\\new") == "c:\\new"
+    assert unescape("ünïcode\n") == "ünïcode\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import threading
 import time
@@ -62,7 +63,8 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="stop after N new tokens")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when the text contains TEXT (not printed); repeatable")
+                   help="stop when the text contains TEXT (not printed); repeatable; \\n and \\t "
+                   "mean a newline and a tab")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; higher is more random")
     g.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0: off)")
     g.add_argument("--top-p", type=float, default=1.0, help="keep the most likely tokens up to this mass (1: off)")
@@ -99,7 +101,12 @@ def stop_rules(args):
         raise UsageError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
     if any(not s for s in args.stop):
         raise UsageError("--stop: a stop string must not be empty")
-    return StopRules(args.max_new_tokens, tuple(args.stop))
+    return StopRules(args.max_new_tokens, tuple(unescape(s) for s in args.stop))
+
+
+def unescape(text: str) -> str:
+    """'\\n' typed in a shell -> a newline; also '\\t' and '\\\\'."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def check_flags(args) -> None:
