@@ -338,6 +338,21 @@ def test_graph_replay_equals_eager_fast_decode(pair, record):
     assert graph_cache.length == eager_cache.length == 16 + 128
 
 
+def test_replaying_one_step_is_deterministic(pair, record):
+    """The same step replayed 100 times at the same position gives the same bits: a race
+    between overlapping kernels (or a stale cache line) would show up here."""
+    name, readable, fast, decoder = pair
+    cache, _ = _prefilled(fast, n=16, capacity=512)
+    cache.length = 300  # a context that fills two attention chunks
+    first = decoder.step_logits(cache, 42)
+    worst = 0.0
+    for _ in range(100):
+        cache.length = 300
+        worst = max(worst, float(cp.abs(decoder.step_logits(cache, 42) - first).max()))
+    record(max_abs_diff=worst)
+    assert worst == 0.0
+
+
 def test_graph_with_and_without_programmatic_launch_agree(pair, record):
     """Programmatic dependent launch only changes when kernels start, never what they compute."""
     name, readable, fast, decoder = pair

@@ -158,10 +158,17 @@ __global__ void __launch_bounds__(256) gemv(const __half* __restrict__ W, const 
         if (EPI == EPI_SWIGLU) load_row<K>(wb, W + (size_t)(row + N) * K, lane);
     }
     // the "memory" clobber in pdl_wait keeps every activation load behind the weight loads
-    // (and the branch below keeps ptxas from sinking the weight loads to their first use)
     pdl_wait();
+    // x, written by the previous kernel, is read once per block into shared memory with
+    // L2-only loads (ld.global.cg): an L1 line cached before this kernel may be stale when
+    // kernels overlap, and every warp of the block reads all of x
+    __shared__ __align__(16) __half xs[K];
+    for (int i = threadIdx.x; i < Row<K>::NV; i += blockDim.x)
+        reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(x) + i);
+    __syncthreads();
+    // (the branch keeps ptxas from sinking the weight loads to their first use)
     if (!active) return;
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    const uint4* xv = reinterpret_cast<const uint4*>(xs);
     const uint4* nv = reinterpret_cast<const uint4*>(norm_w);
     float acc_a = 0.f, acc_b = 0.f, ss = 0.f;
 #pragma unroll
@@ -207,7 +214,7 @@ __global__ void __launch_bounds__(256) gemv(const __half* __restrict__ W, const 
             out[row] = __hmul(__hdiv(g, d), up);
         } else {
             const __half yh = f2h(y);
-            out[row] = (EPI == EPI_RESIDUAL) ? __hadd(res[row], yh) : yh;
+            out[row] = (EPI == EPI_RESIDUAL) ? __hadd(__ldcg(res + row), yh) : yh;
         }
     }
 }
@@ -238,7 +245,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     pdl_launch_dependents();
     const int c = blockIdx.x, j = blockIdx.y, t = threadIdx.x;
     const int lane = t & 31, warp = t >> 5;
-    const int pos = pos_ptr[0];  // written before this step began: safe before pdl_wait
+    const int pos = __ldcg(pos_ptr);  // written before this step began: safe before pdl_wait
     const int n_keys = pos + 1;
     const int n_chunks = (n_keys + CHUNK - 1) / CHUNK;
     if (c >= n_chunks) { pdl_wait(); return; }
@@ -261,20 +268,20 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     uint4 kreg[ROW_VECS];
     if (t < n_here && s != pos) {
 #pragma unroll
-        for (int i = 0; i < ROW_VECS; i++) kreg[i] = reinterpret_cast<const uint4*>(kc + (size_t)s * E)[i];
+        for (int i = 0; i < ROW_VECS; i++) kreg[i] = __ldcg(reinterpret_cast<const uint4*>(kc + (size_t)s * E) + i);
     }
     uint4 vreg[ROW_VECS];
 #pragma unroll
     for (int i = 0; i < ROW_VECS; i++) {
         const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
         vreg[i] = (row < n_here && first + row != pos)
-            ? reinterpret_cast<const uint4*>(vc + (size_t)(first + row) * E)[col] : make_uint4(0, 0, 0, 0);
+            ? __ldcg(reinterpret_cast<const uint4*>(vc + (size_t)(first + row) * E) + col) : make_uint4(0, 0, 0, 0);
     }
     pdl_wait();  // from here on: q, k, v of this step, written by the QKV GEMV
 #pragma unroll
     for (int i = 0; i < ROW_VECS; i++) {
         const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
-        if (first + row == pos) vreg[i] = reinterpret_cast<const uint4*>(v_new + (size_t)j * E)[col];
+        if (first + row == pos) vreg[i] = __ldcg(reinterpret_cast<const uint4*>(v_new + (size_t)j * E) + col);
     }
     // 2. RoPE of q (and of the new k), rounded like the readable path: fp16(x1*cos - x2*sin), no FMA
     const float* cs = cos_t + (size_t)pos * HALF;
@@ -282,7 +289,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     for (int i = t; i < (R + 1) * HALF; i += CHUNK) {
         const int r = i / HALF, e = i % HALF;
         const __half* x = (r < R) ? q + (size_t)(j * R + r) * E : k_new + (size_t)j * E;
-        const float x1 = h2f(x[e]), x2 = h2f(x[e + HALF]);
+        const float x1 = h2f(__ldcg(x + e)), x2 = h2f(__ldcg(x + e + HALF));
         float y1 = x1, y2 = x2;
         if (rotate) {
             y1 = h2f(f2h(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e]))));
@@ -294,8 +301,8 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
             if (holds_pos) {  // the new key and value go into the cache for later steps
                 kc[(size_t)pos * E + e] = f2h(y1);
                 kc[(size_t)pos * E + e + HALF] = f2h(y2);
-                vc[(size_t)pos * E + e] = v_new[(size_t)j * E + e];
-                vc[(size_t)pos * E + e + HALF] = v_new[(size_t)j * E + e + HALF];
+                vc[(size_t)pos * E + e] = __ldcg(v_new + (size_t)j * E + e);
+                vc[(size_t)pos * E + e + HALF] = __ldcg(v_new + (size_t)j * E + e + HALF);
             }
         }
     }

@@ -165,7 +165,7 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 
 
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
-                     scratch, out, n_rep: int):
+                     scratch, out, n_rep: int, pdl: bool = True):
     """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E]."""
     n_kv, s_cap, e = k_cache.shape[-3:]
     part_o, part_ml, counters = scratch
@@ -173,7 +173,7 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     n_chunks = (s_cap + chunk - 1) // chunk
     launch(attention_name(e, n_rep), (n_chunks, n_kv), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
-        np.int32(1 if rotate else 0), part_o, part_ml, counters, out), pdl=True)
+        np.int32(1 if rotate else 0), part_o, part_ml, counters, out), pdl=pdl)
 
 
 def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int):

@@ -163,7 +163,7 @@ class FastOps(Ops):
         if norm is None:
             self._keep(p)
         k = w.shape[1]
-        if not (self._one_token(x) and w.dtype == np.float16 and k % 8 == 0 and w.flags.c_contiguous):
+        if not (self._one_token(x) and w.dtype == np.float16 and k % 8 == 0 and k <= 16384 and w.flags.c_contiguous):
             self._keep(norm)
             return super().linear(x, w)
         out = self.xp.empty((1, 1, w.shape[0]), dtype=np.float16)
@@ -223,8 +223,11 @@ class FastOps(Ops):
         if self.host_writes_position:
             self.pos.fill(pos)
         out = self.xp.empty((1, 1, c.n_heads * c.head_dim), dtype=np.float16)
+        # The kernel reads the position before waiting for the previous kernel: launched
+        # right after the fill above it must not overlap it (no programmatic launch)
         K.decode_attention(q_src, k_src, v, self.cos, self.sin, self.pos, cache.k[layer], cache.v[layer],
-                           scale, rotate, self.scratch(cache.capacity), out, c.n_rep)
+                           scale, rotate, self.scratch(cache.capacity), out, c.n_rep,
+                           pdl=not self.host_writes_position)
         return out
 
     def scratch(self, capacity: int):
