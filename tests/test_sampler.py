@@ -91,8 +91,8 @@ def test_top_p_matches_transformers_warper():
     from transformers.generation.logits_process import TopPLogitsWarper
 
     rng = np.random.default_rng(2)
-    for p in (0.3, 0.7, 0.95):
-        logits = (rng.normal(size=200) * 2).astype(np.float32)
+    for p, size, scale in [(0.3, 200, 2), (0.7, 200, 2), (0.95, 200, 2), (0.9, 20000, 1), (0.9, 20000, 6)]:
+        logits = (rng.normal(size=size) * scale).astype(np.float32)  # large sizes: flat and peaked
         ref = TopPLogitsWarper(p)(None, torch.tensor(logits[None]))[0].numpy()
         assert (np.isfinite(top_p_filter(logits, p)) == np.isfinite(ref)).all()
 
@@ -123,6 +123,20 @@ def test_draw_inverse_cdf_over_sorted_distribution():
     assert draw(probs, 0.95) == 0
     assert draw(probs, 0.999999999) == 0
     assert draw(np.array([0.0, 0.5, 0.5]), 0.4) == 1  # ties: lower id first
+
+
+def test_draw_on_a_large_vocabulary_matches_a_plain_inverse_cdf():
+    """The fast path (the top 256 tokens first) gives what a full sort gives."""
+    rng = np.random.default_rng(4)
+    for scale in (0.5, 3.0, 8.0):
+        probs = softmax((rng.normal(size=5000) * scale).astype(np.float32))
+        probs[rng.integers(0, 5000, 500)] = 0.0  # some filtered out
+        probs /= probs.sum()
+        ranked = sorted(np.flatnonzero(probs), key=lambda i: (-probs[i], i))
+        running = np.cumsum([probs[i] for i in ranked])
+        for u in rng.random(40):
+            expected = ranked[min(int(np.searchsorted(running, u, side="right")), len(ranked) - 1)]
+            assert draw(probs, u) == expected
 
 
 def test_greedy_is_argmax():

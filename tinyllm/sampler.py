@@ -14,8 +14,8 @@ Temperature 0 means greedy decoding: the argmax of the penalised logits, no rand
 The draw is kept apart from the filters on purpose. `filtered_probs` gives the final
 distribution and `draw(probs, u)` turns one uniform number u in [0, 1) into a token:
 the kept tokens are sorted by probability (highest first, ties by lower id), their
-probabilities summed in that order, and the first token whose running sum exceeds
-u x total is taken. A GPU sampler that receives the same u (drawn on the host from the
+probabilities summed in that order, and the first token whose running sum exceeds u
+is taken (the last kept token if rounding keeps the sum below u). A GPU sampler that receives the same u (drawn on the host from the
 same seeded `np.random.Generator`) and follows the same rule picks the same token.
 
 Definitions (so results match other tools):
@@ -149,8 +149,10 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     if p >= 1.0:
         return logits
     probs = softmax(logits)
-    order = np.argsort(-probs, kind="stable")           # most likely first
-    before = np.cumsum(probs[order]) - probs[order]      # mass of the tokens ranked above each one
+    for order in _most_likely_first(probs):
+        before = np.cumsum(probs[order]) - probs[order]  # mass of the tokens ranked above each one
+        if before[-1] + probs[order[-1]] >= p:
+            break  # the set reaching p lies inside this prefix of the ranking
     keep = np.zeros(logits.shape, dtype=bool)
     keep[order[before < p]] = True                      # the first token always has before = 0
     return np.where(keep, logits, NEG_INF).astype(np.float32)
@@ -167,15 +169,31 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
 # ---- the draw -------------------------------------------------------------------------------
 
 def draw(probs: np.ndarray, u: float) -> int:
-    """Inverse-CDF draw with one uniform number u in [0, 1).
+    """Inverse-CDF draw with one uniform number u in [0, 1) from a normalised distribution.
 
-    Kept tokens (probability > 0) sorted by probability, highest first (ties: lower id
-    first); take the first whose running sum exceeds u x total."""
-    kept = np.flatnonzero(probs > 0)                          # [N] token ids
-    order = kept[np.argsort(-probs[kept], kind="stable")]     # ids, most likely first
-    cdf = np.cumsum(probs[order])                             # float64 [N]
-    i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    return int(order[min(i, len(order) - 1)])                # min(): guards rounding at u -> 1
+    Kept tokens (probability > 0) in order of probability, highest first (ties: lower id
+    first); the first whose running sum exceeds u is drawn (the last kept token if
+    rounding keeps the sum below u)."""
+    for order in _most_likely_first(probs):
+        cdf = np.cumsum(probs[order])  # float64 [N]
+        if cdf[-1] > u:
+            return int(order[np.searchsorted(cdf, u, side="right")])
+    return int(order[-1])
+
+
+def _most_likely_first(probs: np.ndarray, head: int = 256):
+    """Token ids with probability > 0, most likely first (ties: lower id first).
+
+    Sorting a whole vocabulary costs milliseconds per token, and the answer almost always
+    lies among the few most likely tokens; so this yields the top `head` (plus any tied
+    with the last of them) first, then, only if the caller needs more, the full ranking.
+    Both are prefixes of the same ranking, so the result does not depend on `head`."""
+    kept = np.flatnonzero(probs > 0)  # ascending ids: a stable sort keeps lower ids first among ties
+    if len(kept) > head:
+        cut = np.partition(probs[kept], -head)[-head]
+        top = kept[probs[kept] >= cut]
+        yield top[np.argsort(-probs[top], kind="stable")]
+    yield kept[np.argsort(-probs[kept], kind="stable")]
 
 
 # ---- history: what the penalties look at ------------------------------------------------------
