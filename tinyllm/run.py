@@ -264,7 +264,13 @@ def chat_loop(llm, args, sampling, rules, first: str | None) -> int:
             break
         if not text.strip():
             continue
-        done = run_generation(session.send(text), None if args.json else sys.stdout)
+        try:
+            done = run_generation(session.send(text), None if args.json else sys.stdout)
+        except KeyboardInterrupt:  # Ctrl-C ends this answer, not the chat (the partial answer is kept)
+            if not interactive:
+                raise
+            print("\n[interrupted]", file=sys.stderr)
+            continue
         report(llm, done, args, turn_end="\n\n" if interactive else "\n")
     return 0
 
