@@ -111,7 +111,8 @@ def test_emoji_split_over_byte_level_tokens_is_not_broken(smollm2):
 
 
 real_text = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=30).map("".join)
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=150, deadline=None, database=None,  # no .hypothesis/ folder in the repository
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.mark.slow

@@ -261,3 +261,26 @@ def test_seeded_sampling_is_reproducible(tiny_llm):
     b = tiny_llm.generate("Once upon a time", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=3)
     assert a.token_ids == b.token_ids
     assert a.text == tiny_llm.tokenizer.decode(a.token_ids)
+
+
+def test_chat_session_forgets_a_turn_that_does_not_fit_and_keeps_partial_answers(tok):
+    from types import SimpleNamespace
+
+    from tinyllm.chat import ChatSession
+    from tinyllm.tokenizer import Tokenizer
+
+    chat_tok = Tokenizer(tok.tk, 1, (2,), add_bos=False, source="test",
+                         chat_template="{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    model = ScriptedModel(tok.encode("user: hi\n") + tok.encode(" a little shop in the old town"), tok.vocab_size)
+    session = ChatSession(SimpleNamespace(model=model, tokenizer=chat_tok), max_context=40,
+                          rules=StopRules(max_new_tokens=10))
+    gen = session.send("hi")
+    tokens = iter(gen)
+    for _ in range(3):
+        next(tokens)
+    tokens.close()  # the caller stops early (Ctrl-C): the partial answer is kept
+    assert len(gen.token_ids) == 3 and gen.text
+    assert session.messages[-1] == {"role": "assistant", "content": gen.text}
+    with pytest.raises(ContextOverflowError):
+        list(session.send("a baker had a little shop in the old town " * 3))
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the failed turn is forgotten

@@ -153,4 +153,7 @@ class ChatSession:
                           context=self.context, on_finish=self._answered)
 
     def _answered(self, generation) -> None:
-        self.messages.append({"role": "assistant", "content": generation.text})
+        if generation.stats.finish_reason is None and not generation.token_ids:
+            self.messages.pop()  # the turn failed before any answer (e.g. it did not fit): forget it
+        else:  # a full answer, or the part produced before an interruption
+            self.messages.append({"role": "assistant", "content": generation.text})

@@ -200,10 +200,14 @@ def run_generation(generation, out=None):
     """Run one Generation to the end, streaming its text to `out` (None: no streaming).
 
     The one call that does the model's work; a profiler can wrap it. -> Completion"""
-    for token in generation:
-        if out is not None and token.text:
-            out.write(token.text)
-            out.flush()
+    tokens = iter(generation)
+    try:
+        for token in tokens:
+            if out is not None and token.text:
+                out.write(token.text)
+                out.flush()
+    finally:
+        tokens.close()  # on Ctrl-C too: the generation records where it stopped
     return generation.result()
 
 
