@@ -221,8 +221,9 @@ __global__ void __launch_bounds__(256) gemv(const __half* __restrict__ W, const 
 
 // ---------------------------------------------------------------------------------------
 // Decode attention for one new token, grouped-query, split over the cache ("split-K",
-// flash-decoding): block (c, j) handles positions [c*CHUNK, (c+1)*CHUNK) of KV head j
-// for its R query heads. The position is read from device memory, so one captured
+// flash-decoding): block (c, j, z) handles positions [c*CHUNK, (c+1)*CHUNK) of KV head j
+// for R of the n_rep query heads that share it (heads z*R .. z*R+R-1 of the group): more,
+// smaller blocks, because one token's attention is latency-bound, not bandwidth-bound. The position is read from device memory, so one captured
 // graph serves every step; chunks past the position return at once.
 //
 // Fused in: RoPE of q and k (when `rotate`), the write of the new k and v into the
@@ -237,13 +238,15 @@ template <int E, int R, int CHUNK>
 __global__ void __launch_bounds__(CHUNK) decode_attention(
         const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos_ptr,
-        __half* k_cache, __half* v_cache, int S_cap, float scale, int rotate,
+        __half* k_cache, __half* v_cache, int S_cap, float scale, int rotate, int n_rep,
         float* part_o, float* part_ml, unsigned int* counters, __half* __restrict__ out) {
     constexpr int HALF = E / 2;
     constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
     constexpr int WARPS = CHUNK / 32;
     pdl_launch_dependents();
-    const int c = blockIdx.x, j = blockIdx.y, t = threadIdx.x;
+    const int c = blockIdx.x, j = blockIdx.y, z = blockIdx.z, t = threadIdx.x;
+    const int head0 = j * n_rep + z * R;            // this block's first query head
+    const int gi = j * gridDim.z + z;                // its index in the scratch and counters
     const int lane = t & 31, warp = t >> 5;
     const int pos = __ldcg(pos_ptr);  // written before this step began: safe before pdl_wait
     const int n_keys = pos + 1;
@@ -288,7 +291,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     const float* sn = sin_t + (size_t)pos * HALF;
     for (int i = t; i < (R + 1) * HALF; i += CHUNK) {
         const int r = i / HALF, e = i % HALF;
-        const __half* x = (r < R) ? q + (size_t)(j * R + r) * E : k_new + (size_t)j * E;
+        const __half* x = (r < R) ? q + (size_t)(head0 + r) * E : k_new + (size_t)j * E;
         const float x1 = h2f(__ldcg(x + e)), x2 = h2f(__ldcg(x + e + HALF));
         float y1 = x1, y2 = x2;
         if (rotate) {
@@ -298,7 +301,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
         if (r < R) { sq[r][e] = y1; sq[r][e + HALF] = y2; }
         else {
             skn[e] = y1; skn[e + HALF] = y2;
-            if (holds_pos) {  // the new key and value go into the cache for later steps
+            if (holds_pos && z == 0) {  // the new key and value go into the cache for later steps
                 kc[(size_t)pos * E + e] = f2h(y1);
                 kc[(size_t)pos * E + e + HALF] = f2h(y2);
                 vc[(size_t)pos * E + e] = __ldcg(v_new + (size_t)j * E + e);
@@ -396,13 +399,13 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
             float sum = 0.f;
 #pragma unroll
             for (int gg = 0; gg < GROUPS; gg++) sum += sp[r][gg * E + ee];
-            out[(size_t)j * R * E + i] = f2h(sum / l[r]);
+            out[(size_t)head0 * E + i] = f2h(sum / l[r]);
         }
         return;
     }
     const int n_total_chunks = (S_cap + CHUNK - 1) / CHUNK;
-    float* po = part_o + ((size_t)j * n_total_chunks + c) * R * E;
-    float* pml = part_ml + ((size_t)j * n_total_chunks + c) * R * 2;
+    float* po = part_o + ((size_t)gi * n_total_chunks + c) * R * E;
+    float* pml = part_ml + ((size_t)gi * n_total_chunks + c) * R * 2;
     for (int i = t; i < R * E; i += CHUNK) {
         const int r = i / E, ee = i % E;
         float sum = 0.f;
@@ -418,12 +421,12 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     // 6. the last block of this KV head to finish merges all chunks
     __threadfence();
     __syncthreads();
-    if (t == 0) is_last = (atomicAdd(&counters[j], 1u) == (unsigned)(n_chunks - 1));
+    if (t == 0) is_last = (atomicAdd(&counters[gi], 1u) == (unsigned)(n_chunks - 1));
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    const float* po0 = part_o + (size_t)j * n_total_chunks * R * E;
-    const float* pml0 = part_ml + (size_t)j * n_total_chunks * R * 2;
+    const float* po0 = part_o + (size_t)gi * n_total_chunks * R * E;
+    const float* pml0 = part_ml + (size_t)gi * n_total_chunks * R * 2;
     for (int i = t; i < R * E; i += CHUNK) {
         const int r = i / E;
         float mm = -INFINITY;
@@ -434,9 +437,9 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
             ll += w * __ldcg(pml0 + (cc * R + r) * 2 + 1);
             acc += w * __ldcg(po0 + (size_t)cc * R * E + i);
         }
-        out[(size_t)j * R * E + i] = f2h(acc / ll);
+        out[(size_t)head0 * E + i] = f2h(acc / ll);
     }
-    if (t == 0) counters[j] = 0;  // ready for the next layer / step
+    if (t == 0) counters[gi] = 0;  // ready for the next layer / step
 }
 
 // ---------------------------------------------------------------------------------------

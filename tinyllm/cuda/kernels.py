@@ -67,8 +67,13 @@ def gemv_name(k: int, norm: bool, epilogue: int) -> str:
     return f"gemv<{k}, {'true' if norm else 'false'}, {epilogue}>"
 
 
+def heads_per_block(n_rep: int) -> int:
+    """Query heads per attention block: 2 when the group size is even, else 1."""
+    return 2 if n_rep % 2 == 0 else 1
+
+
 def attention_name(head_dim: int, n_rep: int) -> str:
-    return f"decode_attention<{head_dim}, {n_rep}, {attention_chunk(head_dim)}>"
+    return f"decode_attention<{head_dim}, {heads_per_block(n_rep)}, {attention_chunk(head_dim)}>"
 
 
 # ---- launching, optionally with programmatic dependent launch (PDL) -----------------------
@@ -171,18 +176,21 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     part_o, part_ml, counters = scratch
     chunk = attention_chunk(e)
     n_chunks = (s_cap + chunk - 1) // chunk
-    launch(attention_name(e, n_rep), (n_chunks, n_kv), (chunk,), (
+    groups = n_rep // heads_per_block(n_rep)
+    launch(attention_name(e, n_rep), (n_chunks, n_kv, groups), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
-        np.int32(1 if rotate else 0), part_o, part_ml, counters, out), pdl=pdl)
+        np.int32(1 if rotate else 0), np.int32(n_rep), part_o, part_ml, counters, out), pdl=pdl)
 
 
 def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int):
-    """Per-chunk partial outputs and softmax stats, and one arrival counter per KV head."""
+    """Per-chunk partial outputs and softmax stats, and one arrival counter per block group."""
     cp = _cupy()
     n_chunks = (capacity + attention_chunk(head_dim) - 1) // attention_chunk(head_dim)
-    return (cp.empty((n_kv, n_chunks, n_rep, head_dim), dtype=cp.float32),
-            cp.empty((n_kv, n_chunks, n_rep, 2), dtype=cp.float32),
-            cp.zeros(n_kv, dtype=cp.uint32))
+    rb = heads_per_block(n_rep)
+    groups = n_kv * (n_rep // rb)
+    return (cp.empty((groups, n_chunks, rb, head_dim), dtype=cp.float32),
+            cp.empty((groups, n_chunks, rb, 2), dtype=cp.float32),
+            cp.zeros(groups, dtype=cp.uint32))
 
 
 def sample_token(logits, params, w_scratch, token, history, pos):

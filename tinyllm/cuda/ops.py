@@ -100,7 +100,7 @@ class FastOps(Ops):
         # linears whose result the next op can absorb (add or swiglu): those are deferred
         self._deferred = {id(layer.wo) for layer in layers} | {id(layer.w_down) for layer in layers} \
             | {id(layer.w_gate_up) for layer in layers}
-        e, r = c.head_dim, c.n_rep  # the attention kernel's static shared memory must fit in 48 KB
+        e, r = c.head_dim, K.heads_per_block(c.n_rep)  # the attention kernel's shared memory must fit in 48 KB
         chunk = K.attention_chunk(e)
         shared = chunk * e * 2 + (r + 1) * e * 4 + r * chunk * 4 + (chunk // 32) * r * 4
         self.fused_attention = e in (64, 128) and shared <= 47 * 1024
