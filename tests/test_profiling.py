@@ -132,3 +132,24 @@ def test_library_carries_no_profile_decorator():
     for path in PACKAGE.rglob("*.py"):
         for line in path.read_text().splitlines():
             assert not re.match(r"\s*@profile\b", line), f"{path}: {line.strip()}"
+
+
+def test_run_profile_flag_prints_the_report(tmp_path):
+    """`python -m tinyllm.run --profile` on a tiny model: the answer on stdout, the profile on stderr."""
+    import subprocess
+    import sys
+
+    from test_benchmarks import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "tiny")
+    proc = subprocess.run([sys.executable, "-m", "tinyllm.run", "--model", str(model_dir), "--raw", "--prompt",
+                           "the keeper and the boats", "--max-new-tokens", "3", "--profile"],
+                          cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tinyllm --profile: line profile on cpu" in proc.stderr
+    assert "tinyllm --profile" not in proc.stdout
+    for func in (Model.forward_block, Ops.attention, Sampler.__call__):
+        assert f"\n{func.__qualname__}  tinyllm/" in proc.stderr
+    source = inspect.getsource(Model.forward_block)
+    qkv_line = next(line for line in source.splitlines() if "ops.linear(h, layer.wqkv)" in line)
+    assert qkv_line.rstrip() in proc.stderr  # the line itself, with its timing row

@@ -50,6 +50,11 @@ def new_line_profiler():
     return LineProfiler()
 
 
+def check_available() -> None:
+    """Raise ProfilerMissingError now (e.g. before a slow model load) if line_profiler is missing."""
+    new_line_profiler()
+
+
 def own_functions(obj, module_name: str) -> list:
     """Plain functions defined in module `module_name`, found in a module or a class
     (methods of the classes it defines included)."""

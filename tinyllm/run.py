@@ -78,6 +78,8 @@ def build_parser() -> ArgumentParser:
     o.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) at the "
                    "end instead of streaming; one per turn with --chat")
     o.add_argument("--quiet", action="store_true", help="no stats line, no progress display")
+    o.add_argument("--profile", action="store_true", help="after the run, print a line-by-line profile (ms) of "
+                   "the forward pass, sampler and generation loop on stderr (needs line_profiler)")
     return p
 
 
@@ -284,10 +286,15 @@ def run(args) -> int:
     sampling = sampling_params(args)
     rules = stop_rules(args)
     prompt = read_prompt(args)
+    from . import profiling
+
+    if args.profile:
+        profiling.check_available()  # before the slow load
     llm = load_model(args)
-    if args.chat:
-        return chat_loop(llm, args, sampling, rules, prompt)
-    return one_shot(llm, args, sampling, rules, DEFAULT_PROMPT if prompt is None else prompt)
+    with profiling.profile(llm, enabled=args.profile):  # the report is printed on stderr at the end
+        if args.chat:
+            return chat_loop(llm, args, sampling, rules, prompt)
+        return one_shot(llm, args, sampling, rules, DEFAULT_PROMPT if prompt is None else prompt)
 
 
 def main(argv=None) -> int:
