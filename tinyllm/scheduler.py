@@ -238,17 +238,22 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     break
-            self._drop_cancelled()
-            self._admit()
-            if self.running:
-                try:
-                    self._step()
-                except Exception as e:  # the model failed: fail the batch, keep serving
-                    for seq in self.running:
-                        seq.close()
-                        seq.request.emit(Failed(f"{type(e).__name__}: {e}"))
-                    self.running = []
+            self.run_once()
         self._shutdown()
+
+    def run_once(self) -> None:
+        """One step boundary: cancelled sequences leave, waiting ones join, one decode step.
+        (The thread calls this in a loop; tests call it directly to control the timing.)"""
+        self._drop_cancelled()
+        self._admit()
+        if self.running:
+            try:
+                self._step()
+            except Exception as e:  # the model failed: fail the batch, keep serving
+                for seq in self.running:
+                    seq.close()
+                    seq.request.emit(Failed(f"{type(e).__name__}: {e}"))
+                self.running = []
 
     def _admit(self) -> None:
         """Prefill waiting requests while the batch has room; each joins with its first token."""

@@ -1,0 +1,205 @@
+"""The server under load: total tokens/s with 1, 4 and 16 concurrent streams.
+
+    python -m benchmarks.serve_load                        # the default model, 1 / 4 / 16 streams
+    python -m benchmarks.serve_load --streams 1 8 --max-tokens 64 --repeats 3 --out results/
+
+What it shows: continuous batching. One stream decodes one token per step, and each step
+reads every weight once; 16 streams share each step, so the weights are read once for 16
+tokens. Total throughput should grow with the number of streams while each stream's own
+speed drops a little.
+
+How: the real `python -m tinyllm.serve` runs in a subprocess (BLAS threads set by
+--threads). For each stream count C, C client threads open streamed completions at the
+same moment (distinct prompts, greedy, `max_tokens` each) and read them to the end.
+    total tok/s       generated tokens of all streams / wall time from the first request to the last [DONE]
+    stream tok/s      one stream's (tokens - 1) / (its last token - its first token), median over streams
+    ttft_s            time from sending a request to its first text, median over streams
+Generated tokens are the server's own `usage.completion_tokens`. Each count runs after a
+warm-up request, --repeats times; the tables show medians.
+
+Beside it, without HTTP, the engine ceiling: `Model.decode_batch` for B sequences timed
+in this process (after the server has exited), B tokens per step. The gap between the two
+is the cost of the scheduler, the sampler, the detokenizer and HTTP.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .common import (PASSAGE, fmt, header_markdown, machine_info, markdown_table, summarize, thread_env,
+                     write_outputs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int) -> list[str]:
+    """n distinct plain-text prompts: the passage, starting at different words."""
+    words = PASSAGE.split()
+    return [" ".join(words[(7 * i) % len(words):][:40]) for i in range(n)]
+
+
+def start_server(model, threads: int, max_batch: int, log_path: Path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "tinyllm.serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch", str(max_batch), "--log-level", "warning"]
+    if model:
+        cmd += ["--model", str(model)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}; see {log_path}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start in 600 s")
+
+
+def stream_once(port: int, prompt: str, max_tokens: int, start_gate: threading.Barrier) -> dict:
+    """One streamed completion; times of its first and last text, and the server's token count."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    start_gate.wait()
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = last = None
+    tokens = 0
+    for line in resp:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            break
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"] and chunk["choices"][0]["text"]:
+            last = time.perf_counter()
+            first = first or last
+    done = time.perf_counter()
+    conn.close()
+    return {"sent": sent, "first": first, "last": last, "done": done, "tokens": tokens}
+
+
+def load_run(port: int, n_streams: int, max_tokens: int) -> dict:
+    """n_streams streams started together; figures of this one run."""
+    gate = threading.Barrier(n_streams)
+    results: list[dict] = [None] * n_streams
+    texts = prompts(n_streams)
+
+    def worker(i):
+        results[i] = stream_once(port, texts[i], max_tokens, gate)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start = min(r["sent"] for r in results)
+    end = max(r["done"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    per_stream = [(r["tokens"] - 1) / (r["last"] - r["first"]) for r in results
+                  if r["tokens"] > 1 and r["last"] > r["first"]]
+    return {"tokens": tokens, "wall_s": end - start, "total_tok_s": tokens / (end - start),
+            "stream_tok_s": statistics.median(per_stream) if per_stream else None,
+            "ttft_s": statistics.median(r["first"] - r["sent"] for r in results if r["first"])}
+
+
+def engine_ceiling(model_path, batch_sizes, repeats: int, steps: int = 8) -> dict:
+    """decode_batch alone: B sequences with a 40-token prompt each, tokens/s = B / step time."""
+    import numpy as np
+
+    import tinyllm
+
+    llm = tinyllm.load(model_path)
+    model = llm.model
+    out = {}
+    for b in batch_sizes:
+        caches = []
+        for text in prompts(b):
+            cache = model.new_cache(256)
+            model.forward(np.asarray([llm.tokenizer.encode(text)]), cache)
+            caches.append(cache)
+        model.decode_batch([1] * b, caches)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.decode_batch([1] * b, caches)
+            times.append((time.perf_counter() - start) / steps)
+        out[b] = {"step_s": summarize(times), "tok_s": b / statistics.median(times)}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per stream")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="BLAS threads of the server")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    info = machine_info(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    proc, port = start_server(args.model, args.threads, max(args.streams), out_dir / "serve_load.server.log")
+    runs = {}
+    try:
+        load_run(port, 2, 4)  # warm-up: the client side and the batched path
+        for n in args.streams:
+            runs[n] = [load_run(port, n, args.max_tokens) for _ in range(args.repeats)]
+            med = statistics.median(r["total_tok_s"] for r in runs[n])
+            print(f"{n:3d} streams: {med:7.1f} tok/s total", file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+    os.environ.update({k: v for k, v in thread_env(args.threads).items() if k.endswith("_THREADS")})
+    ceiling = engine_ceiling(args.model, args.streams, args.repeats)
+
+    base = statistics.median(r["total_tok_s"] for r in runs[args.streams[0]])
+    rows = []
+    for n in args.streams:
+        total = statistics.median(r["total_tok_s"] for r in runs[n])
+        stream = statistics.median(r["stream_tok_s"] for r in runs[n] if r["stream_tok_s"])
+        ttft = statistics.median(r["ttft_s"] for r in runs[n])
+        rows.append([n, fmt(total), fmt(total / base, 2) + "x", fmt(stream), fmt(ttft), fmt(ceiling[n]["tok_s"])])
+    table = markdown_table(["streams", "total tok/s", "vs 1 stream", "tok/s per stream", "TTFT s (median)",
+                            "decode_batch alone, tok/s"], rows)
+    markdown = (f"{header_markdown(info)}\nServer: `python -m tinyllm.serve --max-batch {max(args.streams)}`, "
+                f"{args.max_tokens} greedy tokens per stream, {args.threads} BLAS threads, "
+                f"medians of {args.repeats} runs.\n\n{table}\n")
+    result = {"machine": info, "settings": vars(args), "runs": {str(k): v for k, v in runs.items()},
+              "decode_batch": {str(k): v for k, v in ceiling.items()}}
+    json_path, md_path = write_outputs(out_dir, "serve_load", result, markdown)
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
