@@ -144,7 +144,7 @@ __device__ __forceinline__ void fma8(const uint4& w, const float (&h)[8], float&
 }
 
 template <int K, bool NORM, int EPI>
-__global__ void __launch_bounds__(256) gemv(const __half* __restrict__ W, const __half* __restrict__ x,
+__global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const __half* __restrict__ x,
                                              const __half* __restrict__ norm_w, float eps,
                                              const __half* __restrict__ res, __half* __restrict__ out, int N) {
     static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
