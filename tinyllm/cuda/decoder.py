@@ -82,6 +82,7 @@ class CudaDecoder:
         self.w_scratch = cp.empty(c.vocab_size, dtype=cp.float32)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._steps: dict[int, _CapturedStep] = {}
+        self._pinned = None  # host buffer the sampled ids are copied into (pinned: async copies)
         self.warmup_seconds = 0.0
         if warmup:
             self.warmup()
@@ -189,15 +190,18 @@ class CudaDecoder:
         start = cache.length
         self._set_params(params)
         greedy = params is None or params.greedy
-        host = cp.cuda.alloc_pinned_memory(8 * max_new_tokens)
+        if self._pinned is None or self._pinned.size() < 8 * max_new_tokens:  # allocating pinned memory is slow
+            self._pinned = cp.cuda.alloc_pinned_memory(8 * max(max_new_tokens, 4096))
+        host = self._pinned
         out = np.frombuffer(host, dtype=np.int64, count=max_new_tokens)
         events = []
         self.stream.wait_event(cp.cuda.get_current_stream().record())  # after the prefill
 
         def launch(i):
-            u = 0.0 if greedy else sampler.uniform()
-            with self.stream:
-                K.set_step(self.token, self.ops.pos, self.params, int(token) if i == 0 else None, start, u)
+            if i == 0 or not greedy:  # greedy steps after the first need no input from the host
+                u = 0.0 if greedy else sampler.uniform()
+                with self.stream:
+                    K.set_step(self.token, self.ops.pos, self.params, int(token) if i == 0 else None, start, u)
             step.graph.launch(self.stream)
             cp.cuda.runtime.memcpyAsync(host.ptr + 8 * i, step.history.data.ptr + 8 * (start + i + 1), 8,
                                         _DEVICE_TO_HOST, self.stream.ptr)

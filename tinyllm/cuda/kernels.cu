@@ -72,6 +72,7 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 // Embedding: one row of the table, the token id read from device memory.   -> [D]
 extern "C" __global__ void embedding(const __half* __restrict__ table, const long long* __restrict__ token,
                                      __half* __restrict__ out, int D) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: );  // let layer 0's GEMV start loading weights
     const long long row = token[0];
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < D; i += gridDim.x * blockDim.x)
         out[i] = table[row * D + i];
