@@ -281,6 +281,65 @@ def test_16_concurrent_greedy_requests_equal_their_alone_answers(server, client,
     assert metric(text, "tinyllm_batch_size_bucket", 'le="1.0"') < metric(text, "tinyllm_batch_size_count")
 
 
+def test_scheduler_sequences_join_and_leave_at_step_boundaries(llm):
+    """The scheduler driven step by step in this process: B joins while A runs, C joins
+    later and leaves first, D is cancelled mid-way; each finished sequence has exactly its
+    alone tokens, and the batch sizes show who shared which step."""
+    from tinyllm.generate import StopRules
+    from tinyllm.sampler import SamplingParams
+    from tinyllm.scheduler import Finished, Observer, Piece, Request, Scheduler
+
+    class Steps(Observer):
+        def __init__(self):
+            self.sizes = []  # batch size of every decode step
+
+        def step(self, batch_size):
+            self.sizes.append(batch_size)
+
+    steps = Steps()
+    sched = Scheduler(llm.model, llm.tokenizer, max_batch=4, max_queue=0, observer=steps)
+    no_eos = ()  # fixed lengths, so the join/leave timing below is known
+    events: dict[str, list] = {}
+
+    def submit(name, prompt, max_tokens):
+        events[name] = []
+        request = Request(llm.tokenizer.encode(prompt), SamplingParams(), StopRules(max_tokens, eos_ids=no_eos),
+                          events[name].append)
+        sched.submit(request)
+        return request
+
+    submit("A", PROMPTS[0], 6)
+    sched.run_once()                      # A prefilled (token 1) and decoded (token 2)
+    submit("B", PROMPTS[1], 6)
+    sched.run_once()                      # B joins: a step of 2
+    d = submit("D", PROMPTS[3], 20)
+    submit("C", PROMPTS[2], 2)
+    sched.run_once()                      # D and C join: a step of 4; C is done (2 tokens)
+    sched.cancel(d)
+    while sched.running or sched.waiting:
+        sched.run_once()                  # D leaves at the boundary; A, then B finish
+    assert steps.sizes == [1, 2, 4, 2, 2, 1]
+
+    def alone(prompt, n):  # greedy_alone without EOS: the same fixed lengths
+        model = llm.model
+        ids = llm.tokenizer.encode(prompt)
+        cache = model.new_cache(len(ids) + n)
+        logits, out = model.forward(np.asarray([ids]), cache), []
+        for _ in range(n):
+            out.append(int(np.argmax(logits[0, -1])))
+            logits = model.forward(np.asarray([[out[-1]]]), cache)
+        return out
+
+    for name, prompt, n in (("A", PROMPTS[0], 6), ("B", PROMPTS[1], 6), ("C", PROMPTS[2], 2)):
+        pieces, end = events[name][:-1], events[name][-1]
+        assert isinstance(end, Finished) and end.reason == "length"
+        assert [p.token_id for p in pieces] == end.token_ids == alone(prompt, n)
+    end = events["D"][-1]
+    assert isinstance(end, Finished) and end.reason == "cancelled"
+    assert all(isinstance(p, Piece) for p in events["D"][:-1]) and end.completion_tokens == 2
+    assert not sched.running and sched.queue_depth == 0
+
+
 # ---- bad requests, disconnects, a full queue ------------------------------------------------------------
 
 def test_disconnect_mid_stream_frees_the_slot(server, client, model_id):
