@@ -420,6 +420,9 @@ def test_every_invalid_field_at_once_then_a_normal_request(server, client, model
         status, answer = request("POST", path, body, port=server.port)
         assert status == 400 and answer["error"]["param"] == field, (body, answer)
 
+    status, answer = request("GET", "/v1/nowhere", port=server.port)
+    assert status == 404 and answer["error"]["message"].startswith("GET /v1/nowhere")
+
     with pytest.raises(openai.BadRequestError) as e:  # what a client of the official SDK sees
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}], n=2)
     assert "n: only n=1" in str(e.value)

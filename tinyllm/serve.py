@@ -340,7 +340,15 @@ class Server:
             self.stop()  # after uvicorn has let in-flight streams finish (or cancelled them)
             print("tinyllm.serve: stopped", file=sys.stderr, flush=True)
 
-        return Starlette(routes=[
+        async def http_error(request, exc):  # 404, 405, ... in OpenAI's error format too
+            from starlette.responses import JSONResponse
+
+            error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+            return JSONResponse(error.body(), status_code=exc.status_code)
+
+        from starlette.exceptions import HTTPException
+
+        return Starlette(exception_handlers={HTTPException: http_error}, routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
