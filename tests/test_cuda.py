@@ -437,6 +437,69 @@ def test_stopping_early_leaves_the_cache_consistent(pair):
     assert got + rest == full
 
 
+def test_step_api_equals_pipelined_decode(pair):
+    """decoder.step (one token per call, the next step queued ahead) gives decode()'s ids,
+    also when the caller feeds a token of its own in between."""
+    name, readable, fast, decoder = pair
+    for params in (None, SamplingParams(temperature=0.9, top_p=0.9, seed=5)):
+        cache, _ = _prefilled(fast)
+        want = list(decoder.decode(cache, 9, 40, None if params is None else Sampler(params)))
+        cache, _ = _prefilled(fast)
+        sampler = None if params is None else Sampler(params)
+        got, tok = [], 9
+        for _ in range(40):
+            tok = decoder.step(cache, tok, sampler)
+            got.append(tok)
+        assert got == want
+        assert cache.length == 16 + 40
+    # feeding something else than the device's choice: the queued step is simply superseded
+    cache, _ = _prefilled(fast)
+    a = decoder.step(cache, 9)
+    b = decoder.step(cache, 123)
+    ref_cache, _ = _prefilled(fast)
+    assert list(decoder.decode(ref_cache, 9, 1)) == [a]
+    assert list(decoder.decode(ref_cache, 123, 1)) == [b]
+
+
+class _IdsTokenizer:
+    """Just enough of a tokenizer for tinyllm.generate: ids become their decimal text."""
+    bos_id, eos_ids, tk = 1, (), None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+def test_generation_takes_the_fast_path(pair, record):
+    """tinyllm.generate.Generation on a model with `cuda_decoder`: decode steps are graph
+    replays with the token chosen on the device (greedy: decode()'s ids; seeded: reproducible)."""
+    import time
+
+    from tinyllm.generate import Generation, StopRules
+
+    name, readable, fast, decoder = pair
+    calls = []
+    step = decoder.step
+    decoder.step = lambda *a, **k: calls.append(1) or step(*a, **k)
+    fast.cuda_decoder = decoder
+    try:
+        rules = StopRules(max_new_tokens=64, eos_ids=())
+        start = time.perf_counter()
+        done = Generation(fast, _IdsTokenizer(), PROMPT, rules=rules).run()
+        elapsed = time.perf_counter() - start
+        seeded = [Generation(fast, _IdsTokenizer(), PROMPT, rules=rules,
+                             sampler=Sampler(SamplingParams(temperature=0.8, top_k=40, seed=11))).run().token_ids
+                  for _ in range(2)]
+    finally:
+        del fast.cuda_decoder
+        decoder.step = step
+    assert len(calls) == 3 * 63  # every decode step went to the device
+    cache, logits = _prefilled(fast)
+    first = int(cp.argmax(logits[0, -1]))
+    assert done.token_ids == [first] + list(decoder.decode(cache, first, 63))
+    assert seeded[0] == seeded[1]
+    record(decode_tok_s=done.stats.decode_tps, wall_s=elapsed)
+
+
 def test_long_prompt_prefill(pair, record):
     """A 2000-token prompt prefills in chunks through cuBLAS and agrees with the fast decode."""
     name, readable, fast, decoder = pair
@@ -467,3 +530,15 @@ def test_decoder_refuses_cpu_and_float32_models():
     c = shape_config("smollm2-135m", n_layers=1, vocab_size=256)
     with pytest.raises(DeviceError, match="fp16"):
         CudaDecoder(Model(c, random_weights(c, cp, np.float32), "cuda"))
+
+
+def test_model_too_big_for_the_gpu_says_how_much(monkeypatch):
+    import tinyllm.loaders as loaders
+
+    c = shape_config("smollm2-135m", n_layers=1, vocab_size=256)
+    tensors = {k: np.zeros(v, np.float32) for k, v in loaders.expected_shapes(c).items()}
+    ckpt = loaders.Checkpoint(Path("model.safetensors"), "safetensors", c, tensors)
+    need = sum(a.size for a in tensors.values()) * 2 / 2**30
+    monkeypatch.setattr(loaders, "_gpu_free_bytes", lambda device: 2**20)
+    with pytest.raises(DeviceError, match=rf"needs {need:.2f} GiB in float16, 0.00 GiB free on cuda:0"):
+        loaders.assemble_weights(ckpt, np.float16, get_device("cuda"))

@@ -80,9 +80,14 @@ class CudaDecoder:
         self.token = cp.zeros((1, 1), dtype=cp.int64)   # the step's input token
         self.params = cp.zeros(5, dtype=cp.float32)     # temperature, top_k, top_p, min_p, u
         self.w_scratch = cp.empty(c.vocab_size, dtype=cp.float32)
+        # One stream for everything on this thread from now on (prefill, replays, copies):
+        # work queued by the decoder and by the readable path can then never overlap.
         self.stream = cp.cuda.Stream(non_blocking=True)
+        self.stream.use()
         self._steps: dict[int, _CapturedStep] = {}
         self._pinned = None  # host buffer the sampled ids are copied into (pinned: async copies)
+        self._ahead = None   # the step queued ahead by step(): (cache id, position, token fed, event)
+        self._step_host = cp.cuda.alloc_pinned_memory(8 * 2)
         self.warmup_seconds = 0.0
         if warmup:
             self.warmup()
@@ -161,6 +166,7 @@ class CudaDecoder:
 
     def step_logits(self, cache, token: int):
         """Replay one step with `token` at position cache.length; returns the logits [V] (a copy)."""
+        self._ahead = None
         step = self.captured(cache)
         self._set_params(None)
         self.stream.wait_event(self.cp.cuda.get_current_stream().record())
@@ -171,6 +177,48 @@ class CudaDecoder:
         self.stream.synchronize()
         cache.length += 1
         return out
+
+    def step(self, cache, token: int, sampler=None) -> int:
+        """Feed `token` at position cache.length and return the next token, chosen on the device.
+
+        For a caller that handles one token at a time (tinyllm.generate): before returning,
+        the following step (which feeds the token just returned) is queued, so the GPU keeps
+        working while the caller prints; when the caller then feeds that token, the step is
+        already done or running. A different token, or any other work, is simply queued
+        after it on the same stream (its K/V write past cache.length is overwritten later).
+        One uniform number per queued step is drawn from the sampler's generator, so a
+        stopped generation has drawn one more than it used."""
+        params = None if sampler is None else sampler.params
+        if not self.supports(params):
+            raise ValueError("repetition/presence/frequency penalties need host sampling: use step_logits")
+        cp = self.cp
+        captured = self.captured(cache)
+        greedy = params is None or params.greedy
+        position = cache.length
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[:3] != (id(cache), position, int(token)):
+            cache.check_room(1)
+            self._set_params(params)
+            ahead = (id(cache), position, int(token), self._queue_step(captured, position, int(token), sampler, greedy))
+        ahead[3].synchronize()
+        cache.length = position + 1
+        chosen = int(np.frombuffer(self._step_host, dtype=np.int64, count=2)[position % 2])
+        if cache.length + 1 <= cache.capacity:  # queue the next step: it feeds `chosen`
+            self._ahead = (id(cache), cache.length, chosen,
+                           self._queue_step(captured, cache.length, None, sampler, greedy))
+        return chosen
+
+    def _queue_step(self, captured, position: int, token, sampler, greedy: bool):
+        """Queue one replay at `position` (token None: the one the device chose last) and the
+        copy of its choice into slot position % 2 of the pinned buffer; returns its event."""
+        if token is not None or not greedy:
+            u = 0.0 if greedy else sampler.uniform()
+            K.set_step(self.token, self.ops.pos, self.params, token, position, u)
+        captured.graph.launch(self.stream)
+        self.cp.cuda.runtime.memcpyAsync(self._step_host.ptr + 8 * (position % 2),
+                                         captured.history.data.ptr + 8 * (position + 1), 8,
+                                         _DEVICE_TO_HOST, self.stream.ptr)
+        return self.stream.record()
 
     def decode(self, cache, token: int, max_new_tokens: int, sampler=None):
         """Yield up to max_new_tokens ids, each the model's choice after the previous one;
@@ -185,6 +233,7 @@ class CudaDecoder:
         if max_new_tokens <= 0:
             return
         cp = self.cp
+        self._ahead = None
         step = self.captured(cache)
         cache.check_room(max_new_tokens)
         start = cache.length
@@ -220,5 +269,8 @@ class CudaDecoder:
 
 
 def enable_fast_path(model: Model, warmup: bool = True) -> CudaDecoder:
-    """Inject the fused kernels into `model` and return its graph-captured decoder."""
-    return CudaDecoder(model, warmup=warmup)
+    """Inject the fused kernels into `model` and attach its graph-captured decoder as
+    `model.cuda_decoder`, where tinyllm.generate looks for it; returns the decoder."""
+    decoder = CudaDecoder(model, warmup=warmup)
+    model.cuda_decoder = decoder
+    return decoder

@@ -127,6 +127,9 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
     """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up."""
     check_tensors(ckpt)
     xp, t, c = device.xp, ckpt.tensors, ckpt.config
+    need = sum(int(np.prod(shape)) for shape in expected_shapes(c).values()) * np.dtype(dtype).itemsize
+    if device.is_cuda:  # refuse before uploading anything, saying how much is missing
+        _check_gpu_memory(ckpt, device, need, dtype)
 
     def put(*arrays):
         host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
@@ -134,7 +137,10 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
             return xp.asarray(np.asarray(host, dtype=dtype))
         except Exception as e:
             if type(e).__name__ == "OutOfMemoryError":
-                raise DeviceError(f"{ckpt.path}: the model does not fit in GPU memory ({e})") from None
+                free = _gpu_free_bytes(device)
+                raise DeviceError(
+                    f"{ckpt.path}: the model does not fit in GPU memory: it needs {need / 2**30:.2f} GiB "
+                    f"in {np.dtype(dtype).name}, {free / 2**30:.2f} GiB free on {device.name}") from None
             raise
 
     layers = []
@@ -156,3 +162,19 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
         output=embed if c.tie_embeddings else put(t["lm_head.weight"]),
         rope_freq_factors=t.get("rope_freqs"),
     )
+
+
+def _gpu_free_bytes(device: Device) -> int:
+    """Free GPU memory, counting what CuPy's memory pool holds but does not use."""
+    cupy = device.xp
+    with cupy.cuda.Device(device.index):
+        free, _total = cupy.cuda.runtime.memGetInfo()
+    return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+
+
+def _check_gpu_memory(ckpt: Checkpoint, device: Device, need: int, dtype) -> None:
+    free = _gpu_free_bytes(device)
+    if need > free:
+        raise DeviceError(
+            f"{ckpt.path}: the model does not fit in GPU memory: it needs {need / 2**30:.2f} GiB in "
+            f"{np.dtype(dtype).name}, {free / 2**30:.2f} GiB free on {device.name} (try --dtype float16 or another GPU)")
