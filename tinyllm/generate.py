@@ -195,11 +195,22 @@ class Generation:
 
     # ---- the two per-token steps ----------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
-        """Token ids -> float32 logits [V] of the last position, on the host."""
+        """Token ids -> float32 logits [V] of the last position, on the host.
+
+        With the CUDA fast path on the model (tinyllm.cuda.enable_fast_path), a one-token
+        decode step is a replayed CUDA graph that also chooses the next token on the
+        device: it returns that token id (an int) instead of logits."""
+        decoder = getattr(self.model, "cuda_decoder", None)
+        if (decoder is not None and len(ids) == 1 and self.context.cache.length > 0
+                and decoder.supports(self.sampler.params)):
+            self.context.ids.extend(ids)
+            return decoder.step(self.context.cache, ids[0], self.sampler)
         return to_numpy(self.context.forward(ids))[0, -1]
 
     def next_token(self, logits: np.ndarray) -> int:
         """Logits [V] -> the next token id."""
+        if isinstance(logits, int):  # already chosen on the device (CUDA fast path)
+            return logits
         return self.sampler(logits, self.history)
 
     # ---- text with stop strings ---------------------------------------------------------
