@@ -151,7 +151,7 @@ class Context:
 
     def forward(self, ids: list[int]):
         """Run new ids through the model, appending them to the cache. -> logits [1, 1, V] (device)"""
-        logits = self.model.forward(np.asarray([ids], dtype=np.int64), self.cache)
+        logits = self.model.forward(np.asarray([ids], dtype=np.int64), self.cache)  # [1, T] -> [1, 1, V]
         self.ids.extend(ids)
         return logits
 

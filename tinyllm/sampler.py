@@ -17,6 +17,7 @@ the kept tokens are sorted by probability (highest first, ties by lower id), the
 probabilities summed in that order, and the first token whose running sum exceeds u
 is taken (the last kept token if rounding keeps the sum below u). A GPU sampler that receives the same u (drawn on the host from the
 same seeded `np.random.Generator`) and follows the same rule picks the same token.
+Each sampled token consumes exactly one number from the generator; greedy tokens none.
 
 Definitions (so results match other tools):
 - repetition penalty, as in `transformers`: for every token seen in the prompt or the
