@@ -77,3 +77,60 @@ def test_template_that_does_not_compile():
 def test_malformed_messages_are_named(messages):
     with pytest.raises(ChatTemplateError, match="messages"):
         ChatTemplate("x").render(messages)
+
+
+# A Llama-2-style template written for this test: BOS per user turn, <<SYS>> block in the
+# first turn, EOS after each answer, raise_exception when roles do not alternate.
+LLAMA2_STYLE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}\n"
+    "{% for m in msgs %}\n"
+    "  {% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant/user/...') }}{% endif %}\n"
+    "  {% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] | trim"
+    " + ' [/INST]' }}\n"
+    "  {% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}\n"
+    "  {% endif %}\n"
+    "{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A Hugging Face tokenizer directory: tokenizer.json + tokenizer_config.json with the template."""
+    import json
+
+    d = tmp_path_factory.mktemp("llama2_style_tokenizer")
+    SentencePieceStyle.llama2().save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "chat_template": LLAMA2_STYLE}))
+    return d
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "a baker had a shop"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " the old town "},
+     {"role": "assistant", "content": "a little shop"}, {"role": "user", "content": "café 中"}],
+])
+def test_hf_directory_template_equals_transformers(hf_dir, messages):
+    from transformers import AutoTokenizer
+
+    from tinyllm.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_dir(hf_dir)
+    theirs = AutoTokenizer.from_pretrained(str(hf_dir))
+    text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert ChatTemplate.from_tokenizer(ours).render(messages) == text
+    assert chat_prompt_ids(ours, messages) == ids
+    assert ids.count(ours.bos_id) == sum(m["role"] == "user" for m in messages)  # bos_token came from the config
+
+
+def test_hf_directory_template_raise_exception(hf_dir):
+    from tinyllm.tokenizer import Tokenizer
+
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        chat_prompt_ids(Tokenizer.from_dir(hf_dir), [{"role": "assistant", "content": "hi"}])
