@@ -151,3 +151,31 @@ def test_stop_flag_understands_backslash_escapes():
     assert unescape(r"a\tb") == "a\tb"
     assert unescape(r"c:\\new") == "c:\\new"
     assert unescape("ünïcode\n") == "ünïcode\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face directory, with a tokenizer but no chat template."""
+    from conftest import make_hf_model
+    from helpers_generate import SentencePieceStyle
+    from tokenizers import processors
+
+    d = tmp_path_factory.mktemp("tiny_hf_model")
+    tk = SentencePieceStyle.llama2()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # BOS first
+    make_hf_model(vocab_size=tk.get_vocab_size()).save_pretrained(d)
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return d, tk
+
+
+def test_hf_directory_model_raw_and_missing_template(tiny_hf_dir):
+    d, tk = tiny_hf_dir
+    r = cli("--model", str(d), "--raw", "--prompt", "a baker had", "--max-new-tokens", "5", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_ids"] == [1] + tk.encode("a baker had", add_special_tokens=False).ids
+    assert out["finish_reason"] in ("length", "eos") and 1 <= len(out["token_ids"]) <= 5
+    r = cli("--model", str(d), "--prompt", "hi", timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert "no chat template" in r.stderr and "--raw" in r.stderr
