@@ -179,3 +179,22 @@ def test_hf_directory_model_raw_and_missing_template(tiny_hf_dir):
     r = cli("--model", str(d), "--prompt", "hi", timeout=120)
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1
     assert "no chat template" in r.stderr and "--raw" in r.stderr
+
+
+def test_loading_display_draws_then_erases(monkeypatch):
+    import io
+    import time
+
+    from tinyllm.run import LoadingDisplay
+
+    fake = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", fake)
+    with LoadingDisplay("/models/model.gguf", enabled=True):
+        time.sleep(0.35)
+    out = fake.getvalue()
+    assert "\rloading model.gguf [" in out and " s" in out
+    assert out.endswith("\r\033[K")  # the line is erased: the answer starts on a clean line
+    fake.truncate(0)
+    with LoadingDisplay("model.gguf", enabled=False):  # stderr not a terminal: nothing at all
+        time.sleep(0.15)
+    assert fake.getvalue() == ""
