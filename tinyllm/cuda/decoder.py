@@ -181,17 +181,16 @@ class CudaDecoder:
     def step(self, cache, token: int, sampler=None) -> int:
         """Feed `token` at position cache.length and return the next token, chosen on the device.
 
-        For a caller that handles one token at a time (tinyllm.generate): before returning,
-        the following step (which feeds the token just returned) is queued, so the GPU keeps
-        working while the caller prints; when the caller then feeds that token, the step is
-        already done or running. A different token, or any other work, is simply queued
-        after it on the same stream (its K/V write past cache.length is overwritten later).
-        One uniform number per queued step is drawn from the sampler's generator, so a
-        stopped generation has drawn one more than it used."""
+        For a caller that handles one token at a time (tinyllm.generate). Before waiting for
+        this step, the following one is queued too (it feeds whatever the device chooses
+        now), so the GPU never waits for the caller: when the caller then feeds that token,
+        its step is already running. A different token, or any other work, is queued after
+        it on the same stream (its K/V write past cache.length is overwritten later). One
+        uniform number per queued step is drawn from the sampler's generator, so a stopped
+        generation has drawn one more than it used."""
         params = None if sampler is None else sampler.params
         if not self.supports(params):
             raise ValueError("repetition/presence/frequency penalties need host sampling: use step_logits")
-        cp = self.cp
         captured = self.captured(cache)
         greedy = params is None or params.greedy
         position = cache.length
@@ -200,20 +199,23 @@ class CudaDecoder:
             cache.check_room(1)
             self._set_params(params)
             ahead = (id(cache), position, int(token), self._queue_step(captured, position, int(token), sampler, greedy))
+        following = None
+        if position + 2 <= cache.capacity:  # queue the next step now: it feeds the device's choice
+            following = self._queue_step(captured, position + 1, None, sampler, greedy)
         ahead[3].synchronize()
         cache.length = position + 1
         chosen = int(np.frombuffer(self._step_host, dtype=np.int64, count=2)[position % 2])
-        if cache.length + 1 <= cache.capacity:  # queue the next step: it feeds `chosen`
-            self._ahead = (id(cache), cache.length, chosen,
-                           self._queue_step(captured, cache.length, None, sampler, greedy))
+        if following is not None:
+            self._ahead = (id(cache), position + 1, chosen, following)
         return chosen
 
     def _queue_step(self, captured, position: int, token, sampler, greedy: bool):
         """Queue one replay at `position` (token None: the one the device chose last) and the
         copy of its choice into slot position % 2 of the pinned buffer; returns its event."""
-        if token is not None or not greedy:
-            u = 0.0 if greedy else sampler.uniform()
-            K.set_step(self.token, self.ops.pos, self.params, token, position, u)
+        with self.stream:
+            if token is not None or not greedy:
+                u = 0.0 if greedy else sampler.uniform()
+                K.set_step(self.token, self.ops.pos, self.params, token, position, u)
         captured.graph.launch(self.stream)
         self.cp.cuda.runtime.memcpyAsync(self._step_host.ptr + 8 * (position % 2),
                                          captured.history.data.ptr + 8 * (position + 1), 8,
