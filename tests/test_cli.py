@@ -50,7 +50,8 @@ def test_default_run_streams_the_reference_answer(hf_default):
 
 @pytest.mark.slow
 def test_json_output(hf_default):
-    r = cli("--raw", "--prompt", "The capital of France is", "--max-new-tokens", "6", "--json", "--quiet")
+    r = cli("--raw", "--prompt", "-", "--max-new-tokens", "6", "--json", "--quiet",
+            stdin="The capital of France is")  # '-': the prompt comes from stdin
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     out = json.loads(r.stdout)
