@@ -193,9 +193,12 @@ def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int):
             cp.zeros(groups, dtype=cp.uint32))
 
 
-def sample_token(logits, params, w_scratch, token, history, pos):
+def sample_token(logits, params, w_scratch, token, history, pos, u=None):
+    """Choose the next token (see kernels.cu); u: a one-element device array holding the
+    uniform number (default params[4], where set_step writes it)."""
     v = logits.size
-    kernel("sample_token")((1,), (SAMPLE_THREADS,), (logits, np.int32(v), params, w_scratch, token, history, pos))
+    u = params[4:5] if u is None else u
+    kernel("sample_token")((1,), (SAMPLE_THREADS,), (logits, np.int32(v), params, u, w_scratch, token, history, pos))
 
 
 def set_step(token, pos, params, tok: int | None, position: int, u: float):
