@@ -105,19 +105,7 @@ def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
         end_ev.record(decoder.stream)
     end_ev.synchronize()
     step_s = cp.cuda.get_elapsed_time(start_ev, end_ev) / 1e3 / n
-    # the same for the graph of several steps that decode() replays
-    multi = decoder.captured(cache, decoder.steps_per_graph)
-    start_ev, end_ev = cp.cuda.Event(), cp.cuda.Event()
-    with decoder.stream:
-        start_ev.record(decoder.stream)
-        for _ in range(n // multi.steps):
-            K.set_step(decoder.token, decoder.ops.pos, decoder.params, 1, cache.length, 0.0)
-            multi.graph.launch(decoder.stream)
-        end_ev.record(decoder.stream)
-    end_ev.synchronize()
-    multi_s = cp.cuda.get_elapsed_time(start_ev, end_ev) / 1e3 / (n // multi.steps * multi.steps)
     return {"decode_tok_s": statistics.median(rates), "decode_runs": rates, "gpu_step_us": step_s * 1e6,
-            "gpu_step_us_multi": multi_s * 1e6, "steps_per_graph": multi.steps,
             "graph_kernels": step.n_nodes, "tokens_head": tokens[:8],
             "bytes_per_step": step_bytes(model, PROMPT_LEN + NEW_TOKENS // 2)}
 
@@ -349,10 +337,6 @@ def markdown(result: dict) -> str:
             f"{100 * r['bandwidth_fraction']:.0f}% | {r['limit_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
             f"{r['prefill_tok_s']:.0f} | {r['readable_eager_tok_s']:.1f} | {r['fast_eager_tok_s']:.1f} | "
             f"{peer(r, 'transformers_eager')} | {peer(r, 'transformers_static')} |")
-    for name, r in result["shapes"].items():
-        if "gpu_step_us_multi" in r:
-            lines.append(f"\n{name}: {r['gpu_step_us_multi']:.0f} µs per step when {r['steps_per_graph']} steps "
-                         f"are captured in one graph (decode() replays those)")
     for name, r in result["shapes"].items():
         if "no_pdl" in r:
             lines.append(f"\n{name}: without programmatic dependent launch {r['no_pdl']['decode_tok_s']:.0f} tok/s, "

@@ -43,23 +43,18 @@ from ..model import Model
 from . import kernels as K
 from .ops import FastOps
 
-_HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2  # cudaMemcpyKind
-
-
-STEPS_PER_GRAPH = 4  # decode steps per replay in decode(): fewer launches and gaps per token
+_DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
 
 
 class _CapturedStep:
-    """`steps` captured decode steps for one KV cache, with everything they must keep alive."""
+    """A captured decode step for one KV cache, with everything it must keep alive."""
 
-    def __init__(self, graph, pool, logits, history, cache, steps=1, u=None):
+    def __init__(self, graph, pool, logits, history, cache):
         self.graph = graph
         self.pool = pool          # the graph's temporaries live here
-        self.logits = logits      # [1, 1, V] fp32, the last step's, written by every replay
+        self.logits = logits      # [1, 1, V] fp32, written by every replay
         self.history = history    # [S_cap + 1] int64: history[p + 1] = token sampled at position p
         self.cache = weakref.ref(cache)
-        self.steps = steps        # decode steps per replay: each feeds the token the previous chose
-        self.u = u                # [steps] fp32: their uniform numbers (None: params[4], one step)
 
     @property
     def n_nodes(self) -> int:
@@ -93,8 +88,6 @@ class CudaDecoder:
         self._pinned = None  # host buffer the sampled ids are copied into (pinned: async copies)
         self._ahead = None   # the step queued ahead by step(): (cache id, position, token fed, event)
         self._step_host = cp.cuda.alloc_pinned_memory(8 * 2)
-        self.steps_per_graph = STEPS_PER_GRAPH
-        self._u_pinned = cp.cuda.alloc_pinned_memory(4 * 2 * STEPS_PER_GRAPH)
         self.warmup_seconds = 0.0
         if warmup:
             self.warmup()
@@ -106,7 +99,7 @@ class CudaDecoder:
         K.compile_kernels(self.ops.kernel_names(self.model.weights))
         cache = self.model.new_cache(2 * K.attention_chunk(self.model.config.head_dim) + 1)
         self.step_logits(cache, 0)
-        self._steps.pop((id(cache), 1), None)
+        self._steps.pop(id(cache), None)
         self.stream.synchronize()
         self.warmup_seconds = time.perf_counter() - start
 
@@ -117,34 +110,25 @@ class CudaDecoder:
         return cache
 
     # ---- capture -------------------------------------------------------------------------
-    def captured(self, cache, steps: int = 1) -> _CapturedStep:
-        """The graph of `steps` decode steps for this cache (captured on first use)."""
-        key = (id(cache), steps)
-        step = self._steps.get(key)
+    def captured(self, cache) -> _CapturedStep:
+        step = self._steps.get(id(cache))
         if step is None or step.cache() is not cache:
-            step = self._steps[key] = self._capture(cache, steps)
+            step = self._steps[id(cache)] = self._capture(cache)
         return step
 
-    def _step(self, cache, history, u=None):
+    def _step(self, cache, history):
         """One decode step as ordinary calls: the model's forward, then the sampler kernel."""
         logits = self.model.forward(self.token, cache)  # [1, 1, V] fp32
         self.ops.flush()
-        K.sample_token(logits, self.params, self.w_scratch, self.token, history, self.ops.pos, u)
+        K.sample_token(logits, self.params, self.w_scratch, self.token, history, self.ops.pos)
         return logits
 
-    def _capture(self, cache, steps: int = 1) -> _CapturedStep:
+    def _capture(self, cache) -> _CapturedStep:
         cp = self.cp
         length = cache.length
-        cache.check_room(steps)
+        cache.check_room(1)
         pool = cp.cuda.MemoryPool()
         history = cp.zeros(cache.capacity + 1, dtype=cp.int64)
-        u = cp.zeros(steps, dtype=cp.float32) if steps > 1 else None
-
-        def run():  # the steps, each sampling with its own uniform number
-            for i in range(steps):
-                logits = self._step(cache, history, None if u is None else u[i:i + 1])
-            return logits
-
         self.ops.host_writes_position = False
         try:
             with cp.cuda.using_allocator(pool.malloc), self.stream:
@@ -152,12 +136,12 @@ class CudaDecoder:
                 # the capture allocates nothing new. It writes K/V at `length`, which the
                 # first real step overwrites.
                 K.set_step(self.token, self.ops.pos, self.params, 0, length, 0.0)
-                run()
+                self._step(cache, history)
                 cache.length = length
                 self.stream.synchronize()
                 self.stream.begin_capture()
                 try:
-                    logits = run()
+                    logits = self._step(cache, history)
                 finally:
                     graph = self.stream.end_capture()
                     cache.length = length
@@ -165,7 +149,7 @@ class CudaDecoder:
                 self.stream.synchronize()
         finally:
             self.ops.host_writes_position = True
-        return _CapturedStep(graph, pool, logits, history, cache, steps, u)
+        return _CapturedStep(graph, pool, logits, history, cache)
 
     # ---- replay ----------------------------------------------------------------------------
     def _set_params(self, params) -> None:
@@ -244,9 +228,7 @@ class CudaDecoder:
 
         `sampler`: a tinyllm.sampler.Sampler (its params and seeded generator), or None
         for greedy. Stop early by closing the generator (break out of the loop): the
-        cache then holds exactly the tokens consumed. Long runs replay a graph of
-        STEPS_PER_GRAPH steps at a time (fewer launches, no gap between steps); the ids
-        are the same as one step at a time."""
+        cache then holds exactly the tokens consumed."""
         params = None if sampler is None else sampler.params
         if not self.supports(params):
             raise ValueError("repetition/presence/frequency penalties need host sampling: use step_logits")
@@ -254,50 +236,36 @@ class CudaDecoder:
             return
         cp = self.cp
         self._ahead = None
+        step = self.captured(cache)
         cache.check_room(max_new_tokens)
-        n_multi = self.steps_per_graph
-        plan = []  # (captured graph, tokens it makes)
-        if n_multi > 1 and max_new_tokens >= 2 * n_multi:
-            plan += [(self.captured(cache, n_multi), n_multi)] * (max_new_tokens // n_multi)
-        single = self.captured(cache)
-        plan += [(single, 1)] * (max_new_tokens - sum(k for _, k in plan))
         start = cache.length
         self._set_params(params)
         greedy = params is None or params.greedy
         if self._pinned is None or self._pinned.size() < 8 * max_new_tokens:  # allocating pinned memory is slow
             self._pinned = cp.cuda.alloc_pinned_memory(8 * max(max_new_tokens, 4096))
-        out = np.frombuffer(self._pinned, dtype=np.int64, count=max_new_tokens)
-        u_host = np.frombuffer(self._u_pinned, dtype=np.float32)
-        events, firsts = [], []
+        host = self._pinned
+        out = np.frombuffer(host, dtype=np.int64, count=max_new_tokens)
+        events = []
         self.stream.wait_event(cp.cuda.get_current_stream().record())  # after the prefill
 
-        def launch(j):
-            captured, k = plan[j]
-            i0 = firsts[-1] + plan[j - 1][1] if j else 0  # index of this launch's first token
-            firsts.append(i0)
-            us = [0.0] * k if greedy else [sampler.uniform() for _ in range(k)]
-            with self.stream:
-                if j == 0 or (captured.u is None and not greedy):
-                    K.set_step(self.token, self.ops.pos, self.params, int(token) if j == 0 else None, start, us[0])
-                if captured.u is not None and not greedy:  # this launch's uniform numbers, via pinned memory
-                    slot = (j % 2) * self.steps_per_graph
-                    u_host[slot:slot + k] = us
-                    cp.cuda.runtime.memcpyAsync(captured.u.data.ptr, self._u_pinned.ptr + 4 * slot, 4 * k,
-                                                _HOST_TO_DEVICE, self.stream.ptr)
-            captured.graph.launch(self.stream)
-            cp.cuda.runtime.memcpyAsync(self._pinned.ptr + 8 * i0, captured.history.data.ptr + 8 * (start + i0 + 1),
-                                        8 * k, _DEVICE_TO_HOST, self.stream.ptr)
+        def launch(i):
+            if i == 0 or not greedy:  # greedy steps after the first need no input from the host
+                u = 0.0 if greedy else sampler.uniform()
+                with self.stream:
+                    K.set_step(self.token, self.ops.pos, self.params, int(token) if i == 0 else None, start, u)
+            step.graph.launch(self.stream)
+            cp.cuda.runtime.memcpyAsync(host.ptr + 8 * i, step.history.data.ptr + 8 * (start + i + 1), 8,
+                                        _DEVICE_TO_HOST, self.stream.ptr)
             events.append(self.stream.record())
 
         try:
             launch(0)
-            for j, (_, k) in enumerate(plan):
-                if j + 1 < len(plan):
-                    launch(j + 1)  # queue the next launch before waiting for this one
-                events[j].synchronize()
-                for i in range(firsts[j], firsts[j] + k):
-                    cache.length = start + i + 1
-                    yield int(out[i])
+            for i in range(max_new_tokens):
+                if i + 1 < max_new_tokens:
+                    launch(i + 1)  # queue the next step before waiting for this one
+                events[i].synchronize()
+                cache.length = start + i + 1
+                yield int(out[i])
         finally:
             self.stream.synchronize()
 

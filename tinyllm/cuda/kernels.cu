@@ -495,9 +495,9 @@ __device__ int first_equal(const float* w, int V, float value, int* sidx) {
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_token(
-        const float* __restrict__ logits, int V, const float* __restrict__ params, const float* __restrict__ u_ptr,
-        float* w, long long* token, long long* history, int* pos_ptr) {
-    // params: temperature, top_k, top_p, min_p; u_ptr: this step's uniform number
+        const float* __restrict__ logits, int V, const float* __restrict__ params, float* w,
+        long long* token, long long* history, int* pos_ptr) {
+    // params: temperature, top_k, top_p, min_p, u
     __shared__ float red[33];
     __shared__ float sval[SAMPLE_THREADS];
     __shared__ int sidx[SAMPLE_THREADS];
@@ -520,7 +520,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_token(
     __syncthreads();
     if (temperature > 0.f) {
         const int top_k = (int)params[1];
-        const float top_p = params[2], min_p = params[3], u = u_ptr[0];
+        const float top_p = params[2], min_p = params[3], u = params[4];
         const float mx_t = mx / temperature;
         for (int i = t; i < V; i += SAMPLE_THREADS) w[i] = expf(logits[i] / temperature - mx_t);
         __syncthreads();

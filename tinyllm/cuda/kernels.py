@@ -193,12 +193,9 @@ def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int):
             cp.zeros(groups, dtype=cp.uint32))
 
 
-def sample_token(logits, params, w_scratch, token, history, pos, u=None):
-    """Choose the next token (see kernels.cu); u: a one-element device array holding the
-    uniform number (default params[4], where set_step writes it)."""
+def sample_token(logits, params, w_scratch, token, history, pos):
     v = logits.size
-    u = params[4:5] if u is None else u
-    kernel("sample_token")((1,), (SAMPLE_THREADS,), (logits, np.int32(v), params, u, w_scratch, token, history, pos))
+    kernel("sample_token")((1,), (SAMPLE_THREADS,), (logits, np.int32(v), params, w_scratch, token, history, pos))
 
 
 def set_step(token, pos, params, tok: int | None, position: int, u: float):
