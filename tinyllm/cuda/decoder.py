@@ -16,7 +16,14 @@ call. What makes the readable `Model.forward` capturable:
 
 Because each replay feeds itself, the host can queue step i+1 before it reads token i:
 the GPU never waits for Python. The host reads each token through a small asynchronous
-copy into pinned memory and an event.
+copy into pinned memory and an event. Two ways in: `decode()` yields many tokens with the
+next step always queued; `step()` serves a caller that feeds one token at a time
+(tinyllm.generate) and queues the following step before it waits. All work of this
+thread goes to the decoder's stream (made current at construction), so a prefill, a
+replay and a step queued ahead never overlap.
+
+Within a step, kernels are launched with programmatic dependent launch (kernels.py):
+each one starts while the previous one finishes, loading its weights early.
 
 Sampling: greedy or temperature / top-k / top-p / min-p on the device (kernels.cu);
 the one uniform number per token is drawn on the host from the sampler's seeded
@@ -24,7 +31,8 @@ generator, so a seeded run is reproducible. Repetition/presence/frequency penalt
 need the token history on the host: `supports(params)` is False for them, and the
 caller replays logits (`step_logits`) and samples on the host instead.
 
-    decoder = CudaDecoder(llm.model)          # compiles kernels, captures a warm-up graph
+    decoder = enable_fast_path(llm.model)     # compiles kernels, captures a warm-up graph;
+                                              # tinyllm.generate now decodes through it
     cache = decoder.new_cache(4096)           # a cache and its captured step
     logits = llm.model.forward(prompt_ids, cache)
     first = sampler(to_numpy(logits[0, -1]))
