@@ -96,12 +96,21 @@ def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
     return Tokenizer.from_dir(ckpt.directory, bos_id=c.bos_token_id, eos_ids=c.eos_token_ids)
 
 
-def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: str | None = None) -> LLM:
-    """Load a checkpoint (None: the embedded default model) onto a device."""
+def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: str | None = None,
+         fast_path: bool = True) -> LLM:
+    """Load a checkpoint (None: the embedded default model) onto a device.
+
+    On a GPU in float16, `fast_path` injects the fused kernels and captures the decode
+    step into a CUDA graph (tinyllm/cuda), warmed up here so the first request has no
+    cold start; `fast_path=False` keeps the readable CuPy path."""
     start = time.perf_counter()
     device = get_device(device)
     ckpt = read_checkpoint(path)
     tokenizer = load_tokenizer(ckpt)
     weights = assemble_weights(ckpt, resolve_dtype(dtype, device), device)
     model = Model(ckpt.config, weights, device)
+    if fast_path and device.is_cuda and model.dtype == np.float16:
+        from .cuda import enable_fast_path
+
+        enable_fast_path(model)
     return LLM(model, tokenizer, ckpt.path, time.perf_counter() - start)

@@ -132,6 +132,8 @@ class Profile:
             self.profiler.add_function(f)
         device = self.model.device
         self.saved_ops = self.model.ops
+        # decode steps would otherwise replay the fast path's CUDA graph, which no line profiler sees
+        self.saved_decoder = self.model.__dict__.pop("cuda_decoder", None)
         if device.is_cuda:
             from .model import Ops
 
@@ -145,6 +147,8 @@ class Profile:
         self.profiler.disable_by_count()
         wall = time.perf_counter() - self.start
         self.model.ops = self.saved_ops
+        if self.saved_decoder is not None:
+            self.model.cuda_decoder = self.saved_decoder
         self.report = format_report(self.profiler.get_stats(), wall, self.header(wall))
         print(self.report, file=self.out, flush=True)
         return False

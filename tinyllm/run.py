@@ -47,6 +47,8 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA needs CuPy and an NVIDIA GPU)")
     m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype (auto: float32 on the CPU, float16 on the GPU)")
+    m.add_argument("--no-fast-path", action="store_true",
+                   help="on CUDA, run the readable CuPy path instead of the fused kernels and CUDA graph")
     m.add_argument("--max-context", type=int, metavar="N", help="KV cache size in tokens (default: prompt + "
                    "--max-new-tokens, or the model's context length with --chat)")
 
@@ -150,7 +152,8 @@ def load_model(args):
 
     show = not args.quiet and sys.stderr.isatty()
     with LoadingDisplay(args.model or "the default model", enabled=show):
-        llm = tinyllm.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+        llm = tinyllm.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                           fast_path=not args.no_fast_path)
     if args.max_context is not None and args.max_context > llm.config.max_seq_len:
         raise UsageError(f"--max-context: {args.max_context} is more than the model's context length "
                          f"({llm.config.max_seq_len})")
