@@ -5,8 +5,10 @@
 
 Figures: rope (frequencies and rotations), attention (the default model's attention
 probabilities on a sentence), kv_cache (KV-cache memory against context length),
-decode_time (measured here: one decode step against context length, CPU),
-gpu_bandwidth (from the GPU benchmark's JSON, when it has been committed).
+decode_time (one decode step against context length, CPU; measured into decode_time.json,
+`decode_time --measure [--random]` measures again, --random with random weights of the
+default model's shape, for a machine without the checkpoint),
+gpu_bandwidth (from benchmarks/results/gpu_bench_h100.json, the run docs/benchmarks.md quotes).
 Needs matplotlib (pip install matplotlib).
 """
 from __future__ import annotations
@@ -17,11 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -44,10 +42,20 @@ CONFIGS = {
 }
 
 
+def pyplot():
+    """matplotlib, imported only for drawing (measuring needs NumPy alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save(fig, name: str) -> None:
     path = HERE / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
+    pyplot().close(fig)
     print("wrote", path.relative_to(ROOT))
 
 
@@ -65,6 +73,7 @@ def default_llm():
 
 # ---- RoPE ----------------------------------------------------------------------------------------
 def rope() -> None:
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, theta, scaling in [("theta = 10 000 (Llama 2, TinyLlama)", 10000.0, None),
                                  ("theta = 100 000 (SmolLM2)", 100000.0, None),
@@ -120,6 +129,7 @@ def attention_probs(llm, text: str):
 
 
 def attention() -> None:
+    plt = pyplot()
     llm = default_llm()
     probs, tokens = attention_probs(llm, SENTENCE)
     picks = [(0, 0), (2, 3), (10, 1), (20, 4), (29, 7), (29, 8)]
@@ -142,6 +152,7 @@ def kv_bytes_per_token(c: Config, bytes_per_element: int) -> int:
 
 
 def kv_cache() -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for (name, raw), dtype, size in [(("SmolLM2-135M", CONFIGS["SmolLM2-135M"]), "float32", 4),
                                      (("TinyLlama-1.1B", CONFIGS["TinyLlama-1.1B"]), "float16", 2),
@@ -163,42 +174,125 @@ def kv_cache() -> None:
 
 
 # ---- decode time against context length -------------------------------------------------------------------
-def decode_time(lengths=(16, 256, 512, 1024, 2048, 4096), steps: int = 12) -> None:
-    """Median time of one greedy decode step after the cache holds n positions, on this CPU."""
-    llm = default_llm()
-    model = llm.model
+DECODE_JSON = HERE / "decode_time.json"
+
+
+def random_smollm2():
+    """A Model of SmolLM2-135M's shape with random float32 weights (speed depends on shapes, not values)."""
+    from tinyllm.model import LayerWeights, Weights
+
+    c = Config.from_hf_dict({**CONFIGS["SmolLM2-135M"], "tie_word_embeddings": True})
     rng = np.random.default_rng(0)
-    cache = model.new_cache(max(lengths) + steps + 1)
-    times = []
+
+    def w(*shape):
+        return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+    e, f = c.head_dim, c.hidden_dim
+    layers = [LayerWeights(attn_norm=np.ones(c.dim, np.float32), wqkv=w((c.n_heads + 2 * c.n_kv_heads) * e, c.dim),
+                           wo=w(c.dim, c.n_heads * e), mlp_norm=np.ones(c.dim, np.float32),
+                           w_gate_up=w(2 * f, c.dim), w_down=w(c.dim, f)) for _ in range(c.n_layers)]
+    embed = w(c.vocab_size, c.dim)
+    return Model(c, Weights(embed, layers, np.ones(c.dim, np.float32), embed))
+
+
+def measure_decode_time(lengths=(16, 512, 1024, 2048, 4096, 8000), rounds: int = 15, random_weights=False) -> dict:
+    """ms of one greedy decode step with n positions already cached, for each n.
+
+    One cache per length, prefilled once; then `rounds` rounds of one decode step per
+    cache, lengths interleaved (a busy moment on the machine hits every length alike),
+    each step trimmed off again so the cache stays at n."""
+    import platform
+
+    model = random_smollm2() if random_weights else default_llm().model
+    rng = np.random.default_rng(0)
+    caches = {}
     for n in lengths:
-        cache.trim(cache.length)  # start empty; prefill n positions (in chunks of PREFILL_CHUNK)
-        model.forward(rng.integers(100, 40000, size=(1, n)), cache)
-        tok, step = np.array([[42]]), []
-        for _ in range(steps):
+        caches[n] = model.new_cache(n + 1)
+        model.forward(rng.integers(100, 40000, size=(1, n)), caches[n])  # prefilled in chunks of 512
+    for n in lengths:  # warm-up
+        model.forward(np.array([[42]]), caches[n])
+        caches[n].trim(1)
+    times = {n: [] for n in lengths}
+    for _ in range(rounds):
+        for n in lengths:
             start = time.perf_counter()
-            logits = model.forward(tok, cache)
-            step.append(time.perf_counter() - start)
-            tok = logits[:, :, :].argmax(-1)
-        times.append(statistics.median(step[2:]) * 1e3)
-        print(f"context {n:5}: {times[-1]:.1f} ms per decode step")
+            model.forward(np.array([[42]]), caches[n])
+            times[n].append((time.perf_counter() - start) * 1e3)
+            caches[n].trim(1)
+    result = {"model": "SmolLM2-135M shape, float32, " + ("random weights" if random_weights else "the default model"),
+              "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds,
+              "context": list(lengths),
+              "median_ms": [round(statistics.median(times[n]), 2) for n in lengths],
+              "min_ms": [round(min(times[n]), 2) for n in lengths]}
+    for n, med, best in zip(lengths, result["median_ms"], result["min_ms"]):
+        print(f"context {n:5}: median {med:.1f} ms, min {best:.1f} ms per decode step")
+    return result
+
+
+def decode_time() -> None:
+    """The figure from decode_time.json (measured here when absent; `--measure` measures again)."""
+    if not DECODE_JSON.exists() or "--measure" in sys.argv:
+        DECODE_JSON.write_text(json.dumps(measure_decode_time(random_weights="--random" in sys.argv), indent=1) + "\n")
+    run = json.loads(DECODE_JSON.read_text())
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    ax.plot(lengths, times, marker="o", label="tinyllm, SmolLM2-135M float32 (NumPy, this CPU)")
-    ax.set_ylim(0, max(times) * 1.15)
-    ax.set(xlabel="positions already in the KV cache", ylabel="ms per decoded token (median)",
-           title="Decode time per token against context length\n"
-                 "(flat part: reading 538 MB of weights; slope: attention over the cache)")
+    ax.plot(run["context"], run["median_ms"], marker="o", label="median")
+    ax.plot(run["context"], run["min_ms"], marker=".", ls=":", label="fastest")
+    ax.set_ylim(0, max(run["median_ms"]) * 1.15)
+    ax.set(xlabel="positions already in the KV cache", ylabel=f"ms per decoded token ({run['rounds']} steps each)",
+           title=f"Decode time per token against context length: tinyllm on NumPy\n{run['model']}\n"
+                 f"{run['machine']}, {run['date']}")
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save(fig, "decode_time")
-    (HERE / "decode_time.json").write_text(json.dumps(
-        {"model": "SmolLM2-135M-Instruct Q4_1 -> float32", "steps": steps,
-         "context": list(lengths), "ms_per_token": [round(t, 2) for t in times]}, indent=1) + "\n")
 
 
-FIGURES = {"rope": rope, "attention": attention, "kv_cache": kv_cache, "decode_time": decode_time}
+# ---- the GPU benchmark: tok/s of peers and tinyllm against the bandwidth limit ----------------------------
+GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu_bench_h100.json"
+
+
+def gpu_bandwidth(path: Path = GPU_RESULTS) -> None:
+    """Batch-1 decode on the GPU, from the JSON that docs/benchmarks.md quotes (nothing measured here)."""
+    if not path.exists():
+        print(f"skipped gpu_bandwidth: {path.relative_to(ROOT)} is not there (run benchmarks/gpu_decode.py on a GPU)")
+        return
+    run = json.loads(path.read_text())
+    plt = pyplot()
+    shapes = [("tinyllama-1.1b", "TinyLlama-1.1B"), ("smollm2-135m", "SmolLM2-135M")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, (key, title) in zip(axes, shapes):
+        r = run["shapes"][key]
+        bars = [("transformers, eager", r["transformers_eager"]["decode_tok_s"], "#999999"),
+                ("transformers, static cache (compiled)", r["transformers_static"]["decode_tok_s"], "#777777"),
+                ("tinyllm, readable CuPy path", r["readable_eager_tok_s"], "#9ecae1"),
+                ("tinyllm, fused kernels, eager", r["fast_eager_tok_s"], "#4292c6"),
+                ("tinyllm, fused kernels + CUDA graph", r["decode_tok_s"], "#08519c")]
+        names = [b[0] for b in bars][::-1]
+        values = [b[1] for b in bars][::-1]
+        ax.barh(names, values, color=[b[2] for b in bars][::-1])
+        limit = r["limit_tok_s"]
+        ax.axvline(limit, color="crimson", ls="--")
+        ax.text(limit, len(bars) - 0.45, f" bandwidth limit\n {limit:.0f} tok/s", color="crimson", fontsize=8, va="top",
+                ha="right")
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
+        ax.set_xlim(0, limit * 1.12)
+        ax.set_xlabel("decoded tokens per second (batch 1, fp16)")
+        ax.set_title(f"{title}: {r['bytes_per_step'] / 1e9:.2f} GB read per token; "
+                     f"tinyllm at {100 * r['bandwidth_fraction']:.0f} % of the limit", fontsize=10)
+    fig.suptitle(f"{run['device']}, copy bandwidth {run['copy_bandwidth_GBs']:.0f} GB/s "
+                 f"(limit = copy bandwidth / bytes per token); {run['date'][:10]}, commit {run['commit']}", fontsize=10)
+    fig.tight_layout()
+    save(fig, "gpu_bandwidth")
+
+
+FIGURES = {"rope": rope, "attention": attention, "kv_cache": kv_cache, "decode_time": decode_time,
+           "gpu_bandwidth": gpu_bandwidth}
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or list(FIGURES)
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(FIGURES)
     for name in names:
         FIGURES[name]()
