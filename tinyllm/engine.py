@@ -109,6 +109,11 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
     tokenizer = load_tokenizer(ckpt)
     weights = assemble_weights(ckpt, resolve_dtype(dtype, device), device)
     model = Model(ckpt.config, weights, device)
+    if device.is_cuda:
+        # CuPy compiles each elementwise kernel on first use: run a tiny prefill now so that
+        # the first request does not pay for it (the fast path warms its decode step itself).
+        model.forward(np.zeros((1, 2), dtype=np.int64), model.new_cache(8))
+        device.synchronize()
     if fast_path and device.is_cuda and model.dtype == np.float16:
         from .cuda import enable_fast_path
 
