@@ -110,14 +110,22 @@ def machine_info(threads: int | None = None) -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": threads,
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),  # set by the workers, or by the caller
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "blas": blas_name(),
         "commit": git_commit(),
-        "command": "python -m " + " ".join([Path(sys.argv[0]).parent.name + "." + Path(sys.argv[0]).stem]
-                                           + sys.argv[1:]) if sys.argv and sys.argv[0] else "",
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """How this benchmark was started, as one could type it again."""
+    env = os.environ.get("OPENBLAS_NUM_THREADS")
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    name = f"python -m {script.parent.name}.{script.stem}" if script else "python"
+    return (f"OPENBLAS_NUM_THREADS={env} " if env else "") + " ".join([name] + sys.argv[1:])
 
 
 def thread_env(threads: int) -> dict:
@@ -187,10 +195,18 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def header_markdown(info: dict) -> str:
-    threads = f", {info['threads']} threads" if info.get("threads") else ""
+    threads = info.get("threads") or info.get("OPENBLAS_NUM_THREADS")
+    threads = f", {threads} threads" if threads else ""
     return (f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores{threads}), "
             f"NumPy {info['numpy']} ({info['blas']}), Python {info['python']}, commit `{info['commit']}`, "
-            f"load average at start {fmt(info['load_average'], 2)}.\n\nCommand: `{info['command']}`\n")
+            f"load average (1 min) {fmt(info['load_average'], 2)} at the start"
+            + (f", {fmt(info['load_average_end'], 2)} at the end" if info.get("load_average_end") is not None else "")
+            + f".\n\nCommand: `{info['command']}`\n")
+
+
+def mark_end(info: dict) -> None:
+    """Record the load average when the measurements are over (other work on the machine skews them)."""
+    info["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def write_outputs(out_dir: str | Path, name: str, result: dict, markdown: str) -> tuple[Path, Path]:

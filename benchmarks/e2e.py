@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (chat_prompt_ids, fmt, header_markdown, load_tokenizer, machine_info, markdown_table,
+from .common import (chat_prompt_ids, fmt, header_markdown, load_tokenizer, machine_info, mark_end, markdown_table,
                      peak_rss_mib, prompt_ids, summarize, thread_env, write_outputs)
 
 ENGINES = ("tinyllm", "transformers", "llama.cpp")
@@ -446,6 +446,7 @@ def main(argv=None):
     if args.worker:
         return worker_main(*args.worker)
     result = run(args)
+    mark_end(result["machine"])
     md = to_markdown(result)
     json_path, md_path = write_outputs(args.out, "e2e", result, md)
     print(md)
