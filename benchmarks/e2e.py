@@ -301,6 +301,7 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 
 
 def run(args) -> dict:
+    machine = machine_info(args.threads)  # before the workers: its load average is the starting one
     model = Path(args.model) if args.model else None
     if model is None:
         from tinyllm.loaders import default_model_path
@@ -331,7 +332,7 @@ def run(args) -> dict:
 
     result = {
         "benchmark": "e2e",
-        "machine": machine_info(args.threads),
+        "machine": machine,
         "settings": {"model": str(model), "threads": args.threads, "repeats": args.repeats,
                      "new_tokens": args.new_tokens, "chat_prompt_tokens": len(prompts["chat"]),
                      "prefill_lengths": args.prefill_lengths, "decoding": "greedy, EOS ignored"},
