@@ -90,7 +90,8 @@ class Ops:
         keys, values = cache.update(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos)  # [B, K, S, E]
         s = keys.shape[2]
         q = q.transpose(0, 2, 1, 3).reshape(b, n_kv, (h // n_kv) * t, e)  # [B, T, H, E] -> [B, K, R*T, E]
-        scores = (q @ keys.transpose(0, 1, 3, 2)).astype(xp.float32, copy=False) * scale  # [B, K, R*T, S]
+        q = q * scale  # scale q, not the scores: S/E times fewer multiplications for a long block
+        scores = (q @ keys.transpose(0, 1, 3, 2)).astype(xp.float32, copy=False)  # [B, K, R*T, S]
         mask = cache.mask(t)
         if mask is not None:  # only the last T columns (this block's own tokens) need masking
             scores.reshape(b, n_kv, h // n_kv, t, s)[..., pos:] += mask
@@ -99,9 +100,12 @@ class Ops:
         return out.reshape(b, h, t, e).transpose(0, 2, 1, 3).reshape(b, t, h * e)
 
     def softmax(self, x):
-        x = x - x.max(axis=-1, keepdims=True)
-        ex = self.xp.exp(x)
-        return ex / ex.sum(axis=-1, keepdims=True)
+        """Softmax over the last axis, in place: x is the attention's own fresh scores, and a
+        512-token block's scores are ~10 MB that three temporary copies would each pass over."""
+        x -= x.max(axis=-1, keepdims=True)
+        self.xp.exp(x, out=x)
+        x /= x.sum(axis=-1, keepdims=True)
+        return x
 
     def swiglu(self, gate_up):
         """silu(gate) * up.  [..., 2F] -> [..., F]"""
