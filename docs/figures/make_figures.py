@@ -281,7 +281,7 @@ def gpu_bandwidth(path: Path = GPU_RESULTS) -> None:
         ax.set_xlim(0, limit * 1.12)
         ax.set_xlabel("decoded tokens per second (batch 1, fp16)")
         ax.set_title(f"{title}: {r['bytes_per_step'] / 1e9:.2f} GB read per token; "
-                     f"tinyllm at {100 * r['bandwidth_fraction']:.0f} % of the limit", fontsize=10)
+                     f"graph step at {100 * r['bandwidth_fraction']:.0f} % of copy bandwidth", fontsize=10)
     fig.suptitle(f"{run['device']}, copy bandwidth {run['copy_bandwidth_GBs']:.0f} GB/s "
                  f"(limit = copy bandwidth / bytes per token); {run['date'][:10]}, commit {run['commit']}", fontsize=10)
     fig.tight_layout()
