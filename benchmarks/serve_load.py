@@ -8,8 +8,9 @@ reads every weight once; 16 streams share each step, so the weights are read onc
 tokens. Total throughput should grow with the number of streams while each stream's own
 speed drops a little.
 
-How: the real `python -m tinyllm.serve` runs in a subprocess (BLAS threads set by
---threads). For each stream count C, C client threads open streamed completions at the
+How: the real `python -m tinyllm.serve` runs in a subprocess with --threads BLAS threads
+(default 1: the clients run on the same machine, and on a 2-core machine whose other core
+is busy, two OpenBLAS threads that wait for each other made runs 10x slower at random). For each stream count C, C client threads open streamed completions at the
 same moment (distinct prompts, greedy, `max_tokens` each) and read them to the end.
     total tok/s       generated tokens of all streams / wall time from the first request to the last [DONE]
     stream tok/s      one stream's (tokens - 1) / (its last token - its first token), median over streams
@@ -159,9 +160,12 @@ def main(argv=None) -> int:
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per stream")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="BLAS threads of the server")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads of the server and of decode_batch alone (default 1, see above)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
+    # BLAS reads its thread count when NumPy is first imported: set it before anything imports NumPy.
+    os.environ.update({k: v for k, v in thread_env(args.threads).items() if k.endswith("_THREADS")})
     info = machine_info(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +183,6 @@ def main(argv=None) -> int:
         proc.terminate()
         proc.wait(60)
 
-    os.environ.update({k: v for k, v in thread_env(args.threads).items() if k.endswith("_THREADS")})
     ceiling = engine_ceiling(args.model, args.streams, args.repeats)
 
     def med(n, key):
