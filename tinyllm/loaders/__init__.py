@@ -124,15 +124,21 @@ def _names(names: list[str]) -> str:
 
 
 def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
-    """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up."""
+    """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up.
+    The checkpoint's tensors are consumed (taken out of `ckpt.tensors`) as they are used."""
     check_tensors(ckpt)
     xp, t, c = device.xp, ckpt.tensors, ckpt.config
     need = sum(int(np.prod(shape)) for shape in expected_shapes(c).values()) * np.dtype(dtype).itemsize
     if device.is_cuda:  # refuse before uploading anything, saying how much is missing
         _check_gpu_memory(ckpt, device, need, dtype)
 
-    def put(*arrays):
+    def put(*names):
+        """Stack the named tensors (out, in) into one array on the device. Each tensor is taken
+        out of the checkpoint as it is used, so the float32 copies of a dequantized file are
+        freed while the model is assembled rather than all held until the end."""
+        arrays = [t.pop(name) for name in names]
         host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        del arrays
         try:
             return xp.asarray(np.asarray(host, dtype=dtype))
         except Exception as e:
@@ -147,19 +153,19 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
         layers.append(LayerWeights(
-            attn_norm=put(t[p + "input_layernorm.weight"]),
-            wqkv=put(t[p + "self_attn.q_proj.weight"], t[p + "self_attn.k_proj.weight"], t[p + "self_attn.v_proj.weight"]),
-            wo=put(t[p + "self_attn.o_proj.weight"]),
-            mlp_norm=put(t[p + "post_attention_layernorm.weight"]),
-            w_gate_up=put(t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]),
-            w_down=put(t[p + "mlp.down_proj.weight"]),
+            attn_norm=put(p + "input_layernorm.weight"),
+            wqkv=put(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+            wo=put(p + "self_attn.o_proj.weight"),
+            mlp_norm=put(p + "post_attention_layernorm.weight"),
+            w_gate_up=put(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            w_down=put(p + "mlp.down_proj.weight"),
         ))
-    embed = put(t["model.embed_tokens.weight"])
+    embed = put("model.embed_tokens.weight")
     return Weights(
         tok_embeddings=embed,
         layers=layers,
-        norm=put(t["model.norm.weight"]),
-        output=embed if c.tie_embeddings else put(t["lm_head.weight"]),
+        norm=put("model.norm.weight"),
+        output=embed if c.tie_embeddings else put("lm_head.weight"),
         rope_freq_factors=t.get("rope_freqs"),
     )
 
