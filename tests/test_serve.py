@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -50,6 +51,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_blas_thread() -> dict:
+    """The server's environment: one BLAS thread. The test process works while the server
+    waits and the other way round, and on a 2-core machine with other jobs two OpenBLAS
+    threads that wait for each other made steps up to 10x slower."""
+    env = dict(os.environ)
+    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
 class ServerProcess:
     def __init__(self, tmp: Path):
         self.port = free_port()
@@ -59,7 +69,7 @@ class ServerProcess:
             [sys.executable, "-m", "tinyllm.serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--log-level", "warning",
              "--shutdown-timeout", "20"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=one_blas_thread())
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
