@@ -80,12 +80,13 @@ GGUF_LAYER = {
 }
 
 
-def write_gguf(model, path: Path, qtype=None, extra_fields=None, skip_tensors=()) -> dict[str, np.ndarray]:
+def write_gguf(model, path: Path, qtype=None, extra_fields=None, skip_tensors=(), extra_tensors=None) -> dict[str, np.ndarray]:
     """Write a transformers Llama as a llama GGUF (as the usual converter lays it out).
 
     Matrices are stored as `qtype` (norms stay F32). Returns the weights exactly as the
     file holds them after the gguf package dequantizes them, in Hugging Face names and
-    layout: the independent reference for what a loader must recover."""
+    layout: the independent reference for what a loader must recover. `extra_tensors` maps
+    GGUF names to (array, raw GGML type or None), written as they are."""
     qtype = qtype or gguf.GGMLQuantizationType.F32
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -141,6 +142,8 @@ def write_gguf(model, path: Path, qtype=None, extra_fields=None, skip_tensors=()
         elif name.endswith("k_proj.weight"):
             deq = _inverse_permute(deq, cfg.num_key_value_heads)
         recovered[name] = deq
+    for gname, (arr, raw_dtype) in (extra_tensors or {}).items():
+        w.add_tensor(gname, arr, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -98,26 +98,10 @@ def test_gguf_rope_freqs_tensor_is_llama3_scaling(tmp_path):
     plain = 1.0 / (scaling["rope_theta"] ** (torch.arange(0, 16, 2).float() / 16))
     factors = (plain / scaled).numpy().astype(np.float32)
 
+    # the model with the plain theta, and the scaling as a rope_freqs tensor
     path = tmp_path / "m.gguf"
-    import gguf as g
-
-    # write the model with the plain theta and a rope_freqs tensor
-    recovered = write_gguf(hf_model, path, extra_fields={})
-    writer_path = tmp_path / "with_freqs.gguf"
-    reader = g.GGUFReader(path)
-    w = g.GGUFWriter(str(writer_path), "llama")
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if f.types[0] == g.GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.add_tensor("rope_freqs.weight", factors)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    check_against(load_model(writer_path), hf_model_with(hf_model, recovered), atol=1e-4)
+    recovered = write_gguf(hf_model, path, extra_tensors={"rope_freqs.weight": (factors, None)})
+    check_against(load_model(path), hf_model_with(hf_model, recovered), atol=1e-4)
 
 
 def test_cached_decode_equals_full_forward(tmp_path):
