@@ -78,6 +78,34 @@ class LLM:
         """One chat answer for a user message (str) or a list of {'role', 'content'} messages."""
         return self.stream(messages, chat=True, **kwargs).run()
 
+    def generate_batch(self, prompts, *, chat: bool = False, system: str | None = None, max_new_tokens: int = 256,
+                       stop=(), eos_ids=None, **sampling):
+        """Generate for several prompts at once (continuous batching, see scheduler.py): one
+        decode step serves every unfinished prompt. Returns one Completion per prompt, in order;
+        each equals what `generate` gives for that prompt alone."""
+        from .generate import Completion, Stats, StopRules
+        from .sampler import SamplingParams
+        from .scheduler import Finished, Piece, Request, Scheduler
+
+        params, rules = SamplingParams(**sampling), StopRules(max_new_tokens, stop, eos_ids)
+        prompts = list(prompts)
+        events = [[] for _ in prompts]
+        scheduler = Scheduler(self.model, self.tokenizer, max_batch=max(1, len(prompts)), max_queue=0)
+        for i, prompt in enumerate(prompts):
+            ids = self.prompt_ids(prompt, chat, system)
+            scheduler.submit(Request(ids, params, rules, emit=events[i].append))
+        while any(not ev or not isinstance(ev[-1], Finished) for ev in events):
+            if any(ev and not isinstance(ev[-1], (Piece, Finished)) for ev in events):  # Failed
+                raise RuntimeError(next(ev[-1].message for ev in events if ev and not isinstance(ev[-1], (Piece, Finished))))
+            scheduler.run_once()
+        results = []
+        for ev in events:
+            end = ev[-1]
+            stats = Stats(prompt_tokens=end.prompt_tokens, new_tokens=end.completion_tokens, finish_reason=end.reason)
+            text = "".join(e.text for e in ev if isinstance(e, Piece))
+            results.append(Completion(text, end.token_ids, end.reason, stats))
+        return results
+
     def chat_session(self, system: str | None = None, max_context: int | None = None, *,
                      max_new_tokens: int = 256, stop=(), eos_ids=None, **sampling):
         """A multi-turn ChatSession that keeps its KV cache between turns."""
