@@ -89,6 +89,39 @@ def run_chapter(path: Path, llm=None):
             yield line, source, expected, out.getvalue()
 
 
+@contextlib.contextmanager
+def one_blas_thread():
+    """Run NumPy's OpenBLAS with one thread, restoring the count afterwards.
+
+    The snippets check printed values, not speed. On two cores shared with other work, two
+    OpenBLAS threads wait on each other and a decode step gets tens of times slower
+    (docs/profiling.md), which made this test take minutes; one thread keeps it steady.
+    A no-op where NumPy's OpenBLAS cannot be found."""
+    import ctypes
+    import glob
+    import os
+
+    import numpy as np
+
+    get = set_ = None
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+            if hasattr(lib, f"{prefix}_get_num_threads{suffix}"):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                break
+    if get is None:
+        yield
+        return
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 @pytest.fixture(scope="module")
 def default_llm():
     import tinyllm
@@ -105,7 +138,9 @@ def test_chapters_exist():
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_chapter_snippets_print_what_the_chapter_shows(chapter, default_llm, monkeypatch):
     monkeypatch.chdir(ROOT)  # snippets open repository files by relative path
-    for line, _source, expected, printed in run_chapter(chapter, default_llm):
+    with one_blas_thread():
+        results = list(run_chapter(chapter, default_llm))
+    for line, _source, expected, printed in results:
         where = f"{chapter.name}, the python block at line {line}"
         if expected is None:
             assert printed == "", f"{where} prints output but no ```text block follows it:\n{printed}"
@@ -214,7 +249,9 @@ def _main(argv):
     for path in paths:
         path = path.resolve()
         outputs = []
-        for line, _source, expected, printed in run_chapter(path, llm):
+        with one_blas_thread():
+            results = list(run_chapter(path, llm))
+        for line, _source, expected, printed in results:
             print(f"---- {path.name}:{line}" + ("" if expected is None else "  (has a text block)"))
             print(printed, end="")
             outputs.append(printed)
