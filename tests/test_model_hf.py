@@ -159,14 +159,20 @@ def test_float16_on_cpu_close_to_float32(tmp_path):
     check_against(model, hf_model, atol=0.05)
 
 
-def test_decode_batch_matches_each_sequence_alone(tmp_path):
+@pytest.mark.parametrize("layout", ["own caches", "rows of one cache"])
+def test_decode_batch_matches_each_sequence_alone(tmp_path, layout):
     """Three sequences at different positions decoded in one batched step: each row's logits
-    equal transformers' logits for that sequence alone."""
+    equal transformers' logits for that sequence alone. Either each has its own cache, or
+    each is a row (out of order, one left unused) of one preallocated batched cache."""
     hf_model = make_hf_model(seed=11)
     hf_model.save_pretrained(tmp_path)
     model = load_tiny(tmp_path)
     prompts = [PROMPT, PROMPT[:4], STEPS + PROMPT[:2]]
-    caches = [model.new_cache(32) for _ in prompts]
+    if layout == "own caches":
+        caches = [model.new_cache(32) for _ in prompts]
+    else:
+        pool = model.new_cache(32, batch=4)
+        caches = [pool.row(i) for i in (2, 0, 3)]
     first = [int(model.forward(np.array([p]), c)[0, -1].argmax()) for p, c in zip(prompts, caches)]
     seqs = [p + [f] for p, f in zip(prompts, first)]
     tokens = first
@@ -178,3 +184,5 @@ def test_decode_batch_matches_each_sequence_alone(tmp_path):
         tokens = [int(r.argmax()) for r in logits]
         seqs = [s + [t] for s, t in zip(seqs, tokens)]
     assert [c.length for c in caches] == [len(s) - 1 for s in seqs]
+    if layout != "own caches":
+        assert not pool.k[0][1].any() and pool.k[0][2].any()  # row 1 untouched; the rows hold the sequences

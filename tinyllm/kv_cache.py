@@ -32,6 +32,21 @@ class KVCache:
         # -inf above the diagonal: query i of a block may not see key j > i of the same block.
         n = min(capacity, PREFILL_CHUNK)
         self.block_mask = xp.asarray(np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1))  # [T, T]
+        self.pool, self.pool_row = None, 0  # set on the views that row() returns
+
+    def row(self, i: int) -> "KVCache":
+        """Row i of a batched cache as a cache of its own (length 0) that shares its memory.
+
+        A server preallocates one cache of B rows and gives each running request a row: no
+        allocation per request, and a fused kernel can reach every row from one base address
+        (tinyllm/cuda/batch.py). Everything else treats the row as an ordinary cache."""
+        view = KVCache.__new__(KVCache)
+        view.capacity, view.length = self.capacity, 0
+        view.k = [a[i:i + 1] for a in self.k]  # [1, K, S_max, E] views
+        view.v = [a[i:i + 1] for a in self.v]
+        view.block_mask = self.block_mask
+        view.pool, view.pool_row = self, i
+        return view
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.capacity:

@@ -76,6 +76,14 @@ class Ops:
         lead = x.shape[:-1]
         return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*lead, w.shape[0])
 
+    def rope_angles(self, cos, sin, positions: list[int], t: int):
+        """The rows of the RoPE tables that T new tokens of each sequence need: [T, E/2] for one
+        sequence (a slice), [B, T, E/2] for B sequences at their own positions (a gather)."""
+        if len(positions) == 1:
+            return cos[positions[0]:positions[0] + t], sin[positions[0]:positions[0] + t]
+        rows = self.xp.asarray(positions)[:, None] + self.xp.arange(t)  # [B, T]
+        return cos[rows], sin[rows]
+
     def rope(self, qk, cos, sin):
         return apply_rope(qk, cos, sin)  # [B, T, H + K, E]
 
@@ -98,6 +106,13 @@ class Ops:
         probs = self.softmax(scores).astype(values.dtype, copy=False)
         out = probs @ values  # [B, K, R*T, S] @ [B, K, S, E] -> [B, K, R*T, E]
         return out.reshape(b, h, t, e).transpose(0, 2, 1, 3).reshape(b, t, h * e)
+
+    def attention_rows(self, q, k, v, caches: list[KVCache], layer: int, scale: float):
+        """Attention of B sequences, row b over caches[b] at its own position (continuous
+        batching). Here one `attention` call per row; a fast path may do all rows at once."""
+        rows = [self.attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], cache, layer, cache.length, scale)
+                for r, cache in enumerate(caches)]
+        return self.xp.concatenate(rows, axis=0)  # [B, 1, H*E]
 
     def softmax(self, x):
         """Softmax over the last axis, in place: x is the attention's own fresh scores, and a
@@ -173,12 +188,7 @@ class Model:
         """tokens [B, T]; row b continues the sequence held in caches[b] at its own position."""
         c, w, ops = self.config, self.weights, self.ops
         b, t = tokens.shape
-        if len(caches) == 1:
-            pos = caches[0].length
-            cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]  # [T, E/2]
-        else:
-            rows = self.xp.asarray([cache.length for cache in caches])[:, None] + self.xp.arange(t)  # [B, T]
-            cos, sin = self.cos[rows], self.sin[rows]  # [B, T, E/2]
+        cos, sin = ops.rope_angles(self.cos, self.sin, [cache.length for cache in caches], t)  # [(B,) T, E/2]
         x = ops.embedding(w.tok_embeddings, tokens)  # [B, T, D]
         n_q, n_kv = c.n_heads, c.n_kv_heads
         for i, layer in enumerate(w.layers):
@@ -201,6 +211,4 @@ class Model:
         """Attention of each sequence over its own cache.  q: [B, T, H, E]; k, v: [B, T, K, E] -> [B, T, H*E]"""
         if len(caches) == 1:
             return self.ops.attention(q, k, v, caches[0], layer, caches[0].length, self.scale)
-        rows = [self.ops.attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], cache, layer, cache.length, self.scale)
-                for r, cache in enumerate(caches)]
-        return self.xp.concatenate(rows, axis=0)
+        return self.ops.attention_rows(q, k, v, caches, layer, self.scale)
