@@ -1,9 +1,16 @@
-"""Batched decode on the GPU through the readable path: `Model.decode_batch` at B = 1, 4, 8, 16
-(random fp16 weights of the real shapes, cuBLAS matmuls, one attention call per sequence).
+"""Batched decode on the GPU: total tokens/s for B = 1, 2, 4, 8, 16 sequences per step.
 
-This is what the server's scheduler runs on `--device cuda` today; the fused single-sequence
-fast path (tinyllm/cuda) does not take a batch yet. Run on a GPU machine:
-    python benchmarks/gpu_batch.py [--out DIR]
+Three ways, on random fp16 weights of the real shapes (benchmarks/gpu_models.py):
+- fast batched: tinyllm/cuda/batch.py, what the server's scheduler runs on a GPU: one
+  CUDA graph per B, tensor-core GEMMs over the B tokens, one attention launch for all
+  sequences, ids chosen on the device; each step also pays its host round trip (inputs
+  copied in, B ids copied out, a sync), as the scheduler does;
+- fast single: the one-sequence fast path (decoder.py, steps queued ahead), B = 1 only:
+  the best a single stream gets, and the baseline of "B=8 / B=1";
+- readable: `Model.decode_batch` with cuBLAS matmuls and one attention call per sequence.
+Every sequence has its own prompt length (so its own position), 128 + 8b tokens for row b.
+
+    python benchmarks/gpu_batch.py [--out DIR] [--steps 128]
 """
 from __future__ import annotations
 
@@ -13,42 +20,95 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_models import random_model  # noqa: E402
 
+BATCHES = (1, 2, 4, 8, 16)
 
-def tok_per_s(model, batch: int, context: int = 16, steps: int = 32) -> float:
-    caches = [model.new_cache(context + steps + 8) for _ in range(batch)]
-    for cache in caches:
-        model.forward([list(range(1, context + 1))], cache)
-    tokens = [1] * batch
-    model.decode_batch(tokens, caches)  # warm-up: compile the kernels for this shape
+
+def prompt_lengths(b: int) -> list[int]:
+    return [128 + 8 * i for i in range(b)]
+
+
+def readable_tok_s(model, b: int, steps: int = 16) -> float:
+    caches = [model.new_cache(512) for _ in range(b)]
+    for n, cache in zip(prompt_lengths(b), caches):
+        model.forward(np.ones((1, n), dtype=np.int64), cache)
+    tokens = [1] * b
+    model.decode_batch(tokens, caches)  # warm-up: CuPy compiles its kernels for this shape
     model.device.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        logits = model.decode_batch(tokens, caches)
-        tokens = [int(t) for t in logits.argmax(-1).get()]
-    model.device.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+        tokens = [int(t) for t in model.decode_batch(tokens, caches).argmax(-1).get()]
+    return b * steps / (time.perf_counter() - start)
+
+
+def single_tok_s(model, decoder, steps: int) -> float:
+    cache = model.new_cache(512)
+    model.forward(np.ones((1, 128), dtype=np.int64), cache)
+    list(decoder.decode(cache, 1, 8))  # warm-up
+    cache.length = 128
+    start = time.perf_counter()
+    n = len(list(decoder.decode(cache, 1, steps)))
+    return n / (time.perf_counter() - start)
+
+
+def batched_tok_s(model, batch, b: int, steps: int) -> float:
+    caches = [batch.new_cache() for _ in range(b)]
+    try:
+        for n, cache in zip(prompt_lengths(b), caches):
+            model.forward(np.ones((1, n), dtype=np.int64), cache)
+        tokens = batch.step([1] * b, caches)  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            tokens = batch.step(tokens, caches)
+        return b * steps / (time.perf_counter() - start)
+    finally:
+        for cache in caches:
+            batch.release(cache)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "smollm2-135m"])
     args = ap.parse_args()
+    from tinyllm.cuda import enable_fast_path
+    from tinyllm.cuda.batch import BatchDecoder
+    from tinyllm.model import Model
+
     results = {}
-    for name in ("tinyllama-1.1b", "smollm2-135m"):
-        model = random_model(name)
-        results[name] = {b: round(tok_per_s(model, b), 1) for b in (1, 4, 8, 16)}
-        del model
-    lines = ["| shape | B=1 tok/s | B=4 | B=8 | B=16 | B=8 / B=1 |", "|---|---|---|---|---|---|"]
+    for name in args.shapes:
+        fast = random_model(name)
+        readable = Model(fast.config, fast.weights, fast.device)
+        decoder = enable_fast_path(fast)
+        batch = BatchDecoder(decoder, max_batch=max(BATCHES), capacity=1024)
+        r = {"capture_s": round(batch.capture_seconds, 2), "single": round(single_tok_s(fast, decoder, args.steps), 1)}
+        for b in BATCHES:
+            r[f"batched_{b}"] = round(batched_tok_s(fast, batch, b, args.steps), 1)
+            r[f"readable_{b}"] = round(readable_tok_s(readable, b), 1)
+            print(name, b, r[f"batched_{b}"], r[f"readable_{b}"], flush=True)
+        results[name] = r
+        del batch, decoder, fast, readable
+    head = "| shape | way | " + " | ".join(f"B={b}" for b in BATCHES) + " | B=8 / single B=1 | B=8 / B=1 (same way) |"
+    lines = [head, "|" + "---|" * (len(BATCHES) + 4)]
     for name, r in results.items():
-        lines.append(f"| {name} | {r[1]} | {r[4]} | {r[8]} | {r[16]} | {r[8] / r[1]:.2f}x |")
+        fast = [r[f"batched_{b}"] for b in BATCHES]
+        lines.append(f"| {name} | fast batched | " + " | ".join(f"{v:.0f}" for v in fast)
+                     + f" | {r['batched_8'] / r['single']:.2f}x | {r['batched_8'] / r['batched_1']:.2f}x |")
+        lines.append(f"| {name} | fast single | {r['single']:.0f} |" + " |" * (len(BATCHES) - 1) + " | |")
+        slow = [r[f"readable_{b}"] for b in BATCHES]
+        lines.append(f"| {name} | readable | " + " | ".join(f"{v:.0f}" for v in slow)
+                     + f" | | {r['readable_8'] / r['readable_1']:.2f}x |")
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_batch.json").write_text(json.dumps(results, indent=1))
+        (args.out / "gpu_batch.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -207,7 +207,7 @@ def test_decode_attention_kernel(shape, length, record):
     out = cp.full(h * e, np.nan, dtype=np.float16)
     K.decode_attention(gqkv[:, :, :h], gqkv[:, :, h:h + kv], gqkv[:, :, h + kv:], cp.asarray(cos), cp.asarray(sin),
                        cp.asarray([pos], dtype=np.int32), gk, gv, scale, True,
-                       K.attention_scratch(kv, c.n_rep, e, capacity), out, c.n_rep)
+                       K.attention_scratch(kv, c.n_rep, e, capacity), out, c.n_rep, slots=cp.zeros(1, np.int32))
     out = out.get()
     assert np.isfinite(out).all(), "some outputs were not written"
     # the cache write: rotated k and raw v at `pos`, nothing else touched
@@ -223,6 +223,76 @@ def test_decode_attention_kernel(shape, length, record):
     e_np, e_t = rel_err(out, ref), rel_err(out, ref_t)
     record(rel_err_numpy=e_np, rel_err_torch=e_t)
     assert e_np < 3e-3 and e_t < 3e-3
+
+
+# ---- B tokens at once: the batched kernels -----------------------------------------------------
+
+@pytest.mark.parametrize("shape", ["tinyllama", "smollm2"])
+@pytest.mark.parametrize("case", list(GEMV_CASES))
+@pytest.mark.parametrize("rows", [1, 5, 8, 16])
+def test_gemv_rows_kernel(shape, case, rows, record):
+    """The tensor-core GEMM over B tokens against float64 NumPy and torch, every epilogue."""
+    n, k, epi, norm = GEMV_CASES[case](*KERNEL_SHAPES[shape])
+    if not K.gemv_rows_fits(n, k):
+        pytest.skip(f"K={k} is not a multiple of 64: gemv_rows does not apply (the readable op runs)")
+    w = randn(2 * n if epi == K.EPI_SWIGLU else n, k, scale=1 / math.sqrt(k))
+    x = randn(rows, k, scale=2.0)
+    nw = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+    res = randn(rows, n)
+    out = cp.full((rows, n), np.nan, dtype=np.float16)
+    K.gemv_rows(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if norm else None, eps=1e-5,
+                residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
+    out = out.get()
+    h = np_ops.rms_norm(x[:, None], nw, 1e-5)[:, 0] if norm else x                 # [B, K]
+    y = h.astype(np.float64) @ w.astype(np.float64).T                               # [B, N or 2N]
+    ref = (np_ops.add(res, y.astype(np.float16)) if epi == K.EPI_RESIDUAL else
+           np_ops.swiglu(y.astype(np.float16)) if epi == K.EPI_SWIGLU else y)
+    torch = torch_cuda()
+    yt = torch.from_numpy(np.ascontiguousarray(h)).cuda() @ torch.from_numpy(w).cuda().T
+    ref_t = (torch.from_numpy(res).cuda() + yt if epi == K.EPI_RESIDUAL else
+             torch.nn.functional.silu(yt[:, :n]) * yt[:, n:] if epi == K.EPI_SWIGLU else yt).float().cpu().numpy()
+    assert np.isfinite(out).all(), "some outputs were not written"
+    e_np = max(rel_err(o, r) for o, r in zip(out, ref))  # the worst token
+    e_t = max(rel_err(o, r) for o, r in zip(out, ref_t))
+    record(rel_err_numpy=e_np, rel_err_torch=e_t)
+    assert e_np < 2e-3 and e_t < 3e-3
+
+
+@pytest.mark.parametrize("shape", ["tinyllama", "smollm2"])
+def test_decode_attention_rows_kernel(shape, record):
+    """Five sequences in one launch, each at its own length and in its own row of a batched
+    cache (rows out of order, one row unused): each equals the one-sequence NumPy reference."""
+    lengths, slots, capacity = [1, 129, 300, 1000, 2048], [3, 0, 5, 1, 2], 2048
+    d, h, kv, e, f, v = KERNEL_SHAPES[shape]
+    c = shape_config("tinyllama-1.1b", dim=h * e, n_heads=h, n_kv_heads=kv, max_seq_len=4096)
+    cos, sin = rope_tables(c, c.max_seq_len)
+    scale = 1 / math.sqrt(e)
+    pool = KVCache(c, capacity, np.float16, np, batch=6)
+    pool.k[0][:] = randn(*pool.k[0].shape)
+    pool.v[0][:] = randn(*pool.v[0].shape)
+    qkv = randn(len(lengths), 1, h + 2 * kv, e, scale=2.0)
+    refs = []
+    for b, (length, slot) in enumerate(zip(lengths, slots)):
+        pos = length - 1
+        ref_cache = KVCache(c, capacity, np.float32, np)
+        ref_cache.k[0][:], ref_cache.v[0][:] = pool.k[0][slot:slot + 1], pool.v[0][slot:slot + 1]
+        qk = np_ops.rope(qkv[b:b + 1, :, :h + kv], cos[pos:pos + 1], sin[pos:pos + 1]).astype(np.float32)
+        refs.append((np_ops.attention(qk[:, :, :h], qk[:, :, h:], qkv[b:b + 1, :, h + kv:].astype(np.float32),
+                                      ref_cache, 0, pos, scale)[0, 0], ref_cache))
+    gk, gv, gqkv = cp.asarray(pool.k[0]), cp.asarray(pool.v[0]), cp.asarray(qkv)
+    out = cp.full((len(lengths), h * e), np.nan, dtype=np.float16)
+    K.decode_attention(gqkv[:, :, :h], gqkv[:, :, h:h + kv], gqkv[:, :, h + kv:], cp.asarray(cos), cp.asarray(sin),
+                       cp.asarray([n - 1 for n in lengths], dtype=np.int32), gk, gv, scale, True,
+                       K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths)), out, c.n_rep,
+                       slots=cp.asarray(slots, dtype=np.int32), rows=len(lengths), row_stride=(h + 2 * kv) * e)
+    out, gk = out.get(), gk.get()
+    assert np.isfinite(out).all(), "some outputs were not written"
+    errs = [rel_err(o, r) for o, (r, _) in zip(out, refs)]
+    for (length, slot), (_, ref_cache) in zip(zip(lengths, slots), refs):
+        np.testing.assert_array_equal(gk[slot, :, length - 1].astype(np.float32), ref_cache.k[0][0, :, length - 1])
+    np.testing.assert_array_equal(gk[4], pool.k[0][4])  # the unused row
+    record(max_rel_err_numpy=max(errs))
+    assert max(errs) < 3e-3
 
 
 def _device_sample(logits, params: SamplingParams, u: float) -> int:
@@ -511,6 +581,120 @@ def test_long_prompt_prefill(pair, record):
     out = decoder.step_logits(cache, int(ids[2000])).get()
     record(rel_err=rel_err(out, ref))
     assert rel_err(out, ref) == 0.0
+
+
+# ---- B sequences at once: the batched fast path ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batch(pair):
+    from tinyllm.cuda.batch import BatchDecoder
+
+    name, readable, fast, decoder = pair
+    b = BatchDecoder(decoder, max_batch=8, capacity=1024)
+    yield b
+    del b
+
+
+def _rows_prefilled(model, caches, lengths):
+    """Prefill prompts of these lengths into the caches; returns the logits of each prompt."""
+    ids = np.random.default_rng(8).integers(0, model.config.vocab_size, max(lengths))
+    return [model.forward(np.array([ids[:n]]), cache)[0, -1] for n, cache in zip(lengths, caches)]
+
+
+def test_batched_fast_path_against_readable_decode_batch(pair, batch, record):
+    """Eight sequences of different lengths, 48 teacher-forced steps: each replayed batched
+    graph's logits against the readable decode_batch (cuBLAS, one attention per sequence);
+    the ids chosen on the device are the argmax of those logits."""
+    name, readable, fast, decoder = pair
+    lengths = [16, 3, 250, 17, 1, 129, 40, 300]
+    caches = [batch.new_cache() for _ in lengths]
+    r_caches = [readable.new_cache(1024) for _ in lengths]
+    _rows_prefilled(fast, caches, lengths)
+    _rows_prefilled(readable, r_caches, lengths)
+    tokens = np.random.default_rng(9).integers(0, fast.config.vocab_size, (48, len(lengths)))
+    errs, agree, clear = [], 0, 0
+    try:
+        for step in tokens:
+            chosen = batch.step(step, caches)
+            logits = batch.graphs[len(caches)][2].get()             # [B, V], what the graph computed
+            ref = readable.decode_batch(step, r_caches).get()       # [B, V]
+            assert chosen == [int(np.argmax(row)) for row in logits]
+            for out, r in zip(logits, ref):
+                errs.append(rel_err(out, r))
+                top2 = np.sort(r)[-2:]
+                if top2[1] - top2[0] > 0.05:
+                    clear += 1
+                    agree += int(np.argmax(out) == np.argmax(r))
+        assert [c.length for c in caches] == [n + 48 for n in lengths]
+    finally:
+        for cache in caches:
+            batch.release(cache)
+    record(max_rel_err=max(errs), argmax_agree_clear=agree / max(clear, 1))
+    assert max(errs) < 1e-2
+    assert agree == clear
+
+
+def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, record):
+    """Row independence: one sequence decoded alone (B=1 graph) and as row 5 of 8 (B=8
+    graph, other rows at other positions) gives bit-identical logits at every step."""
+    name, readable, fast, decoder = pair
+    alone = [batch.new_cache()]
+    _rows_prefilled(fast, alone, [40])
+    others = [batch.new_cache() for _ in range(7)]
+    _rows_prefilled(fast, others, [5, 60, 33, 1, 200, 17, 90])
+    grouped = others[:5] + [None] + others[5:]
+    try:
+        grouped[5] = batch.new_cache()
+        _rows_prefilled(fast, [grouped[5]], [40])
+        worst = 0.0
+        for t in np.random.default_rng(10).integers(0, fast.config.vocab_size, 32):
+            batch.step([int(t)], alone)
+            a = batch.graphs[1][2][0].copy()
+            batch.step([int(t)] * 8, grouped)
+            worst = max(worst, float(cp.abs(batch.graphs[8][2][5] - a).max()))
+    finally:
+        for cache in alone + grouped:
+            if cache is not None:
+                batch.release(cache)
+    record(max_abs_diff=worst)
+    assert worst == 0.0
+    assert batch.free_rows == batch.max_batch
+
+
+def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
+    """The server's scheduler on the fast path: 8 requests at once (greedy, seeded sampling,
+    a repetition penalty sampled on the host) each give exactly the tokens they give alone."""
+    from tinyllm.generate import StopRules
+    from tinyllm.scheduler import Finished, Request, Scheduler
+
+    name, readable, fast, decoder = pair
+    fast.cuda_decoder, fast.batch_decoder = decoder, batch
+    rng = np.random.default_rng(11)
+    prompts = [list(rng.integers(2, fast.config.vocab_size, n)) for n in (5, 16, 40, 7, 120, 3, 64, 30)]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=3), SamplingParams(),
+              SamplingParams(repetition_penalty=1.3), SamplingParams(temperature=1.0, top_k=20, seed=4),
+              SamplingParams(), SamplingParams(min_p=0.05, temperature=0.7, seed=5), SamplingParams()]
+    rules = StopRules(max_new_tokens=24, eos_ids=())
+
+    def run(indices):
+        sched = Scheduler(fast, _IdsTokenizer(), max_batch=8, max_queue=0, max_context=1024)
+        assert sched.rows is batch
+        events = {i: [] for i in indices}
+        for i in indices:
+            sched.submit(Request(prompts[i], params[i], rules, emit=events[i].append))
+        while not all(ev and isinstance(ev[-1], Finished) for ev in events.values()):
+            sched.run_once()
+        return {i: ev[-1].token_ids for i, ev in events.items()}
+
+    try:
+        together = run(range(8))
+        alone = {i: run([i])[i] for i in range(8)}
+    finally:
+        del fast.cuda_decoder, fast.batch_decoder
+    record(requests=8, tokens=sum(len(t) for t in together.values()))
+    assert all(len(t) == 24 for t in together.values())
+    assert together == alone
+    assert batch.free_rows == batch.max_batch
 
 
 # ---- errors -----------------------------------------------------------------------------------

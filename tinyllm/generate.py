@@ -117,9 +117,9 @@ class Completion:
 class Context:
     """A KV cache and the token ids it holds (cache position i holds ids[i])."""
 
-    def __init__(self, model, capacity: int | None = None):
+    def __init__(self, model, capacity: int | None = None, cache=None):
         self.model = model
-        self.cache = model.new_cache(capacity)
+        self.cache = cache if cache is not None else model.new_cache(capacity)
         self.ids: list[int] = []
 
     @property

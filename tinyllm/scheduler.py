@@ -26,6 +26,11 @@ thread through `submit` and `cancel` (thread-safe) and receive `Piece`, `Finishe
 `Failed` events through the `emit` callback they bring (the HTTP server passes one that
 hands the event to its event loop).
 
+On a GPU with the fast path, the steps run through tinyllm/cuda/batch.py instead: every
+running sequence holds a row of one preallocated KV cache, a step is a replayed CUDA graph
+for that batch size, and the next tokens are chosen on the device (only rows with
+penalties come back as logits). Prefill is the same model.forward either way.
+
 Everything that decides *what* to generate is generate.py's, reused unchanged: a
 `Generation` per request (sampler and its seeded generator, penalties' history, streaming
 detokenizer, stop strings, end-of-sequence ids, token budget). Generation asks its
@@ -42,7 +47,7 @@ from typing import Callable
 
 from .backend import to_numpy
 from .errors import TinyLLMError
-from .generate import Generation, StopRules
+from .generate import Context, Generation, StopRules
 from .sampler import Sampler, SamplingParams
 
 
@@ -127,10 +132,17 @@ class BatchedGeneration(Generation):
 class Sequence:
     """A running request: its Generation, driven one token at a time by the scheduler."""
 
-    def __init__(self, request: Request, model, tokenizer):
+    def __init__(self, request: Request, model, tokenizer, rows=None):
         self.request = request
-        self.generation = BatchedGeneration(model, tokenizer, request.prompt_ids,
-                                            sampler=Sampler(request.sampling), rules=request.rules)
+        self.rows = rows  # the GPU's BatchDecoder, whose cache rows sequences borrow; or None
+        context = Context(model, cache=rows.new_cache()) if rows is not None else None
+        try:
+            self.generation = BatchedGeneration(model, tokenizer, request.prompt_ids, sampler=Sampler(request.sampling),
+                                                rules=request.rules, context=context)
+        except Exception:
+            if context is not None:
+                rows.release(context.cache)
+            raise
         self.tokens = iter(self.generation)
         self.last_token: int | None = None
         self.last_time = 0.0
@@ -158,6 +170,8 @@ class Sequence:
 
     def close(self) -> None:
         self.tokens.close()  # runs the generator's cleanup; the cache goes with this object
+        if self.rows is not None:
+            self.rows.release(self.cache)  # or back to the batched cache, for the next request
 
 
 # ---- the scheduler ----------------------------------------------------------------------------
@@ -169,9 +183,16 @@ class Scheduler:
     A request beyond both is refused at once with QueueFull."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, max_context: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        self.rows = None  # on the GPU fast path: the BatchDecoder (captured here, before any request)
+        if getattr(model, "cuda_decoder", None) is not None:
+            from .cuda.batch import enable_batching
+            from .cuda.kernels import MAX_ROWS
+
+            if max_batch <= MAX_ROWS:
+                self.rows = enable_batching(model, max_batch, max_context)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -263,14 +284,17 @@ class Scheduler:
                     return
                 request = self.waiting.popleft()
                 self.n_admitting += 1
+            seq = None
             try:
-                seq = Sequence(request, self.model, self.tokenizer)
+                seq = Sequence(request, self.model, self.tokenizer, self.rows)
                 self._emit_next(seq)  # prefill + first token
                 if seq.finish_reason is None and not request.cancelled:
                     self.running.append(seq)
                 elif seq.finish_reason is None:
                     self._finish(seq, "cancelled")
             except Exception as e:  # one bad request must not stop the server
+                if seq is not None:
+                    seq.close()
                 request.emit(Failed(f"{type(e).__name__}: {e}"))
             finally:
                 with self._lock:
@@ -280,7 +304,10 @@ class Scheduler:
         """One decode step for every running sequence, then each samples its next token."""
         batch = self.running
         tokens = [seq.last_token for seq in batch]                                   # B ids
-        logits = to_numpy(self.model.decode_batch(tokens, [seq.cache for seq in batch]))  # [B, V]
+        if self.rows is not None:  # the GPU: next ids chosen on the device (logits rows for penalties)
+            logits = self.rows.step(tokens, [seq.cache for seq in batch], [seq.generation.sampler for seq in batch])
+        else:
+            logits = to_numpy(self.model.decode_batch(tokens, [seq.cache for seq in batch]))  # [B, V]
         self.steps += 1
         self.observer.step(len(batch))
         for seq, row in zip(batch, logits):

@@ -69,11 +69,13 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Embedding: one row of the table, the token id read from device memory.   -> [D]
+// Embedding: one row of the table per token, the ids read from device memory.
+// blockIdx.y: which token.   token: [B] -> out: [B, D]
 extern "C" __global__ void embedding(const __half* __restrict__ table, const long long* __restrict__ token,
                                      __half* __restrict__ out, int D) {
     asm volatile("griddepcontrol.launch_dependents;" ::: );  // let layer 0's GEMV start loading weights
-    const long long row = token[0];
+    const long long row = token[blockIdx.y];
+    out += (size_t)blockIdx.y * D;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < D; i += gridDim.x * blockDim.x)
         out[i] = table[row * D + i];
 }
@@ -221,6 +223,182 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
 }
 
 // ---------------------------------------------------------------------------------------
+// The same GEMV for B tokens at once (continuous batching, B <= 8 * NT): Y[b, n] =
+// sum_k W[n, k] * X[b, k]. The weights are still read once, but each weight now meets B
+// inputs, and on CUDA cores the fp16->fp32 conversions alone would cost more than the
+// memory. So this kernel runs on the tensor cores: one mma.m16n8k16 multiplies a 16x16
+// tile of W by a 16x8 tile of X^T (8 tokens), fp16 in, fp32 accumulate.
+//
+// The tile layout trick: a dot product may visit k in any order, as long as W and X use
+// the same one. mma wants each thread to hold, for rows g and g+8 of the tile (g = lane/4),
+// the k indices {2t, 2t+1, 2t+8, 2t+9} (t = lane%4). Instead of gathering those, each
+// thread loads 8 consecutive k (one 16-byte vector, coalesced: 4 threads read 64 bytes of
+// a row) and hands its halves 0-3 and 4-7 to two mmas as if they were those indices; the
+// X fragment (token g's inputs, from shared memory) is loaded at the same k. Per 64-wide
+// k tile a thread loads two vectors per row and issues four mmas.
+//
+// Block: 16 output rows (EPI_SWIGLU: 16 gate and the 16 matching up rows), 8 warps that
+// split K between them (tiles w, w+8, ...); their partial sums meet in shared memory.
+// X (normed when NORM, and rounded to fp16: mma's input) is staged once per block in
+// dynamic shared memory, its rows padded by 32 halves so that the 8 threads of a
+// quarter-warp hit distinct banks. Rows b >= B of the tile are zeros.
+//   W: [N, K] ([2N, K] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
+__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+constexpr int ROWS_WARPS = 8;   // warps per block of gemv_rows
+constexpr int ROWS_PAD = 32;    // halves of padding per staged X row
+// (its dynamic shared memory, bytes: NT*8*(K + ROWS_PAD)*2 + MATS*ROWS_WARPS*16*NT*8*4 + NT*8*4; kernels.py)
+
+template <int K, bool NORM, int EPI, int NT>
+__global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
+        const __half* __restrict__ W, const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
+        const __half* __restrict__ res, __half* __restrict__ out, int N, int B) {
+    static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
+    constexpr int TILES = K / 64, PER_WARP = (TILES + ROWS_WARPS - 1) / ROWS_WARPS;
+    constexpr int G = (EPI == EPI_SWIGLU) ? 2 : 4;   // k tiles whose weights are loaded before any mma
+    constexpr int XS = K + ROWS_PAD;                 // staged row stride, halves
+    constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __half* xs = reinterpret_cast<__half*>(smem);                                   // [NT*8][XS]
+    float* part = reinterpret_cast<float*>(smem + NT * 8 * XS * 2);                 // [MATS][WARPS][16][NT*8]
+    float* inv = part + MATS * ROWS_WARPS * 16 * NT * 8;                            // [NT*8]
+    pdl_launch_dependents();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    // this thread's two weight rows, per matrix (gate, up); rows past N read row 0 (results dropped)
+    const __half* wrow[MATS][2];
+#pragma unroll
+    for (int m = 0; m < MATS; m++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = row0 + g + 8 * h;
+            wrow[m][h] = W + ((size_t)m * N + (r < N ? r : 0)) * K + 8 * t;
+        }
+    }
+    float acc[MATS][NT][4];
+#pragma unroll
+    for (int m = 0; m < MATS; m++)
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[m][n][i] = 0.f;
+
+#pragma unroll
+    for (int g0 = 0; g0 < PER_WARP; g0 += G) {
+        uint4 wv[G][MATS][2][2];  // [tile][matrix][row g / g+8][k +0 / +32]
+#pragma unroll
+        for (int i = 0; i < G; i++) {
+            const int tile = (g0 + i) * ROWS_WARPS + warp;
+            if (g0 + i < PER_WARP && tile < TILES) {
+#pragma unroll
+                for (int m = 0; m < MATS; m++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+#pragma unroll
+                        for (int p = 0; p < 2; p++)
+                            wv[i][m][h][p] = load_stream(reinterpret_cast<const uint4*>(wrow[m][h] + tile * 64 + 32 * p));
+            }
+        }
+        if (g0 == 0) {
+            // the first weights are on their way: now wait for X (written by the previous
+            // kernel) and stage it, as fp16, normed when NORM; one warp per token
+            pdl_wait();
+            for (int b = warp; b < NT * 8; b += ROWS_WARPS) {
+                __half* dst = xs + b * XS;
+                if (b >= B) {
+                    for (int i = lane; i < K / 8; i += 32) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0, 0, 0, 0);
+                    continue;
+                }
+                const uint4* src = reinterpret_cast<const uint4*>(X + (size_t)b * K);
+                float ss = 0.f;
+                for (int i = lane; i < K / 8; i += 32) {
+                    uint4 v = __ldcg(src + i);
+                    if (NORM) {
+                        const uint4 nw = reinterpret_cast<const uint4*>(norm_w)[i];
+                        __half2* v2 = reinterpret_cast<__half2*>(&v);
+                        const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
+                            ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+                            v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
+                        }
+                    }
+                    reinterpret_cast<uint4*>(dst)[i] = v;
+                }
+                if (NORM) {
+                    ss = warp_sum(ss);
+                    if (lane == 0) inv[b] = 1.f / sqrtf(ss / K + eps);
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int i = 0; i < G; i++) {
+            const int tile = (g0 + i) * ROWS_WARPS + warp;
+            if (g0 + i < PER_WARP && tile < TILES) {
+#pragma unroll
+                for (int n = 0; n < NT; n++) {
+                    const __half* xr = xs + (n * 8 + g) * XS + tile * 64 + 8 * t;
+                    const uint4 xa = *reinterpret_cast<const uint4*>(xr);
+                    const uint4 xb = *reinterpret_cast<const uint4*>(xr + 32);
+#pragma unroll
+                    for (int m = 0; m < MATS; m++) {
+                        const uint4 &lo = wv[i][m][0][0], &hi = wv[i][m][1][0];
+                        const uint4 &lo2 = wv[i][m][0][1], &hi2 = wv[i][m][1][1];
+                        // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
+                        mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
+                        mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
+                        mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xb.x, xb.y);
+                        mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xb.z, xb.w);
+                    }
+                }
+            }
+        }
+    }
+    // partial sums of the 8 warps -> shared memory. Accumulator layout: (row g, tokens 2t, 2t+1), (row g+8, same)
+    constexpr int COLS = NT * 8;
+#pragma unroll
+    for (int m = 0; m < MATS; m++)
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            float* p = part + ((m * ROWS_WARPS + warp) * 16) * COLS + n * 8 + 2 * t;
+            p[g * COLS] = acc[m][n][0];
+            p[g * COLS + 1] = acc[m][n][1];
+            p[(g + 8) * COLS] = acc[m][n][2];
+            p[(g + 8) * COLS + 1] = acc[m][n][3];
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 16 * COLS; i += ROWS_WARPS * 32) {
+        const int r = i / COLS, b = i % COLS, n_out = row0 + r;
+        if (b >= B || n_out >= N) continue;
+        float y = 0.f, u = 0.f;
+#pragma unroll
+        for (int w = 0; w < ROWS_WARPS; w++) {
+            y += part[(w * 16 + r) * COLS + b];
+            if (EPI == EPI_SWIGLU) u += part[((ROWS_WARPS + w) * 16 + r) * COLS + b];
+        }
+        if (NORM) { y *= inv[b]; u *= inv[b]; }
+        const size_t o = (size_t)b * N + n_out;
+        if (EPI == EPI_SWIGLU) {
+            const __half gh = f2h(y), up = f2h(u);
+            const __half e = f2h(expf(-h2f(gh)));
+            const __half d = f2h(1.f + h2f(e));
+            out[o] = __hmul(__hdiv(gh, d), up);
+        } else {
+            const __half yh = f2h(y);
+            out[o] = (EPI == EPI_RESIDUAL) ? __hadd(__ldcg(res + o), yh) : yh;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Decode attention for one new token, grouped-query, split over the cache ("split-K",
 // flash-decoding): block (c, j, z) handles positions [c*CHUNK, (c+1)*CHUNK) of KV head j
 // for R of the n_rep query heads that share it (heads z*R .. z*R+R-1 of the group): more,
@@ -233,23 +411,38 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
 // CHUNK (positions per block = threads per block) is 256 for E = 64 and 128 for E = 128,
 // so that a block's values fit in shared memory; contexts up to CHUNK need no merge.
 //
+// Several sequences at once (continuous batching): blockIdx.z also selects the sequence
+// `seq`, which has its own position pos_ptr[seq] and its own row slot_ptr[seq] of a batched
+// cache (slot_stride elements apart); its q, k, v sit qkv_stride elements after the
+// previous sequence's. One sequence: seq = 0, slot 0.
+//
 //   q: [H, E], k_new, v_new: [K, E] (views of the QKV output), cos/sin: [S_max, E/2]
-//   k_cache, v_cache: [K, S_cap, E] (this layer's);  out: [H * E]
+//   k_cache, v_cache: [K, S_cap, E] (this layer's);  out: [H * E]    (per sequence)
 template <int E, int R, int CHUNK>
 __global__ void __launch_bounds__(CHUNK) decode_attention(
         const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos_ptr,
         __half* k_cache, __half* v_cache, int S_cap, float scale, int rotate, int n_rep,
-        float* part_o, float* part_ml, unsigned int* counters, __half* __restrict__ out) {
+        float* part_o, float* part_ml, unsigned int* counters, __half* __restrict__ out,
+        const int* __restrict__ slot_ptr, long long qkv_stride, long long slot_stride) {
     constexpr int HALF = E / 2;
     constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
     constexpr int WARPS = CHUNK / 32;
     pdl_launch_dependents();
-    const int c = blockIdx.x, j = blockIdx.y, z = blockIdx.z, t = threadIdx.x;
+    const int groups = n_rep / R;                   // blocks per KV head and sequence
+    const int c = blockIdx.x, j = blockIdx.y, seq = blockIdx.z / groups, z = blockIdx.z % groups, t = threadIdx.x;
     const int head0 = j * n_rep + z * R;            // this block's first query head
-    const int gi = j * gridDim.z + z;                // its index in the scratch and counters
+    const int gi = (seq * gridDim.y + j) * groups + z;  // its index in the scratch and counters
     const int lane = t & 31, warp = t >> 5;
-    const int pos = __ldcg(pos_ptr);  // written before this step began: safe before pdl_wait
+    // position and slot: written before this step began, so safe to read before pdl_wait
+    const int pos = __ldcg(pos_ptr + seq);
+    const long long slot = __ldcg(slot_ptr + seq);
+    q += seq * qkv_stride;
+    k_new += seq * qkv_stride;
+    v_new += seq * qkv_stride;
+    out += (size_t)seq * gridDim.y * n_rep * E;
+    k_cache += slot * slot_stride;
+    v_cache += slot * slot_stride;
     const int n_keys = pos + 1;
     const int n_chunks = (n_keys + CHUNK - 1) / CHUNK;
     if (c >= n_chunks) { pdl_wait(); return; }
@@ -494,13 +687,10 @@ __device__ int first_equal(const float* w, int V, float value, int* sidx) {
     return r;
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_token(
-        const float* __restrict__ logits, int V, const float* __restrict__ params, float* w,
-        long long* token, long long* history, int* pos_ptr) {
-    // params: temperature, top_k, top_p, min_p, u
-    __shared__ float red[33];
-    __shared__ float sval[SAMPLE_THREADS];
-    __shared__ int sidx[SAMPLE_THREADS];
+// The token chosen from one row of logits (every thread gets it).
+// params: temperature, top_k, top_p, min_p, u;  w: [V] scratch
+__device__ int choose_token(const float* __restrict__ logits, int V, const float* __restrict__ params, float* w,
+                            float* red, float* sval, int* sidx) {
     const int t = threadIdx.x;
     const float temperature = params[0];
     int best = V;
@@ -536,11 +726,39 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_token(
         const int pick = first_equal(w, V, tau, sidx);
         if (pick < V) chosen = pick;  // else rounding put u x total past the end: keep the argmax
     }
-    if (t == 0) {
+    return chosen;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_token(
+        const float* __restrict__ logits, int V, const float* __restrict__ params, float* w,
+        long long* token, long long* history, int* pos_ptr) {
+    __shared__ float red[33];
+    __shared__ float sval[SAMPLE_THREADS];
+    __shared__ int sidx[SAMPLE_THREADS];
+    const int chosen = choose_token(logits, V, params, w, red, sval, sidx);
+    if (threadIdx.x == 0) {
         const int pos = pos_ptr[0];
         token[0] = chosen;
         history[pos + 1] = chosen;
         pos_ptr[0] = pos + 1;
+    }
+}
+
+// B sequences, one block each: row b of logits [B, V] with its own params [B, 5]; the
+// choice goes to token[b] (the next step's input) and chosen[b] (for the host), and the
+// sequence's position advances.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
+        const float* __restrict__ logits, int V, const float* __restrict__ params, float* w,
+        long long* token, long long* chosen_out, int* pos_ptr) {
+    __shared__ float red[33];
+    __shared__ float sval[SAMPLE_THREADS];
+    __shared__ int sidx[SAMPLE_THREADS];
+    const int b = blockIdx.x;
+    const int chosen = choose_token(logits + (size_t)b * V, V, params + 5 * b, w + (size_t)b * V, red, sval, sidx);
+    if (threadIdx.x == 0) {
+        token[b] = chosen;
+        chosen_out[b] = chosen;
+        pos_ptr[b] += 1;
     }
 }
 

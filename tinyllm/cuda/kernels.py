@@ -60,7 +60,7 @@ def kernel(name: str):
     return _modules[name].get_function(name)
 
 
-PLAIN_KERNELS = ("embedding", "rms_norm_rows", "sample_token", "set_step")
+PLAIN_KERNELS = ("embedding", "rms_norm_rows", "sample_token", "sample_rows", "set_step")
 
 
 def gemv_name(k: int, norm: bool, epilogue: int) -> str:
@@ -117,11 +117,14 @@ def _ctype_arg(a):
     raise TypeError(f"unsupported kernel argument {type(a).__name__}")
 
 
-def launch(name: str, grid, block, args, pdl: bool = False) -> None:
-    """Launch a kernel on the current stream; with `pdl`, as a programmatic dependent launch."""
+def launch(name: str, grid, block, args, pdl: bool = False, shared: int = 0) -> None:
+    """Launch a kernel on the current stream; with `pdl`, as a programmatic dependent launch.
+    `shared`: bytes of dynamic shared memory."""
     fn = kernel(name)
+    if shared > 48 * 1024:
+        _allow_shared(name, shared)
     if not (pdl and pdl_active()):
-        fn(grid, block, args)
+        fn(grid, block, args, shared_mem=shared)
         return
     cu = _pdl["driver"]
     cfg = cu.CUlaunchConfig()
@@ -129,7 +132,7 @@ def launch(name: str, grid, block, args, pdl: bool = False) -> None:
     block = tuple(block) + (1,) * (3 - len(block))
     cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
     cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
-    cfg.sharedMemBytes = 0
+    cfg.sharedMemBytes = shared
     cfg.hStream = cu.CUstream(_cupy().cuda.get_current_stream().ptr)
     attr = cu.CUlaunchAttribute()
     attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
@@ -143,10 +146,25 @@ def launch(name: str, grid, block, args, pdl: bool = False) -> None:
         raise RuntimeError(f"cuLaunchKernelEx({name}) failed: {err}")
 
 
+_shared_allowed: dict[str, int] = {}
+
+
+def _allow_shared(name: str, nbytes: int) -> None:
+    """A kernel may use more than 48 KB of dynamic shared memory only once it has asked for it."""
+    if _shared_allowed.get(name, 0) >= nbytes:
+        return
+    from cupy.cuda import driver
+
+    fn = kernel(name)
+    attribute = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
+    driver.funcSetAttribute(fn.ptr, attribute, nbytes)
+    _shared_allowed[name] = nbytes
+
+
 def embedding(table, token, out):
-    """out[D] = table[token[0]] with token read from device memory."""
+    """out[b] = table[token[b]] for B ids read from device memory.  token: [B] -> out: [B, D]"""
     d = table.shape[1]
-    kernel("embedding")(((d + 255) // 256,), (256,), (table, token, out, np.int32(d)))
+    kernel("embedding")(((d + 255) // 256, token.size), (256,), (table, token, out, np.int32(d)))
 
 
 def rms_norm_rows(x, w, eps: float, out):
@@ -170,27 +188,72 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 
 
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
-                     scratch, out, n_rep: int, pdl: bool = True):
-    """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E]."""
+                     scratch, out, n_rep: int, pdl: bool = True, *, slots, rows: int = 1, row_stride: int = 0):
+    """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E].
+
+    `rows` sequences at once: sequence b's q, k_new, v_new start b * row_stride elements
+    further, its position is pos[b], its cache is row slots[b] of k_cache/v_cache
+    ([B_max, K, S_cap, E]), its output out[b]. One sequence: rows=1, slots=[0]."""
     n_kv, s_cap, e = k_cache.shape[-3:]
     part_o, part_ml, counters = scratch
     chunk = attention_chunk(e)
     n_chunks = (s_cap + chunk - 1) // chunk
     groups = n_rep // heads_per_block(n_rep)
-    launch(attention_name(e, n_rep), (n_chunks, n_kv, groups), (chunk,), (
+    launch(attention_name(e, n_rep), (n_chunks, n_kv, groups * rows), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
-        np.int32(1 if rotate else 0), np.int32(n_rep), part_o, part_ml, counters, out), pdl=pdl)
+        np.int32(1 if rotate else 0), np.int32(n_rep), part_o, part_ml, counters, out,
+        slots, np.int64(row_stride), np.int64(n_kv * s_cap * e)), pdl=pdl)
 
 
-def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int):
+def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows: int = 1):
     """Per-chunk partial outputs and softmax stats, and one arrival counter per block group."""
     cp = _cupy()
     n_chunks = (capacity + attention_chunk(head_dim) - 1) // attention_chunk(head_dim)
     rb = heads_per_block(n_rep)
-    groups = n_kv * (n_rep // rb)
+    groups = rows * n_kv * (n_rep // rb)
     return (cp.empty((groups, n_chunks, rb, head_dim), dtype=cp.float32),
             cp.empty((groups, n_chunks, rb, 2), dtype=cp.float32),
             cp.zeros(groups, dtype=cp.uint32))
+
+
+# ---- B tokens at once (continuous batching) --------------------------------------------------
+ROWS_WARPS, ROWS_PAD = 8, 32  # as in kernels.cu
+MAX_ROWS = 16                 # tokens per gemv_rows call: two 8-token tiles
+
+
+def gemv_rows_name(k: int, norm: bool, epilogue: int, rows: int) -> str:
+    return f"gemv_rows<{k}, {'true' if norm else 'false'}, {epilogue}, {(rows + 7) // 8}>"
+
+
+def gemv_rows_fits(n_out: int, k: int) -> bool:
+    """Whether gemv_rows takes this shape: whole 64-wide k tiles, X of 16 tokens in shared memory."""
+    return k % 64 == 0 and _rows_shared(k, MAX_ROWS, EPI_SWIGLU) <= 227 * 1024 and n_out > 0
+
+
+def _rows_shared(k: int, rows: int, epilogue: int) -> int:
+    nt = (rows + 7) // 8
+    mats = 2 if epilogue == EPI_SWIGLU else 1
+    return nt * 8 * (k + ROWS_PAD) * 2 + mats * ROWS_WARPS * 16 * nt * 8 * 4 + nt * 8 * 4
+
+
+def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
+    """out[b] = W @ x[b] for B <= 16 tokens on the tensor cores, with gemv's prologue and epilogues.
+
+    w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out: [B, N]."""
+    n_out, k = w.shape
+    if epilogue == EPI_SWIGLU:
+        n_out //= 2
+    rows = x.size // k
+    norm = norm_w is not None
+    launch(gemv_rows_name(k, norm, epilogue, rows), ((n_out + 15) // 16,), (32 * ROWS_WARPS,), (
+        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out,
+        np.int32(n_out), np.int32(rows)), pdl=True, shared=_rows_shared(k, rows, epilogue))
+
+
+def sample_rows(logits, params, w_scratch, tokens, chosen, pos):
+    """Choose B tokens on the device, row b of logits [B, V] with params[b]; see kernels.cu."""
+    b, v = logits.shape
+    kernel("sample_rows")((b,), (SAMPLE_THREADS,), (logits, np.int32(v), params, w_scratch, tokens, chosen, pos))
 
 
 def sample_token(logits, params, w_scratch, token, history, pos):

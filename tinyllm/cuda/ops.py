@@ -25,11 +25,17 @@ reads), which is what makes this safe. The result, per layer:
 
 plus the embedding, the final norm + LM head, and the fp32 cast of the logits.
 
-Only the decode shape (batch 1, one token, fp16) takes the fused path; everything else
-(prefill, batches, float32) runs the readable operations, with cuBLAS for the matmuls.
+Only the decode shape (one token per sequence, fp16) takes the fused path; everything
+else (prefill, float32) runs the readable operations, with cuBLAS for the matmuls.
 The position of the new token comes from `self.pos`, an int32 in device memory, so a
 captured step can be replayed at any position (decoder.py writes it; eager calls write
 it from the `pos` argument).
+
+B sequences at once (`Model.decode_batch`, continuous batching) take the same fused path
+when their caches are rows of one batched cache (KVCache.row): the GEMVs become
+tensor-core GEMMs over the B tokens (`gemv_rows`), and one attention launch serves every
+sequence, each with its own position (`self.positions[b]`) and cache row
+(`self.slots[b]`), read from device memory like `pos` (batch.py writes them per step).
 """
 from __future__ import annotations
 
@@ -63,8 +69,10 @@ class _Linear:
 
     def launch(self, ops, epilogue=K.EPI_STORE, out=None, residual=None):
         n = self.norm
-        K.gemv(self.w, n.x if n else self.h, self.out if out is None else out, epilogue=epilogue,
-               norm_w=n.w if n else None, eps=n.eps if n else 0.0, residual=residual)
+        x = n.x if n else self.h
+        gemv = K.gemv if x.shape[0] == 1 else K.gemv_rows  # one token, or B on the tensor cores
+        gemv(self.w, x, self.out if out is None else out, epilogue=epilogue,
+             norm_w=n.w if n else None, eps=n.eps if n else 0.0, residual=residual)
 
     def keep(self, ops):
         self.launch(ops)
@@ -93,6 +101,9 @@ class FastOps(Ops):
         self.config = c
         self.cos, self.sin = model.cos, model.sin  # [S_max, E/2] fp32, the full tables
         self.pos = cp.zeros(1, dtype=cp.int32)     # the decode position, in device memory
+        self.slot0 = cp.zeros(1, dtype=cp.int32)   # one sequence: its cache is "row 0" of itself
+        self.positions = cp.zeros(K.MAX_ROWS, dtype=cp.int32)  # B sequences: each one's position
+        self.slots = cp.zeros(K.MAX_ROWS, dtype=cp.int32)      # and its row of the batched cache
         self.host_writes_position = True           # False while a graph is captured: decoder.py writes pos
         self.pending = None                        # at most one promise, made by the last call
         self._scratch = {}                         # attention scratch by cache capacity
@@ -104,7 +115,8 @@ class FastOps(Ops):
         chunk = K.attention_chunk(e)
         shared = chunk * e * 2 + (r + 1) * e * 4 + r * chunk * 4 + (chunk // 32) * r * 4
         self.fused_attention = e in (64, 128) and shared <= 47 * 1024
-        self.stats = {"fused": 0, "kept": 0}       # fusions made and promises kept unfused
+        self.stats = {"fused": 0, "kept": 0, "rows_attention": 0}  # fusions made, promises kept unfused,
+                                                                    # batched attention launches
 
     # ---- which calls take the fast path ------------------------------------------------
     def kernel_names(self, weights) -> list[str]:
@@ -121,11 +133,26 @@ class FastOps(Ops):
             names.append(K.attention_name(c.head_dim, c.n_rep))
         return sorted(set(names))
 
+    def rows_kernel_names(self, max_rows: int) -> list[str]:
+        """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
+        c, names = self.config, []
+        for rows in sorted({min(max_rows, 8), max_rows}):
+            for k, norm, epi in [(c.dim, True, K.EPI_STORE), (c.dim, True, K.EPI_SWIGLU),
+                                 (c.n_heads * c.head_dim, False, K.EPI_RESIDUAL), (c.hidden_dim, False, K.EPI_RESIDUAL),
+                                 (c.dim, False, K.EPI_STORE), (c.dim, False, K.EPI_SWIGLU),
+                                 (c.n_heads * c.head_dim, False, K.EPI_STORE), (c.hidden_dim, False, K.EPI_STORE)]:
+                if k % 64 == 0:
+                    names.append(K.gemv_rows_name(k, norm, epi, rows))
+        return sorted(set(names))
+
     @staticmethod
-    def _one_token(x) -> bool:
-        """The decode shape: [1, 1, ...], fp16, contiguous, 16-byte aligned."""
-        return (x.ndim >= 3 and x.shape[0] == 1 and x.shape[1] == 1 and x.dtype == np.float16
-                and x.flags.c_contiguous and x.data.ptr % 16 == 0)
+    def _rows(x) -> int:
+        """B for the decode shape [B, 1, ...] (one token per sequence, B <= 16), fp16,
+        contiguous, 16-byte aligned; 0 for any other shape."""
+        if (x.ndim >= 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= K.MAX_ROWS and x.dtype == np.float16
+                and x.flags.c_contiguous and x.data.ptr % 16 == 0):
+            return x.shape[0]
+        return 0
 
     def _take(self):
         p, self.pending = self.pending, None
@@ -143,15 +170,16 @@ class FastOps(Ops):
     # ---- the operations ------------------------------------------------------------------
     def embedding(self, table, tokens):
         self.flush()
-        if tokens.shape == (1, 1) and tokens.dtype == np.int64 and table.dtype == np.float16:
-            out = self.xp.empty((1, 1, table.shape[1]), dtype=table.dtype)
+        if (tokens.ndim == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= K.MAX_ROWS and tokens.dtype == np.int64
+                and tokens.flags.c_contiguous and table.dtype == np.float16):
+            out = self.xp.empty((tokens.shape[0], 1, table.shape[1]), dtype=table.dtype)
             K.embedding(table, tokens, out)
             return out
         return super().embedding(table, tokens)
 
     def rms_norm(self, x, weight, eps: float):
         self.flush()
-        if not self._one_token(x):
+        if not self._rows(x):
             return super().rms_norm(x, weight, eps)
         out = self.xp.empty_like(x)
         self.pending = _Norm(x, weight, eps, out)
@@ -162,11 +190,12 @@ class FastOps(Ops):
         norm = p if isinstance(p, _Norm) and p.out is x else None
         if norm is None:
             self._keep(p)
-        k = w.shape[1]
-        if not (self._one_token(x) and w.dtype == np.float16 and k % 8 == 0 and k <= 16384 and w.flags.c_contiguous):
+        k, b = w.shape[1], self._rows(x)
+        fits = k % 8 == 0 and k <= 16384 if b == 1 else K.gemv_rows_fits(w.shape[0], k)
+        if not (b and fits and w.dtype == np.float16 and w.flags.c_contiguous):
             self._keep(norm)
             return super().linear(x, w)
-        out = self.xp.empty((1, 1, w.shape[0]), dtype=np.float16)
+        out = self.xp.empty((b, 1, w.shape[0]), dtype=np.float16)
         promise = _Linear(x, w, norm, out)
         if norm is not None:
             self.stats["fused"] += 1
@@ -178,7 +207,7 @@ class FastOps(Ops):
 
     def add(self, x, y):
         p = self._take()
-        if isinstance(p, _Linear) and p.out is y and self._one_token(x) and x.shape == y.shape:
+        if isinstance(p, _Linear) and p.out is y and self._rows(x) and x.shape == y.shape:
             self.stats["fused"] += 1
             out = self.xp.empty_like(x)
             p.launch(self, K.EPI_RESIDUAL, out=out, residual=x)
@@ -190,15 +219,22 @@ class FastOps(Ops):
         p = self._take()
         if isinstance(p, _Linear) and p.out is gate_up:
             self.stats["fused"] += 1
-            out = self.xp.empty((1, 1, gate_up.shape[-1] // 2), dtype=np.float16)
+            out = self.xp.empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,), dtype=np.float16)
             p.launch(self, K.EPI_SWIGLU, out=out)
             return out
         self._keep(p)
         return super().swiglu(gate_up)
 
+    def rope_angles(self, cos, sin, positions, t):
+        if len(positions) > 1 and not self.host_writes_position:
+            # a captured batched step: the fused attention rotates at each sequence's position,
+            # read from device memory (gathering rows here would copy stale host positions)
+            return cos, sin
+        return super().rope_angles(cos, sin, positions, t)
+
     def rope(self, qk, cos, sin):
         self.flush()
-        if not (self.fused_attention and qk.shape[:2] == (1, 1) and qk.dtype == np.float16):
+        if not (self.fused_attention and qk.shape[1] == 1 and 1 <= qk.shape[0] <= K.MAX_ROWS and qk.dtype == np.float16):
             return super().rope(qk, cos, sin)
         out = self.xp.empty(qk.shape, dtype=qk.dtype)
         self.pending = _Rope(qk, cos, sin, out)
@@ -227,12 +263,39 @@ class FastOps(Ops):
         # right after the fill above it must not overlap it (no programmatic launch)
         K.decode_attention(q_src, k_src, v, self.cos, self.sin, self.pos, cache.k[layer], cache.v[layer],
                            scale, rotate, self.scratch(cache.capacity), out, c.n_rep,
-                           pdl=not self.host_writes_position)
+                           pdl=not self.host_writes_position, slots=self.slot0)
         return out
 
-    def scratch(self, capacity: int):
+    def attention_rows(self, q, k, v, caches, layer: int, scale: float):
+        """B sequences in one launch when their caches are rows of one batched cache and RoPE
+        is pending (q, k rotated inside the kernel, read straight from the QKV output)."""
+        p = self._take()
+        c, b = self.config, len(caches)
+        pool = caches[0].pool
+        fused = (self.fused_attention and pool is not None and b <= K.MAX_ROWS and all(x.pool is pool for x in caches)
+                 and q.shape[:2] == (b, 1) and q.dtype == np.float16 and isinstance(p, _Rope)
+                 and q.data.ptr == p.out.data.ptr and k.data.ptr == p.out.data.ptr + 2 * c.n_heads * c.head_dim
+                 and p.qk.strides[0] == v.strides[0] and all(a.strides[-1] == 2 for a in (p.qk, v)))
+        if not fused:
+            if not self.host_writes_position:
+                raise RuntimeError("a captured batched step needs the fused attention (rows of one batched cache)")
+            self._keep(p)
+            return super().attention_rows(q, k, v, caches, layer, scale)
+        self.stats["fused"] += 1
+        self.stats["rows_attention"] += 1
+        if self.host_writes_position:
+            self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
+            self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
+        out = self.xp.empty((b, 1, c.n_heads * c.head_dim), dtype=np.float16)
+        K.decode_attention(p.qk[:, :, :c.n_heads], p.qk[:, :, c.n_heads:], v, self.cos, self.sin, self.positions,
+                           pool.k[layer], pool.v[layer], scale, True, self.scratch(pool.capacity, K.MAX_ROWS), out,
+                           c.n_rep, pdl=not self.host_writes_position, slots=self.slots, rows=b,
+                           row_stride=p.qk.strides[0] // 2)
+        return out
+
+    def scratch(self, capacity: int, rows: int = 1):
         """Attention scratch for a cache capacity; kept for the life of these ops (graphs use it)."""
-        if capacity not in self._scratch:
+        if (capacity, rows) not in self._scratch:
             c = self.config
-            self._scratch[capacity] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity)
-        return self._scratch[capacity]
+            self._scratch[capacity, rows] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows)
+        return self._scratch[capacity, rows]

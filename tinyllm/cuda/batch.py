@@ -1,0 +1,215 @@
+"""BatchDecoder: continuous batching on the GPU, one CUDA graph per batch size.
+
+One sequence's decode step reads every weight for one token. B sequences decoded together
+read each weight once for B tokens, so a step costs little more than a single one and
+the throughput grows almost B-fold, until the arithmetic catches up with the memory. On
+the GPU that needs the same three things as the single-sequence fast path (decoder.py):
+
+- fused kernels for B tokens: FastOps (ops.py) turns each GEMV into a tensor-core GEMM
+  over the B tokens (`gemv_rows` in kernels.cu) and runs one attention launch for all B
+  sequences, each over its own cache at its own position;
+- no host work inside the step: the step is captured once per batch size B into a CUDA
+  graph and replayed;
+- inputs in device memory: the graph for B reads, for row b, the token, the position,
+  the cache row and the sampling parameters from small device buffers that the host
+  fills with one copy before each replay. So one graph serves any B sequences, whichever
+  they are and wherever they stand.
+
+The caches: one preallocated KVCache of `max_batch` rows (plus one spare row that the
+captures write into), and each running sequence gets a row (`new_cache`) that it gives
+back when it ends (`release`): nothing is allocated per request, and a fused kernel
+reaches every row from one base address.
+
+Sampling: each row's token is chosen on the device (kernels.cu `sample_rows`, the same
+rules as the single-sequence sampler, each row with its own parameters and its own
+uniform number from its sampler's seeded generator); only the B ids come back to the
+host. A row whose sampler needs the token history (repetition/presence/frequency
+penalties) gets its logits row instead and is sampled on the host.
+
+A sequence's tokens do not depend on its neighbours: every row of the GEMM and of the
+attention is computed on its own (the tensor cores compute each output element from its
+own row and column), so a request gives the same tokens at any batch size.
+
+    batch = BatchDecoder(decoder, max_batch=8)       # captures B = 1..8
+    caches = [batch.new_cache() for _ in prompts]    # rows of the batched cache
+    ... prefill each prompt with model.forward(ids, cache) ...
+    out = batch.step(tokens, caches, samplers)        # one step: B ids (or logits rows)
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import DeviceError
+from ..kv_cache import KVCache
+from . import kernels as K
+from .decoder import CudaDecoder
+
+_HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
+
+
+class BatchDecoder:
+    """Batched decode steps for up to `max_batch` sequences, each a row of one KV cache."""
+
+    def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None):
+        if not 1 <= max_batch <= K.MAX_ROWS:
+            raise ValueError(f"max_batch: the batched fast path takes 1 to {K.MAX_ROWS} sequences, got {max_batch}")
+        if not decoder.ops.fused_attention:
+            raise DeviceError("the batched fast path needs the fused attention (head dim 64 or 128)")
+        cp = decoder.cp
+        self.cp = cp
+        self.decoder = decoder
+        self.model = decoder.model
+        self.ops = decoder.ops
+        self.stream = decoder.stream
+        self.max_batch = max_batch
+        self.pool = self.model.new_cache(capacity, batch=max_batch + 1)  # the last row: the captures' scratch
+        self.capacity = self.pool.capacity
+        self._free = list(range(max_batch))
+        # The step's inputs, laid out the same in pinned host memory and in device memory,
+        # so that one copy moves them all: tokens, positions, cache rows, sampling params.
+        m = K.MAX_ROWS
+        layout = [("tokens", np.int64, (m, 1)), ("positions", np.int32, (m,)), ("slots", np.int32, (m,)),
+                  ("params", np.float32, (m, 5))]
+        nbytes = sum(np.dtype(t).itemsize * int(np.prod(shape)) for _, t, shape in layout)
+        self._inputs_host = cp.cuda.alloc_pinned_memory(nbytes)
+        self._inputs = cp.zeros(nbytes, dtype=cp.uint8)
+        self.host, self.device, offset = {}, {}, 0
+        for name, dtype, shape in layout:
+            size = np.dtype(dtype).itemsize * int(np.prod(shape))
+            self.host[name] = np.frombuffer(self._inputs_host, dtype=dtype, count=size // np.dtype(dtype).itemsize,
+                                            offset=offset).reshape(shape)
+            self.device[name] = self._inputs[offset:offset + size].view(dtype).reshape(shape)
+            offset += size
+        self._nbytes = nbytes
+        self.ops.positions, self.ops.slots = self.device["positions"], self.device["slots"]
+        self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
+        self._chosen_host = cp.cuda.alloc_pinned_memory(8 * m)
+        self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
+        self.graphs: dict[int, tuple] = {}  # B -> (graph, its memory pool, its logits [B, V])
+        start = time.perf_counter()
+        K.compile_kernels(self.ops.rows_kernel_names(max_batch))
+        for b in range(1, max_batch + 1):
+            self.graphs[b] = self._capture(b)
+        self.capture_seconds = time.perf_counter() - start
+
+    # ---- rows of the batched cache ---------------------------------------------------------------
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def new_cache(self) -> KVCache:
+        """A free row of the batched cache, as a cache of its own (length 0)."""
+        if not self._free:
+            raise RuntimeError(f"all {self.max_batch} rows of the batched cache are in use")
+        return self.pool.row(self._free.pop(0))
+
+    def release(self, cache: KVCache) -> None:
+        """Give a row back (its sequence ended); releasing twice is harmless."""
+        if cache.pool is self.pool and cache.pool_row not in self._free and cache.pool_row < self.max_batch:
+            self._free.append(cache.pool_row)
+            self._free.sort()
+
+    # ---- capture ---------------------------------------------------------------------------------
+    def _run(self, b: int, caches):
+        """One batched step as ordinary calls: the model's decode_batch, then the sampler kernel."""
+        d = self.device
+        logits = self.model.decode_batch(d["tokens"][:b], caches)  # [B, V] fp32
+        self.ops.flush()
+        K.sample_rows(logits, d["params"][:b], self.w_scratch, d["tokens"], self.chosen, d["positions"])
+        return logits
+
+    def _capture(self, b: int):
+        cp = self.cp
+        spare = self.max_batch  # every row of a capture writes to the spare row, at position 0
+        caches = [self.pool.row(spare) for _ in range(b)]
+        self._write_inputs([0] * b, [0] * b, [spare] * b, [None] * b)
+        pool = cp.cuda.MemoryPool()
+        self.ops.host_writes_position = False
+        before = self.ops.stats["rows_attention"]
+        try:
+            with cp.cuda.using_allocator(pool.malloc), self.stream:
+                self._copy_inputs()
+                self._run(b, caches)  # eager first: loads the kernels and fills the private pool
+                self.stream.synchronize()
+                self.stream.begin_capture()
+                try:
+                    logits = self._run(b, caches)
+                finally:
+                    graph = self.stream.end_capture()
+                graph.upload(self.stream)
+                self.stream.synchronize()
+        finally:
+            self.ops.host_writes_position = True
+        if self.ops.stats["rows_attention"] - before != 2 * self.model.config.n_layers:
+            raise DeviceError("the batched decode step did not take the fused attention")
+        return graph, pool, logits
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _write_inputs(self, tokens, positions, slots, samplers) -> None:
+        h = self.host
+        b = len(tokens)
+        h["tokens"][:b, 0] = tokens
+        h["positions"][:b] = positions
+        h["slots"][:b] = slots
+        for i, sampler in enumerate(samplers):
+            p = None if sampler is None else sampler.params
+            if p is None or p.greedy or not CudaDecoder.supports(p):
+                h["params"][i] = (0.0, 0.0, 1.0, 0.0, 0.0)  # argmax (a penalised row is sampled on the host)
+            else:
+                h["params"][i] = (p.temperature, p.top_k, p.top_p, p.min_p, sampler.uniform())
+
+    def _copy_inputs(self) -> None:
+        self.cp.cuda.runtime.memcpyAsync(self._inputs.data.ptr, self._inputs_host.ptr, self._nbytes,
+                                         _HOST_TO_DEVICE, self.stream.ptr)
+
+    def step(self, tokens, caches, samplers=None) -> list:
+        """Feed tokens[b] to the sequence in caches[b] (rows of this decoder's cache) and choose
+        each one's next token. Returns, per row, the chosen id (an int), or, for a sampler
+        with penalties, that row's logits [V] (float32, host) to sample on the host."""
+        b = len(caches)
+        if not 1 <= b <= self.max_batch:
+            raise ValueError(f"a batched step takes 1 to {self.max_batch} sequences, got {b}")
+        for cache in caches:
+            if cache.pool is not self.pool:
+                raise ValueError("every cache of a batched step must be a row from BatchDecoder.new_cache()")
+            cache.check_room(1)
+        samplers = list(samplers) if samplers is not None else [None] * b
+        graph, _, logits = self.graphs[b]
+        cp = self.cp
+        self._write_inputs([int(t) for t in tokens], [c.length for c in caches], [c.pool_row for c in caches],
+                           samplers)
+        self.stream.wait_event(cp.cuda.get_current_stream().record())  # after any prefill
+        self._copy_inputs()
+        graph.launch(self.stream)
+        cp.cuda.runtime.memcpyAsync(self._chosen_host.ptr, self.chosen.data.ptr, 8 * b, _DEVICE_TO_HOST,
+                                    self.stream.ptr)
+        on_host = [i for i, s in enumerate(samplers) if s is not None and not CudaDecoder.supports(s.params)]
+        rows = None
+        if on_host:
+            with self.stream:
+                rows = logits[np.asarray(on_host)].get(stream=self.stream)
+        self.stream.synchronize()
+        for cache in caches:
+            cache.length += 1
+        out = [int(i) for i in np.frombuffer(self._chosen_host, dtype=np.int64, count=b)]
+        for j, i in enumerate(on_host):
+            out[i] = rows[j]
+        return out
+
+
+def enable_batching(model, max_batch: int = 16, capacity: int | None = None) -> BatchDecoder:
+    """The model's BatchDecoder (made and attached as `model.batch_decoder` on first use, or
+    remade when a bigger one is asked for). Needs the fast path (enable_fast_path) first."""
+    decoder = getattr(model, "cuda_decoder", None)
+    if decoder is None:
+        raise DeviceError("batched GPU decoding needs the CUDA fast path (tinyllm.cuda.enable_fast_path)")
+    capacity = min(capacity or model.config.max_seq_len, model.config.max_seq_len)
+    batch = getattr(model, "batch_decoder", None)
+    if batch is None or batch.max_batch < max_batch or batch.capacity < capacity or batch.free_rows < batch.max_batch:
+        if batch is not None and batch.free_rows < batch.max_batch:
+            raise RuntimeError("the model's batched decoder is in use")
+        model.batch_decoder = None
+        batch = model.batch_decoder = BatchDecoder(decoder, max_batch, capacity)
+    return batch
