@@ -126,7 +126,7 @@ class BatchDecoder:
         caches = [self.pool.row(spare) for _ in range(b)]
         self._write_inputs([0] * b, [0] * b, [spare] * b, [None] * b)
         pool = cp.cuda.MemoryPool()
-        self.ops.host_writes_position = False
+        self.ops.host_writes_position, self.ops.batched = False, True
         before = self.ops.stats["rows_attention"]
         try:
             with cp.cuda.using_allocator(pool.malloc), self.stream:
@@ -141,7 +141,7 @@ class BatchDecoder:
                 graph.upload(self.stream)
                 self.stream.synchronize()
         finally:
-            self.ops.host_writes_position = True
+            self.ops.host_writes_position, self.ops.batched = True, False
         if self.ops.stats["rows_attention"] - before != 2 * self.model.config.n_layers:
             raise DeviceError("the batched decode step did not take the fused attention")
         return graph, pool, logits

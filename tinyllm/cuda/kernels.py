@@ -153,11 +153,7 @@ def _allow_shared(name: str, nbytes: int) -> None:
     """A kernel may use more than 48 KB of dynamic shared memory only once it has asked for it."""
     if _shared_allowed.get(name, 0) >= nbytes:
         return
-    from cupy.cuda import driver
-
-    fn = kernel(name)
-    attribute = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
-    driver.funcSetAttribute(fn.ptr, attribute, nbytes)
+    kernel(name).max_dynamic_shared_size_bytes = nbytes
     _shared_allowed[name] = nbytes
 
 

@@ -105,6 +105,8 @@ class FastOps(Ops):
         self.positions = cp.zeros(K.MAX_ROWS, dtype=cp.int32)  # B sequences: each one's position
         self.slots = cp.zeros(K.MAX_ROWS, dtype=cp.int32)      # and its row of the batched cache
         self.host_writes_position = True           # False while a graph is captured: decoder.py writes pos
+        self.batched = False                       # True while batch.py captures: every attention reads
+                                                   # positions and cache rows from device memory
         self.pending = None                        # at most one promise, made by the last call
         self._scratch = {}                         # attention scratch by cache capacity
         layers = model.weights.layers
@@ -226,7 +228,7 @@ class FastOps(Ops):
         return super().swiglu(gate_up)
 
     def rope_angles(self, cos, sin, positions, t):
-        if len(positions) > 1 and not self.host_writes_position:
+        if self.batched:
             # a captured batched step: the fused attention rotates at each sequence's position,
             # read from device memory (gathering rows here would copy stale host positions)
             return cos, sin
@@ -241,6 +243,8 @@ class FastOps(Ops):
         return out
 
     def attention(self, q, k, v, cache, layer: int, pos: int, scale: float):
+        if self.batched:  # a captured batch of one sequence
+            return self.attention_rows(q, k, v, [cache], layer, scale)
         p = self._take()
         c = self.config
         shaped = (self.fused_attention and q.shape[:2] == (1, 1) and q.dtype == np.float16 and cache.k[layer].shape[0] == 1
