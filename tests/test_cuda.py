@@ -635,13 +635,13 @@ def test_batched_fast_path_against_readable_decode_batch(pair, batch, record):
 
 
 def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, record):
-    """Row independence: one sequence decoded alone (B=1 graph) and as row 5 of 8 (B=8
+    """Row independence: one sequence decoded alone (B=1 graph) and as row 5 of 7 (B=7
     graph, other rows at other positions) gives bit-identical logits at every step."""
     name, readable, fast, decoder = pair
     alone = [batch.new_cache()]
     _rows_prefilled(fast, alone, [40])
-    others = [batch.new_cache() for _ in range(7)]
-    _rows_prefilled(fast, others, [5, 60, 33, 1, 200, 17, 90])
+    others = [batch.new_cache() for _ in range(6)]
+    _rows_prefilled(fast, others, [5, 60, 33, 1, 200, 90])
     grouped = others[:5] + [None] + others[5:]
     try:
         grouped[5] = batch.new_cache()
@@ -650,8 +650,8 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
         for t in np.random.default_rng(10).integers(0, fast.config.vocab_size, 32):
             batch.step([int(t)], alone)
             a = batch.graphs[1][2][0].copy()
-            batch.step([int(t)] * 8, grouped)
-            worst = max(worst, float(cp.abs(batch.graphs[8][2][5] - a).max()))
+            batch.step([int(t)] * 7, grouped)
+            worst = max(worst, float(cp.abs(batch.graphs[7][2][5] - a).max()))
     finally:
         for cache in alone + grouped:
             if cache is not None:
