@@ -70,7 +70,9 @@ class _Linear:
     def launch(self, ops, epilogue=K.EPI_STORE, out=None, residual=None):
         n = self.norm
         x = n.x if n else self.h
-        gemv = K.gemv if x.shape[0] == 1 else K.gemv_rows  # one token, or B on the tensor cores
+        # one token, or B on the tensor cores; a batched step always takes gemv_rows, so that
+        # a sequence gets the same bits at every batch size, B = 1 included
+        gemv = K.gemv if x.shape[0] == 1 and not ops.batched else K.gemv_rows
         gemv(self.w, x, self.out if out is None else out, epilogue=epilogue,
              norm_w=n.w if n else None, eps=n.eps if n else 0.0, residual=residual)
 
@@ -193,7 +195,7 @@ class FastOps(Ops):
         if norm is None:
             self._keep(p)
         k, b = w.shape[1], self._rows(x)
-        fits = k % 8 == 0 and k <= 16384 if b == 1 else K.gemv_rows_fits(w.shape[0], k)
+        fits = k % 8 == 0 and k <= 16384 if b == 1 and not self.batched else K.gemv_rows_fits(w.shape[0], k)
         if not (b and fits and w.dtype == np.float16 and w.flags.c_contiguous):
             self._keep(norm)
             return super().linear(x, w)
