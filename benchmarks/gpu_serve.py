@@ -193,7 +193,10 @@ def device_name(device: str) -> str:
 
 
 def commit() -> str:
-    """The repository's commit; on a machine without .git, $TINYLLM_COMMIT; else 'unknown'."""
+    """$TINYLLM_COMMIT when set (the GPU machine's copy of the tree may carry a stale .git),
+    else the repository's commit, else 'unknown'."""
+    if os.environ.get("TINYLLM_COMMIT"):
+        return os.environ["TINYLLM_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -201,7 +204,7 @@ def commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("TINYLLM_COMMIT") or "unknown"
+        return "unknown"
 
 
 def main(argv=None) -> int:
