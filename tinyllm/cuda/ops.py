@@ -184,6 +184,10 @@ class FastOps(Ops):
     def rms_norm(self, x, weight, eps: float):
         self.flush()
         if not self._rows(x):
+            if x.dtype == np.float16 and weight.dtype == np.float16 and x.flags.c_contiguous:
+                out = self.xp.empty_like(x)  # a prompt: one kernel instead of ~10 CuPy calls
+                K.rms_norm_rows(x, weight, eps, out)
+                return out
             return super().rms_norm(x, weight, eps)
         out = self.xp.empty_like(x)
         self.pending = _Norm(x, weight, eps, out)
