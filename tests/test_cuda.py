@@ -615,7 +615,7 @@ def test_batched_fast_path_against_readable_decode_batch(pair, batch, record):
     errs, agree, clear = [], 0, 0
     try:
         for step in tokens:
-            chosen = batch.step(step, caches)
+            chosen = batch.step(step, caches, queue_next=False)  # (nothing queued after: logits stay)
             logits = batch.graphs[len(caches)][2].get()             # [B, V], what the graph computed
             ref = readable.decode_batch(step, r_caches).get()       # [B, V]
             assert chosen == [int(np.argmax(row)) for row in logits]
@@ -648,9 +648,9 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
         _rows_prefilled(fast, [grouped[5]], [40])
         worst = 0.0
         for t in np.random.default_rng(10).integers(0, fast.config.vocab_size, 32):
-            batch.step([int(t)], alone)
+            batch.step([int(t)], alone, queue_next=False)
             a = batch.graphs[1][2][0].copy()
-            batch.step([int(t)] * 7, grouped)
+            batch.step([int(t)] * 7, grouped, queue_next=False)
             worst = max(worst, float(cp.abs(batch.graphs[7][2][5] - a).max()))
     finally:
         for cache in alone + grouped:
@@ -663,7 +663,8 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
 
 def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     """The server's scheduler on the fast path: 8 requests at once (greedy, seeded sampling,
-    a repetition penalty sampled on the host) each give exactly the tokens they give alone."""
+    a repetition penalty sampled on the host) each give exactly the tokens they give alone.
+    They end at different steps, so the batch changes and steps queued ahead get superseded."""
     from tinyllm.generate import StopRules
     from tinyllm.scheduler import Finished, Request, Scheduler
 
@@ -674,14 +675,15 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=3), SamplingParams(),
               SamplingParams(repetition_penalty=1.3), SamplingParams(temperature=1.0, top_k=20, seed=4),
               SamplingParams(), SamplingParams(min_p=0.05, temperature=0.7, seed=5), SamplingParams()]
-    rules = StopRules(max_new_tokens=24, eos_ids=())
+    budgets = [24, 10, 17, 24, 5, 24, 13, 20]
 
     def run(indices):
         sched = Scheduler(fast, _IdsTokenizer(), max_batch=8, max_queue=0, max_context=1024)
         assert sched.rows is batch
         events = {i: [] for i in indices}
         for i in indices:
-            sched.submit(Request(prompts[i], params[i], rules, emit=events[i].append))
+            sched.submit(Request(prompts[i], params[i], StopRules(max_new_tokens=budgets[i], eos_ids=()),
+                                 emit=events[i].append))
         while not all(ev and isinstance(ev[-1], Finished) for ev in events.values()):
             sched.run_once()
         return {i: ev[-1].token_ids for i, ev in events.items()}
@@ -692,7 +694,7 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     finally:
         del fast.cuda_decoder, fast.batch_decoder
     record(requests=8, tokens=sum(len(t) for t in together.values()))
-    assert all(len(t) == 24 for t in together.values())
+    assert [len(together[i]) for i in range(8)] == budgets
     assert together == alone
     assert batch.free_rows == batch.max_batch
 

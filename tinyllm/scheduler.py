@@ -253,6 +253,8 @@ class Scheduler:
 
     # ---- the scheduler thread -----------------------------------------------------------------
     def _loop(self) -> None:
+        if self.rows is not None:
+            self.rows.stream.use()  # prefills and batched steps of this thread: one stream, in order
         while True:
             with self._lock:
                 while not self._stopping and not self.waiting and not self.running:

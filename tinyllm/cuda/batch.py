@@ -69,23 +69,29 @@ class BatchDecoder:
         self._free = list(range(max_batch))
         # The step's inputs, laid out the same in pinned host memory and in device memory,
         # so that one copy moves them all: tokens, positions, cache rows, sampling params.
+        # Two host copies (A/B) of the inputs and of the chosen ids, because the next step
+        # is queued before this one is read (see `step`).
         m = K.MAX_ROWS
         layout = [("tokens", np.int64, (m, 1)), ("positions", np.int32, (m,)), ("slots", np.int32, (m,)),
                   ("params", np.float32, (m, 5))]
         nbytes = sum(np.dtype(t).itemsize * int(np.prod(shape)) for _, t, shape in layout)
-        self._inputs_host = cp.cuda.alloc_pinned_memory(nbytes)
         self._inputs = cp.zeros(nbytes, dtype=cp.uint8)
-        self.host, self.device, offset = {}, {}, 0
+        self._inputs_host = [cp.cuda.alloc_pinned_memory(nbytes) for _ in range(2)]
+        self.host, self.device, self._offset, offset = [{}, {}], {}, {}, 0
         for name, dtype, shape in layout:
             size = np.dtype(dtype).itemsize * int(np.prod(shape))
-            self.host[name] = np.frombuffer(self._inputs_host, dtype=dtype, count=size // np.dtype(dtype).itemsize,
-                                            offset=offset).reshape(shape)
+            for h, buf in zip(self.host, self._inputs_host):
+                h[name] = np.frombuffer(buf, dtype=dtype, count=size // np.dtype(dtype).itemsize,
+                                        offset=offset).reshape(shape)
             self.device[name] = self._inputs[offset:offset + size].view(dtype).reshape(shape)
+            self._offset[name] = offset
             offset += size
         self._nbytes = nbytes
         self.ops.positions, self.ops.slots = self.device["positions"], self.device["slots"]
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
-        self._chosen_host = cp.cuda.alloc_pinned_memory(8 * m)
+        self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
+        self._slot = 0         # which host copy the last queued step used
+        self._ahead = None     # the step queued ahead by `step` (see there)
         self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
         self.graphs: dict[int, tuple] = {}  # B -> (graph, its memory pool, its logits [B, V])
         start = time.perf_counter()
@@ -124,13 +130,14 @@ class BatchDecoder:
         cp = self.cp
         spare = self.max_batch  # every row of a capture writes to the spare row, at position 0
         caches = [self.pool.row(spare) for _ in range(b)]
-        self._write_inputs([0] * b, [0] * b, [spare] * b, [None] * b)
+        self._ahead = None
+        self._write_inputs(0, [0] * b, [0] * b, [spare] * b, [None] * b)
         pool = cp.cuda.MemoryPool()
         self.ops.host_writes_position, self.ops.batched = False, True
         before = self.ops.stats["rows_attention"]
         try:
             with cp.cuda.using_allocator(pool.malloc), self.stream:
-                self._copy_inputs()
+                self._copy_inputs(0)
                 self._run(b, caches)  # eager first: loads the kernels and fills the private pool
                 self.stream.synchronize()
                 self.stream.begin_capture()
@@ -147,27 +154,56 @@ class BatchDecoder:
         return graph, pool, logits
 
     # ---- one step --------------------------------------------------------------------------------
-    def _write_inputs(self, tokens, positions, slots, samplers) -> None:
-        h = self.host
-        b = len(tokens)
-        h["tokens"][:b, 0] = tokens
-        h["positions"][:b] = positions
-        h["slots"][:b] = slots
+    def _write_params(self, slot: int, samplers, spare=()) -> list:
+        """Each row's sampling parameters into host copy `slot`; draws one uniform number per
+        sampled row (reusing one drawn for a step that was queued and then not used).
+        Returns the (sampler, u) pairs drawn."""
+        params, drawn = self.host[slot]["params"], []
         for i, sampler in enumerate(samplers):
             p = None if sampler is None else sampler.params
             if p is None or p.greedy or not CudaDecoder.supports(p):
-                h["params"][i] = (0.0, 0.0, 1.0, 0.0, 0.0)  # argmax (a penalised row is sampled on the host)
-            else:
-                h["params"][i] = (p.temperature, p.top_k, p.top_p, p.min_p, sampler.uniform())
+                params[i] = (0.0, 0.0, 1.0, 0.0, 0.0)  # argmax (a penalised row is sampled on the host)
+                continue
+            u = next((u for s, u in spare if s is sampler), None)
+            u = sampler.uniform() if u is None else u
+            params[i] = (p.temperature, p.top_k, p.top_p, p.min_p, u)
+            drawn.append((sampler, u))
+        return drawn
 
-    def _copy_inputs(self) -> None:
-        self.cp.cuda.runtime.memcpyAsync(self._inputs.data.ptr, self._inputs_host.ptr, self._nbytes,
-                                         _HOST_TO_DEVICE, self.stream.ptr)
+    def _write_inputs(self, slot: int, tokens, positions, rows, samplers, spare=()) -> None:
+        h = self.host[slot]
+        b = len(tokens)
+        h["tokens"][:b, 0] = tokens
+        h["positions"][:b] = positions
+        h["slots"][:b] = rows
+        self._write_params(slot, samplers, spare)
 
-    def step(self, tokens, caches, samplers=None) -> list:
+    def _copy_inputs(self, slot: int, first: str = "tokens") -> None:
+        """Host copy `slot` -> the device inputs, from field `first` on (params only: "params")."""
+        offset = self._offset[first]
+        self.cp.cuda.runtime.memcpyAsync(self._inputs.data.ptr + offset, self._inputs_host[slot].ptr + offset,
+                                         self._nbytes - offset, _HOST_TO_DEVICE, self.stream.ptr)
+
+    def _launch(self, b: int, slot: int, first: str):
+        """Queue: inputs in, the graph for B, the chosen ids out to host copy `slot`. -> event"""
+        self._copy_inputs(slot, first)
+        self.graphs[b][0].launch(self.stream)
+        self.cp.cuda.runtime.memcpyAsync(self._chosen_host[slot].ptr, self.chosen.data.ptr, 8 * b,
+                                         _DEVICE_TO_HOST, self.stream.ptr)
+        return self.stream.record()
+
+    def step(self, tokens, caches, samplers=None, queue_next: bool = True) -> list:
         """Feed tokens[b] to the sequence in caches[b] (rows of this decoder's cache) and choose
         each one's next token. Returns, per row, the chosen id (an int), or, for a sampler
-        with penalties, that row's logits [V] (float32, host) to sample on the host."""
+        with penalties, that row's logits [V] (float32, host) to sample on the host.
+
+        Before waiting for this step, the next one is queued (`queue_next`): it feeds the
+        device's own choices (the sampler kernel leaves them, and the advanced positions, in
+        the device inputs), so the GPU runs it while the host handles this step's tokens.
+        If the next call feeds exactly those tokens to the same caches, its step is already
+        running; otherwise (a sequence joined or left, or a caller fed something else) it is
+        superseded: its K/V writes sit past each cache's length, where the real step writes
+        again, and the uniform numbers it drew are used by the real step instead."""
         b = len(caches)
         if not 1 <= b <= self.max_batch:
             raise ValueError(f"a batched step takes 1 to {self.max_batch} sequences, got {b}")
@@ -176,27 +212,54 @@ class BatchDecoder:
                 raise ValueError("every cache of a batched step must be a row from BatchDecoder.new_cache()")
             cache.check_room(1)
         samplers = list(samplers) if samplers is not None else [None] * b
-        graph, _, logits = self.graphs[b]
-        cp = self.cp
-        self._write_inputs([int(t) for t in tokens], [c.length for c in caches], [c.pool_row for c in caches],
-                           samplers)
-        self.stream.wait_event(cp.cuda.get_current_stream().record())  # after any prefill
-        self._copy_inputs()
-        graph.launch(self.stream)
-        cp.cuda.runtime.memcpyAsync(self._chosen_host.ptr, self.chosen.data.ptr, 8 * b, _DEVICE_TO_HOST,
-                                    self.stream.ptr)
+        tokens = [int(t) for t in tokens]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.matches(tokens, caches, samplers):
+            slot, event = ahead.slot, ahead.event
+        else:
+            slot = self._slot = 1 - self._slot
+            self._write_inputs(slot, tokens, [c.length for c in caches], [c.pool_row for c in caches], samplers,
+                               ahead.drawn if ahead is not None else ())
+            self.stream.wait_event(self.cp.cuda.get_current_stream().record())  # after any prefill
+            event = self._launch(b, slot, "tokens")
         on_host = [i for i, s in enumerate(samplers) if s is not None and not CudaDecoder.supports(s.params)]
         rows = None
-        if on_host:
+        if on_host:  # the logits of the penalised rows, before anything else overwrites them
             with self.stream:
-                rows = logits[np.asarray(on_host)].get(stream=self.stream)
-        self.stream.synchronize()
+                rows = self.graphs[b][2][np.asarray(on_host)].get(stream=self.stream)
+        following = None
+        if queue_next and not on_host and all(c.length + 2 <= c.capacity for c in caches):
+            nslot = self._slot = 1 - slot
+            drawn = self._write_params(nslot, samplers)
+            following = _Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers)
+        event.synchronize()
         for cache in caches:
             cache.length += 1
-        out = [int(i) for i in np.frombuffer(self._chosen_host, dtype=np.int64, count=b)]
+        out = [int(i) for i in np.frombuffer(self._chosen_host[slot], dtype=np.int64, count=b)]
+        if following is not None:
+            following.expect(out, caches)
+            self._ahead = following
         for j, i in enumerate(on_host):
             out[i] = rows[j]
         return out
+
+
+class _Queued:
+    """A step queued ahead: what it will feed, and what it used."""
+
+    def __init__(self, slot, event, drawn, caches, samplers):
+        self.slot, self.event, self.drawn = slot, event, drawn
+        self.caches, self.samplers = caches, samplers  # held: their ids cannot be reused meanwhile
+        self.tokens, self.lengths = None, None
+
+    def expect(self, tokens, caches):
+        self.tokens, self.lengths = list(tokens), [c.length for c in caches]
+
+    def matches(self, tokens, caches, samplers) -> bool:
+        return (len(caches) == len(self.caches) and tokens == self.tokens
+                and all(a is b for a, b in zip(caches, self.caches))
+                and [c.length for c in caches] == self.lengths
+                and all(a is b for a, b in zip(samplers, self.samplers)))
 
 
 def enable_batching(model, max_batch: int = 16, capacity: int | None = None) -> BatchDecoder:
