@@ -90,7 +90,12 @@ class LLM:
         params, rules = SamplingParams(**sampling), StopRules(max_new_tokens, stop, eos_ids)
         prompts = list(prompts)
         events = [[] for _ in prompts]
-        scheduler = Scheduler(self.model, self.tokenizer, max_batch=max(1, len(prompts)), max_queue=0)
+        batch = max(1, len(prompts))
+        if getattr(self.model, "cuda_decoder", None) is not None:
+            from .cuda.kernels import MAX_ROWS
+
+            batch = min(batch, MAX_ROWS)  # the GPU's batched step takes up to 16; the rest wait their turn
+        scheduler = Scheduler(self.model, self.tokenizer, max_batch=batch, max_queue=max(0, len(prompts) - batch))
         for i, prompt in enumerate(prompts):
             ids = self.prompt_ids(prompt, chat, system)
             scheduler.submit(Request(ids, params, rules, emit=events[i].append))

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .backend import to_numpy
-from .errors import TinyLLMError
+from .errors import ConfigError, TinyLLMError
 from .generate import Context, Generation, StopRules
 from .sampler import Sampler, SamplingParams
 
@@ -191,8 +191,10 @@ class Scheduler:
             from .cuda.batch import enable_batching
             from .cuda.kernels import MAX_ROWS
 
-            if max_batch <= MAX_ROWS:
-                self.rows = enable_batching(model, max_batch, max_context)
+            if max_batch > MAX_ROWS:
+                raise ConfigError(f"--max-batch: the GPU fast path decodes up to {MAX_ROWS} sequences per step, "
+                                  f"got {max_batch}")
+            self.rows = enable_batching(model, max_batch, max_context)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
