@@ -22,3 +22,17 @@ def test_batch_with_stop_strings_and_seeded_sampling(tiny_llm):
         alone = tiny_llm.generate(prompt, **kwargs)
         assert got.token_ids == alone.token_ids and got.text == alone.text
         assert "\n" not in got.text
+
+
+def test_more_than_sixteen_sequences_per_gpu_step_is_a_one_line_error(tiny_llm):
+    """The GPU's batched step takes up to 16 sequences: a bigger --max-batch is refused by name
+    (a stand-in for the CUDA decoder: the check comes before anything touches the GPU)."""
+    from tinyllm.errors import ConfigError
+    from tinyllm.scheduler import Scheduler
+
+    tiny_llm.model.cuda_decoder = object()
+    try:
+        with pytest.raises(ConfigError, match=r"^--max-batch: .* up to 16 sequences per step, got 17$"):
+            Scheduler(tiny_llm.model, tiny_llm.tokenizer, max_batch=17)
+    finally:
+        del tiny_llm.model.cuda_decoder
