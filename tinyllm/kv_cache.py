@@ -20,6 +20,19 @@ from .errors import ContextOverflowError
 PREFILL_CHUNK = 512
 
 
+_masks: dict = {}
+
+
+def _block_mask(n: int, xp):
+    """-inf above the diagonal: query i of a block may not see key j > i of the same block.
+    Built once per size and device (a server makes a cache per request; 1 MB each otherwise)."""
+    device = None if xp is np else xp.cuda.Device().id
+    key = (xp.__name__, device, n)
+    if key not in _masks:
+        _masks[key] = xp.asarray(np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1))
+    return _masks[key]
+
+
 class KVCache:
     def __init__(self, config: Config, capacity: int, dtype, xp=np, batch: int = 1):
         if capacity <= 0:
@@ -29,9 +42,7 @@ class KVCache:
         shape = (batch, config.n_kv_heads, capacity, config.head_dim)  # [B, K, S_max, E]
         self.k = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
-        # -inf above the diagonal: query i of a block may not see key j > i of the same block.
-        n = min(capacity, PREFILL_CHUNK)
-        self.block_mask = xp.asarray(np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1))  # [T, T]
+        self.block_mask = _block_mask(min(capacity, PREFILL_CHUNK), xp)  # [T, T], shared by every cache
         self.pool, self.pool_row = None, 0  # set on the views that row() returns
 
     def row(self, i: int) -> "KVCache":
