@@ -419,8 +419,6 @@ class Server:
 
     async def _next_event(self, request, events: asyncio.Queue, disconnect: asyncio.Future):
         """The scheduler's next event, or None when the client went away first."""
-        if not events.empty():  # already there (the usual case under load): no waiting machinery
-            return events.get_nowait()
         get = asyncio.ensure_future(events.get())
         done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         if get in done:
