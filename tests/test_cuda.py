@@ -661,31 +661,6 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
     assert batch.free_rows == batch.max_batch
 
 
-def test_captured_prefill_against_eager(pair, batch, record):
-    """A prompt prefilled from a captured bucket graph (padded, run in the spare row, K/V
-    copied into its row) against the eager readable prefill of the same prompt alone."""
-    name, readable, fast, decoder = pair
-    assert batch.prefill_error is None and sorted(batch.prefill_graphs) == [16, 32, 64, 128, 256, 512]
-    ids = list(np.random.default_rng(12).integers(0, fast.config.vocab_size, 300))
-    errs = []
-    for n in (1, 16, 17, 45, 300):
-        row = batch.new_cache()
-        try:
-            logits = batch.prefill(ids[:n], row)
-            ref_cache = fast.new_cache(1024)
-            ref = fast.forward(np.array([ids[:n]]), ref_cache)[0, -1].get()
-            errs.append(rel_err(logits, ref))
-            assert row.length == n
-            for layer in (0, fast.config.n_layers - 1):
-                errs.append(rel_err(row.k[layer][0, :, :n].get(), ref_cache.k[layer][0, :, :n].get()))
-                errs.append(rel_err(row.v[layer][0, :, :n].get(), ref_cache.v[layer][0, :, :n].get()))
-            assert int(np.argmax(logits)) == int(np.argmax(ref)) or np.sort(ref)[-1] - np.sort(ref)[-2] < 2e-2
-        finally:
-            batch.release(row)
-    record(max_rel_err=max(errs))
-    assert max(errs) < 1e-2
-
-
 def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     """The server's scheduler on the fast path: 8 requests at once (greedy, seeded sampling,
     a repetition penalty sampled on the host) each give exactly the tokens they give alone.

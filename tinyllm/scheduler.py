@@ -120,16 +120,10 @@ class BatchedGeneration(Generation):
     the fed-back token to the cache; here it is recorded in the context's ids."""
 
     step_logits = None
-    rows = None  # the GPU's BatchDecoder: its captured prefill graphs run short prompts
 
     def logits(self, ids):
-        if self.step_logits is None:  # prefill: [T] ids -> logits [V]
-            if self.rows is not None:
-                logits = self.rows.prefill(ids, self.context.cache)
-                if logits is not None:
-                    self.context.ids.extend(ids)
-                    return logits
-            return super().logits(ids)
+        if self.step_logits is None:
+            return super().logits(ids)  # prefill: [T] ids -> logits [V]
         logits, self.step_logits = self.step_logits, None
         self.context.ids.extend(ids)
         return logits
@@ -149,7 +143,6 @@ class Sequence:
             if context is not None:
                 rows.release(context.cache)
             raise
-        self.generation.rows = rows
         self.tokens = iter(self.generation)
         self.last_token: int | None = None
         self.last_time = 0.0

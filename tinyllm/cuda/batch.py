@@ -26,14 +26,6 @@ uniform number from its sampler's seeded generator); only the B ids come back to
 host. A row whose sampler needs the token history (repetition/presence/frequency
 penalties) gets its logits row instead and is sampled on the host.
 
-Prefill: a prompt's forward pass is the readable path (cuBLAS for the matmuls), which on
-its own is host-bound: hundreds of CuPy calls of ~20 µs each, tens of milliseconds for a
-short prompt, while every running sequence waits. So `prefill` replays that same forward from a CUDA graph too, one per
-prompt length bucket (16, 32, ... 512 tokens): the prompt is padded to its bucket and run
-into the spare row at position 0 (the padding comes after the prompt, so the causal mask
-keeps it out of the prompt's attention), then its K/V rows are copied into the
-sequence's row and the logits of its last real token are returned.
-
 A sequence's tokens do not depend on its neighbours: every row of the GEMM and of the
 attention is computed on its own (the tensor cores compute each output element from its
 own row and column), so a request gives the same tokens at any batch size.
@@ -55,7 +47,6 @@ from . import kernels as K
 from .decoder import CudaDecoder
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
-PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # prompt lengths with a captured prefill (PREFILL_CHUNK at most)
 
 
 class BatchDecoder:
@@ -107,16 +98,6 @@ class BatchDecoder:
         K.compile_kernels(self.ops.rows_kernel_names(max_batch))
         for b in range(1, max_batch + 1):
             self.graphs[b] = self._capture(b)
-        # T -> (graph, pool, tokens [1, T], logits [1, T, V]) for prompts of up to T tokens
-        self.prefill_graphs: dict[int, tuple] = {}
-        self.prefill_error = None  # why the prefill is not captured, if it is not (then it runs eagerly)
-        for t in PREFILL_BUCKETS:
-            if t <= self.capacity:
-                try:
-                    self.prefill_graphs[t] = self._capture_prefill(t)
-                except Exception as e:  # e.g. a cuBLAS that cannot be captured: prefill eagerly
-                    self.prefill_error = f"{type(e).__name__}: {e}"
-                    break
         self.capture_seconds = time.perf_counter() - start
 
     # ---- rows of the batched cache ---------------------------------------------------------------
@@ -171,46 +152,6 @@ class BatchDecoder:
         if self.ops.stats["rows_attention"] - before != 2 * self.model.config.n_layers:
             raise DeviceError("the batched decode step did not take the fused attention")
         return graph, pool, logits
-
-    def _capture_prefill(self, t: int):
-        """The readable forward of a t-token prompt at position 0 of the spare row, captured."""
-        cp = self.cp
-        spare = self.pool.row(self.max_batch)
-        pool = cp.cuda.MemoryPool()
-        with cp.cuda.using_allocator(pool.malloc), self.stream:
-            tokens = cp.zeros((1, t), dtype=cp.int64)
-            self.model.forward_block(tokens, [spare], last_only=False)  # eager first: fills the pool
-            self.stream.synchronize()
-            self.stream.begin_capture()
-            try:
-                logits = self.model.forward_block(tokens, [spare], last_only=False)  # [1, T, V]
-            finally:
-                graph = self.stream.end_capture()
-            graph.upload(self.stream)
-            self.stream.synchronize()
-        return graph, pool, tokens, logits
-
-    def prefill(self, ids, cache) -> np.ndarray | None:
-        """Run a prompt into an empty row from a captured graph; the logits [V] (float32, host)
-        of its last token. None when no bucket fits (the caller runs the model itself)."""
-        t = len(ids)
-        bucket = next((b for b in self.prefill_graphs if b >= t), None)
-        if bucket is None or cache.length != 0 or cache.pool is not self.pool or t == 0:
-            return None
-        graph, _, tokens, logits = self.prefill_graphs[bucket]
-        padded = np.zeros((1, bucket), dtype=np.int64)
-        padded[0, :t] = ids
-        spare, row = self.max_batch, cache.pool_row
-        self.stream.wait_event(self.cp.cuda.get_current_stream().record())
-        with self.stream:
-            tokens.set(padded, stream=self.stream)
-            graph.launch(self.stream)
-            for k, v in zip(self.pool.k, self.pool.v):  # the prompt's keys and values: spare row -> its row
-                k[row, :, :t] = k[spare, :, :t]
-                v[row, :, :t] = v[spare, :, :t]
-            out = logits[0, t - 1].get(stream=self.stream)
-        cache.length = t
-        return out
 
     # ---- one step --------------------------------------------------------------------------------
     def _write_params(self, slot: int, samplers, spare=()) -> list:
