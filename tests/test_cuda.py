@@ -233,8 +233,9 @@ def test_decode_attention_kernel(shape, length, record):
 def test_gemv_rows_kernel(shape, case, rows, record):
     """The tensor-core GEMM over B tokens against float64 NumPy and torch, every epilogue."""
     n, k, epi, norm = GEMV_CASES[case](*KERNEL_SHAPES[shape])
-    if not K.gemv_rows_fits(n, k):
-        pytest.skip(f"K={k} is not a multiple of 64: gemv_rows does not apply (the readable op runs)")
+    if not K.gemv_rows_fits(n, k, rows):
+        pytest.skip(f"K={k}: not whole 64-wide tiles, or {rows} rows of it exceed shared memory: "
+                    "gemv_rows does not apply (the readable op runs)")
     w = randn(2 * n if epi == K.EPI_SWIGLU else n, k, scale=1 / math.sqrt(k))
     x = randn(rows, k, scale=2.0)
     nw = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
@@ -697,6 +698,34 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     assert [len(together[i]) for i in range(8)] == budgets
     assert together == alone
     assert batch.free_rows == batch.max_batch
+
+
+def test_generate_batch_on_the_gpu_remakes_and_frees_its_rows(pair):
+    """LLM.generate_batch on the fast path: a bigger batch remakes the batched decoder (same
+    row capacity: the attention scratch must outlive the old decoder's graphs) and gives the
+    same tokens for the same prompts; a batch that fails gives every row back."""
+    from tinyllm.engine import LLM
+
+    name, readable, fast, decoder = pair
+    v = fast.config.vocab_size
+    rng = np.random.default_rng(13)
+    prompts = [list(rng.integers(2, v, n)) for n in (5, 9, 3, 7, 9)]
+    fast.cuda_decoder = decoder
+    llm = LLM(fast, _IdsTokenizer(), Path("random"), 0.0)
+    try:
+        two = llm.generate_batch(prompts[:2], max_new_tokens=8, eos_ids=())
+        first = fast.batch_decoder
+        five = llm.generate_batch(prompts, max_new_tokens=8, eos_ids=())
+        assert fast.batch_decoder is not first and fast.batch_decoder.capacity == first.capacity
+        assert [r.token_ids for r in five[:2]] == [r.token_ids for r in two]
+        assert all(len(r.token_ids) == 8 for r in five)
+        too_long = list(rng.integers(2, v, fast.config.max_seq_len + 1))
+        with pytest.raises(RuntimeError, match="context"):
+            llm.generate_batch([prompts[0], too_long, prompts[1]], max_new_tokens=8, eos_ids=())
+        assert fast.batch_decoder.free_rows == fast.batch_decoder.max_batch
+    finally:
+        del fast.cuda_decoder
+        fast.batch_decoder = None
 
 
 # ---- errors -----------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ def test_more_than_sixteen_sequences_per_gpu_step_is_a_one_line_error(tiny_llm):
     from tinyllm.errors import ConfigError
     from tinyllm.scheduler import Scheduler
 
-    tiny_llm.model.cuda_decoder = object()
+    from types import SimpleNamespace
+
+    tiny_llm.model.cuda_decoder = SimpleNamespace(ops=SimpleNamespace(fused_attention=True))
     try:
         with pytest.raises(ConfigError, match=r"^--max-batch: .* up to 16 sequences per step, got 17$"):
             Scheduler(tiny_llm.model, tiny_llm.tokenizer, max_batch=17)

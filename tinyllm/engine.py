@@ -81,8 +81,10 @@ class LLM:
     def generate_batch(self, prompts, *, chat: bool = False, system: str | None = None, max_new_tokens: int = 256,
                        stop=(), eos_ids=None, **sampling):
         """Generate for several prompts at once (continuous batching, see scheduler.py): one
-        decode step serves every unfinished prompt. Returns one Completion per prompt, in order;
-        each equals what `generate` gives for that prompt alone."""
+        decode step serves every unfinished prompt. Returns one Completion per prompt, in order.
+        On the CPU each equals what `generate` gives for that prompt alone. On a GPU with the
+        fast path each is the same whatever else is in the batch, but the batched kernels round
+        differently from the single-sequence ones `generate` uses, so a near-tie may differ."""
         from .generate import Completion, Stats, StopRules
         from .sampler import SamplingParams
         from .scheduler import Failed, Finished, Piece, Request, Scheduler
@@ -95,15 +97,20 @@ class LLM:
             from .cuda.kernels import MAX_ROWS
 
             batch = min(batch, MAX_ROWS)  # the GPU's batched step takes up to 16; the rest wait their turn
-        scheduler = Scheduler(self.model, self.tokenizer, max_batch=batch, max_queue=max(0, len(prompts) - batch))
-        for i, prompt in enumerate(prompts):
-            ids = self.prompt_ids(prompt, chat, system)
-            scheduler.submit(Request(ids, params, rules, emit=events[i].append))
-        while any(not ev or not isinstance(ev[-1], Finished) for ev in events):
-            failed = next((ev[-1] for ev in events if ev and isinstance(ev[-1], Failed)), None)
-            if failed is not None:
-                raise RuntimeError(failed.message)
-            scheduler.run_once()
+        ids = [self.prompt_ids(prompt, chat, system) for prompt in prompts]
+        longest = max((len(i) for i in ids), default=1) + max(max_new_tokens, 1)  # the GPU's cache rows
+        scheduler = Scheduler(self.model, self.tokenizer, max_batch=batch, max_queue=max(0, len(prompts) - batch),
+                              max_context=longest)
+        try:
+            for i, prompt_ids in enumerate(ids):
+                scheduler.submit(Request(prompt_ids, params, rules, emit=events[i].append))
+            while any(not ev or not isinstance(ev[-1], Finished) for ev in events):
+                failed = next((ev[-1] for ev in events if ev and isinstance(ev[-1], Failed)), None)
+                if failed is not None:
+                    raise RuntimeError(failed.message)
+                scheduler.run_once()
+        finally:
+            scheduler.close()  # after an error or an interrupt: the other prompts end too
         results = []
         for ev in events:
             end = ev[-1]

@@ -115,9 +115,11 @@ class BatchedGeneration(Generation):
     """A Generation whose decode steps take their logits from the batched step.
 
     The prefill (the first call of `logits`) runs through the model alone, as in
-    generate.py; afterwards the scheduler puts this sequence's row of `decode_batch` in
-    `step_logits` before asking for the next token. `decode_batch` has already appended
-    the fed-back token to the cache; here it is recorded in the context's ids."""
+    generate.py; afterwards the scheduler puts this sequence's result of the batched step
+    in `step_logits` before asking for the next token: its row of `decode_batch` (logits
+    [V]), or on the GPU the id already chosen on the device (an int; logits for a sampler
+    with penalties). The step has already appended the fed-back token to the cache; here
+    it is recorded in the context's ids."""
 
     step_logits = None
 
@@ -169,9 +171,9 @@ class Sequence:
                         len(g.token_ids), list(g.token_ids))
 
     def close(self) -> None:
-        self.tokens.close()  # runs the generator's cleanup; the cache goes with this object
+        self.tokens.close()  # runs the generator's cleanup
         if self.rows is not None:
-            self.rows.release(self.cache)  # or back to the batched cache, for the next request
+            self.rows.release(self.cache)  # the row goes back to the batched cache (else the cache is freed)
 
 
 # ---- the scheduler ----------------------------------------------------------------------------
@@ -187,7 +189,8 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.rows = None  # on the GPU fast path: the BatchDecoder (captured here, before any request)
-        if getattr(model, "cuda_decoder", None) is not None:
+        decoder = getattr(model, "cuda_decoder", None)
+        if decoder is not None and decoder.ops.fused_attention:  # else: the readable decode_batch
             from .cuda.batch import enable_batching
             from .cuda.kernels import MAX_ROWS
 
@@ -346,6 +349,11 @@ class Scheduler:
             else:
                 keep.append(seq)
         self.running = keep
+
+    def close(self) -> None:
+        """Without the thread: end every waiting and running request now (their cache rows go
+        back). For a caller that drives `run_once` itself and stops early (generate_batch)."""
+        self._shutdown()
 
     def _shutdown(self) -> None:
         with self._lock:

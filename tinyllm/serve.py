@@ -299,6 +299,8 @@ class Server:
         self.model_id = model_id or Path(llm.path).name.removesuffix(".gguf")
         self.max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
         self.scheduler = Scheduler(llm.model, llm.tokenizer, max_batch, max_queue, max_context=self.max_context)
+        if self.scheduler.rows is not None:  # the GPU's batched cache may hold fewer positions (GPU memory)
+            self.max_context = min(self.max_context, self.scheduler.rows.capacity)
         self.validator = Validator(llm, self.model_id, self.max_context, default_max_tokens)
         self.metrics = Metrics(self.scheduler)
         self.created = int(time.time())
@@ -566,7 +568,8 @@ def main(argv=None) -> int:
         print(f"tinyllm.serve: {e}", file=sys.stderr)
         return 2
     print(f"tinyllm.serve: {server.model_id} on {llm.model.device.name}, loaded in {llm.load_seconds:.1f} s, "
-          f"warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+          f"warmed up in {time.perf_counter() - start:.1f} s, context {server.max_context} tokens per request",
+          file=sys.stderr, flush=True)
     config = uvicorn.Config(server.app(), host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     # On SIGINT/SIGTERM uvicorn stops accepting connections, lets in-flight streams finish

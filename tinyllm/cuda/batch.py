@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import ConfigError, DeviceError, TinyLLMError
 from ..kv_cache import KVCache
 from . import kernels as K
 from .decoder import CudaDecoder
@@ -57,6 +57,12 @@ class BatchDecoder:
             raise ValueError(f"max_batch: the batched fast path takes 1 to {K.MAX_ROWS} sequences, got {max_batch}")
         if not decoder.ops.fused_attention:
             raise DeviceError("the batched fast path needs the fused attention (head dim 64 or 128)")
+        c = decoder.model.config
+        widths = (c.dim, c.n_heads * c.head_dim, c.hidden_dim)  # every GEMM's K
+        if not all(K.gemv_rows_fits(1, k, max_batch) for k in widths):
+            fit = [r for r in (8,) if all(K.gemv_rows_fits(1, k, r) for k in widths)]
+            raise ConfigError(f"--max-batch: the batched GEMM holds {max(fit) if fit else 0} sequences per step "
+                              f"for this model (its inputs must fit in shared memory), got {max_batch}")
         cp = decoder.cp
         self.cp = cp
         self.decoder = decoder
@@ -64,13 +70,16 @@ class BatchDecoder:
         self.ops = decoder.ops
         self.stream = decoder.stream
         self.max_batch = max_batch
+        capacity = self._fit_capacity(min(capacity or c.max_seq_len, c.max_seq_len), max_batch + 1)
         self.pool = self.model.new_cache(capacity, batch=max_batch + 1)  # the last row: the captures' scratch
-        self.capacity = self.pool.capacity
+        self.capacity = self.pool.capacity  # positions per sequence (the server's context limit)
         self._free = list(range(max_batch))
         # The step's inputs, laid out the same in pinned host memory and in device memory,
         # so that one copy moves them all: tokens, positions, cache rows, sampling params.
         # Two host copies (A/B) of the inputs and of the chosen ids, because the next step
-        # is queued before this one is read (see `step`).
+        # is queued before this one is read (see `step`): a copy is rewritten only after the
+        # step that read it has been waited for. (A superseded step may still read a copy
+        # being rewritten; everything it computes is overwritten by the step after it.)
         m = K.MAX_ROWS
         layout = [("tokens", np.int64, (m, 1)), ("positions", np.int32, (m,)), ("slots", np.int32, (m,)),
                   ("params", np.float32, (m, 5))]
@@ -87,7 +96,6 @@ class BatchDecoder:
             self._offset[name] = offset
             offset += size
         self._nbytes = nbytes
-        self.ops.positions, self.ops.slots = self.device["positions"], self.device["slots"]
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
         self._slot = 0         # which host copy the last queued step used
@@ -100,6 +108,18 @@ class BatchDecoder:
             self.graphs[b] = self._capture(b)
         self.capture_seconds = time.perf_counter() - start
 
+    def _fit_capacity(self, capacity: int, rows: int) -> int:
+        """The positions per row, lowered (to a multiple of 256) when `rows` rows of `capacity`
+        would take more than half of the GPU's free memory: a model with a 128k context would
+        otherwise ask for tens of gigabytes. `capacity_asked` keeps what was asked."""
+        c = self.model.config
+        per_position = 2 * c.n_layers * c.n_kv_heads * c.head_dim * np.dtype(self.model.dtype).itemsize * rows
+        free = self.cp.cuda.runtime.memGetInfo()[0]
+        self.capacity_asked = capacity
+        if capacity * per_position > free // 2:
+            capacity = max(256, int(free // 2 // per_position) // 256 * 256)
+        return min(capacity, c.max_seq_len)
+
     # ---- rows of the batched cache ---------------------------------------------------------------
     @property
     def free_rows(self) -> int:
@@ -108,14 +128,19 @@ class BatchDecoder:
     def new_cache(self) -> KVCache:
         """A free row of the batched cache, as a cache of its own (length 0)."""
         if not self._free:
-            raise RuntimeError(f"all {self.max_batch} rows of the batched cache are in use")
+            raise TinyLLMError(f"all {self.max_batch} rows of the batched cache are in use")
+        # work on the current stream (e.g. this row's prefill) waits for any step still queued,
+        # which may write to this row on behalf of its previous sequence
+        self.cp.cuda.get_current_stream().wait_event(self.stream.record())
         return self.pool.row(self._free.pop(0))
 
     def release(self, cache: KVCache) -> None:
-        """Give a row back (its sequence ended); releasing twice is harmless."""
+        """Give a row back (its sequence ended). The cache is cut off from the row, so a second
+        release, or a step fed this cache, cannot touch a row that another sequence now holds."""
         if cache.pool is self.pool and cache.pool_row not in self._free and cache.pool_row < self.max_batch:
             self._free.append(cache.pool_row)
             self._free.sort()
+            cache.pool = None
 
     # ---- capture ---------------------------------------------------------------------------------
     def _run(self, b: int, caches):
@@ -133,7 +158,10 @@ class BatchDecoder:
         self._ahead = None
         self._write_inputs(0, [0] * b, [0] * b, [spare] * b, [None] * b)
         pool = cp.cuda.MemoryPool()
-        self.ops.host_writes_position, self.ops.batched = False, True
+        ops = self.ops
+        eager_buffers = ops.positions, ops.slots  # the graph reads this decoder's inputs, not them
+        ops.positions, ops.slots = self.device["positions"], self.device["slots"]
+        ops.host_writes_position, ops.batched = False, True
         before = self.ops.stats["rows_attention"]
         try:
             with cp.cuda.using_allocator(pool.malloc), self.stream:
@@ -148,7 +176,8 @@ class BatchDecoder:
                 graph.upload(self.stream)
                 self.stream.synchronize()
         finally:
-            self.ops.host_writes_position, self.ops.batched = True, False
+            ops.host_writes_position, ops.batched, ops.pending = True, False, None
+            ops.positions, ops.slots = eager_buffers
         if self.ops.stats["rows_attention"] - before != 2 * self.model.config.n_layers:
             raise DeviceError("the batched decode step did not take the fused attention")
         return graph, pool, logits
@@ -207,11 +236,14 @@ class BatchDecoder:
         b = len(caches)
         if not 1 <= b <= self.max_batch:
             raise ValueError(f"a batched step takes 1 to {self.max_batch} sequences, got {b}")
+        samplers = list(samplers) if samplers is not None else [None] * b
+        if len(tokens) != b or len(samplers) != b:
+            raise ValueError(f"a batched step needs one token and one sampler per cache: "
+                             f"{len(tokens)} tokens, {len(samplers)} samplers, {b} caches")
         for cache in caches:
             if cache.pool is not self.pool:
-                raise ValueError("every cache of a batched step must be a row from BatchDecoder.new_cache()")
+                raise ValueError("every cache of a batched step must be a row (not released) from BatchDecoder.new_cache()")
             cache.check_room(1)
-        samplers = list(samplers) if samplers is not None else [None] * b
         tokens = [int(t) for t in tokens]
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.matches(tokens, caches, samplers):
@@ -272,7 +304,7 @@ def enable_batching(model, max_batch: int = 16, capacity: int | None = None) -> 
     batch = getattr(model, "batch_decoder", None)
     if batch is None or batch.max_batch < max_batch or batch.capacity < capacity or batch.free_rows < batch.max_batch:
         if batch is not None and batch.free_rows < batch.max_batch:
-            raise RuntimeError("the model's batched decoder is in use")
+            raise TinyLLMError("the model's batched GPU decoder is in use by another scheduler")
         model.batch_decoder = None
         batch = model.batch_decoder = BatchDecoder(decoder, max_batch, capacity)
     return batch

@@ -221,9 +221,9 @@ def gemv_rows_name(k: int, norm: bool, epilogue: int, rows: int) -> str:
     return f"gemv_rows<{k}, {'true' if norm else 'false'}, {epilogue}, {(rows + 7) // 8}>"
 
 
-def gemv_rows_fits(n_out: int, k: int) -> bool:
-    """Whether gemv_rows takes this shape: whole 64-wide k tiles, X of 16 tokens in shared memory."""
-    return k % 64 == 0 and _rows_shared(k, MAX_ROWS, EPI_SWIGLU) <= 227 * 1024 and n_out > 0
+def gemv_rows_fits(n_out: int, k: int, rows: int = MAX_ROWS) -> bool:
+    """Whether gemv_rows takes this shape: whole 64-wide k tiles, X of `rows` tokens in shared memory."""
+    return k % 64 == 0 and _rows_shared(k, rows, EPI_SWIGLU) <= 227 * 1024 and n_out > 0
 
 
 def _rows_shared(k: int, rows: int, epilogue: int) -> int:

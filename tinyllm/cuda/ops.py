@@ -106,11 +106,12 @@ class FastOps(Ops):
         self.slot0 = cp.zeros(1, dtype=cp.int32)   # one sequence: its cache is "row 0" of itself
         self.positions = cp.zeros(K.MAX_ROWS, dtype=cp.int32)  # B sequences: each one's position
         self.slots = cp.zeros(K.MAX_ROWS, dtype=cp.int32)      # and its row of the batched cache
-        self.host_writes_position = True           # False while a graph is captured: decoder.py writes pos
+        self.host_writes_position = True           # False while a graph is captured: decoder.py / batch.py
+                                                   # write pos / positions and slots
         self.batched = False                       # True while batch.py captures: every attention reads
                                                    # positions and cache rows from device memory
         self.pending = None                        # at most one promise, made by the last call
-        self._scratch = {}                         # attention scratch by cache capacity
+        self._scratch = {}                         # attention scratch by (cache capacity, rows)
         layers = model.weights.layers
         # linears whose result the next op can absorb (add or swiglu): those are deferred
         self._deferred = {id(layer.wo) for layer in layers} | {id(layer.w_down) for layer in layers} \
@@ -199,7 +200,7 @@ class FastOps(Ops):
         if norm is None:
             self._keep(p)
         k, b = w.shape[1], self._rows(x)
-        fits = k % 8 == 0 and k <= 16384 if b == 1 and not self.batched else K.gemv_rows_fits(w.shape[0], k)
+        fits = k % 8 == 0 and k <= 16384 if b == 1 and not self.batched else K.gemv_rows_fits(w.shape[0], k, b)
         if not (b and fits and w.dtype == np.float16 and w.flags.c_contiguous):
             self._keep(norm)
             return super().linear(x, w)
@@ -304,8 +305,11 @@ class FastOps(Ops):
         return out
 
     def scratch(self, capacity: int, rows: int = 1):
-        """Attention scratch for a cache capacity; kept for the life of these ops (graphs use it)."""
+        """Attention scratch for a cache capacity and up to `rows` sequences; kept for the life of
+        these ops (graphs use it). Allocated from the default memory pool, never from a graph's
+        private pool (which is freed with its graph, while the scratch is shared by all graphs)."""
         if (capacity, rows) not in self._scratch:
             c = self.config
-            self._scratch[capacity, rows] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows)
+            with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
+                self._scratch[capacity, rows] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows)
         return self._scratch[capacity, rows]
