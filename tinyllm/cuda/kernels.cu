@@ -241,8 +241,7 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
 // split K between them (tiles w, w+8, ...); their partial sums meet in shared memory.
 // X (normed when NORM, and rounded to fp16: mma's input) is staged once per block in
 // dynamic shared memory, its rows padded by 32 halves so that the 8 threads of a
-// quarter-warp hit distinct banks. Tokens b >= B of the tile are never staged: their
-// fragments are zeros in registers (their outputs are dropped).
+// quarter-warp hit distinct banks. Rows b >= B of the tile are zeros.
 //   W: [N, K] ([2N, K] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
 __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                           unsigned b0, unsigned b1) {
@@ -310,8 +309,12 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
             // the first weights are on their way: now wait for X (written by the previous
             // kernel) and stage it, as fp16, normed when NORM; one warp per token
             pdl_wait();
-            for (int b = warp; b < B; b += ROWS_WARPS) {
+            for (int b = warp; b < NT * 8; b += ROWS_WARPS) {
                 __half* dst = xs + b * XS;
+                if (b >= B) {
+                    for (int i = lane; i < K / 8; i += 32) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0, 0, 0, 0);
+                    continue;
+                }
                 const uint4* src = reinterpret_cast<const uint4*>(X + (size_t)b * K);
                 float ss = 0.f;
                 for (int i = lane; i < K / 8; i += 32) {
@@ -343,9 +346,8 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
 #pragma unroll
                 for (int n = 0; n < NT; n++) {
                     const __half* xr = xs + (n * 8 + g) * XS + tile * 64 + 8 * t;
-                    const bool real = n * 8 + g < B;  // a token of this call, not padding
-                    const uint4 xa = real ? *reinterpret_cast<const uint4*>(xr) : make_uint4(0, 0, 0, 0);
-                    const uint4 xb = real ? *reinterpret_cast<const uint4*>(xr + 32) : make_uint4(0, 0, 0, 0);
+                    const uint4 xa = *reinterpret_cast<const uint4*>(xr);
+                    const uint4 xb = *reinterpret_cast<const uint4*>(xr + 32);
 #pragma unroll
                     for (int m = 0; m < MATS; m++) {
                         const uint4 &lo = wv[i][m][0][0], &hi = wv[i][m][1][0];
