@@ -34,7 +34,7 @@ def test_more_than_sixteen_sequences_per_gpu_step_is_a_one_line_error(tiny_llm):
 
     tiny_llm.model.cuda_decoder = SimpleNamespace(ops=SimpleNamespace(fused_attention=True))
     try:
-        with pytest.raises(ConfigError, match=r"^--max-batch: .* up to 16 sequences per step, got 17$"):
+        with pytest.raises(ConfigError, match=r"^--max-batch: .* up to 16 sequences per step for this model, got 17$"):
             Scheduler(tiny_llm.model, tiny_llm.tokenizer, max_batch=17)
     finally:
         del tiny_llm.model.cuda_decoder

@@ -94,9 +94,10 @@ class LLM:
         events = [[] for _ in prompts]
         batch = max(1, len(prompts))
         if getattr(self.model, "cuda_decoder", None) is not None:
-            from .cuda.kernels import MAX_ROWS
+            from .cuda.batch import max_batch_for
 
-            batch = min(batch, MAX_ROWS)  # the GPU's batched step takes up to 16; the rest wait their turn
+            batch = max(1, min(batch, max_batch_for(self.config)))  # the GPU's batched step: up to 16 (or 8)
+                                                                   # sequences; the rest wait their turn
         ids = [self.prompt_ids(prompt, chat, system) for prompt in prompts]
         longest = max((len(i) for i in ids), default=1) + max(max_new_tokens, 1)  # the GPU's cache rows
         scheduler = Scheduler(self.model, self.tokenizer, max_batch=batch, max_queue=max(0, len(prompts) - batch),

@@ -190,14 +190,15 @@ class Scheduler:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.rows = None  # on the GPU fast path: the BatchDecoder (captured here, before any request)
         decoder = getattr(model, "cuda_decoder", None)
-        if decoder is not None and decoder.ops.fused_attention:  # else: the readable decode_batch
-            from .cuda.batch import enable_batching
-            from .cuda.kernels import MAX_ROWS
+        if decoder is not None and decoder.ops.fused_attention:
+            from .cuda.batch import enable_batching, max_batch_for
 
-            if max_batch > MAX_ROWS:
-                raise ConfigError(f"--max-batch: the GPU fast path decodes up to {MAX_ROWS} sequences per step, "
-                                  f"got {max_batch}")
-            self.rows = enable_batching(model, max_batch, max_context)
+            most = max_batch_for(model.config)  # 16, 8 for very wide MLPs, 0: the readable decode_batch
+            if max_batch > most > 0:
+                raise ConfigError(f"--max-batch: the GPU fast path decodes up to {most} sequences per step "
+                                  f"for this model, got {max_batch}")
+            if most:
+                self.rows = enable_batching(model, max_batch, max_context)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch

@@ -58,10 +58,8 @@ class BatchDecoder:
         if not decoder.ops.fused_attention:
             raise DeviceError("the batched fast path needs the fused attention (head dim 64 or 128)")
         c = decoder.model.config
-        widths = (c.dim, c.n_heads * c.head_dim, c.hidden_dim)  # every GEMM's K
-        if not all(K.gemv_rows_fits(1, k, max_batch) for k in widths):
-            fit = [r for r in (8,) if all(K.gemv_rows_fits(1, k, r) for k in widths)]
-            raise ConfigError(f"--max-batch: the batched GEMM holds {max(fit) if fit else 0} sequences per step "
+        if max_batch > max_batch_for(c):
+            raise ConfigError(f"--max-batch: the batched GEMM holds {max_batch_for(c)} sequences per step "
                               f"for this model (its inputs must fit in shared memory), got {max_batch}")
         cp = decoder.cp
         self.cp = cp
@@ -292,6 +290,13 @@ class _Queued:
                 and all(a is b for a, b in zip(caches, self.caches))
                 and [c.length for c in caches] == self.lengths
                 and all(a is b for a, b in zip(samplers, self.samplers)))
+
+
+def max_batch_for(config) -> int:
+    """The most sequences per batched step for this model's shapes (16, 8, or 0 when
+    gemv_rows cannot hold even one 8-token tile of some GEMM's inputs)."""
+    widths = (config.dim, config.n_heads * config.head_dim, config.hidden_dim)  # every GEMM's K
+    return next((r for r in (K.MAX_ROWS, 8) if all(K.gemv_rows_fits(1, k, r) for k in widths)), 0)
 
 
 def enable_batching(model, max_batch: int = 16, capacity: int | None = None) -> BatchDecoder:
