@@ -240,7 +240,8 @@ class BatchDecoder:
                              f"{len(tokens)} tokens, {len(samplers)} samplers, {b} caches")
         for cache in caches:
             if cache.pool is not self.pool:
-                raise ValueError("every cache of a batched step must be a row (not released) from BatchDecoder.new_cache()")
+                raise ValueError("every cache of a batched step must be a row from BatchDecoder.new_cache(), "
+                                 "not yet released")
             cache.check_room(1)
         tokens = [int(t) for t in tokens]
         ahead, self._ahead = self._ahead, None

@@ -402,8 +402,9 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
 // Decode attention for one new token, grouped-query, split over the cache ("split-K",
 // flash-decoding): block (c, j, z) handles positions [c*CHUNK, (c+1)*CHUNK) of KV head j
 // for R of the n_rep query heads that share it (heads z*R .. z*R+R-1 of the group): more,
-// smaller blocks, because one token's attention is latency-bound, not bandwidth-bound. The position is read from device memory, so one captured
-// graph serves every step; chunks past the position return at once.
+// smaller blocks, because one token's attention is latency-bound, not bandwidth-bound.
+// The position is read from device memory, so one captured graph serves every step;
+// chunks past the position return at once.
 //
 // Fused in: RoPE of q and k (when `rotate`), the write of the new k and v into the
 // cache at `pos`, and the merge of the chunks' partial softmaxes, done by the last
