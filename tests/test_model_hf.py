@@ -1,8 +1,11 @@
 """Whole tiny models: tinyllm's logits against transformers for the prompt and every decode step,
-loaded from safetensors (single, sharded, bf16) and from GGUF (F32, F16, Q8_0, Q4_1)."""
+loaded from safetensors (single, sharded, bf16) and from GGUF (F32, F16, Q8_0, Q4_1, and Q4_K/Q6_K made by llama.cpp)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import hf_logits, hf_model_with, load_tiny, make_hf_model, write_gguf
 
 import gguf
@@ -79,6 +82,17 @@ def test_gguf_matches_transformers(tmp_path, qtype, variant):
     hf_model = make_hf_model(seed=4, **VARIANTS[variant])
     recovered = write_gguf(hf_model, tmp_path / "m.gguf", qtype)
     check_against(load_model(tmp_path / "m.gguf"), hf_model_with(hf_model, recovered), atol=1e-4)
+
+
+def test_kquant_gguf_matches_transformers():
+    """K-quants (Q4_K and Q6_K, llama.cpp's Q4_K_M recipe; tests/data/make_tiny_kquant.py made
+    the file with llama.cpp's quantizer): tinyllm against transformers reading the same file
+    with its own GGUF loader."""
+    path = Path(__file__).parent / "data" / "tiny-q4_k_m.gguf"
+    types = {t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert {Q.Q4_K, Q.Q6_K} <= types
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    check_against(load_model(path), ref, atol=1e-4)
 
 
 def test_gguf_f32_equals_original_weights(tmp_path):

@@ -3,7 +3,8 @@
 A GGUF file holds metadata (key/value fields: architecture, shapes, tokenizer) and
 tensors, many of them quantized in blocks (Q4_1: 32 weights share a scale and a
 minimum). The `gguf` package parses the file and dequantizes every block type it
-knows; tinyllm dequantizes to float32 once at load.
+knows (tested: F32, F16, Q8_0, Q4_1, and the K-quants Q4_K and Q6_K); tinyllm dequantizes
+to float32 once at load.
 
 Llama GGUF files store the Q and K projection rows permuted: the converter reorders
 each head's rows so that RoPE can rotate *adjacent* channel pairs (2i, 2i+1). tinyllm
