@@ -574,8 +574,12 @@ def main(argv=None) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     # On SIGINT/SIGTERM uvicorn stops accepting connections, lets in-flight streams finish
     # (cancelling those still running after --shutdown-timeout), runs the lifespan's
-    # shutdown (the scheduler stops), then re-raises the signal so the exit status shows it.
-    uvicorn.Server(config).run()
+    # shutdown (the scheduler stops), then re-raises the signal so the exit status shows it;
+    # Ctrl-C (SIGINT) then ends here as KeyboardInterrupt: a normal stop, not a traceback.
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass
     server.stop()
     return 0
 
