@@ -4,7 +4,7 @@ concurrent streamed completions over HTTP, /metrics, and a clean stop on SIGINT.
 
 What must hold: the server starts (batched CUDA graphs captured before the port opens),
 every stream ends with `data: [DONE]` and its `usage`, the same greedy request gives the
-same text alone and among 7 others, /metrics counts batched steps, and SIGINT exits 0.
+same token ids alone and among 7 others, /metrics counts batched steps, and SIGINT exits 0.
 Run on a machine with an NVIDIA GPU:  python benchmarks/gpu_serve_check.py
 """
 from __future__ import annotations
@@ -33,10 +33,11 @@ def free_port() -> int:
 
 def complete(port: int, prompt: str, max_tokens: int = 24) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            "return_token_ids": True}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
-    text, usage, done = [], None, False
+    text, usage, done, ids = [], None, False, None
     for line in resp:
         if not line.startswith(b"data: "):
             continue
@@ -49,7 +50,8 @@ def complete(port: int, prompt: str, max_tokens: int = 24) -> dict:
             usage = chunk["usage"]
         elif chunk["choices"]:
             text.append(chunk["choices"][0]["text"] or "")
-    return {"status": resp.status, "text": "".join(text), "usage": usage, "done": done}
+            ids = chunk["choices"][0].get("token_ids", ids)  # on the finishing chunk
+    return {"status": resp.status, "text": "".join(text), "usage": usage, "done": done, "ids": ids}
 
 
 def main() -> int:
@@ -92,10 +94,10 @@ def main() -> int:
             for i, r in enumerate(results):
                 if r["status"] != 200 or not r["done"] or not r["usage"]:
                     failures.append(f"stream {i}: {r}")
-            if results[0]["text"] != alone["text"]:
-                failures.append(f"batched text differs from alone: {results[0]['text']!r} vs {alone['text']!r}")
-            print("alone:   ", repr(alone["text"][:60]), alone["usage"])
-            print("batched: ", repr(results[0]["text"][:60]), results[0]["usage"])
+            if not alone["ids"] or len(alone["ids"]) != 24 or results[0]["ids"] != alone["ids"]:
+                failures.append(f"batched ids differ from alone: {results[0]['ids']} vs {alone['ids']}")
+            print("alone:   ", alone["ids"], repr(alone["text"][:60]), alone["usage"])
+            print("batched: ", results[0]["ids"], repr(results[0]["text"][:60]), results[0]["usage"])
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/metrics")
             metrics = conn.getresponse().read().decode()
