@@ -3,7 +3,7 @@ on a random SmolLM2-shaped checkpoint written to disk (benchmarks/gpu_cli_check.
 concurrent streamed completions over HTTP, /metrics, and a clean stop on SIGINT.
 
 What must hold: the server starts (batched CUDA graphs captured before the port opens),
-every stream ends with `data: [DONE]` and its `usage`, the same greedy request gives the
+every stream ends with `data: [DONE]` and its `usage`, the same seeded request gives the
 same token ids alone and among 7 others, /metrics counts batched steps, and SIGINT exits 0.
 Run on a machine with an NVIDIA GPU:  python benchmarks/gpu_serve_check.py
 """
@@ -34,7 +34,7 @@ def free_port() -> int:
 def complete(port: int, prompt: str, max_tokens: int = 24) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-            "return_token_ids": True}
+            "return_token_ids": True, "temperature": 1.0, "seed": 7}  # seeded: varied and reproducible
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     text, usage, done, ids = [], None, False, None
@@ -94,7 +94,8 @@ def main() -> int:
             for i, r in enumerate(results):
                 if r["status"] != 200 or not r["done"] or not r["usage"]:
                     failures.append(f"stream {i}: {r}")
-            if not alone["ids"] or len(alone["ids"]) != 24 or results[0]["ids"] != alone["ids"]:
+            if (not alone["ids"] or len(alone["ids"]) != 24 or len(set(alone["ids"])) < 4
+                    or results[0]["ids"] != alone["ids"]):
                 failures.append(f"batched ids differ from alone: {results[0]['ids']} vs {alone['ids']}")
             print("alone:   ", alone["ids"], repr(alone["text"][:60]), alone["usage"])
             print("batched: ", results[0]["ids"], repr(results[0]["text"][:60]), results[0]["usage"])
