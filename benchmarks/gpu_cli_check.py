@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_checkpoint(d: Path, seed: int = 0) -> None:
+def write_checkpoint(d: Path, seed: int = 0, embed_std: float = 0.5) -> None:
+    """A random SmolLM2-shaped checkpoint with a small trained tokenizer. `embed_std` sets
+    how peaked the (tied) output logits are: 0.5 gives one clear winner nearly everywhere."""
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
@@ -29,7 +31,7 @@ def write_checkpoint(d: Path, seed: int = 0) -> None:
            "bos_token_id": 0, "eos_token_id": 1}
     (d / "config.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(seed)
-    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, 576)), "model.norm.weight": 1 + 0.1 * rng.normal(size=576)}
+    w = {"model.embed_tokens.weight": rng.normal(0, embed_std, (vocab, 576)), "model.norm.weight": 1 + 0.1 * rng.normal(size=576)}
     for i in range(30):
         p = f"model.layers.{i}."
         for name, shape in {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
