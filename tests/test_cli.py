@@ -199,3 +199,24 @@ def test_loading_display_draws_then_erases(monkeypatch):
     with LoadingDisplay("model.gguf", enabled=False):  # stderr not a terminal: nothing at all
         time.sleep(0.15)
     assert fake.getvalue() == ""
+
+
+def test_loading_display_shows_the_share_done(monkeypatch):
+    """The terminal's loading line: a bar filled to the reported fraction and its percentage,
+    erased at the end."""
+    import io
+    import time
+
+    from tinyllm.run import LoadingDisplay
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with LoadingDisplay("model.gguf", enabled=True) as display:
+        display.update(0.5)
+        time.sleep(0.35)
+        display.update(0.25)  # never goes back
+        time.sleep(0.25)
+    out = err.getvalue()
+    assert "loading model.gguf [" + "#" * 12 + " " * 12 + "]  50% " in out
+    assert " 25% " not in out
+    assert out.endswith("\r\033[K")

@@ -56,3 +56,20 @@ def test_config_read_from_gguf_matches_transformers(tiny_llm, hf_default):
     assert c.rope_theta == hc.rope_parameters["rope_theta"]
     assert c.max_seq_len == hc.max_position_embeddings
     assert c.bos_token_id == hc.bos_token_id and hc.eos_token_id in c.eos_token_ids
+
+
+def test_load_reports_progress_from_0_to_1():
+    """`tinyllm.load(progress=...)`: a fraction that starts at 0, never goes back, moves once per
+    tensor of the file while it is dequantized, and ends at 1 when the model is ready."""
+    import gguf
+
+    import tinyllm
+    from tinyllm.loaders import default_model_path
+
+    seen = []
+    llm = tinyllm.load(progress=seen.append)
+    n_tensors = len(gguf.GGUFReader(default_model_path()).tensors)
+    assert llm.model is not None
+    assert seen[0] == 0.0 and seen[-1] == 1.0
+    assert all(a <= b for a, b in zip(seen, seen[1:]))
+    assert len(set(seen)) >= n_tensors

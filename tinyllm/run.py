@@ -151,9 +151,9 @@ def load_model(args):
     import tinyllm
 
     show = not args.quiet and sys.stderr.isatty()
-    with LoadingDisplay(args.model or "the default model", enabled=show):
+    with LoadingDisplay(args.model or "the default model", enabled=show) as display:
         llm = tinyllm.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                           fast_path=not args.no_fast_path)
+                           fast_path=not args.no_fast_path, progress=display.update)
     if args.max_context is not None and args.max_context > llm.config.max_seq_len:
         raise UsageError(f"--max-context: {args.max_context} is more than the model's context length "
                          f"({llm.config.max_seq_len})")
@@ -161,17 +161,20 @@ def load_model(args):
 
 
 class LoadingDisplay:
-    """A moving bar and the elapsed time on stderr while the model loads (a terminal only).
-
-    The loaders report no progress, so the bar shows that work is going on, not how much
-    is left; it is erased when loading ends."""
+    """A progress bar, the share done and the elapsed time on stderr while the model loads
+    (a terminal only), redrawn ten times a second from what `tinyllm.load` reports through
+    `update`; it is erased when loading ends."""
 
     WIDTH = 24
 
     def __init__(self, what: str, enabled: bool):
         self.what = Path(what).name if what else what
         self.enabled = enabled
+        self.fraction = 0.0
         self._done = threading.Event()
+
+    def update(self, fraction: float) -> None:
+        self.fraction = max(self.fraction, min(1.0, fraction))
 
     def __enter__(self):
         if self.enabled:
@@ -181,14 +184,12 @@ class LoadingDisplay:
         return self
 
     def _draw(self):
-        i = 0
         while not self._done.wait(0.1):
-            pos = i % (2 * self.WIDTH - 2)
-            pos = pos if pos < self.WIDTH else 2 * self.WIDTH - 2 - pos  # bounce back and forth
-            bar = " " * pos + "#" + " " * (self.WIDTH - pos - 1)
-            sys.stderr.write(f"\rloading {self.what} [{bar}] {time.perf_counter() - self._start:5.1f} s")
+            filled = int(self.fraction * self.WIDTH)
+            bar = "#" * filled + " " * (self.WIDTH - filled)
+            sys.stderr.write(f"\rloading {self.what} [{bar}] {self.fraction:4.0%} "
+                             f"{time.perf_counter() - self._start:5.1f} s")
             sys.stderr.flush()
-            i += 1
 
     def __exit__(self, *exc):
         if self.enabled:

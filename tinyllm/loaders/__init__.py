@@ -49,7 +49,9 @@ def default_model_path() -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path | None = None) -> Checkpoint:
+def read_checkpoint(path: str | Path | None = None, progress=None) -> Checkpoint:
+    """The checkpoint's config and tensors (GGUF: dequantized to float32, `progress(fraction)`
+    called per tensor; safetensors: memory-mapped, nothing to report)."""
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
@@ -66,7 +68,7 @@ def read_checkpoint(path: str | Path | None = None) -> Checkpoint:
             config = Config.from_hf(path / "config.json")
             return Checkpoint(path, "safetensors", config, read_checkpoint_dir(path))
     if path.suffix == ".gguf":
-        config, tensors, fields = read_gguf(path)
+        config, tensors, fields = read_gguf(path, progress)
         return Checkpoint(path, "gguf", config, tensors, fields)
     if path.suffix == ".safetensors":
         config = Config.from_hf(path.parent / "config.json")
@@ -121,9 +123,10 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
+def assemble_weights(ckpt: Checkpoint, dtype, device: Device, progress=None) -> Weights:
     """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up.
-    The checkpoint's tensors are consumed (taken out of `ckpt.tensors`) as they are used."""
+    The checkpoint's tensors are consumed (taken out of `ckpt.tensors`) as they are used.
+    `progress(fraction)`, if given, is called after each layer."""
     check_tensors(ckpt)
     xp, t, c = device.xp, ckpt.tensors, ckpt.config
     need = sum(int(np.prod(shape)) for shape in expected_shapes(c).values()) * np.dtype(dtype).itemsize
@@ -158,6 +161,8 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device) -> Weights:
             w_gate_up=put(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
             w_down=put(p + "mlp.down_proj.weight"),
         ))
+        if progress is not None:
+            progress((i + 1) / (c.n_layers + 1))
     embed = put("model.embed_tokens.weight")
     return Weights(
         tok_embeddings=embed,

@@ -90,8 +90,9 @@ def dequantize(tensor, path: Path) -> np.ndarray:
             "which the gguf package cannot dequantize") from None
 
 
-def read_gguf(path: str | Path):
-    """Config, Hugging Face-named float32 tensors, and the metadata fields of a GGUF file."""
+def read_gguf(path: str | Path, progress=None):
+    """Config, Hugging Face-named float32 tensors, and the metadata fields of a GGUF file.
+    `progress(fraction)`, if given, is called after each tensor is dequantized."""
     path = Path(path)
     reader = open_gguf(path)
     fields = field_values(reader)
@@ -102,7 +103,9 @@ def read_gguf(path: str | Path):
     names = {t.name for t in reader.tensors}
     config = Config.from_gguf_fields(fields, str(path), has_output_tensor="output.weight" in names)
     tensors = {}
-    for t in reader.tensors:
+    for i, t in enumerate(reader.tensors):
+        if progress is not None:
+            progress(i / len(reader.tensors))
         if t.name == "rope_freqs.weight":
             tensors["rope_freqs"] = dequantize(t, path)
             continue
