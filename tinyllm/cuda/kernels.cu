@@ -96,6 +96,62 @@ extern "C" __global__ void rms_norm_rows(const __half* __restrict__ x, const __h
 }
 
 // ---------------------------------------------------------------------------------------
+// A prompt's element-wise steps, one launch each instead of the 5 to 8 CuPy calls of the
+// readable op (a prefill is host-bound: every call costs ~20 us of Python and launch).
+// Each rounds exactly like the readable op it replaces.
+
+// RoPE of R token rows x N heads: out = fp16(x1*cos - x2*sin), fp16(x2*cos + x1*sin) in
+// fp32 without FMA (as NumPy/CuPy compute `x1 * cos - x2 * sin` then cast).
+// x: row r at x + r * row_stride, heads contiguous [N, E];  cos, sin: [cos_rows, E/2]
+// (cos_rows = R: a row each; else row r uses r % T);  out: [R, N, E] contiguous.
+extern "C" __global__ void rope_rows(const __half* __restrict__ x, long long row_stride, int N, int E,
+                                     const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                     int cos_rows, int T, long long R, __half* __restrict__ out) {
+    const int half = E / 2;
+    const long long total = R * N * half;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long r = idx / (N * half);
+        const int n = (int)((idx / half) % N), i = (int)(idx % half);
+        const long long c_row = (cos_rows == R) ? r : r % T;
+        const float c = cos_t[c_row * half + i], s = sin_t[c_row * half + i];
+        const __half* xr = x + r * row_stride + (long long)n * E;
+        const float x1 = h2f(xr[i]), x2 = h2f(xr[i + half]);
+        __half* o = out + (r * N + n) * E;
+        o[i] = f2h(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+        o[i + half] = f2h(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+    }
+}
+
+// Softmax of each row of x [rows, S] (fp32), in place: one block per row.
+extern "C" __global__ void softmax_rows(float* x, int S) {
+    __shared__ float red[33];
+    float* row = x + (size_t)blockIdx.x * S;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < S; i += blockDim.x) m = fmaxf(m, row[i]);
+    m = block_max(m, red);
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < S; i += blockDim.x) { const float e = expf(row[i] - m); row[i] = e; sum += e; }
+    sum = block_sum(sum, red);
+    for (int i = threadIdx.x; i < S; i += blockDim.x) row[i] /= sum;
+}
+
+// SiLU(gate) * up for R rows of [gate | up] (fp16), rounding each step to fp16 like CuPy's
+// `gate / (1.0 + exp(-gate)) * up`.  gate_up: [R, 2F] -> out: [R, F]
+extern "C" __global__ void swiglu_rows(const __half* __restrict__ gate_up, __half* __restrict__ out, int F,
+                                       long long R) {
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < R * F;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long r = idx / F;
+        const int j = (int)(idx % F);
+        const __half g = gate_up[r * 2 * F + j], up = gate_up[r * 2 * F + F + j];
+        const __half e = f2h(expf(-h2f(g)));
+        const __half d = f2h(1.f + h2f(e));
+        out[idx] = __hmul(__hdiv(g, d), up);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Programmatic dependent launch (Hopper): a kernel launched with the PDL attribute may
 // start while the kernel before it is still running. It must call pdl_wait() before it
 // reads anything the previous kernel wrote (or writes anything it reads); what comes

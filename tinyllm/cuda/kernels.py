@@ -60,7 +60,8 @@ def kernel(name: str):
     return _modules[name].get_function(name)
 
 
-PLAIN_KERNELS = ("embedding", "rms_norm_rows", "sample_token", "sample_rows", "set_step")
+PLAIN_KERNELS = ("embedding", "rms_norm_rows", "sample_token", "sample_rows", "set_step",
+                 "rope_rows", "softmax_rows", "swiglu_rows")
 
 
 def gemv_name(k: int, norm: bool, epilogue: int) -> str:
@@ -166,6 +167,33 @@ def embedding(table, token, out):
 def rms_norm_rows(x, w, eps: float, out):
     rows = x.size // x.shape[-1]
     kernel("rms_norm_rows")((rows,), (256,), (x, w, out, np.int32(x.shape[-1]), np.float32(eps)))
+
+
+def _blocks(n: int, threads: int = 256) -> int:
+    return max(1, min((n + threads - 1) // threads, 65535))
+
+
+def rope_rows(x, cos, sin, out):
+    """RoPE of a prompt's rows. x: [B, T, N, E] fp16 (heads contiguous, rows evenly strided);
+    cos, sin: [T, E/2] or [B, T, E/2] fp32, contiguous; out: [B, T, N, E] contiguous."""
+    b, t, n, e = x.shape
+    rows = b * t
+    kernel("rope_rows")((_blocks(rows * n * e // 2),), (256,), (
+        x, np.int64(x.strides[1] // 2), np.int32(n), np.int32(e), cos, sin, np.int32(cos.size // (e // 2)),
+        np.int32(t), np.int64(rows), out))
+
+
+def softmax_rows(x):
+    """Softmax over the last axis of a contiguous fp32 array, in place."""
+    s = x.shape[-1]
+    kernel("softmax_rows")((x.size // s,), (256,), (x, np.int32(s)))
+
+
+def swiglu_rows(gate_up, out):
+    """silu(gate) * up.  gate_up: [..., 2F] fp16 contiguous -> out [..., F]"""
+    f = gate_up.shape[-1] // 2
+    rows = gate_up.size // (2 * f)
+    kernel("swiglu_rows")((_blocks(rows * f),), (256,), (gate_up, out, np.int32(f), np.int64(rows)))
 
 
 def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):

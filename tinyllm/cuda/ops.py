@@ -232,7 +232,17 @@ class FastOps(Ops):
             p.launch(self, K.EPI_SWIGLU, out=out)
             return out
         self._keep(p)
+        if gate_up.dtype == np.float16 and gate_up.flags.c_contiguous:  # a prompt: one launch
+            out = self.xp.empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,), dtype=np.float16)
+            K.swiglu_rows(gate_up, out)
+            return out
         return super().swiglu(gate_up)
+
+    def softmax(self, x):
+        if x.dtype == np.float32 and x.flags.c_contiguous:  # a prompt's attention: one launch
+            K.softmax_rows(x)
+            return x
+        return super().softmax(x)
 
     def rope_angles(self, cos, sin, positions, t):
         if self.batched:
@@ -244,6 +254,13 @@ class FastOps(Ops):
     def rope(self, qk, cos, sin):
         self.flush()
         if not (self.fused_attention and qk.shape[1] == 1 and 1 <= qk.shape[0] <= K.MAX_ROWS and qk.dtype == np.float16):
+            b, t, n, e = qk.shape
+            if (qk.dtype == np.float16 and qk.strides[-1] == 2 and qk.strides[-2] == 2 * e
+                    and qk.strides[0] == t * qk.strides[1] and cos.dtype == np.float32 and cos.flags.c_contiguous
+                    and sin.flags.c_contiguous and cos.shape[-2:] == (t, e // 2) and cos.size in (t * e // 2, b * t * e // 2)):
+                out = self.xp.empty(qk.shape, dtype=np.float16)  # a prompt: one launch
+                K.rope_rows(qk, cos, sin, out)
+                return out
             return super().rope(qk, cos, sin)
         out = self.xp.empty(qk.shape, dtype=qk.dtype)
         self.pending = _Rope(qk, cos, sin, out)
