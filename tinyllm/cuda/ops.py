@@ -25,8 +25,10 @@ reads), which is what makes this safe. The result, per layer:
 
 plus the embedding, the final norm + LM head, and the fp32 cast of the logits.
 
-Only the decode shape (one token per sequence, fp16) takes the fused path; everything
-else (prefill, float32) runs the readable operations, with cuBLAS for the matmuls.
+Only the decode shape (one token per sequence, fp16) takes the fused path. A prompt
+(prefill) runs the readable operations with cuBLAS for the matmuls, except that its
+RMSNorm, RoPE, softmax and SiLU·mul are one kernel each (`*_rows` in kernels.cu: the
+prefill is host-bound, and each readable one is 5-10 CuPy calls); float32 runs readable.
 The position of the new token comes from `self.pos`, an int32 in device memory, so a
 captured step can be replayed at any position (decoder.py writes it; eager calls write
 it from the `pos` argument).
