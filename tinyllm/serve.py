@@ -531,7 +531,8 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16; the GPU fast path takes up to 16, "
+                   "8 for very wide MLPs)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond the batch; "
                    "more get 503 (default 64)")
     p.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens per request "
