@@ -59,6 +59,13 @@ __device__ float block_max(float v, float* red) {
 __device__ __forceinline__ float h2f(__half h) { return __half2float(h); }
 __device__ __forceinline__ __half f2h(float f) { return __float2half_rn(f); }
 
+// silu(gate) * up, each step rounded to fp16 as CuPy evaluates `gate / (1.0 + exp(-gate)) * up`
+__device__ __forceinline__ __half silu_mul(__half g, __half up) {
+    const __half e = f2h(expf(-h2f(g)));
+    const __half d = f2h(1.f + h2f(e));
+    return __hmul(__hdiv(g, d), up);
+}
+
 // Weights are streamed once per token: load them through the read-only path and ask L1
 // not to keep them, so the activations that every warp re-reads stay cached.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
@@ -144,10 +151,7 @@ extern "C" __global__ void swiglu_rows(const __half* __restrict__ gate_up, __hal
          idx += (long long)gridDim.x * blockDim.x) {
         const long long r = idx / F;
         const int j = (int)(idx % F);
-        const __half g = gate_up[r * 2 * F + j], up = gate_up[r * 2 * F + F + j];
-        const __half e = f2h(expf(-h2f(g)));
-        const __half d = f2h(1.f + h2f(e));
-        out[idx] = __hmul(__hdiv(g, d), up);
+        out[idx] = silu_mul(gate_up[r * 2 * F + j], gate_up[r * 2 * F + F + j]);
     }
 }
 
@@ -174,6 +178,18 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 //   EPI 1: out[n] = res[n] + fp16(y[n])                    (the residual connection)
 //   EPI 2: rows n and n + N: out[n] = silu(fp16(y[n])) * fp16(y[n + N])   (gate | up)
 enum { EPI_STORE = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2 };
+
+// out[i] from the fp32 sums y (and u, the up row, for EPI_SWIGLU), per epilogue
+template <int EPI>
+__device__ __forceinline__ void epilogue(float y, float u, const __half* __restrict__ res, __half* __restrict__ out,
+                                         size_t i) {
+    if (EPI == EPI_SWIGLU) {
+        out[i] = silu_mul(f2h(y), f2h(u));
+    } else {
+        const __half yh = f2h(y);
+        out[i] = (EPI == EPI_RESIDUAL) ? __hadd(__ldcg(res + i), yh) : yh;
+    }
+}
 
 template <int K>
 struct Row {  // one lane's share of a weight row, held in registers
@@ -264,18 +280,7 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
         y *= inv;
         u *= inv;
     }
-    if (lane == 0) {
-        if (EPI == EPI_SWIGLU) {
-            // mirrors `gate / (1.0 + exp(-gate)) * up` evaluated in fp16 by CuPy
-            const __half g = f2h(y), up = f2h(u);
-            const __half e = f2h(expf(-h2f(g)));
-            const __half d = f2h(1.f + h2f(e));
-            out[row] = __hmul(__hdiv(g, d), up);
-        } else {
-            const __half yh = f2h(y);
-            out[row] = (EPI == EPI_RESIDUAL) ? __hadd(__ldcg(res + row), yh) : yh;
-        }
-    }
+    if (lane == 0) epilogue<EPI>(y, u, res, out, row);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -441,16 +446,7 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
             if (EPI == EPI_SWIGLU) u += part[((ROWS_WARPS + w) * 16 + r) * COLS + b];
         }
         if (NORM) { y *= inv[b]; u *= inv[b]; }
-        const size_t o = (size_t)b * N + n_out;
-        if (EPI == EPI_SWIGLU) {
-            const __half gh = f2h(y), up = f2h(u);
-            const __half e = f2h(expf(-h2f(gh)));
-            const __half d = f2h(1.f + h2f(e));
-            out[o] = __hmul(__hdiv(gh, d), up);
-        } else {
-            const __half yh = f2h(y);
-            out[o] = (EPI == EPI_RESIDUAL) ? __hadd(__ldcg(res + o), yh) : yh;
-        }
+        epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
     }
 }
 
