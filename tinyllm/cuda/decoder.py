@@ -135,26 +135,19 @@ class CudaDecoder:
         cp = self.cp
         length = cache.length
         cache.check_room(1)
-        pool = cp.cuda.MemoryPool()
         history = cp.zeros(cache.capacity + 1, dtype=cp.int64)
+
+        def step():  # the eager run writes K/V at `length`, which the first real step overwrites
+            try:
+                return self._step(cache, history)
+            finally:
+                cache.length = length
+
         self.ops.host_writes_position = False
         try:
-            with cp.cuda.using_allocator(pool.malloc), self.stream:
-                # One eager step first: loads kernels and fills the private pool, so that
-                # the capture allocates nothing new. It writes K/V at `length`, which the
-                # first real step overwrites.
+            with self.stream:
                 K.set_step(self.token, self.ops.pos, self.params, 0, length, 0.0)
-                self._step(cache, history)
-                cache.length = length
-                self.stream.synchronize()
-                self.stream.begin_capture()
-                try:
-                    logits = self._step(cache, history)
-                finally:
-                    graph = self.stream.end_capture()
-                    cache.length = length
-                graph.upload(self.stream)
-                self.stream.synchronize()
+            graph, pool, logits = capture_graph(self.stream, step)
         finally:
             self.ops.host_writes_position = True
         return _CapturedStep(graph, pool, logits, history, cache)
@@ -276,6 +269,27 @@ class CudaDecoder:
                 yield int(out[i])
         finally:
             self.stream.synchronize()
+
+
+def capture_graph(stream, run):
+    """Run `run()` once eagerly, then capture a second run into a CUDA graph; -> (graph, pool,
+    what the captured run returned). The eager run loads the kernels and fills a private
+    memory pool, so the capture allocates nothing new; the graph's temporaries live in that
+    pool, which must be kept as long as the graph."""
+    import cupy as cp
+
+    pool = cp.cuda.MemoryPool()
+    with cp.cuda.using_allocator(pool.malloc), stream:
+        run()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            result = run()
+        finally:
+            graph = stream.end_capture()
+        graph.upload(stream)
+        stream.synchronize()
+    return graph, pool, result
 
 
 def enable_fast_path(model: Model, warmup: bool = True) -> CudaDecoder:
