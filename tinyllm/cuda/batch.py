@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import ConfigError, DeviceError, TinyLLMError
 from ..kv_cache import KVCache
 from . import kernels as K
-from .decoder import CudaDecoder
+from .decoder import CudaDecoder, capture_graph
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
 
@@ -53,14 +53,12 @@ class BatchDecoder:
     """Batched decode steps for up to `max_batch` sequences, each a row of one KV cache."""
 
     def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None):
-        if not 1 <= max_batch <= K.MAX_ROWS:
-            raise ValueError(f"max_batch: the batched fast path takes 1 to {K.MAX_ROWS} sequences, got {max_batch}")
+        c = decoder.model.config
+        if not 1 <= max_batch <= max_batch_for(c):  # the GEMM's inputs must fit in shared memory
+            raise ConfigError(f"--max-batch: the batched fast path takes 1 to {max_batch_for(c)} sequences "
+                              f"per step for this model, got {max_batch}")
         if not decoder.ops.fused_attention:
             raise DeviceError("the batched fast path needs the fused attention (head dim 64 or 128)")
-        c = decoder.model.config
-        if max_batch > max_batch_for(c):
-            raise ConfigError(f"--max-batch: the batched GEMM holds {max_batch_for(c)} sequences per step "
-                              f"for this model (its inputs must fit in shared memory), got {max_batch}")
         cp = decoder.cp
         self.cp = cp
         self.decoder = decoder
@@ -68,7 +66,8 @@ class BatchDecoder:
         self.ops = decoder.ops
         self.stream = decoder.stream
         self.max_batch = max_batch
-        capacity = self._fit_capacity(min(capacity or c.max_seq_len, c.max_seq_len), max_batch + 1)
+        self.capacity_asked = min(capacity or c.max_seq_len, c.max_seq_len)
+        capacity = self._fit_capacity(self.capacity_asked, max_batch + 1)
         self.pool = self.model.new_cache(capacity, batch=max_batch + 1)  # the last row: the captures' scratch
         self.capacity = self.pool.capacity  # positions per sequence (the server's context limit)
         self._free = list(range(max_batch))
@@ -109,11 +108,10 @@ class BatchDecoder:
     def _fit_capacity(self, capacity: int, rows: int) -> int:
         """The positions per row, lowered (to a multiple of 256) when `rows` rows of `capacity`
         would take more than half of the GPU's free memory: a model with a 128k context would
-        otherwise ask for tens of gigabytes. `capacity_asked` keeps what was asked."""
+        otherwise ask for tens of gigabytes."""
         c = self.model.config
         per_position = 2 * c.n_layers * c.n_kv_heads * c.head_dim * np.dtype(self.model.dtype).itemsize * rows
         free = self.cp.cuda.runtime.memGetInfo()[0]
-        self.capacity_asked = capacity
         if capacity * per_position > free // 2:
             capacity = max(256, int(free // 2 // per_position) // 256 * 256)
         return min(capacity, c.max_seq_len)
@@ -150,29 +148,18 @@ class BatchDecoder:
         return logits
 
     def _capture(self, b: int):
-        cp = self.cp
         spare = self.max_batch  # every row of a capture writes to the spare row, at position 0
         caches = [self.pool.row(spare) for _ in range(b)]
         self._ahead = None
         self._write_inputs(0, [0] * b, [0] * b, [spare] * b, [None] * b)
-        pool = cp.cuda.MemoryPool()
+        self._copy_inputs(0)
         ops = self.ops
         eager_buffers = ops.positions, ops.slots  # the graph reads this decoder's inputs, not them
         ops.positions, ops.slots = self.device["positions"], self.device["slots"]
         ops.host_writes_position, ops.batched = False, True
         before = self.ops.stats["rows_attention"]
         try:
-            with cp.cuda.using_allocator(pool.malloc), self.stream:
-                self._copy_inputs(0)
-                self._run(b, caches)  # eager first: loads the kernels and fills the private pool
-                self.stream.synchronize()
-                self.stream.begin_capture()
-                try:
-                    logits = self._run(b, caches)
-                finally:
-                    graph = self.stream.end_capture()
-                graph.upload(self.stream)
-                self.stream.synchronize()
+            graph, pool, logits = capture_graph(self.stream, lambda: self._run(b, caches))
         finally:
             ops.host_writes_position, ops.batched, ops.pending = True, False, None
             ops.positions, ops.slots = eager_buffers
@@ -308,9 +295,10 @@ def enable_batching(model, max_batch: int = 16, capacity: int | None = None) -> 
         raise DeviceError("batched GPU decoding needs the CUDA fast path (tinyllm.cuda.enable_fast_path)")
     capacity = min(capacity or model.config.max_seq_len, model.config.max_seq_len)
     batch = getattr(model, "batch_decoder", None)
-    if batch is None or batch.max_batch < max_batch or batch.capacity < capacity or batch.free_rows < batch.max_batch:
-        if batch is not None and batch.free_rows < batch.max_batch:
-            raise TinyLLMError("the model's batched GPU decoder is in use by another scheduler")
+    if batch is not None and batch.free_rows < batch.max_batch:
+        raise TinyLLMError("the model's batched GPU decoder is in use by another scheduler")
+    # (compared with the capacity it was asked for: one fitted to GPU memory is not remade)
+    if batch is None or batch.max_batch < max_batch or batch.capacity_asked < capacity:
         model.batch_decoder = None
         batch = model.batch_decoder = BatchDecoder(decoder, max_batch, capacity)
     return batch
