@@ -268,7 +268,7 @@ class Scheduler:
                 if self._stopping:
                     break
             self.run_once()
-        self._shutdown()
+        self.close()
 
     def run_once(self) -> None:
         """One step boundary: cancelled sequences leave, waiting ones join, one decode step.
@@ -352,11 +352,8 @@ class Scheduler:
         self.running = keep
 
     def close(self) -> None:
-        """Without the thread: end every waiting and running request now (their cache rows go
-        back). For a caller that drives `run_once` itself and stops early (generate_batch)."""
-        self._shutdown()
-
-    def _shutdown(self) -> None:
+        """End every waiting and running request now (their cache rows go back): the thread's
+        last act, and what a caller that drives `run_once` itself (generate_batch) calls."""
         with self._lock:
             waiting, self.waiting = list(self.waiting), collections.deque()
         for request in waiting:
