@@ -91,7 +91,10 @@ def blas_name() -> str:
 
 
 def git_commit() -> str:
-    """Short commit hash of the repository, with '+dirty' when tracked files differ from it."""
+    """Short commit hash of the repository, with '+dirty' when tracked files differ from it;
+    $TINYLLM_COMMIT when set (the GPU machine gets a copy of the tree whose .git may be stale)."""
+    if os.environ.get("TINYLLM_COMMIT"):
+        return os.environ["TINYLLM_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()

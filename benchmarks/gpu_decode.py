@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import cupy as cp  # noqa: E402
 
+from benchmarks.common import git_commit  # noqa: E402
 from benchmarks.gpu_models import SHAPES, random_model, to_transformers  # noqa: E402
 from tinyllm.cuda import CudaDecoder  # noqa: E402
 from tinyllm.cuda import kernels as K  # noqa: E402
@@ -256,16 +255,6 @@ def bench_transformers(model: Model, static: bool) -> dict:
     return {"decode_tok_s": (NEW_TOKENS - 1) / (tn - t1), "first_call_s": compile_s}
 
 
-def commit() -> str:
-    if os.environ.get("TINYLLM_COMMIT"):  # the GPU machine gets the tree without .git
-        return os.environ["TINYLLM_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -276,7 +265,7 @@ def main(argv=None) -> dict:
     props = cp.cuda.runtime.getDeviceProperties(0)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
-              "commit": commit(), "command": "python benchmarks/gpu_decode.py " + " ".join(argv or sys.argv[1:]),
+              "commit": git_commit(), "command": "python benchmarks/gpu_decode.py " + " ".join(argv or sys.argv[1:]),
               "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "shapes": {}}
     for name in args.shapes:
         print(f"[{name}] building random fp16 weights", flush=True)

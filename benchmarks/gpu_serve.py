@@ -44,7 +44,6 @@ import importlib.util
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -192,21 +191,6 @@ def device_name(device: str) -> str:
     return f"{cpu_model()} ({os.cpu_count()} cores, NumPy)"
 
 
-def commit() -> str:
-    """$TINYLLM_COMMIT when set (the GPU machine's copy of the tree may carry a stale .git),
-    else the repository's commit, else 'unknown'."""
-    if os.environ.get("TINYLLM_COMMIT"):
-        return os.environ["TINYLLM_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_serve.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (to try the script without a GPU)")
@@ -230,7 +214,7 @@ def main(argv=None) -> int:
         print(f"gpu_serve: missing Python packages: {', '.join(missing)} (install them, or carry them as wheels)",
               file=sys.stderr)
         return 2
-    from benchmarks.common import fmt, markdown_table, write_outputs
+    from benchmarks.common import fmt, git_commit, markdown_table, write_outputs
     from benchmarks.gpu_models import SHAPES
 
     if args.shape not in SHAPES:
@@ -241,7 +225,7 @@ def main(argv=None) -> int:
         return 2
 
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": device_name(args.device), "commit": commit(),
+            "device": device_name(args.device), "commit": git_commit(),
             "command": " ".join(["python", "benchmarks/gpu_serve.py"] + [shlex.quote(a) for a in sys.argv[1:]])}
     print(f"gpu_serve: {info['device']}, commit {info['commit']}", file=sys.stderr, flush=True)
 
