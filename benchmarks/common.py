@@ -212,6 +212,16 @@ def mark_end(info: dict) -> None:
     info["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def publish(out_dir: str | Path, name: str, result: dict, to_markdown, extra=()) -> None:
+    """A benchmark's last step: record the end load average, write NAME.json and NAME.md,
+    print the table, and say which files were written (`extra`: more files, e.g. a plot)."""
+    mark_end(result["machine"])
+    md = to_markdown(result)
+    paths = [*write_outputs(out_dir, name, result, md), *extra]
+    print(md)
+    print("\nwrote " + ", ".join(map(str, paths[:-1])) + f" and {paths[-1]}", file=sys.stderr)
+
+
 def write_outputs(out_dir: str | Path, name: str, result: dict, markdown: str) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

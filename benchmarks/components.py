@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from .common import best_of, fmt, header_markdown, machine_info, mark_end, markdown_table, write_outputs
+from .common import best_of, fmt, header_markdown, machine_info, markdown_table, publish
 
 COMPONENTS = ("rope", "qkv_projection", "attention_scores", "mask_cached", "mask_rebuilt", "attention")
 
@@ -138,11 +137,7 @@ def main(argv=None):
                      "repeats": args.repeats},
         "devices": [bench_device(config, d, args.seq_lens, args.repeats) for d in devices],
     }
-    mark_end(result["machine"])
-    md = to_markdown(result)
-    json_path, md_path = write_outputs(args.out, "components", result, md)
-    print(md)
-    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    publish(args.out, "components", result, to_markdown)
 
 
 if __name__ == "__main__":

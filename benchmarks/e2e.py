@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (chat_prompt_ids, fmt, header_markdown, load_tokenizer, machine_info, mark_end, markdown_table,
-                     peak_rss_mib, prompt_ids, summarize, thread_env, write_outputs)
+from .common import (chat_prompt_ids, fmt, header_markdown, load_tokenizer, machine_info, markdown_table,
+                     peak_rss_mib, prompt_ids, publish, summarize, thread_env)
 
 ENGINES = ("tinyllm", "transformers", "llama.cpp")
 LLAMA_CPP_INSTALL = "pip install llama-cpp-python   # builds llama.cpp from source: a few minutes"
@@ -447,11 +447,7 @@ def main(argv=None):
     if args.worker:
         return worker_main(*args.worker)
     result = run(args)
-    mark_end(result["machine"])
-    md = to_markdown(result)
-    json_path, md_path = write_outputs(args.out, "e2e", result, md)
-    print(md)
-    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    publish(args.out, "e2e", result, to_markdown)
 
 
 if __name__ == "__main__":

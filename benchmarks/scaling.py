@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (fmt, header_markdown, load_tokenizer, machine_info, mark_end, markdown_table, prompt_ids,
-                     thread_env, write_outputs)
+from .common import (fmt, header_markdown, load_tokenizer, machine_info, markdown_table, prompt_ids, publish,
+                     thread_env)
 from .e2e import ENGINES, engine_available, make_engine
 
 WARMUP_TOKENS = 16
@@ -172,15 +172,11 @@ def main(argv=None):
         print(f"[scaling] {e}", file=sys.stderr, flush=True)
         r = spawn(base | {"engine": e}, args.timeout)
         result["engines"][e] = r if "error" in r else {k: medians(v) for k, v in r.items()}
-    mark_end(result["machine"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = plot(result, out / "scaling.png")
     result["plot"] = str(png) if png else None
-    md = to_markdown(result)
-    json_path, md_path = write_outputs(out, "scaling", result, md)
-    print(md)
-    print(f"\nwrote {json_path}, {md_path}" + (f" and {png}" if png else ""), file=sys.stderr)
+    publish(out, "scaling", result, to_markdown, extra=[png] if png else [])
 
 
 if __name__ == "__main__":
