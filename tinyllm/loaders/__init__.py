@@ -103,6 +103,10 @@ def expected_shapes(c: Config) -> dict[str, tuple[int, ...]]:
 
 def check_tensors(ckpt: Checkpoint) -> None:
     """Refuse missing, unexpected or mis-shaped tensors, naming them."""
+    n_layers = ckpt.config.n_layers
+    if 9 * n_layers > len(ckpt.tensors):  # before listing the names of that many layers
+        raise CheckpointError(f"{ckpt.path}: the config has {n_layers} layers, the checkpoint only "
+                              f"{len(ckpt.tensors)} tensors (9 per layer)")
     want = expected_shapes(ckpt.config)
     have = {k: v for k, v in ckpt.tensors.items() if k != "rope_freqs"}
     if ckpt.config.tie_embeddings:
@@ -117,6 +121,13 @@ def check_tensors(ckpt: Checkpoint) -> None:
     for name, shape in want.items():
         if tuple(have[name].shape) != shape:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(have[name].shape)}, expected {list(shape)}")
+    freqs = ckpt.tensors.get("rope_freqs")  # Llama 3.1's per-frequency RoPE factors (GGUF)
+    if freqs is not None:
+        if tuple(freqs.shape) != (ckpt.config.head_dim // 2,):
+            raise CheckpointError(f"{ckpt.path}: tensor 'rope_freqs.weight' has shape {list(freqs.shape)}, "
+                                  f"expected [{ckpt.config.head_dim // 2}]")
+        if not (np.isfinite(freqs).all() and (freqs > 0).all()):
+            raise CheckpointError(f"{ckpt.path}: tensor 'rope_freqs.weight' must hold positive finite factors")
 
 
 def _names(names: list[str]) -> str:
@@ -124,8 +135,8 @@ def _names(names: list[str]) -> str:
 
 
 def assemble_weights(ckpt: Checkpoint, dtype, device: Device, progress=None) -> Weights:
-    """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up.
-    The checkpoint's tensors are consumed (taken out of `ckpt.tensors`) as they are used.
+    """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up;
+    a tensor holding NaN or inf is refused by name. The checkpoint's tensors are consumed (taken out of `ckpt.tensors`) as they are used.
     `progress(fraction)`, if given, is called after each layer."""
     check_tensors(ckpt)
     xp, t, c = device.xp, ckpt.tensors, ckpt.config
@@ -139,9 +150,14 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device, progress=None) -> 
         freed while the model is assembled rather than all held until the end."""
         arrays = [t.pop(name) for name in names]
         host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        with np.errstate(over="ignore"):  # a value too large for float16 becomes inf, refused below
+            host = np.asarray(host, dtype=dtype)
+        # One pass over what the model will hold catches NaN/inf in the file and overflow of the cast.
+        if not np.isfinite(host).all():
+            raise _non_finite(ckpt.path, names, arrays, dtype)
         del arrays
         try:
-            return xp.asarray(np.asarray(host, dtype=dtype))
+            return xp.asarray(host)
         except Exception as e:
             if type(e).__name__ == "OutOfMemoryError":
                 free = _gpu_free_bytes(device)
@@ -171,6 +187,18 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device, progress=None) -> 
         output=embed if c.tie_embeddings else put("lm_head.weight"),
         rope_freq_factors=t.get("rope_freqs"),
     )
+
+
+def _non_finite(path: Path, names, arrays, dtype) -> CheckpointError:
+    """The error for stacked tensors that hold NaN/inf once cast to `dtype`, naming the tensor."""
+    for name, a in zip(names, arrays):
+        if not np.isfinite(a).all():
+            return CheckpointError(f"{path}: tensor {name!r} holds non-finite values (NaN or inf)")
+    for name, a in zip(names, arrays):
+        with np.errstate(over="ignore"):
+            if not np.isfinite(np.asarray(a, dtype=dtype)).all():
+                return CheckpointError(f"{path}: tensor {name!r} holds values too large for {np.dtype(dtype).name}")
+    return CheckpointError(f"{path}: tensors {', '.join(names)} hold non-finite values")
 
 
 def _gpu_free_bytes(device: Device) -> int:
