@@ -85,10 +85,11 @@ class Tokenizer:
 
     # ---- from a Hugging Face directory ----------------------------------------------------
     @classmethod
-    def from_dir(cls, directory: str | Path, bos_id=None, eos_ids=()) -> "Tokenizer":
+    def from_dir(cls, directory: str | Path, bos_id=None, eos_ids=(), vocab_size: int | None = None) -> "Tokenizer":
         """`tokenizer.json` as it is; BOS/EOS and the chat template from `tokenizer_config.json`
         (or `special_tokens_map.json`, `chat_template.jinja`).
-        `bos_id`/`eos_ids` from config.json win; the tokenizer's EOS is added to them."""
+        `bos_id`/`eos_ids` from config.json win; the tokenizer's EOS is added to them.
+        `vocab_size`, the model's, if given: BOS and EOS must be rows of its embedding."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
@@ -97,13 +98,22 @@ class Tokenizer:
                 "`tokenizer.save_pretrained` writes)")
         try:
             tk = HFTokenizer.from_file(str(path))
-        except Exception as e:
+        except BaseException as e:  # a damaged file can make the Rust code panic (not an Exception)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             raise CheckpointError(f"{path}: cannot be read by tokenizers ({_one_line(e)})") from None
-        cfg = _read_json(directory / "special_tokens_map.json") | _read_json(directory / "tokenizer_config.json")
+        files = [directory / "tokenizer_config.json", directory / "special_tokens_map.json"]
+        configs = [(file, _read_json(file)) for file in files]
+
+        def setting(name):
+            """(file, value) of the first file that sets `name`."""
+            return next(((file, cfg[name]) for file, cfg in configs if name in cfg), (None, None))
 
         def token_id(name):
-            value = cfg.get(name)
+            file, value = setting(name)
             text = value.get("content") if isinstance(value, dict) else value
+            if text is not None and not isinstance(text, str):
+                raise CheckpointError(f"{file}: {name} must be a token (a string or an object with a 'content' string)")
             return None if text is None else tk.token_to_id(text)
 
         if bos_id is None:
@@ -112,52 +122,64 @@ class Tokenizer:
         cfg_eos = token_id("eos_token")
         if cfg_eos is not None and cfg_eos not in eos:
             eos.append(cfg_eos)
+        if vocab_size is not None:
+            for name, tid in (("bos_token", bos_id), *(("eos_token", e) for e in eos)):
+                if tid is not None and not 0 <= tid < vocab_size:
+                    raise CheckpointError(f"{directory}: {name} id {tid} is outside the model's vocabulary (size {vocab_size})")
         # Whether BOS starts a prompt: the post-processor of tokenizer.json decides (Llama's
         # TemplateProcessing "<s> $A"); transformers 5 also ignores tokenizer_config.json's
         # add_bos_token when tokenizer.json exists. An EOS it would append is not kept:
         # a prompt must not end the reply before it starts.
         add_bos = bos_id is not None and bos_id in tk.encode("a", add_special_tokens=True).ids[:1]
-        template = cfg.get("chat_template")
+        file, template = setting("chat_template")
         if template is None and (directory / "chat_template.jinja").is_file():
-            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+            file = directory / "chat_template.jinja"
+            try:
+                template = file.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{file}: not UTF-8 text") from None
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{file}: chat_template must be a string or a list of {{name, template}} objects")
         return cls(tk, bos_id, tuple(eos), bool(add_bos), template, str(path))
 
     # ---- from GGUF metadata -----------------------------------------------------------------
     @classmethod
     def from_gguf_fields(cls, fields: dict, source: str) -> "Tokenizer":
         """The tokenizer a GGUF file describes; `fields` are its metadata as Python values."""
-        tokens = fields.get("tokenizer.ggml.tokens")
+        tokens = _field(fields, "tokenizer.ggml.tokens", list, source)
         if not tokens:
             raise CheckpointError(f"{source}: the GGUF metadata has no tokenizer (tokenizer.ggml.tokens is missing)")
-        kind = fields.get("tokenizer.ggml.model")
+        if not all(isinstance(t, str) for t in tokens):
+            raise CheckpointError(f"{source}: tokenizer.ggml.tokens must be a list of strings")
+        kind = _field(fields, "tokenizer.ggml.model", str, source)
         n = len(tokens)
-        types = _per_token(fields, "tokenizer.ggml.token_type", n, source) or [TOKEN_NORMAL] * n
+        types = _per_token(fields, "tokenizer.ggml.token_type", n, source, int) or [TOKEN_NORMAL] * n
         special_ids = {}
         for key in ("bos", "eos", "eot", "unknown", "padding"):
-            value = fields.get(f"tokenizer.ggml.{key}_token_id")
+            value = _field(fields, f"tokenizer.ggml.{key}_token_id", int, source)
             if value is not None and not 0 <= value < n:
                 raise CheckpointError(f"{source}: tokenizer.ggml.{key}_token_id is {value}, outside the vocabulary of {n} tokens")
-            special_ids[key] = None if value is None else int(value)
+            special_ids[key] = value
 
+        merges = _merge_pairs(fields, tokens, source)
         if kind == "gpt2":
-            merges = fields.get("tokenizer.ggml.merges")
             if not merges:
                 raise CheckpointError(f"{source}: tokenizer.ggml.merges is missing (a gpt2 tokenizer needs its merges)")
-            tk = _byte_level_bpe(tokens, merges, fields.get("tokenizer.ggml.pre"))
+            tk = _byte_level_bpe(tokens, merges, _field(fields, "tokenizer.ggml.pre", str, source))
         elif kind == "llama":
-            merges = fields.get("tokenizer.ggml.merges")
             if not merges:
-                scores = _per_token(fields, "tokenizer.ggml.scores", n, source)
+                scores = _per_token(fields, "tokenizer.ggml.scores", n, source, (int, float))
                 if scores is None:
                     raise CheckpointError(f"{source}: tokenizer.ggml.scores is missing (a llama tokenizer without merges needs them)")
                 merges = _merges_from_scores(tokens, scores)
             unk = special_ids["unknown"]
             if unk is None:
                 unk = next((i for i, t in enumerate(types) if t == TOKEN_UNKNOWN), None)
+            add_space_prefix = _field(fields, "tokenizer.ggml.add_space_prefix", bool, source)
             tk = _sentencepiece_bpe(tokens, merges, None if unk is None else tokens[unk],
-                                    bool(fields.get("tokenizer.ggml.add_space_prefix", True)))
+                                    True if add_space_prefix is None else add_space_prefix)
         else:
             raise CheckpointError(f"{source}: tokenizer.ggml.model is {kind!r}; tinyllm reads 'gpt2' (byte-level BPE) "
                                   "and 'llama' (SentencePiece BPE)")
@@ -174,16 +196,15 @@ class Tokenizer:
         eos = [i for i in (special_ids["eos"], special_ids["eot"]) if i is not None]
         eos = list(dict.fromkeys(eos))  # EOT (Llama 3's <|eot_id|>) also ends a reply
         # A llama (SentencePiece) vocabulary starts prompts with BOS unless the file says not.
-        add_bos = fields.get("tokenizer.ggml.add_bos_token", kind == "llama")
-        return cls(tk, special_ids["bos"], tuple(eos), bool(add_bos),
-                   fields.get("tokenizer.chat_template"), source)
+        add_bos = _field(fields, "tokenizer.ggml.add_bos_token", bool, source)
+        return cls(tk, special_ids["bos"], tuple(eos), kind == "llama" if add_bos is None else add_bos,
+                   _field(fields, "tokenizer.chat_template", str, source), source)
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> HFTokenizer:
+def _byte_level_bpe(tokens: list[str], merges: list[tuple[str, str]], pre: str | None) -> HFTokenizer:
     """GPT-2 style BPE: bytes spelled as printable characters, words cut by a regex."""
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     words = WORD_SPLITS.get(pre)
     if words is None:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -220,7 +241,6 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 def _sentencepiece_bpe(tokens: list[str], merges, unk: str | None, add_space_prefix: bool) -> HFTokenizer:
     """SentencePiece BPE as a `tokenizers` pipeline: `▁` for spaces, byte fallback, `<unk>`."""
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else m for m in merges]
     # byte_fallback: a character missing from the vocabulary becomes its <0xNN> byte tokens;
     # only if one of those is missing too does it become `unk` (consecutive ones fused).
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -238,22 +258,56 @@ def _sentencepiece_bpe(tokens: list[str], merges, unk: str | None, add_space_pre
     return tk
 
 
-def _per_token(fields: dict, key: str, n: int, source: str):
-    """A per-token metadata array, checked to have one entry per token (None if absent)."""
-    values = fields.get(key)
+def _field(fields: dict, key: str, kind, source: str):
+    """A metadata value of the expected Python type (None if absent)."""
+    value = fields.get(key)
+    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise CheckpointError(f"{source}: {key} must be {_TYPE_NAMES[kind]}, got {type(value).__name__}")
+    return value
+
+
+_TYPE_NAMES = {list: "a list", str: "a string", int: "an integer", bool: "a boolean"}
+
+
+def _per_token(fields: dict, key: str, n: int, source: str, kind):
+    """A per-token metadata array of `kind` values, checked to have one entry per token (None if absent)."""
+    values = _field(fields, key, list, source)
     if values is None:
         return None
     if len(values) != n:
         raise CheckpointError(f"{source}: {key} has {len(values)} entries, expected one per token ({n})")
+    if not all(isinstance(v, kind) for v in values):
+        raise CheckpointError(f"{source}: {key} must hold numbers, one per token")
     return values
+
+
+def _merge_pairs(fields: dict, tokens: list[str], source: str) -> list[tuple[str, str]]:
+    """tokenizer.ggml.merges ("left right" strings) as pairs, each checked to fit the vocabulary:
+    both parts and the piece they make are tokens. (`tokenizers` would stop at the first bad
+    one with a panic from its Rust code instead.)"""
+    merges = _field(fields, "tokenizer.ggml.merges", list, source) or []
+    vocab = set(tokens)
+    pairs = []
+    for i, merge in enumerate(merges):
+        pair = merge.split(" ", 1) if isinstance(merge, str) else ()
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise CheckpointError(f"{source}: tokenizer.ggml.merges[{i}] is {_short(merge)}, expected two tokens "
+                                  "of the vocabulary, separated by a space, that join into a token")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, a number too long
         raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
