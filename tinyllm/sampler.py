@@ -4,12 +4,26 @@ The model gives one score (logit) per vocabulary entry. Turning scores into a to
 a short pipeline; each step takes a float32 logits vector [V] and returns a new one,
 so each can be checked on its own with a hand-made vector:
 
-    logits ─► repetition penalty ─► presence/frequency penalty      (look at past tokens)
-           ─► temperature                                             (sharpen or flatten)
-           ─► top-k ─► top-p ─► min-p                                 (drop unlikely tokens: -inf)
-           ─► softmax ─► draw with one uniform number u               (inverse CDF)
+    logits ─► check                                                  (NaN, +-inf: name a token?)
+           ─► repetition penalty ─► presence/frequency penalty      (look at past tokens)
+           ─► temperature                                           (sharpen or flatten)
+           ─► top-k ─► top-p ─► min-p                               (drop unlikely tokens: -inf)
+           ─► softmax ─► draw with one uniform number u             (inverse CDF)
 
 Temperature 0 means greedy decoding: the argmax of the penalised logits, no randomness.
+
+Every setting SamplingParams accepts gives a token for any logits that name one, the
+extremes included; where float32 cannot hold a step's result, the step takes the limit:
+- Logits are checked first (`check_logits`). NaN names no token, and neither do logits
+  that are all -inf: both raise a SamplingError on 'logits' (one request's sampler fails,
+  not the process). A +inf logit outranks every finite one: when some are +inf, they
+  alone stay, as equals (logit 0).
+- A penalty never makes a finite logit infinite: past float32's range it saturates at
+  the largest float32, so it can neither forbid a token nor force one.
+- A temperature too small to be a float32 (below about 1e-45) is the limit T -> 0:
+  greedy, and it draws no random number. A larger one whose quotients overflow divides
+  the logits shifted so that the largest is 0 (softmax does not change): only tokens
+  whose probability is 0 anyway can overflow, to -inf.
 
 The draw is kept apart from the filters on purpose. `filtered_probs` gives the final
 distribution and `draw(probs, u)` turns one uniform number u in [0, 1) into a token:
@@ -31,7 +45,6 @@ Definitions (so results match other tools):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,10 +52,13 @@ import numpy as np
 from .errors import TinyLLMError
 
 NEG_INF = -np.inf
+FLOAT32_MAX = float(np.finfo(np.float32).max)    # about 3.4e38
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, about 1.2e-38
 
 
 class SamplingError(TinyLLMError, ValueError):
-    """A sampling parameter outside its range. `param` names it (e.g. 'top_p')."""
+    """A sampling parameter outside its range, or logits that name no token (NaN, all
+    -inf). `param` names the culprit (e.g. 'top_p', or 'logits')."""
 
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
@@ -67,39 +83,63 @@ class SamplingParams:
     seed: int | None = None           # None: a fresh random seed
 
     def __post_init__(self):
-        def number(name):
+        # The ranges are what the steps can honour in float32 (the logits' type, on the host
+        # and on the GPU); top_k and seed are bounded so that the GPU's int32 and NumPy's
+        # seed take them as they are.
+        def check(name, ok, allowed, integer=False):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise SamplingError(name, f"expected a number, got {value!r}")
-            if not math.isfinite(value):
-                raise SamplingError(name, f"expected a finite number, got {value!r}")
-            return float(value)
+            kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise SamplingError(name, f"expected {'an integer' if integer else 'a number'}, got {_shown(value)}")
+            if not ok(value):  # NaN fails every comparison
+                raise SamplingError(name, f"must be {allowed}, got {_shown(value)}")
 
-        if number("temperature") < 0:
-            raise SamplingError("temperature", f"must be >= 0 (0 means greedy), got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise SamplingError("top_k", f"must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not 0.0 < number("top_p") <= 1.0:
-            raise SamplingError("top_p", f"must be in (0, 1] (1 turns it off), got {self.top_p!r}")
-        if not 0.0 <= number("min_p") <= 1.0:
-            raise SamplingError("min_p", f"must be in [0, 1] (0 turns it off), got {self.min_p!r}")
-        if not number("repetition_penalty") > 0:
-            raise SamplingError("repetition_penalty", f"must be > 0 (1 turns it off), got {self.repetition_penalty!r}")
+        check("temperature", lambda t: 0 <= t <= FLOAT32_MAX, ">= 0 and <= 3.4e38, float32's largest (0 means greedy)")
+        check("top_k", lambda k: 0 <= k < 2**31, "in [0, 2**31) (0 turns it off)", integer=True)
+        check("top_p", lambda p: 0 < p <= 1, "in (0, 1] (1 turns it off)")
+        check("min_p", lambda p: 0 <= p <= 1, "in [0, 1] (0 turns it off)")
+        check("repetition_penalty", lambda r: FLOAT32_TINY <= r <= FLOAT32_MAX,
+              "> 0, in float32's normal range [1.2e-38, 3.4e38] (1 turns it off)")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= number(name) <= 2.0:
-                raise SamplingError(name, f"must be in [-2, 2] (0 turns it off), got {getattr(self, name)!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
-                                      or self.seed < 0):
-            raise SamplingError("seed", f"must be an integer >= 0, got {self.seed!r}")
+            check(name, lambda v: -2 <= v <= 2, "in [-2, 2] (0 turns it off)")
+        if self.seed is not None:
+            check("seed", lambda s: 0 <= s < 2**64, "in [0, 2**64) or None (a fresh seed)", integer=True)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one that is 0 as a float32: the limit T -> 0 is the argmax."""
+        return np.float32(self.temperature) == 0.0
 
     @property
     def uses_history(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+def _shown(value) -> str:
+    """The value as the user wrote it, cut short (a 400-digit integer is still one line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---- the first step: logits that name a token ---------------------------------------------------
+
+def check_logits(logits) -> np.ndarray:
+    """float32 logits [V] that the steps below can rely on: no NaN, no +inf, not all -inf.
+
+    NaN and all -inf name no token: a SamplingError. +inf is the limit of a logit that
+    outgrows every other: the +inf tokens share the draw as equals (logit 0), the rest go."""
+    with np.errstate(over="ignore"):  # float64 logits past float32's range become +-inf, handled here
+        logits = np.asarray(logits, dtype=np.float32)
+    top = logits.max()  # NaN if any is NaN
+    if np.isnan(top):
+        raise SamplingError("logits", f"{int(np.isnan(logits).sum())} of {logits.size} are NaN: "
+                                      "the model's output for this sequence is broken")
+    if top == NEG_INF:
+        raise SamplingError("logits", f"all {logits.size} are -inf: every token is forbidden")
+    if top == np.inf:
+        return np.where(logits == np.inf, np.float32(0.0), np.float32(NEG_INF))
+    return logits
 
 
 # ---- the steps: logits [V] -> logits [V] ----------------------------------------------------
@@ -109,8 +149,10 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     if penalty == 1.0:
         return logits
     scores = logits[seen]
+    with np.errstate(over="ignore"):  # saturated on the next line
+        penalised = np.where(scores < 0, scores * penalty, scores / penalty)
     out = logits.copy()
-    out[seen] = np.where(scores < 0, scores * penalty, scores / penalty)
+    out[seen] = np.where(np.isfinite(scores), np.clip(penalised, -FLOAT32_MAX, FLOAT32_MAX), scores)
     return out
 
 
@@ -124,10 +166,17 @@ def apply_presence_frequency_penalty(logits: np.ndarray, counts: np.ndarray,
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Divide by the temperature: < 1 sharpens the distribution, > 1 flattens it."""
+    """Divide by the temperature: < 1 sharpens the distribution, > 1 flattens it.
+
+    When the largest quotient leaves float32's range, the same distribution comes from the
+    logits shifted to a maximum of 0: then only tokens of probability 0 can overflow."""
     if temperature == 1.0:
         return logits
-    return logits / np.float32(temperature)
+    with np.errstate(over="ignore"):
+        scaled = logits / np.float32(temperature)
+        if not np.isfinite(scaled.max()):
+            scaled = (logits - logits.max()) / np.float32(temperature)
+    return scaled
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
@@ -245,7 +294,7 @@ class Sampler:
     def filtered_logits(self, logits: np.ndarray, history: TokenHistory | None = None) -> np.ndarray:
         """Penalties, temperature and filters: the logits the draw sees (removed tokens: -inf)."""
         p = self.params
-        logits = self.penalize(np.asarray(logits, dtype=np.float32), history)
+        logits = self.penalize(check_logits(logits), history)
         logits = apply_temperature(logits, p.temperature)
         logits = top_k_filter(logits, p.top_k)
         logits = top_p_filter(logits, p.top_p)
@@ -262,5 +311,5 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: TokenHistory | None = None) -> int:
         """logits [V] (float32, on the host) -> the next token id."""
         if self.params.greedy:
-            return int(np.argmax(self.penalize(np.asarray(logits, dtype=np.float32), history)))
+            return int(np.argmax(self.penalize(check_logits(logits), history)))
         return draw(self.filtered_probs(logits, history), self.uniform())
