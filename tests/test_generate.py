@@ -33,7 +33,7 @@ class ScriptedModel:
         t = np.asarray(tokens).shape[-1]
         cache.check_room(t)
         self.forwarded.append(list(np.asarray(tokens).reshape(-1)))
-        cache.length += t
+        cache.advance(t)
         nxt = self.script[cache.length] if cache.length < len(self.script) else self.filler
         logits = np.full((1, 1, self.config.vocab_size), -10.0, dtype=np.float32)
         logits[0, 0, nxt] = 10.0

@@ -29,12 +29,10 @@ def test_more_than_sixteen_sequences_per_gpu_step_is_a_one_line_error(tiny_llm):
     (a stand-in for the CUDA decoder: the check comes before anything touches the GPU)."""
     from tinyllm.errors import ConfigError
     from tinyllm.scheduler import Scheduler
+    from tinyllm.step import ReadableStep
 
-    from types import SimpleNamespace
+    class StandIn(ReadableStep):
+        name, max_batch = "the GPU fast path", 16
 
-    tiny_llm.model.cuda_decoder = SimpleNamespace(ops=SimpleNamespace(fused_attention=True))
-    try:
-        with pytest.raises(ConfigError, match=r"^--max-batch: .* up to 16 sequences per step for this model, got 17$"):
-            Scheduler(tiny_llm.model, tiny_llm.tokenizer, max_batch=17)
-    finally:
-        del tiny_llm.model.cuda_decoder
+    with pytest.raises(ConfigError, match=r"^--max-batch: .* up to 16 sequences per step for this model, got 17$"):
+        Scheduler(StandIn(tiny_llm.model), tiny_llm.tokenizer, max_batch=17)

@@ -127,7 +127,7 @@ def test_kv_cache_dtype_capacity_and_nbytes():
     cache = KVCache(cfg, 10, np.float16, np)
     assert cache.k[0].dtype == np.float16
     assert cache.nbytes == 2 * 3 * 2 * 10 * 16 * 2  # K and V, layers, KV heads, positions, head_dim, bytes
-    cache.length = 8
+    cache.advance(8)
     with pytest.raises(ContextOverflowError, match="capacity 10"):
         cache.check_room(3)
     assert cache.mask(1) is None

@@ -11,6 +11,7 @@ from .backend import Device, get_device
 from .errors import ConfigError
 from .loaders import Checkpoint, assemble_weights, read_checkpoint
 from .model import Model
+from .step import DecodeStep, ReadableStep
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16}
@@ -27,12 +28,20 @@ def resolve_dtype(dtype: str | None, device: Device):
 
 @dataclass
 class LLM:
-    """A loaded model with its tokenizer: what `tinyllm.load` returns."""
+    """A loaded model with its tokenizer and its decode step: what `tinyllm.load` returns.
+
+    `model` computes with the readable operations; `step` (step.py) is what generation and
+    the scheduler run: the readable step, or the GPU's fast one, chosen once at load."""
 
     model: Model
     tokenizer: Tokenizer
     path: Path
     load_seconds: float
+    step: DecodeStep | None = None
+
+    def __post_init__(self):
+        if self.step is None:
+            self.step = ReadableStep(self.model)
 
     @property
     def config(self):
@@ -66,7 +75,7 @@ class LLM:
 
         sampler = Sampler(SamplingParams(**sampling))
         rules = StopRules(max_new_tokens, stop, eos_ids)
-        return Generation(self.model, self.tokenizer, self.prompt_ids(prompt, chat, system),
+        return Generation(self.step, self.tokenizer, self.prompt_ids(prompt, chat, system),
                           sampler=sampler, rules=rules, context=context)
 
     def generate(self, prompt, **kwargs):
@@ -93,14 +102,11 @@ class LLM:
         prompts = list(prompts)
         events = [[] for _ in prompts]
         batch = max(1, len(prompts))
-        if getattr(self.model, "cuda_decoder", None) is not None:
-            from .cuda.batch import max_batch_for
-
-            batch = max(1, min(batch, max_batch_for(self.config)))  # the GPU's batched step: up to 16 (or 8)
-                                                                   # sequences; the rest wait their turn
+        if self.step.max_batch is not None:  # e.g. the GPU's batched step: the rest wait their turn
+            batch = min(batch, self.step.max_batch)
         ids = [self.prompt_ids(prompt, chat, system) for prompt in prompts]
         longest = max((len(i) for i in ids), default=1) + max(max_new_tokens, 1)  # the GPU's cache rows
-        scheduler = Scheduler(self.model, self.tokenizer, max_batch=batch, max_queue=max(0, len(prompts) - batch),
+        scheduler = Scheduler(self.step, self.tokenizer, max_batch=batch, max_queue=max(0, len(prompts) - batch),
                               max_context=longest)
         try:
             for i, prompt_ids in enumerate(ids):
@@ -149,9 +155,10 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
          fast_path: bool = True, progress=None) -> LLM:
     """Load a checkpoint (None: the embedded default model) onto a device.
 
-    On a GPU in float16, `fast_path` injects the fused kernels and captures the decode
-    step into a CUDA graph (tinyllm/cuda), warmed up here so the first request has no
-    cold start; `fast_path=False` keeps the readable CuPy path.
+    The decode step is chosen here, once: on a GPU in float16, `fast_path` gives the
+    CUDA step (tinyllm/cuda: fused kernels, a decode step captured into a CUDA graph, warmed
+    up here so the first request has no cold start); otherwise, or with `fast_path=False`,
+    the readable step (the model's forward pass and the host sampler).
     `progress(fraction)`, if given, is called as loading advances (0 to 1, an estimate:
     each phase is given its usual share of the time)."""
     start = time.perf_counter()
@@ -172,9 +179,10 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
         # the first request does not pay for it (the fast path warms its decode step itself).
         model.forward(np.zeros((1, 2), dtype=np.int64), model.new_cache(8))
         device.synchronize()
+    step = ReadableStep(model)
     if fast_path and device.is_cuda and model.dtype == np.float16:
-        from .cuda import enable_fast_path
+        from .cuda import CudaStep
 
-        enable_fast_path(model)
+        step = CudaStep(model)
     report(1.0)
-    return LLM(model, tokenizer, ckpt.path, time.perf_counter() - start)
+    return LLM(model, tokenizer, ckpt.path, time.perf_counter() - start, step)

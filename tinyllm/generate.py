@@ -1,11 +1,13 @@
 """Generation: prefill the prompt, then decode one token at a time, as a Python generator.
 
-    prompt ids ─► prefill: forward(all new prompt ids) ─► logits ─► sampler ─► token 1
-    token t    ─► decode:  forward([t])                 ─► logits ─► sampler ─► token t+1   (repeat)
+    prompt ids ─► step.prefill(ids)               ─► logits ─► sampler ─► token 1
+    token t    ─► step.decode(t, sampler, history) ─► token t+1                      (repeat)
 
-Each step is two small methods, so a fast path can replace either one:
-    `Generation.logits(ids)`      token ids -> float32 logits [V] on the host (the model + KV cache)
-    `Generation.next_token(logits)`  logits [V] -> token id (the sampler)
+The model is reached through a decode step (step.py): the readable one runs the forward
+pass and the host sampler; the GPU's replays a CUDA graph and samples on the device. What
+the tokens mean is `TokenStream`'s: it is fed token ids, one at a time, and owns the stop
+rules, the streaming detokenizer, the penalties' history and the counts, so the same
+object serves this loop and the scheduler's batched one.
 
 Generation stops at the first of:
     "eos"     the model produced an end-of-sequence id (the tokenizer's and the config's);
@@ -31,12 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import to_numpy
 from .detokenize import StreamingDetokenizer
 from .errors import ConfigError, ContextOverflowError, TinyLLMError
 from .sampler import Sampler, TokenHistory
-
-FINISH_REASONS = ("eos", "stop", "length", "context")
+from .step import as_step
 
 
 class PromptError(TinyLLMError, ValueError):
@@ -128,7 +128,7 @@ class Context:
 
     @property
     def full(self) -> bool:
-        return len(self.ids) >= self.cache.capacity
+        return self.cache.length >= self.cache.capacity
 
     def prepare(self, prompt_ids: list[int]) -> list[int]:
         """Keep the longest cached prefix of `prompt_ids`; return the ids still to prefill (>= 1)."""
@@ -137,8 +137,6 @@ class Context:
             raise ContextOverflowError(
                 f"context overflow: the prompt has {len(prompt_ids)} tokens but the context holds "
                 f"{self.cache.capacity} (--max-context; the model allows up to {limit})")
-        # After an interrupted forward the cache may hold more than `ids` says: trust `ids`.
-        self.ids = self.ids[:self.cache.length]
         keep = 0
         for a, b in zip(self.ids, prompt_ids):
             if a != b:
@@ -149,71 +147,72 @@ class Context:
         self.ids = self.ids[:keep]
         return list(prompt_ids[keep:])
 
-    def forward(self, ids: list[int]):
-        """Run new ids through the model, appending them to the cache. -> logits [1, 1, V] (device)"""
-        logits = self.model.forward(np.asarray([ids], dtype=np.int64), self.cache)  # [1, T] -> [1, 1, V]
-        self.ids.extend(ids)
-        return logits
+    def prefill(self, step, ids: list[int]) -> np.ndarray:
+        """Run new ids through the step into the cache. -> float32 logits [V] (host)"""
+        try:
+            return step.prefill(ids, self.cache)
+        finally:
+            self._record(ids)
+
+    def decode(self, step, token: int, sampler, history) -> int:
+        """Feed one token; -> the next token id."""
+        try:
+            return step.decode(token, self.cache, sampler, history)
+        finally:
+            self._record([token])
+
+    def _record(self, fed: list[int]) -> None:
+        """Note the ids that reached the cache: all of `fed`, or, after an error, as many as
+        the cache's position (its own count) says were written."""
+        self.ids.extend(fed[:self.cache.length - len(self.ids)])
 
 
-class Generation:
-    """An iterator of `Token`s for one prompt; afterwards holds `text`, `token_ids`, `stats`.
+def start_ids(prompt_ids, tokenizer) -> list[int]:
+    """The ids a generation starts from: the prompt's, or BOS for an empty prompt (as
+    transformers does: there is nothing else to condition on)."""
+    ids = [int(i) for i in prompt_ids]
+    if ids:
+        return ids
+    if tokenizer.bos_id is None:
+        raise PromptError("empty prompt: give some text (this tokenizer has no BOS token to start from)")
+    return [tokenizer.bos_id]
 
-        gen = Generation(model, tokenizer, prompt_ids, sampler=Sampler(temperature=0.7, seed=1))
-        for tok in gen:
-            print(tok.text, end="", flush=True)
-        print(gen.stats.summary())
+
+class TokenStream:
+    """Generated token ids in, text out: stop rules, detokenizer, penalties' history, counts.
+
+        stream = TokenStream(tokenizer, config, prompt_ids, rules, uses_history=False)
+        token = stream.add(token_id, context_full=False)    # -> Token; stream.finish_reason
     """
 
-    def __init__(self, model, tokenizer, prompt_ids, *, sampler: Sampler | None = None,
-                 rules: StopRules | None = None, context: Context | None = None, on_finish=None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.rules = rules or StopRules()
-        self.sampler = sampler or Sampler()
-        prompt_ids = [int(i) for i in prompt_ids]
-        if not prompt_ids:  # nothing to condition on: start from BOS, as transformers does
-            if tokenizer.bos_id is None:
-                raise PromptError("empty prompt: give some text (this tokenizer has no BOS token to start from)")
-            prompt_ids = [tokenizer.bos_id]
-        self.prompt_ids = prompt_ids
-        if context is None:  # a one-off cache just big enough for this request
-            context = Context(model, len(prompt_ids) + max(self.rules.max_new_tokens, 1))
-        self.context = context
-        eos = self.rules.eos_ids
+    def __init__(self, tokenizer, config, prompt_ids: list[int], rules: StopRules, uses_history: bool):
+        self.rules = rules
+        eos = rules.eos_ids
         if eos is None:
-            eos = tuple(tokenizer.eos_ids) + tuple(model.config.eos_token_ids)
+            eos = tuple(tokenizer.eos_ids) + tuple(config.eos_token_ids)
         self.eos_ids = frozenset(int(i) for i in eos)
-        self.history = TokenHistory(model.config.vocab_size, prompt_ids) if self.sampler.params.uses_history else None
+        self.history = TokenHistory(config.vocab_size, prompt_ids) if uses_history else None
         self.detok = StreamingDetokenizer(tokenizer)
-        self.on_finish = on_finish
         self.token_ids: list[int] = []
         self.text = ""
-        self.stats = Stats()
+        self.finish_reason: str | None = "length" if rules.max_new_tokens == 0 else None
         self._pending = ""  # decoded text not yet returned (may start a stop string)
-        self._started = False
 
-    # ---- the two per-token steps ----------------------------------------------------------
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """Token ids -> float32 logits [V] of the last position, on the host.
+    def add(self, token_id: int, context_full: bool) -> Token:
+        """Take the next generated id; -> the Token with the text it releases. Sets
+        `finish_reason` when this token ends the generation."""
+        self.token_ids.append(token_id)
+        if self.history is not None:
+            self.history.add_generated(token_id)
+        n = len(self.token_ids)
+        reason = ("eos" if token_id in self.eos_ids else
+                  "length" if n == self.rules.max_new_tokens else
+                  "context" if context_full else None)
+        text, stopped = self._text(token_id, last=reason is not None)
+        self.text += text
+        self.finish_reason = "stop" if stopped else reason
+        return Token(token_id, text)
 
-        With the CUDA fast path on the model (tinyllm.cuda.enable_fast_path), a one-token
-        decode step is a replayed CUDA graph that also chooses the next token on the
-        device: it returns that token id (an int) instead of logits."""
-        decoder = getattr(self.model, "cuda_decoder", None)
-        if (decoder is not None and len(ids) == 1 and self.context.cache.length > 0
-                and decoder.supports(self.sampler.params)):
-            self.context.ids.extend(ids)
-            return decoder.step(self.context.cache, ids[0], self.sampler)
-        return to_numpy(self.context.forward(ids))[0, -1]
-
-    def next_token(self, logits: np.ndarray) -> int:
-        """Logits [V] -> the next token id."""
-        if isinstance(logits, int):  # already chosen on the device (CUDA fast path)
-            return logits
-        return self.sampler(logits, self.history)
-
-    # ---- text with stop strings ---------------------------------------------------------
     def _text(self, token_id: int, last: bool) -> tuple[str, bool]:
         """The text to return for this token, and whether a stop string was found."""
         if token_id not in self.eos_ids:
@@ -229,46 +228,73 @@ class Generation:
         self._pending = text[len(text) - hold:]
         return text[:len(text) - hold], False
 
-    # ---- the loop -------------------------------------------------------------------------
+
+class Generation:
+    """An iterator of `Token`s for one prompt; afterwards holds `text`, `token_ids`, `stats`.
+
+        gen = Generation(llm.step, tokenizer, prompt_ids, sampler=Sampler(temperature=0.7, seed=1))
+        for tok in gen:
+            print(tok.text, end="", flush=True)
+        print(gen.stats.summary())
+
+    The first argument is a decode step (step.py), or a model, which then runs its readable step.
+    """
+
+    def __init__(self, step, tokenizer, prompt_ids, *, sampler: Sampler | None = None,
+                 rules: StopRules | None = None, context: Context | None = None, on_finish=None):
+        self.step = as_step(step)
+        self.model = self.step.model
+        self.tokenizer = tokenizer
+        self.rules = rules or StopRules()
+        self.sampler = sampler or Sampler()
+        self.prompt_ids = start_ids(prompt_ids, tokenizer)
+        if context is None:  # a one-off cache just big enough for this request
+            context = Context(self.model, len(self.prompt_ids) + max(self.rules.max_new_tokens, 1))
+        self.context = context
+        self.stream = TokenStream(tokenizer, self.model.config, self.prompt_ids, self.rules,
+                                  self.sampler.params.uses_history)
+        self.on_finish = on_finish
+        self.stats = Stats()
+        self._started = False
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.stream.token_ids
+
+    @property
+    def eos_ids(self) -> frozenset:
+        return self.stream.eos_ids
+
     def __iter__(self):
         if self._started:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
-        stats, rules = self.stats, self.rules
+        stats, stream, context, sampler = self.stats, self.stream, self.context, self.sampler
         try:
             start = time.perf_counter()
-            new_ids = self.context.prepare(self.prompt_ids)
+            new_ids = context.prepare(self.prompt_ids)
             stats.cached_tokens = len(self.prompt_ids) - len(new_ids)
-            if rules.max_new_tokens == 0:
-                stats.finish_reason = "length"
+            if stream.finish_reason is not None:  # a budget of 0 tokens
+                stats.finish_reason = stream.finish_reason
                 return
-            logits = self.logits(new_ids)  # prefill
+            logits = context.prefill(self.step, new_ids)
             stats.prompt_tokens = len(new_ids)
             stats.prefill_s = time.perf_counter() - start
-            for i in range(rules.max_new_tokens):
-                step_start = time.perf_counter()
-                token = self.next_token(logits)
-                if i == 0:
-                    stats.ttft_s = time.perf_counter() - start
-                self.token_ids.append(token)
+            token = sampler(logits, stream.history)
+            stats.ttft_s = time.perf_counter() - start
+            while True:
+                piece = stream.add(token, context_full=context.full)
                 stats.new_tokens += 1
-                if self.history is not None:
-                    self.history.add_generated(token)
-                reason = ("eos" if token in self.eos_ids else
-                          "length" if i + 1 == rules.max_new_tokens else
-                          "context" if self.context.full else None)
-                text, stopped = self._text(token, last=reason is not None)
-                if stopped:
-                    reason = "stop"
-                self.text += text
-                if i > 0:
-                    stats.decode_s += time.perf_counter() - step_start
-                stats.finish_reason = reason
-                yield Token(token, text)
-                if reason:
+                stats.finish_reason = stream.finish_reason
+                yield piece
+                if stream.finish_reason:
                     return
                 step_start = time.perf_counter()
-                logits = self.logits([token])  # decode: feed the token back
+                token = context.decode(self.step, token, sampler, stream.history)  # feed the token back
                 stats.decode_s += time.perf_counter() - step_start
         finally:
             if self.on_finish is not None:

@@ -38,7 +38,7 @@ class KVCache:
         if capacity <= 0:
             raise ContextOverflowError(f"KV cache capacity must be positive, got {capacity}")
         self.capacity = capacity  # S_max
-        self.length = 0           # positions filled so far (the next token's position)
+        self._length = 0          # positions filled so far: moved only by advance() and trim()
         shape = (batch, config.n_kv_heads, capacity, config.head_dim)  # [B, K, S_max, E]
         self.k = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
@@ -52,12 +52,30 @@ class KVCache:
         allocation per request, and a fused kernel can reach every row from one base address
         (tinyllm/cuda/batch.py). Everything else treats the row as an ordinary cache."""
         view = KVCache.__new__(KVCache)
-        view.capacity, view.length = self.capacity, 0
+        view.capacity, view._length = self.capacity, 0
         view.k = [a[i:i + 1] for a in self.k]  # [1, K, S_max, E] views
         view.v = [a[i:i + 1] for a in self.v]
         view.block_mask = self.block_mask
         view.pool, view.pool_row = self, i
         return view
+
+    def view(self) -> "KVCache":
+        """The same memory with a position of its own: a CUDA graph is captured on a view, so
+        the capture's own writes never move the position of the cache it serves."""
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        return view
+
+    @property
+    def length(self) -> int:
+        """The next token's position: how many positions hold keys and values."""
+        return self._length
+
+    def advance(self, n: int) -> None:
+        """Count n positions written at [length, length + n): called by whatever wrote them
+        (the forward pass, or a replayed decode step), once the write is done."""
+        self.check_room(n)
+        self._length += n
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.capacity:
@@ -78,7 +96,7 @@ class KVCache:
 
     def trim(self, n: int) -> None:
         """Forget the last n positions (the next write overwrites them)."""
-        self.length = max(0, self.length - n)
+        self._length = max(0, self._length - n)
 
     @property
     def nbytes(self) -> int:

@@ -6,14 +6,24 @@ Prefill (T prompt tokens) and decode (T = 1) run through the same `forward`; the
 cache is what makes decode cheap. Shapes use the letters defined in config.py.
 
 The arithmetic lives in `Ops`, a small set of named operations (`rms_norm`, `linear`,
-`rope`, `attention`, `swiglu`, ...). A fast path (tinyllm/cuda) subclasses Ops and
-replaces some of them with fused kernels; the model itself is never forked, so these
-readable operations stay the reference every fast kernel is tested against.
+`rope`, `attention`, `swiglu`, ...). Where a fast path runs several of them as one kernel,
+the model calls that group by a name of its own, whose readable default is the one line
+that chains the plain operations:
+
+    norm_linear(x, g, eps, w)      = linear(rms_norm(x, g, eps), w)
+    norm_swiglu(x, g, eps, w)      = swiglu(linear(rms_norm(x, g, eps), w))
+    linear_residual(x, w, r)       = add(r, linear(x, w))
+    rope_attention(qkv, ...)       = attention(rope(q), rope(k), v, ...)
+
+so the forward pass shows where fusion happens. A fast path (tinyllm/cuda) subclasses Ops
+and overrides exactly those names; the model itself is never forked, so these readable
+operations stay the reference every fast kernel is tested against.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -131,6 +141,26 @@ class Ops:
     def add(self, x, y):
         return x + y
 
+    # ---- fusions: named groups of the operations above (a fast path overrides these) ----------
+    def norm_linear(self, x, norm_weight, eps: float, w):
+        return self.linear(self.rms_norm(x, norm_weight, eps), w)
+
+    def norm_swiglu(self, x, norm_weight, eps: float, w_gate_up):
+        return self.swiglu(self.linear(self.rms_norm(x, norm_weight, eps), w_gate_up))
+
+    def linear_residual(self, x, w, residual):
+        return self.add(residual, self.linear(x, w))
+
+    def rope_attention(self, qkv, n_heads: int, cos, sin, caches: list[KVCache], layer: int, scale: float):
+        """Rotate q and k, then attend, each sequence over its own cache.
+        qkv: [B, T, H + 2K, E] -> [B, T, H*E]"""
+        n_kv = (qkv.shape[2] - n_heads) // 2
+        qk = self.rope(qkv[:, :, :n_heads + n_kv], cos, sin)  # q and k sit side by side: rotate both at once
+        q, k, v = qk[:, :, :n_heads], qk[:, :, n_heads:], qkv[:, :, n_heads + n_kv:]
+        if len(caches) == 1:
+            return self.attention(q, k, v, caches[0], layer, caches[0].length, scale)
+        return self.attention_rows(q, k, v, caches, layer, scale)
+
 
 class Model:
     """A Llama model on one device: config, weights, RoPE tables and the forward pass."""
@@ -147,6 +177,13 @@ class Model:
         factors = weights.rope_freq_factors
         self.cos, self.sin = rope_tables(config, config.max_seq_len, self.xp,
                                          None if factors is None else np.asarray(factors))
+
+    def with_ops(self, ops: Ops) -> "Model":
+        """The same model (weights, tables) computing with other operations: how a fast path
+        is injected without touching the model others hold."""
+        twin = copy.copy(self)
+        twin.ops = ops
+        return twin
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         capacity = min(capacity or self.config.max_seq_len, self.config.max_seq_len)
@@ -168,7 +205,7 @@ class Model:
                       for i in range(0, t, PREFILL_CHUNK)]
             return chunks[-1] if last_only else self.xp.concatenate(chunks, axis=1)
         logits = self.forward_block(tokens, [cache], last_only)
-        cache.length += t
+        cache.advance(t)
         return logits
 
     def decode_batch(self, tokens, caches: list[KVCache]):
@@ -181,7 +218,7 @@ class Model:
         tokens = self.xp.asarray(tokens).reshape(len(caches), 1)  # [B, 1]
         logits = self.forward_block(tokens, caches, last_only=True)
         for cache in caches:
-            cache.length += 1
+            cache.advance(1)
         return logits[:, 0]
 
     def forward_block(self, tokens, caches: list[KVCache], last_only: bool):
@@ -190,25 +227,15 @@ class Model:
         b, t = tokens.shape
         cos, sin = ops.rope_angles(self.cos, self.sin, [cache.length for cache in caches], t)  # [(B,) T, E/2]
         x = ops.embedding(w.tok_embeddings, tokens)  # [B, T, D]
-        n_q, n_kv = c.n_heads, c.n_kv_heads
         for i, layer in enumerate(w.layers):
             # attention
-            h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)
-            qkv = ops.linear(h, layer.wqkv).reshape(b, t, n_q + 2 * n_kv, c.head_dim)  # [B, T, H+2K, E]
-            qk = ops.rope(qkv[:, :, :n_q + n_kv], cos, sin)  # q and k sit side by side: rotate both at once
-            q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + n_kv:]
-            attn = self.attend(q, k, v, caches, i)  # [B, T, H*E]
-            x = ops.add(x, ops.linear(attn, layer.wo))
+            qkv = ops.norm_linear(x, layer.attn_norm, c.norm_eps, layer.wqkv)  # [B, T, (H+2K)*E]
+            qkv = qkv.reshape(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim)  # [B, T, H+2K, E]
+            attn = ops.rope_attention(qkv, c.n_heads, cos, sin, caches, i, self.scale)  # [B, T, H*E]
+            x = ops.linear_residual(attn, layer.wo, x)
             # MLP
-            h = ops.rms_norm(x, layer.mlp_norm, c.norm_eps)
-            x = ops.add(x, ops.linear(ops.swiglu(ops.linear(h, layer.w_gate_up)), layer.w_down))
+            h = ops.norm_swiglu(x, layer.mlp_norm, c.norm_eps, layer.w_gate_up)  # [B, T, F]
+            x = ops.linear_residual(h, layer.w_down, x)
         if last_only:
             x = x[:, -1:]  # only the positions asked for are projected to the vocabulary
-        x = ops.rms_norm(x, w.norm, c.norm_eps)
-        return ops.linear(x, w.output).astype(self.xp.float32)  # [B, T, V]
-
-    def attend(self, q, k, v, caches: list[KVCache], layer: int):
-        """Attention of each sequence over its own cache.  q: [B, T, H, E]; k, v: [B, T, K, E] -> [B, T, H*E]"""
-        if len(caches) == 1:
-            return self.ops.attention(q, k, v, caches[0], layer, caches[0].length, self.scale)
-        return self.ops.attention_rows(q, k, v, caches, layer, self.scale)
+        return ops.norm_linear(x, w.norm, c.norm_eps, w.output).astype(self.xp.float32)  # [B, T, V]

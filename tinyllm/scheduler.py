@@ -26,16 +26,21 @@ thread through `submit` and `cancel` (thread-safe) and receive `Piece`, `Finishe
 `Failed` events through the `emit` callback they bring (the HTTP server passes one that
 hands the event to its event loop).
 
-On a GPU with the fast path, the steps run through tinyllm/cuda/batch.py instead: every
-running sequence holds a row of one preallocated KV cache, a step is a replayed CUDA graph
-for that batch size, and the next tokens are chosen on the device (only rows with
-penalties come back as logits). Prefill is the same model.forward either way.
+The model is reached through a decode step (step.py), chosen once by `tinyllm.load`:
+`step.batch(max_batch, capacity)` gives the caches the sequences borrow and the batched
+step itself. The readable one gives each sequence a cache of its own and runs
+`Model.decode_batch`; on a GPU with the fast path (tinyllm/cuda) every running sequence
+holds a row of one preallocated KV cache, a step is a replayed CUDA graph for that batch
+size, and the next tokens are chosen on the device.
 
-Everything that decides *what* to generate is generate.py's, reused unchanged: a
-`Generation` per request (sampler and its seeded generator, penalties' history, streaming
-detokenizer, stop strings, end-of-sequence ids, token budget). Generation asks its
-`logits(ids)` method for the next logits; here that method is overridden so that decode
-steps return this sequence's row of the batched step instead of running the model alone.
+What a token means is generate.py's, reused unchanged: each request's `TokenStream` is fed
+its ids (stop strings, end-of-sequence ids, token budget, streaming detokenizer, penalties'
+history), and its own `Sampler` (own seed) samples whatever the step leaves to the host.
+
+One request never takes another down: an error while handling one sequence (its prompt,
+its sampler, NaN logits in its row, its detokenizer, its client's callback) ends that
+request with a `Failed` event and the others carry on with exactly the tokens they would
+have had alone. Only a failure of the batched step itself ends every running request.
 """
 from __future__ import annotations
 
@@ -45,10 +50,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .backend import to_numpy
-from .errors import ConfigError, TinyLLMError
-from .generate import Context, Generation, StopRules
+from .errors import ConfigError, ContextOverflowError, TinyLLMError
+from .generate import StopRules, TokenStream, start_ids
 from .sampler import Sampler, SamplingParams
+from .step import as_step
 
 
 class QueueFull(TinyLLMError, RuntimeError):
@@ -111,69 +116,47 @@ class Observer:
 
 # ---- one sequence of the batch --------------------------------------------------------------
 
-class BatchedGeneration(Generation):
-    """A Generation whose decode steps take their logits from the batched step.
-
-    The prefill (the first call of `logits`) runs through the model alone, as in
-    generate.py; afterwards the scheduler puts this sequence's result of the batched step
-    in `step_logits` before asking for the next token: its row of `decode_batch` (logits
-    [V]), or on the GPU the id already chosen on the device (an int; logits for a sampler
-    with penalties). The step has already appended the fed-back token to the cache; here
-    it is recorded in the context's ids."""
-
-    step_logits = None
-
-    def logits(self, ids):
-        if self.step_logits is None:
-            return super().logits(ids)  # prefill: [T] ids -> logits [V]
-        logits, self.step_logits = self.step_logits, None
-        self.context.ids.extend(ids)
-        return logits
-
-
 class Sequence:
-    """A running request: its Generation, driven one token at a time by the scheduler."""
+    """A running request: its cache, its sampler and the TokenStream its tokens go to."""
 
-    def __init__(self, request: Request, model, tokenizer, rows=None):
+    def __init__(self, request: Request, tokenizer, config, rows):
         self.request = request
-        self.rows = rows  # the GPU's BatchDecoder, whose cache rows sequences borrow; or None
-        context = Context(model, cache=rows.new_cache()) if rows is not None else None
-        try:
-            self.generation = BatchedGeneration(model, tokenizer, request.prompt_ids, sampler=Sampler(request.sampling),
-                                                rules=request.rules, context=context)
-        except Exception:
-            if context is not None:
-                rows.release(context.cache)
-            raise
-        self.tokens = iter(self.generation)
+        self.prompt_ids = start_ids(request.prompt_ids, tokenizer)
+        self.sampler = Sampler(request.sampling)
+        self.stream = TokenStream(tokenizer, config, self.prompt_ids, request.rules, self.sampler.params.uses_history)
+        self.rows = rows
+        self.cache = None     # borrowed from `rows` when the prefill starts
         self.last_token: int | None = None
         self.last_time = 0.0
 
     @property
-    def cache(self):
-        return self.generation.context.cache
-
-    @property
     def finish_reason(self) -> str | None:
-        return self.generation.stats.finish_reason
+        return self.stream.finish_reason
 
-    def advance(self):
-        """Sample the next token (running the prefill first on the first call) -> Piece or None."""
-        token = next(self.tokens, None)
-        if token is None:  # a budget of 0 tokens: the generator ends before producing any
-            return None
-        self.last_token = token.id
-        return Piece(token.id, token.text)
+    def prefill(self) -> int:
+        """Borrow a cache, run the prompt through it and sample the first token."""
+        if len(self.prompt_ids) > self.rows.capacity:
+            raise ContextOverflowError(f"context overflow: the prompt has {len(self.prompt_ids)} tokens but the "
+                                       f"context holds {self.rows.capacity}")
+        self.cache = self.rows.new_cache(len(self.prompt_ids) + max(self.stream.rules.max_new_tokens, 1))
+        logits = self.rows.prefill(self.prompt_ids, self.cache)
+        return self.sampler(logits, self.stream.history)
+
+    def add(self, token: int) -> Piece:
+        """Take this sequence's next id -> the Piece to send."""
+        self.last_token = token
+        piece = self.stream.add(token, context_full=self.cache.length >= self.cache.capacity)
+        return Piece(piece.id, piece.text)
 
     def finished_event(self, reason: str | None = None) -> Finished:
-        g = self.generation
-        return Finished(reason or g.stats.finish_reason or "length", len(g.prompt_ids),
-                        len(g.token_ids), list(g.token_ids))
+        s = self.stream
+        return Finished(reason or s.finish_reason or "length", len(self.prompt_ids), len(s.token_ids),
+                        list(s.token_ids))
 
     def close(self) -> None:
-        self.tokens.close()  # runs the generator's cleanup
-        if self.rows is not None:
-            self.rows.release(self.cache)  # the row goes back to the batched cache (else the cache is freed)
+        if self.cache is not None:
+            self.rows.release(self.cache)  # a row goes back to the batched cache (else the cache is freed)
+            self.cache = None
 
 
 # ---- the scheduler ----------------------------------------------------------------------------
@@ -181,25 +164,22 @@ class Sequence:
 class Scheduler:
     """Owns the model in one thread; batches all running requests into one decode step.
 
+    step: the decode step chosen at load (`llm.step`; a bare Model runs its readable one).
     max_batch: how many sequences decode together; max_queue: how many more may wait.
     A request beyond both is refused at once with QueueFull."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
+    def __init__(self, step, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  observer: Observer | None = None, max_context: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
-        self.rows = None  # on the GPU fast path: the BatchDecoder (captured here, before any request)
-        decoder = getattr(model, "cuda_decoder", None)
-        if decoder is not None and decoder.ops.fused_attention:
-            from .cuda.batch import enable_batching, max_batch_for
-
-            most = max_batch_for(model.config)  # 16, 8 for very wide MLPs, 0: the readable decode_batch
-            if max_batch > most > 0:
-                raise ConfigError(f"--max-batch: the GPU fast path decodes up to {most} sequences per step "
-                                  f"for this model, got {max_batch}")
-            if most:
-                self.rows = enable_batching(model, max_batch, max_context)
-        self.model = model
+        step = as_step(step)
+        if step.max_batch is not None and max_batch > step.max_batch:
+            raise ConfigError(f"--max-batch: {step.name} decodes up to {step.max_batch} sequences per step "
+                              f"for this model, got {max_batch}")
+        self.step = step
+        self.config = step.model.config
+        capacity = min(max_context or self.config.max_seq_len, self.config.max_seq_len)
+        self.rows = step.batch(max_batch, capacity)  # the caches sequences borrow, and the batched step
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -259,8 +239,7 @@ class Scheduler:
 
     # ---- the scheduler thread -----------------------------------------------------------------
     def _loop(self) -> None:
-        if self.rows is not None:
-            self.rows.stream.use()  # prefills and batched steps of this thread: one stream, in order
+        self.rows.enter_thread()
         while True:
             with self._lock:
                 while not self._stopping and not self.waiting and not self.running:
@@ -278,10 +257,9 @@ class Scheduler:
         if self.running:
             try:
                 self._step()
-            except Exception as e:  # the model failed: fail the batch, keep serving
+            except Exception as e:  # the batched step itself failed: every running request ends
                 for seq in self.running:
-                    seq.close()
-                    seq.request.emit(Failed(f"{type(e).__name__}: {e}"))
+                    self._fail(seq, e)
                 self.running = []
 
     def _admit(self) -> None:
@@ -294,46 +272,47 @@ class Scheduler:
                 self.n_admitting += 1
             seq = None
             try:
-                seq = Sequence(request, self.model, self.tokenizer, self.rows)
-                self._emit_next(seq)  # prefill + first token
+                seq = Sequence(request, self.tokenizer, self.config, self.rows)
+                if seq.finish_reason is not None:  # a budget of 0 tokens: nothing to run
+                    self._finish(seq)
+                    continue
+                self._emit(seq, seq.prefill())
                 if seq.finish_reason is None and not request.cancelled:
                     self.running.append(seq)
                 elif seq.finish_reason is None:
                     self._finish(seq, "cancelled")
             except Exception as e:  # one bad request must not stop the server
-                if seq is not None:
-                    seq.close()
-                request.emit(Failed(f"{type(e).__name__}: {e}"))
+                self._fail(seq, e, request)
             finally:
                 with self._lock:
                     self.n_admitting -= 1
 
     def _step(self) -> None:
-        """One decode step for every running sequence, then each samples its next token."""
+        """One decode step for every running sequence, then each takes its next token."""
         batch = self.running
-        tokens = [seq.last_token for seq in batch]                                   # B ids
-        if self.rows is not None:  # the GPU: next ids chosen on the device (logits rows for penalties)
-            logits = self.rows.step(tokens, [seq.cache for seq in batch], [seq.generation.sampler for seq in batch])
-        else:
-            logits = to_numpy(self.model.decode_batch(tokens, [seq.cache for seq in batch]))  # [B, V]
+        chosen = self.rows.step([seq.last_token for seq in batch], [seq.cache for seq in batch],
+                                [seq.sampler for seq in batch], [seq.stream.history for seq in batch])
         self.steps += 1
         self.observer.step(len(batch))
-        for seq, row in zip(batch, logits):
-            seq.generation.step_logits = row
-            self._emit_next(seq)
-        self.running = [seq for seq in batch if seq.finish_reason is None]
+        for seq, token in zip(batch, chosen):
+            try:
+                if isinstance(token, Exception):  # this row's sampling failed (see step.sample_rows)
+                    raise token
+                self._emit(seq, token)
+            except Exception as e:
+                self._fail(seq, e)
+        self.running = [seq for seq in batch if seq.finish_reason is None and seq.cache is not None]
 
-    def _emit_next(self, seq: Sequence) -> None:
-        piece = seq.advance()
+    def _emit(self, seq: Sequence, token: int) -> None:
+        piece = seq.add(token)
         now = time.perf_counter()
-        if piece is not None:
-            if seq.last_time == 0.0:
-                self.observer.first_token(now - seq.request.arrived)
-            else:
-                self.observer.token_gap(now - seq.last_time)
-            seq.last_time = now
-            seq.request.emit(piece)
-        if seq.finish_reason is not None or piece is None:
+        if seq.last_time == 0.0:
+            self.observer.first_token(now - seq.request.arrived)
+        else:
+            self.observer.token_gap(now - seq.last_time)
+        seq.last_time = now
+        seq.request.emit(piece)
+        if seq.finish_reason is not None:
             self._finish(seq)
 
     def _finish(self, seq: Sequence, reason: str | None = None) -> None:
@@ -341,6 +320,17 @@ class Scheduler:
         seq.close()
         self.observer.finished(event)
         seq.request.emit(event)
+
+    def _fail(self, seq: Sequence | None, error: Exception, request: Request | None = None) -> None:
+        """End one request with its error; its row goes back. The error event is best effort:
+        a client callback that itself fails must not take the scheduler down."""
+        if seq is not None:
+            seq.close()
+            request = seq.request
+        try:
+            request.emit(Failed(f"{type(error).__name__}: {error}"))
+        except Exception:
+            pass
 
     def _drop_cancelled(self) -> None:
         keep = []

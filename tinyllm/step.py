@@ -1,0 +1,93 @@
+"""The decode step: the one seam where a fast path plugs in.
+
+Generation (generate.py) and the scheduler (scheduler.py) never call the model directly.
+They are handed a step object, chosen once by `tinyllm.load`, that turns token ids into
+the next token ids:
+
+    step.prefill(ids, cache)                      prompt ids -> float32 logits [V] on the host
+    step.decode(token, cache, sampler, history)   one token fed back -> the next token id
+    batch = step.batch(max_batch, capacity)       caches for many sequences, and one step for all:
+    batch.step(tokens, caches, samplers, histories) -> per row, the next id (or that row's error)
+
+`ReadableStep`, here, is the model's forward pass followed by the host sampler, for one
+sequence or a batch. tinyllm/cuda provides the same interface with fused kernels, replayed
+CUDA graphs and sampling on the device. Whatever writes a cache's keys and values advances
+its position (`KVCache.advance`); nothing else moves it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import to_numpy
+from .kv_cache import KVCache
+
+
+def sample_rows(logits, samplers, histories) -> list:
+    """Each row's next id from its own sampler, or the exception its sampling raised, so that
+    one request's bad row (NaN logits, a sampler error) ends that request alone."""
+    out = []
+    for row, sampler, history in zip(logits, samplers, histories):
+        try:
+            out.append(sampler(row, history))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+class DecodeStep:
+    """What generation and the scheduler call (see the module docstring); fast paths subclass it."""
+
+    name = "a decode step"
+    max_batch: int | None = None  # the most sequences one batched step takes (None: no limit)
+
+
+class ReadableStep(DecodeStep):
+    """Model forward + host sampler: the reference every fast step is tested against."""
+
+    name = "the readable path"
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, ids: list[int], cache: KVCache) -> np.ndarray:
+        """Run prompt ids through the model into the cache; -> float32 logits [V] of the last one."""
+        return to_numpy(self.model.forward(np.asarray([ids], dtype=np.int64), cache))[0, -1]
+
+    def decode(self, token: int, cache: KVCache, sampler, history) -> int:
+        """Feed one token at the cache's position; -> the next token id."""
+        return sampler(self.prefill([token], cache), history)
+
+    def batch(self, max_batch: int, capacity: int) -> "ReadableBatch":
+        return ReadableBatch(self.model, capacity)
+
+
+class ReadableBatch:
+    """Many sequences, each with a cache of its own, decoded by one `Model.decode_batch`."""
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        self.readable = ReadableStep(model)
+        self.capacity = capacity  # the most positions a sequence may hold
+
+    def enter_thread(self) -> None:
+        """Called once by the thread that will run the steps (the GPU's binds its stream)."""
+
+    def new_cache(self, positions: int) -> KVCache:
+        """A cache for a sequence that needs this many positions (at most `capacity`)."""
+        return self.model.new_cache(min(positions, self.capacity))
+
+    def prefill(self, ids: list[int], cache: KVCache) -> np.ndarray:
+        return self.readable.prefill(ids, cache)
+
+    def release(self, cache: KVCache) -> None:
+        """A sequence ended: its cache is simply dropped."""
+
+    def step(self, tokens, caches, samplers, histories) -> list:
+        """Feed tokens[b] to the sequence in caches[b]; -> per row, the next id or an exception."""
+        logits = to_numpy(self.model.decode_batch(tokens, caches))  # [B, V]
+        return sample_rows(logits, samplers, histories)
+
+
+def as_step(model_or_step):
+    """A step object: given a model, its readable step (the CPU, or a GPU without the fast path)."""
+    return model_or_step if isinstance(model_or_step, DecodeStep) else ReadableStep(model_or_step)
