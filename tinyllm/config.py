@@ -107,7 +107,8 @@ class Config:
             raise ConfigError(f"{source}: expected a JSON object, found {_json_type(raw)}")
 
         def get(key, kind, default=None):
-            return _typed(raw.get(key, default), kind, key, source)
+            value = raw.get(key)
+            return _typed(default if value is None else value, kind, key, source)
 
         archs = get("architectures", "list") or []
         model_type = get("model_type", "string")
@@ -128,7 +129,8 @@ class Config:
 
         # transformers 5 keeps rope settings under rope_parameters; older files use top-level keys.
         rope = dict(get("rope_parameters", "object") or {})
-        theta = _typed(rope.get("rope_theta", raw.get("rope_theta", 10000.0)), "number", "rope_theta", source)
+        theta = next((v for v in (rope.get("rope_theta"), raw.get("rope_theta")) if v is not None), 10000.0)
+        theta = _typed(theta, "number", "rope_theta", source)
         scaling = get("rope_scaling", "object") or (rope if rope.get("rope_type", "default") != "default" else None)
         n_heads = need("num_attention_heads")
         eos = raw.get("eos_token_id")  # one id or a list of them
@@ -162,7 +164,8 @@ class Config:
                 f"{source}: unsupported architecture {arch!r} (general.architecture); tinyllm runs 'llama' GGUF files")
 
         def get(key, kind, default=None):
-            return _typed(fields.get(key, default), kind, key, source)
+            value = fields.get(key)
+            return _typed(default if value is None else value, kind, key, source)
 
         def need(key):
             if key not in fields:
@@ -210,11 +213,12 @@ def _rope_scaling(raw: dict | None, source: str) -> RopeScaling | None:
         return None
     if kind not in SUPPORTED_ROPE_SCALING:
         raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
-    if "factor" not in raw:
+    if raw.get("factor") is None:
         raise ConfigError(f"{source}: rope_scaling of type {kind!r} needs a 'factor'")
 
     def get(key, kind, default):
-        value = _typed(raw.get(key, default), kind, f"rope_scaling.{key}", source)
+        value = raw.get(key)
+        value = _typed(default if value is None else value, kind, f"rope_scaling.{key}", source)
         if not value > 0:
             raise ConfigError(f"{source}: rope_scaling.{key} must be > 0, got {value!r}")
         return value

@@ -73,7 +73,7 @@ def check_header(path: Path, header, data_size: int) -> list[tuple]:
         if not isinstance(info, dict):
             raise CheckpointError(f"{where}: expected an object with dtype, shape and data_offsets, got {_kind(info)}")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{where} has dtype {dtype!r}; expected F32, F16 or BF16")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {_kind(shape)}")
