@@ -468,9 +468,222 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
 // `seq`, which has its own position pos_ptr[seq] and its own row slot_ptr[seq] of a batched
 // cache (slot_stride elements apart); its q, k, v sit qkv_stride elements after the
 // previous sequence's. One sequence: seq = 0, slot 0.
-//
+
+// The phases below run in this order in every block; the kernel, after them, shows the
+// barriers between them. Shapes per block; t is the thread, s = first + t its key.
+
+// 1. Issue every load of the cache first: older positions, written by earlier steps, so
+// these loads overlap the previous kernel. pos's row is not in the cache yet (phase 2).
+//   kc, vc: [S_cap, E] (this KV head's);  kreg: key row s, [E] fp16 (t < n_here only)
+//   vreg: the chunk's values [n_here, E] as CHUNK * E/8 16-byte vectors, vector i*CHUNK + t
+//         here (zeros past n_here)
+template <int E, int CHUNK>
+__device__ __forceinline__ void load_cached_kv(uint4 (&kreg)[E / 8], uint4 (&vreg)[E / 8], const __half* kc,
+                                               const __half* vc, int first, int n_here, int pos, int t) {
+    constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
+    const int s = first + t;
+    if (t < n_here && s != pos) {
+#pragma unroll
+        for (int i = 0; i < ROW_VECS; i++) kreg[i] = __ldcg(reinterpret_cast<const uint4*>(kc + (size_t)s * E) + i);
+    }
+#pragma unroll
+    for (int i = 0; i < ROW_VECS; i++) {
+        const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
+        vreg[i] = (row < n_here && first + row != pos)
+            ? __ldcg(reinterpret_cast<const uint4*>(vc + (size_t)(first + row) * E) + col) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// 2a. pos's share of vreg is the new value itself, from the QKV output (only after pdl_wait)
+//   v_new: [K, E], row j (this KV head's)
+template <int E, int CHUNK>
+__device__ __forceinline__ void load_new_value(uint4 (&vreg)[E / 8], const __half* v_new, int j, int first, int pos,
+                                               int t) {
+    constexpr int ROW_VECS = E / 8;
+#pragma unroll
+    for (int i = 0; i < ROW_VECS; i++) {
+        const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
+        if (first + row == pos) vreg[i] = __ldcg(reinterpret_cast<const uint4*>(v_new + (size_t)j * E) + col);
+    }
+}
+
+// 2b. RoPE of one pair (e, e + E/2) of row r: query head head0 + r for r < R, else the new
+// key; into fp32 shared memory for the scores, rounded like the readable path:
+// fp16(x1*cos - x2*sin), no FMA. One block per KV head (query group z == 0 of the chunk
+// that holds_pos) also stores the rotated key and the value at pos, for later steps.
+//   q: [H, E], kn, vn: [E] (this KV head's);  cs, sn: [E/2] (row pos)
+//   sq: [R][E], skn: [E] fp32;  kc, vc: [S_cap, E], row pos written
+template <int E, int R>
+__device__ __forceinline__ void rope_pair(float (&sq)[R][E], float (&skn)[E], const __half* q, int head0,
+                                          const __half* kn, const __half* vn, const float* cs, const float* sn,
+                                          int rotate, bool holds_pos, int z, __half* kc, __half* vc, int pos, int r,
+                                          int e) {
+    constexpr int HALF = E / 2;
+    const __half* x = (r < R) ? q + (size_t)(head0 + r) * E : kn;
+    const float x1 = h2f(__ldcg(x + e)), x2 = h2f(__ldcg(x + e + HALF));
+    float y1 = x1, y2 = x2;
+    if (rotate) {
+        y1 = h2f(f2h(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e]))));
+        y2 = h2f(f2h(__fadd_rn(__fmul_rn(x2, cs[e]), __fmul_rn(x1, sn[e]))));
+    }
+    if (r < R) { sq[r][e] = y1; sq[r][e + HALF] = y2; }
+    else {
+        skn[e] = y1; skn[e + HALF] = y2;
+        if (holds_pos && z == 0) {
+            kc[(size_t)pos * E + e] = f2h(y1);
+            kc[(size_t)pos * E + e + HALF] = f2h(y2);
+            vc[(size_t)pos * E + e] = __ldcg(vn + e);
+            vc[(size_t)pos * E + e + HALF] = __ldcg(vn + e + HALF);
+        }
+    }
+}
+
+// 2c. the chunk's values into shared memory, where phase 5 reads them by column
+//   vreg (CHUNK * E/8 vectors over the block) -> sv: [CHUNK][E] fp16 (rows past n_here: zeros)
+template <int E, int CHUNK>
+__device__ __forceinline__ void stage_values(__half (&sv)[CHUNK][E], const uint4 (&vreg)[E / 8], int t) {
+#pragma unroll
+    for (int i = 0; i < E / 8; i++) {
+        const int idx = i * CHUNK + t;
+        reinterpret_cast<uint4*>(&sv[0][0])[idx] = vreg[i];
+    }
+}
+
+// 3. the scores of all R heads for key s: fp16(q.k) like the fp16 matmul, then * scale;
+// -inf past the chunk's end, so that the key drops out of the softmax. Key pos is the new
+// key (skn, fp32 from the rotation); any other is the cache row in kreg (fp16).
+//   sq: [R][E], skn: [E], kreg: [E] fp16 -> sc: [R]
+template <int E, int R>
+__device__ __forceinline__ void chunk_scores(float (&sc)[R], const float (&sq)[R][E], const float (&skn)[E],
+                                             const uint4 (&kreg)[E / 8], bool has_key, bool is_new, float scale) {
+#pragma unroll
+    for (int r = 0; r < R; r++) sc[r] = 0.f;
+    if (has_key) {
+        if (is_new) {
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+#pragma unroll
+                for (int r = 0; r < R; r++) sc[r] = fmaf(sq[r][e], skn[e], sc[r]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < E / 8; i++) {
+                const __half2* k2 = reinterpret_cast<const __half2*>(&kreg[i]);
+#pragma unroll
+                for (int jj = 0; jj < 4; jj++) {
+                    const float2 kf = __half22float2(k2[jj]);
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        sc[r] = fmaf(sq[r][i * 8 + 2 * jj + 1], kf.y, fmaf(sq[r][i * 8 + 2 * jj], kf.x, sc[r]));
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) sc[r] = h2f(f2h(sc[r])) * scale;
+    } else {
+#pragma unroll
+        for (int r = 0; r < R; r++) sc[r] = -INFINITY;
+    }
+}
+
+// 4. the chunk's softmax statistics for all R heads at once, warp shuffles and one exchange
+// through red each: m = the chunk's max score, p = exp(score - m) into sp, l = this warp's
+// sum of p, left in red: the block sum is read after phase 5's barrier, needing none of its own.
+//   sc: [R] -> m: [R] (the chunk's), l: [R] (the warp's);  sp: [R][CHUNK];  red: [WARPS][R]
+template <int R, int CHUNK>
+__device__ __forceinline__ void chunk_softmax(float (&m)[R], float (&l)[R], float (&sp)[R][CHUNK],
+                                              float (&red)[CHUNK / 32][R], const float (&sc)[R], int n_here,
+                                              int t, int lane, int warp) {
+#pragma unroll
+    for (int r = 0; r < R; r++) { m[r] = warp_max(sc[r]); }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) red[warp][r] = m[r];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float mm = red[0][r];
+#pragma unroll
+        for (int w = 1; w < CHUNK / 32; w++) mm = fmaxf(mm, red[w][r]);
+        m[r] = mm;
+        const float p = (t < n_here) ? expf(sc[r] - mm) : 0.f;
+        sp[r][t] = p;
+        l[r] = warp_sum(p);
+    }
+    __syncthreads();  // everyone has read red (max) and written sp
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) red[warp][r] = l[r];
+    }
+}
+
+// 5. the chunk's unnormalised output, fp32: thread (g, e) = (t / E, t % E) sums keys
+// g, g + GROUPS, ... of column e for every head; GROUPS = CHUNK / E (2 for E = 64, 1 for 128)
+//   sp: [R][CHUNK] probabilities, sv: [CHUNK][E] -> o: [R] (column e, group g's share)
+template <int E, int R, int CHUNK>
+__device__ __forceinline__ void chunk_output(float (&o)[R], const float (&sp)[R][CHUNK],
+                                             const __half (&sv)[CHUNK][E], int n_here, int e, int g) {
+#pragma unroll
+    for (int r = 0; r < R; r++) o[r] = 0.f;
+    for (int kk = g; kk < n_here; kk += CHUNK / E) {
+        const float v = h2f(sv[kk][e]);
+#pragma unroll
+        for (int r = 0; r < R; r++) o[r] = fmaf(sp[r][kk], v, o[r]);
+    }
+}
+
+// element i = (r, ee) of the chunk's output, the GROUPS shares added in order
+//   sp: [R][CHUNK] as [R][GROUPS][E] (the shares, in the probabilities' space)
+template <int E, int R, int CHUNK>
+__device__ __forceinline__ float chunk_output_sum(const float (&sp)[R][CHUNK], int r, int ee) {
+    float sum = 0.f;
+#pragma unroll
+    for (int gg = 0; gg < CHUNK / E; gg++) sum += sp[r][gg * E + ee];
+    return sum;
+}
+
+// 6. the split-K merge: a block's chunk partials are visible to all before its arrival is
+// counted, and only the last block to arrive (of this sequence, KV head and query group)
+// goes on to merge; the fences order the partials' writes and reads around the counter
+//   counters[gi]: this group's, counting the n_chunks arrivals; is_last: shared
+__device__ __forceinline__ bool last_to_arrive(unsigned int* counters, int gi, int n_chunks, int& is_last, int t) {
+    __threadfence();
+    __syncthreads();
+    if (t == 0) is_last = (atomicAdd(&counters[gi], 1u) == (unsigned)(n_chunks - 1));
+    __syncthreads();
+    if (!is_last) return false;
+    __threadfence();
+    return true;
+}
+
+// 7. merge the n_chunks partials in chunk order, in fp32, rescaling each to the overall max:
+// out = sum_c exp(m_c - m) o_c / sum_c exp(m_c - m) l_c, rounded to fp16 once
+//   part_o, part_ml at group gi: po0: [n_total_chunks, R, E], pml0: [n_total_chunks, R, (m, l)]
+//   -> out: [R * E] from head0's row
+template <int E, int R, int CHUNK>
+__device__ __forceinline__ void merge_chunks(__half* out, int head0, const float* part_o, const float* part_ml, int gi,
+                                             int n_total_chunks, int n_chunks, int t) {
+    const float* po0 = part_o + (size_t)gi * n_total_chunks * R * E;
+    const float* pml0 = part_ml + (size_t)gi * n_total_chunks * R * 2;
+    for (int i = t; i < R * E; i += CHUNK) {
+        const int r = i / E;
+        float mm = -INFINITY;
+        for (int cc = 0; cc < n_chunks; cc++) mm = fmaxf(mm, __ldcg(pml0 + (cc * R + r) * 2));
+        float ll = 0.f, acc = 0.f;
+        for (int cc = 0; cc < n_chunks; cc++) {
+            const float w = expf(__ldcg(pml0 + (cc * R + r) * 2) - mm);
+            ll += w * __ldcg(pml0 + (cc * R + r) * 2 + 1);
+            acc += w * __ldcg(po0 + (size_t)cc * R * E + i);
+        }
+        out[(size_t)head0 * E + i] = f2h(acc / ll);
+    }
+}
+
 //   q: [H, E], k_new, v_new: [K, E] (views of the QKV output), cos/sin: [S_max, E/2]
 //   k_cache, v_cache: [K, S_cap, E] (this layer's);  out: [H * E]    (per sequence)
+//   part_o: [.., n_total_chunks, R, E], part_ml: [.., n_total_chunks, R, 2], counters: [..]
+//           (per block group gi)
 template <int E, int R, int CHUNK>
 __global__ void __launch_bounds__(CHUNK) decode_attention(
         const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
@@ -512,180 +725,54 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     __half* kc = k_cache + (size_t)j * S_cap * E;
     __half* vc = v_cache + (size_t)j * S_cap * E;
 
-    // 1. issue every load of the cache first (older positions: written by earlier steps,
-    // so this overlaps the previous kernel): this thread's key row, its share of the values
-    const int s = first + t;
-    uint4 kreg[ROW_VECS];
-    if (t < n_here && s != pos) {
-#pragma unroll
-        for (int i = 0; i < ROW_VECS; i++) kreg[i] = __ldcg(reinterpret_cast<const uint4*>(kc + (size_t)s * E) + i);
-    }
-    uint4 vreg[ROW_VECS];
-#pragma unroll
-    for (int i = 0; i < ROW_VECS; i++) {
-        const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
-        vreg[i] = (row < n_here && first + row != pos)
-            ? __ldcg(reinterpret_cast<const uint4*>(vc + (size_t)(first + row) * E) + col) : make_uint4(0, 0, 0, 0);
-    }
+    uint4 kreg[ROW_VECS], vreg[ROW_VECS];
+    load_cached_kv<E, CHUNK>(kreg, vreg, kc, vc, first, n_here, pos, t);                    // 1.
     pdl_wait();  // from here on: q, k, v of this step, written by the QKV GEMV
-#pragma unroll
-    for (int i = 0; i < ROW_VECS; i++) {
-        const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
-        if (first + row == pos) vreg[i] = __ldcg(reinterpret_cast<const uint4*>(v_new + (size_t)j * E) + col);
-    }
-    // 2. RoPE of q (and of the new k), rounded like the readable path: fp16(x1*cos - x2*sin), no FMA
+    load_new_value<E, CHUNK>(vreg, v_new, j, first, pos, t);                                // 2a.
     const float* cs = cos_t + (size_t)pos * HALF;
     const float* sn = sin_t + (size_t)pos * HALF;
-    for (int i = t; i < (R + 1) * HALF; i += CHUNK) {
-        const int r = i / HALF, e = i % HALF;
-        const __half* x = (r < R) ? q + (size_t)(head0 + r) * E : k_new + (size_t)j * E;
-        const float x1 = h2f(__ldcg(x + e)), x2 = h2f(__ldcg(x + e + HALF));
-        float y1 = x1, y2 = x2;
-        if (rotate) {
-            y1 = h2f(f2h(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e]))));
-            y2 = h2f(f2h(__fadd_rn(__fmul_rn(x2, cs[e]), __fmul_rn(x1, sn[e]))));
-        }
-        if (r < R) { sq[r][e] = y1; sq[r][e + HALF] = y2; }
-        else {
-            skn[e] = y1; skn[e + HALF] = y2;
-            if (holds_pos && z == 0) {  // the new key and value go into the cache for later steps
-                kc[(size_t)pos * E + e] = f2h(y1);
-                kc[(size_t)pos * E + e + HALF] = f2h(y2);
-                vc[(size_t)pos * E + e] = __ldcg(v_new + (size_t)j * E + e);
-                vc[(size_t)pos * E + e + HALF] = __ldcg(v_new + (size_t)j * E + e + HALF);
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < ROW_VECS; i++) {
-        const int idx = i * CHUNK + t;
-        reinterpret_cast<uint4*>(&sv[0][0])[idx] = vreg[i];
-    }
+    for (int i = t; i < (R + 1) * HALF; i += CHUNK)  // 2b. pairs of the R query heads, then of the new key
+        rope_pair<E, R>(sq, skn, q, head0, k_new + (size_t)j * E, v_new + (size_t)j * E, cs, sn, rotate, holds_pos,
+                        z, kc, vc, pos, i / HALF, i % HALF);
+    stage_values<E, CHUNK>(sv, vreg, t);                                                    // 2c.
     __syncthreads();
 
-    // 3. scores of all R heads for this thread's key: fp16(q.k) like the fp16 matmul, then * scale
-    float sc[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) sc[r] = 0.f;
-    if (t < n_here) {
-        if (s == pos) {
-#pragma unroll
-            for (int e = 0; e < E; e++) {
-#pragma unroll
-                for (int r = 0; r < R; r++) sc[r] = fmaf(sq[r][e], skn[e], sc[r]);
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < ROW_VECS; i++) {
-                const __half2* k2 = reinterpret_cast<const __half2*>(&kreg[i]);
-#pragma unroll
-                for (int jj = 0; jj < 4; jj++) {
-                    const float2 kf = __half22float2(k2[jj]);
-#pragma unroll
-                    for (int r = 0; r < R; r++)
-                        sc[r] = fmaf(sq[r][i * 8 + 2 * jj + 1], kf.y, fmaf(sq[r][i * 8 + 2 * jj], kf.x, sc[r]));
-                }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) sc[r] = h2f(f2h(sc[r])) * scale;
-    } else {
-#pragma unroll
-        for (int r = 0; r < R; r++) sc[r] = -INFINITY;
-    }
-    // 4. chunk softmax statistics for all heads at once: warp shuffles, one exchange
-    float m[R], l[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) { m[r] = warp_max(sc[r]); }
-    if (lane == 0) {
-#pragma unroll
-        for (int r = 0; r < R; r++) red[warp][r] = m[r];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        float mm = red[0][r];
-#pragma unroll
-        for (int w = 1; w < WARPS; w++) mm = fmaxf(mm, red[w][r]);
-        m[r] = mm;
-        const float p = (t < n_here) ? expf(sc[r] - mm) : 0.f;
-        sp[r][t] = p;
-        l[r] = warp_sum(p);
-    }
-    __syncthreads();  // everyone has read red (max) and written sp
-    if (lane == 0) {
-#pragma unroll
-        for (int r = 0; r < R; r++) red[warp][r] = l[r];
-    }
-    // 5. partial output from shared memory: thread (g, e) sums a share of the keys for every head
-    constexpr int GROUPS = CHUNK / E;  // 2 for E = 64, 1 for E = 128
+    float sc[R], m[R], l[R], o[R];
+    chunk_scores<E, R>(sc, sq, skn, kreg, t < n_here, first + t == pos, scale);            // 3.
+    chunk_softmax<R, CHUNK>(m, l, sp, red, sc, n_here, t, lane, warp);                      // 4.
     const int e = t % E, g = t / E;
-    float o[R];
+    chunk_output<E, R, CHUNK>(o, sp, sv, n_here, e, g);                                     // 5.
+    __syncthreads();  // everyone has read sp (probabilities) and written red (l per warp)
 #pragma unroll
-    for (int r = 0; r < R; r++) o[r] = 0.f;
-    for (int kk = g; kk < n_here; kk += GROUPS) {
-        const float v = h2f(sv[kk][e]);
-#pragma unroll
-        for (int r = 0; r < R; r++) o[r] = fmaf(sp[r][kk], v, o[r]);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < R; r++) {  // l: the chunk's sum of p
         float ll = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; w++) ll += red[w][r];
         l[r] = ll;
     }
 #pragma unroll
-    for (int r = 0; r < R; r++) sp[r][g * E + e] = o[r];  // reuse sp: [R][CHUNK] >= [R][GROUPS * E]
+    for (int r = 0; r < R; r++) sp[r][g * E + e] = o[r];  // reuse sp: [R][CHUNK] as [R][CHUNK / E][E]
     __syncthreads();
 
     if (n_chunks == 1) {  // the whole context in one chunk: normalise and done
         for (int i = t; i < R * E; i += CHUNK) {
-            const int r = i / E, ee = i % E;
-            float sum = 0.f;
-#pragma unroll
-            for (int gg = 0; gg < GROUPS; gg++) sum += sp[r][gg * E + ee];
-            out[(size_t)head0 * E + i] = f2h(sum / l[r]);
+            const int r = i / E;
+            out[(size_t)head0 * E + i] = f2h(chunk_output_sum<E, R, CHUNK>(sp, r, i % E) / l[r]);
         }
         return;
     }
+    // otherwise the chunk's partials: o unnormalised, and (m, l) per head
     const int n_total_chunks = (S_cap + CHUNK - 1) / CHUNK;
     float* po = part_o + ((size_t)gi * n_total_chunks + c) * R * E;
     float* pml = part_ml + ((size_t)gi * n_total_chunks + c) * R * 2;
-    for (int i = t; i < R * E; i += CHUNK) {
-        const int r = i / E, ee = i % E;
-        float sum = 0.f;
-#pragma unroll
-        for (int gg = 0; gg < GROUPS; gg++) sum += sp[r][gg * E + ee];
-        po[i] = sum;
-    }
+    for (int i = t; i < R * E; i += CHUNK) po[i] = chunk_output_sum<E, R, CHUNK>(sp, i / E, i % E);
     if (t == 0) {
 #pragma unroll
         for (int r = 0; r < R; r++) { pml[2 * r] = m[r]; pml[2 * r + 1] = l[r]; }
     }
 
-    // 6. the last block of this KV head to finish merges all chunks
-    __threadfence();
-    __syncthreads();
-    if (t == 0) is_last = (atomicAdd(&counters[gi], 1u) == (unsigned)(n_chunks - 1));
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const float* po0 = part_o + (size_t)gi * n_total_chunks * R * E;
-    const float* pml0 = part_ml + (size_t)gi * n_total_chunks * R * 2;
-    for (int i = t; i < R * E; i += CHUNK) {
-        const int r = i / E;
-        float mm = -INFINITY;
-        for (int cc = 0; cc < n_chunks; cc++) mm = fmaxf(mm, __ldcg(pml0 + (cc * R + r) * 2));
-        float ll = 0.f, acc = 0.f;
-        for (int cc = 0; cc < n_chunks; cc++) {
-            const float w = expf(__ldcg(pml0 + (cc * R + r) * 2) - mm);
-            ll += w * __ldcg(pml0 + (cc * R + r) * 2 + 1);
-            acc += w * __ldcg(po0 + (size_t)cc * R * E + i);
-        }
-        out[(size_t)head0 * E + i] = f2h(acc / ll);
-    }
+    if (!last_to_arrive(counters, gi, n_chunks, is_last, t)) return;                     // 6.
+    merge_chunks<E, R, CHUNK>(out, head0, part_o, part_ml, gi, n_total_chunks, n_chunks, t);  // 7.
     if (t == 0) counters[gi] = 0;  // ready for the next layer / step
 }
 
