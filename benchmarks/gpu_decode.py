@@ -81,7 +81,7 @@ def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
     cache = decoder.new_cache(PROMPT_LEN + NEW_TOKENS + 8)
     rates, tokens = [], None
     for r in range(repeats + 1):
-        cache.length = 0
+        cache.trim(cache.length)
         first = int(cp.argmax(model.forward(ids, cache)[0, -1]))
         sync()
         start = time.perf_counter()
@@ -92,14 +92,15 @@ def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
         tokens = out
     # GPU time per step: replays queued back to back, timed with events
     step = decoder.captured(cache)
-    cache.length = PROMPT_LEN + NEW_TOKENS // 2
+    cache.trim(cache.length)
+    cache.advance(PROMPT_LEN + NEW_TOKENS // 2)
     n = 200
     start_ev, end_ev = cp.cuda.Event(), cp.cuda.Event()
     with decoder.stream:
-        K.set_step(decoder.token, decoder.ops.pos, decoder.params, 1, cache.length, 0.0)
+        K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
         start_ev.record(decoder.stream)
         for _ in range(n):  # the graph advances the position itself; stays inside the cache
-            K.set_step(decoder.token, decoder.ops.pos, decoder.params, 1, cache.length, 0.0)
+            K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
             step.graph.launch(decoder.stream)
         end_ev.record(decoder.stream)
     end_ev.synchronize()
@@ -145,15 +146,14 @@ def kernel_profile(model: Model, decoder: CudaDecoder, context: int = PROMPT_LEN
         long long t0 = clock64(); while (clock64() - t0 < n) {} }''', "spin")
     try:
         cache = model.new_cache(context + 8)
-        cache.length = context - 1
         for _ in range(3):
             records.clear()
-            cache.length = context - 1
+            cache.trim(cache.length)
+            cache.advance(context - 1)
             spin((1,), (1,), (np.int64(300_000_000),))  # ~0.15 s
             logits = model.forward(np.array([[1]]), cache)
-            decoder.ops.flush()
             K.sample_token(logits, decoder.params, decoder.w_scratch, decoder.token,
-                           cp.zeros(cache.capacity + 1, cp.int64), decoder.ops.pos)
+                           cp.zeros(cache.capacity + 1, cp.int64), decoder.pos)
             sync()
     finally:
         for name, fn in originals.items():
@@ -184,16 +184,15 @@ def bench_generation(model: Model, decoder: CudaDecoder, repeats: int) -> float:
     call, detokenizing and stop-string checks on the host), greedy, 256 new tokens."""
     from tinyllm.generate import Generation, StopRules
 
+    from tinyllm.cuda import CudaStep
+
     ids = [int(i) for i in prompt_ids(PROMPT_LEN, model.config.vocab_size)[0]]
-    model.cuda_decoder = decoder
-    try:
-        rates = []
-        for r in range(repeats + 1):
-            done = Generation(model, _IdsTokenizer(), ids, rules=StopRules(max_new_tokens=NEW_TOKENS, eos_ids=())).run()
-            if r:
-                rates.append(done.stats.decode_tps)
-    finally:
-        del model.cuda_decoder
+    step = CudaStep(decoder.model, decoder=decoder)
+    rates = []
+    for r in range(repeats + 1):
+        done = Generation(step, _IdsTokenizer(), ids, rules=StopRules(max_new_tokens=NEW_TOKENS, eos_ids=())).run()
+        if r:
+            rates.append(done.stats.decode_tps)
     return statistics.median(rates)
 
 
@@ -202,7 +201,7 @@ def bench_prefill(model: Model, repeats: int) -> dict:
     cache = model.new_cache(LONG_PROMPT + 8)
     ttft, prefill = [], []
     for r in range(repeats + 1):
-        cache.length = 0
+        cache.trim(cache.length)
         sync()
         start = time.perf_counter()
         logits = model.forward(ids, cache)
@@ -269,11 +268,11 @@ def main(argv=None) -> dict:
               "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "shapes": {}}
     for name in args.shapes:
         print(f"[{name}] building random fp16 weights", flush=True)
-        fast = random_model(name, "cuda", seed=0)
-        readable = Model(fast.config, fast.weights, fast.device)
-        row = {"weights_GB": fast.weights.nbytes / 1e9}
+        readable = random_model(name, "cuda", seed=0)
+        row = {"weights_GB": readable.weights.nbytes / 1e9}
         start = time.perf_counter()
-        decoder = CudaDecoder(fast)
+        decoder = CudaDecoder(readable)
+        fast = decoder.eager  # the same weights computing with the fused kernels
         row["warmup_s"] = time.perf_counter() - start
         row.update(bench_fast(fast, decoder, args.repeats))
         row["pdl"] = K.pdl_active()

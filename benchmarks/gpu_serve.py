@@ -15,7 +15,7 @@ this process and served by uvicorn from a background thread on 127.0.0.1 (a free
 The GPU machine gets no checkpoint, so the model is built here:
 - weights: random fp16 of a real model's shape (benchmarks/gpu_models.py). Speed depends
   on shapes, not on values, so these time the real work. On cuda the fast path is on
-  (`enable_fast_path`), and the server's scheduler then decodes the whole batch as one
+  (`CudaStep`), and the server's scheduler then decodes the whole batch as one
   replayed CUDA graph per batch size (tinyllm/cuda/batch.py).
 - tokenizer: a word-level vocabulary of the model's size (the words of the benchmark's
   passage, then filler words), built with `tokenizers`. It has a BOS token and *no* EOS
@@ -107,15 +107,16 @@ def build_llm(args):
     if model.config.eos_token_ids or tokenizer.eos_ids:
         raise SystemExit("gpu_serve: the benchmark model must have no EOS id (requests would end early)")
     fast = model.device.is_cuda
+    step = None
     if fast:
-        # The fused kernels and the graph-captured decoder; the server's scheduler sees
-        # model.cuda_decoder and captures batched graphs on top of it.
-        from tinyllm.cuda import enable_fast_path
+        # The fused kernels and the graph-captured decoder, as tinyllm.load picks them; the
+        # server's scheduler captures batched graphs through the same step.
+        from tinyllm.cuda import CudaStep
 
-        enable_fast_path(model)
+        step = CudaStep(model)
     model.device.synchronize()
     seconds = time.perf_counter() - start
-    return LLM(model, tokenizer, Path(f"random-{args.shape}"), seconds), seconds, fast
+    return LLM(model, tokenizer, Path(f"random-{args.shape}"), seconds, step), seconds, fast
 
 
 # ---- the server, in this process ---------------------------------------------------------------

@@ -52,7 +52,7 @@ import cupy as cp  # noqa: E402
 
 from benchmarks.gpu_models import host_copy, random_model, shape_config, to_transformers  # noqa: E402
 from tinyllm.backend import get_device  # noqa: E402
-from tinyllm.cuda import CudaDecoder  # noqa: E402
+from tinyllm.cuda import CudaDecoder, CudaStep  # noqa: E402
 from tinyllm.cuda import kernels as K  # noqa: E402
 from tinyllm.errors import DeviceError  # noqa: E402
 from tinyllm.kv_cache import KVCache  # noqa: E402
@@ -379,9 +379,10 @@ PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889, 
 @pytest.fixture(scope="module", params=MODEL_SHAPES)
 def pair(request):
     """(readable CuPy model, fast model + decoder) sharing one set of random fp16 weights."""
-    fast = random_model(request.param, "cuda", seed=1)
-    readable = Model(fast.config, fast.weights, fast.device)
-    decoder = CudaDecoder(fast)
+    model = random_model(request.param, "cuda", seed=1)
+    readable = Model(model.config, model.weights, model.device)
+    decoder = CudaDecoder(model)
+    fast = decoder.eager  # the same model computing with FastOps called from Python
     yield request.param, readable, fast, decoder
     del decoder, fast, readable
     cp.get_default_memory_pool().free_all_blocks()
@@ -443,11 +444,11 @@ def test_replaying_one_step_is_deterministic(pair, record):
     between overlapping kernels (or a stale cache line) would show up here."""
     name, readable, fast, decoder = pair
     cache, _ = _prefilled(fast, n=16, capacity=512)
-    cache.length = 300  # a context that fills two attention chunks
+    cache.advance(300 - cache.length)  # a context that fills two attention chunks
     first = decoder.step_logits(cache, 42)
     worst = 0.0
     for _ in range(100):
-        cache.length = 300
+        cache.trim(cache.length - 300)
         worst = max(worst, float(cp.abs(decoder.step_logits(cache, 42) - first).max()))
     record(max_abs_diff=worst)
     assert worst == 0.0
@@ -570,7 +571,7 @@ class _IdsTokenizer:
 
 
 def test_generation_takes_the_fast_path(pair, record):
-    """tinyllm.generate.Generation on a model with `cuda_decoder`: decode steps are graph
+    """tinyllm.generate.Generation handed the CUDA step: decode steps are graph
     replays with the token chosen on the device (greedy: decode()'s ids; seeded: reproducible)."""
     import time
 
@@ -580,17 +581,16 @@ def test_generation_takes_the_fast_path(pair, record):
     calls = []
     step = decoder.step
     decoder.step = lambda *a, **k: calls.append(1) or step(*a, **k)
-    fast.cuda_decoder = decoder
+    cuda_step = CudaStep(decoder.model, decoder=decoder)
     try:
         rules = StopRules(max_new_tokens=64, eos_ids=())
         start = time.perf_counter()
-        done = Generation(fast, _IdsTokenizer(), PROMPT, rules=rules).run()
+        done = Generation(cuda_step, _IdsTokenizer(), PROMPT, rules=rules).run()
         elapsed = time.perf_counter() - start
-        seeded = [Generation(fast, _IdsTokenizer(), PROMPT, rules=rules,
+        seeded = [Generation(cuda_step, _IdsTokenizer(), PROMPT, rules=rules,
                              sampler=Sampler(SamplingParams(temperature=0.8, top_k=40, seed=11))).run().token_ids
                   for _ in range(2)]
     finally:
-        del fast.cuda_decoder
         decoder.step = step
     assert len(calls) == 3 * 63  # every decode step went to the device
     cache, logits = _prefilled(fast)
@@ -607,7 +607,7 @@ def test_long_prompt_prefill(pair, record):
     cache = fast.new_cache(2048)
     fast.forward(ids[None, :2000], cache)
     ref = fast.forward(ids[None, 2000:], cache)[0, -1].get()  # eager one-token step at position 2000
-    cache.length -= 1
+    cache.trim(1)
     out = decoder.step_logits(cache, int(ids[2000])).get()
     record(rel_err=rel_err(out, ref))
     assert rel_err(out, ref) == 0.0
@@ -699,7 +699,8 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     from tinyllm.scheduler import Finished, Request, Scheduler
 
     name, readable, fast, decoder = pair
-    fast.cuda_decoder, fast.batch_decoder = decoder, batch
+    cuda_step = CudaStep(decoder.model, decoder=decoder)
+    cuda_step.batch_decoder = batch
     rng = np.random.default_rng(11)
     prompts = [list(rng.integers(2, fast.config.vocab_size, n)) for n in (5, 16, 40, 7, 120, 3, 64, 30)]
     params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=3), SamplingParams(),
@@ -708,8 +709,8 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     budgets = [24, 10, 17, 24, 5, 24, 13, 20]
 
     def run(indices):
-        sched = Scheduler(fast, _IdsTokenizer(), max_batch=8, max_queue=0, max_context=1024)
-        assert sched.rows is batch
+        sched = Scheduler(cuda_step, _IdsTokenizer(), max_batch=8, max_queue=0, max_context=1024)
+        assert sched.rows.decoder is batch
         events = {i: [] for i in indices}
         for i in indices:
             sched.submit(Request(prompts[i], params[i], StopRules(max_new_tokens=budgets[i], eos_ids=()),
@@ -718,11 +719,8 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
             sched.run_once()
         return {i: ev[-1].token_ids for i, ev in events.items()}
 
-    try:
-        together = run(range(8))
-        alone = {i: run([i])[i] for i in range(8)}
-    finally:
-        del fast.cuda_decoder, fast.batch_decoder
+    together = run(range(8))
+    alone = {i: run([i])[i] for i in range(8)}
     record(requests=8, tokens=sum(len(t) for t in together.values()))
     assert [len(together[i]) for i in range(8)] == budgets
     assert together == alone
@@ -739,22 +737,20 @@ def test_generate_batch_on_the_gpu_remakes_and_frees_its_rows(pair):
     v = fast.config.vocab_size
     rng = np.random.default_rng(13)
     prompts = [list(rng.integers(2, v, n)) for n in (5, 9, 3, 7, 9)]
-    fast.cuda_decoder = decoder
-    llm = LLM(fast, _IdsTokenizer(), Path("random"), 0.0)
+    llm = LLM(decoder.model, _IdsTokenizer(), Path("random"), 0.0, CudaStep(decoder.model, decoder=decoder))
     try:
         two = llm.generate_batch(prompts[:2], max_new_tokens=8, eos_ids=())
-        first = fast.batch_decoder
+        first = llm.step.batch_decoder
         five = llm.generate_batch(prompts, max_new_tokens=8, eos_ids=())
-        assert fast.batch_decoder is not first and fast.batch_decoder.capacity == first.capacity
+        assert llm.step.batch_decoder is not first and llm.step.batch_decoder.capacity == first.capacity
         assert [r.token_ids for r in five[:2]] == [r.token_ids for r in two]
         assert all(len(r.token_ids) == 8 for r in five)
         too_long = list(rng.integers(2, v, fast.config.max_seq_len + 1))
         with pytest.raises(RuntimeError, match="context"):
             llm.generate_batch([prompts[0], too_long, prompts[1]], max_new_tokens=8, eos_ids=())
-        assert fast.batch_decoder.free_rows == fast.batch_decoder.max_batch
+        assert llm.step.batch_decoder.free_rows == llm.step.batch_decoder.max_batch
     finally:
-        del fast.cuda_decoder
-        fast.batch_decoder = None
+        llm.step.batch_decoder = None
 
 
 # ---- errors -----------------------------------------------------------------------------------

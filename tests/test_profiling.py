@@ -151,5 +151,5 @@ def test_run_profile_flag_prints_the_report(tmp_path):
     for func in (Model.forward_block, Ops.attention, Sampler.__call__):
         assert f"\n{func.__qualname__}  tinyllm/" in proc.stderr
     source = inspect.getsource(Model.forward_block)
-    qkv_line = next(line for line in source.splitlines() if "ops.linear(h, layer.wqkv)" in line)
+    qkv_line = next(line for line in source.splitlines() if "ops.norm_linear(x, layer.attn_norm" in line)
     assert qkv_line.rstrip() in proc.stderr  # the line itself, with its timing row

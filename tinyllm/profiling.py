@@ -120,7 +120,8 @@ class Profile:
     """Context manager: line-profile everything inside the `with` block, then print the report."""
 
     def __init__(self, llm, out=None, title: str = "tinyllm --profile"):
-        self.model = getattr(llm, "model", llm)  # an LLM or a bare Model
+        self.llm = llm if hasattr(llm, "step") else None  # an LLM, or a bare Model
+        self.model = llm.model if self.llm is not None else llm
         self.out = out if out is not None else sys.stderr
         self.title = title
         self.profiler = new_line_profiler()
@@ -132,8 +133,11 @@ class Profile:
             self.profiler.add_function(f)
         device = self.model.device
         self.saved_ops = self.model.ops
-        # decode steps would otherwise replay the fast path's CUDA graph, which no line profiler sees
-        self.saved_decoder = self.model.__dict__.pop("cuda_decoder", None)
+        if self.llm is not None:
+            # the readable step: a fast one would replay a CUDA graph, which no line profiler sees
+            from .step import ReadableStep
+
+            self.saved_step, self.llm.step = self.llm.step, ReadableStep(self.model)
         if device.is_cuda:
             from .model import Ops
 
@@ -147,8 +151,8 @@ class Profile:
         self.profiler.disable_by_count()
         wall = time.perf_counter() - self.start
         self.model.ops = self.saved_ops
-        if self.saved_decoder is not None:
-            self.model.cuda_decoder = self.saved_decoder
+        if self.llm is not None:
+            self.llm.step = self.saved_step
         self.report = format_report(self.profiler.get_stats(), wall, self.header(wall))
         print(self.report, file=self.out, flush=True)
         return False

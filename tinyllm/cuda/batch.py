@@ -5,9 +5,9 @@ read each weight once for B tokens, so a step costs little more than a single on
 the throughput grows almost B-fold, until the arithmetic catches up with the memory. On
 the GPU that needs the same three things as the single-sequence fast path (decoder.py):
 
-- fused kernels for B tokens: FastOps (ops.py) turns each GEMV into a tensor-core GEMM
-  over the B tokens (`gemv_rows` in kernels.cu) and runs one attention launch for all B
-  sequences, each over its own cache at its own position;
+- fused kernels for B tokens: FastOps (ops.py) in its "batched" mode turns each GEMV into
+  a tensor-core GEMM over the B tokens (`gemv_rows` in kernels.cu) and runs one attention
+  launch for all B sequences, each over its own cache at its own position;
 - no host work inside the step: the step is captured once per batch size B into a CUDA
   graph and replayed;
 - inputs in device memory: the graph for B reads, for row b, the token, the position,
@@ -32,7 +32,7 @@ own row and column), so a request gives the same tokens at any batch size.
 
     batch = BatchDecoder(decoder, max_batch=8)       # captures B = 1..8
     caches = [batch.new_cache() for _ in prompts]    # rows of the batched cache
-    ... prefill each prompt with model.forward(ids, cache) ...
+    ... prefill each prompt with decoder.eager.forward(ids, cache) ...
     out = batch.step(tokens, caches, samplers)        # one step: B ids (or logits rows)
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from ..errors import ConfigError, DeviceError, TinyLLMError
 from ..kv_cache import KVCache
 from . import kernels as K
 from .decoder import CudaDecoder, capture_graph
+from .ops import FastOps
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
 
@@ -57,13 +58,12 @@ class BatchDecoder:
         if not 1 <= max_batch <= max_batch_for(c):  # the GEMM's inputs must fit in shared memory
             raise ConfigError(f"--max-batch: the batched fast path takes 1 to {max_batch_for(c)} sequences "
                               f"per step for this model, got {max_batch}")
-        if not decoder.ops.fused_attention:
+        if not decoder.graph_ops.fused_attention:
             raise DeviceError("the batched fast path needs the fused attention (head dim 64 or 128)")
         cp = decoder.cp
         self.cp = cp
         self.decoder = decoder
         self.model = decoder.model
-        self.ops = decoder.ops
         self.stream = decoder.stream
         self.max_batch = max_batch
         self.capacity_asked = min(capacity or c.max_seq_len, c.max_seq_len)
@@ -93,6 +93,9 @@ class BatchDecoder:
             self._offset[name] = offset
             offset += size
         self._nbytes = nbytes
+        self.ops = FastOps.for_model(self.model, "batched", positions=self.device["positions"],
+                                     slots=self.device["slots"])
+        self.batched_model = self.model.with_ops(self.ops)
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
         self._slot = 0         # which host copy the last queued step used
@@ -142,8 +145,7 @@ class BatchDecoder:
     def _run(self, b: int, caches):
         """One batched step as ordinary calls: the model's decode_batch, then the sampler kernel."""
         d = self.device
-        logits = self.model.decode_batch(d["tokens"][:b], caches)  # [B, V] fp32
-        self.ops.flush()
+        logits = self.batched_model.decode_batch(d["tokens"][:b], caches)  # [B, V] fp32
         K.sample_rows(logits, d["params"][:b], self.w_scratch, d["tokens"], self.chosen, d["positions"])
         return logits
 
@@ -153,16 +155,8 @@ class BatchDecoder:
         self._ahead = None
         self._write_inputs(0, [0] * b, [0] * b, [spare] * b, [None] * b)
         self._copy_inputs(0)
-        ops = self.ops
-        eager_buffers = ops.positions, ops.slots  # the graph reads this decoder's inputs, not them
-        ops.positions, ops.slots = self.device["positions"], self.device["slots"]
-        ops.host_writes_position, ops.batched = False, True
         before = self.ops.stats["rows_attention"]
-        try:
-            graph, pool, logits = capture_graph(self.stream, lambda: self._run(b, caches))
-        finally:
-            ops.host_writes_position, ops.batched, ops.pending = True, False, None
-            ops.positions, ops.slots = eager_buffers
+        graph, pool, logits = capture_graph(self.stream, lambda: self._run(b, caches))
         if self.ops.stats["rows_attention"] - before != 2 * self.model.config.n_layers:
             raise DeviceError("the batched decode step did not take the fused attention")
         return graph, pool, logits
@@ -252,7 +246,7 @@ class BatchDecoder:
             following = _Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers)
         event.synchronize()
         for cache in caches:
-            cache.length += 1
+            cache.advance(1)
         out = [int(i) for i in np.frombuffer(self._chosen_host[slot], dtype=np.int64, count=b)]
         if following is not None:
             following.expect(out, caches)
@@ -285,20 +279,3 @@ def max_batch_for(config) -> int:
     gemv_rows cannot hold even one 8-token tile of some GEMM's inputs)."""
     widths = (config.dim, config.n_heads * config.head_dim, config.hidden_dim)  # every GEMM's K
     return next((r for r in (K.MAX_ROWS, 8) if all(K.gemv_rows_fits(1, k, r) for k in widths)), 0)
-
-
-def enable_batching(model, max_batch: int = 16, capacity: int | None = None) -> BatchDecoder:
-    """The model's BatchDecoder (made and attached as `model.batch_decoder` on first use, or
-    remade when a bigger one is asked for). Needs the fast path (enable_fast_path) first."""
-    decoder = getattr(model, "cuda_decoder", None)
-    if decoder is None:
-        raise DeviceError("batched GPU decoding needs the CUDA fast path (tinyllm.cuda.enable_fast_path)")
-    capacity = min(capacity or model.config.max_seq_len, model.config.max_seq_len)
-    batch = getattr(model, "batch_decoder", None)
-    if batch is not None and batch.free_rows < batch.max_batch:
-        raise TinyLLMError("the model's batched GPU decoder is in use by another scheduler")
-    # (compared with the capacity it was asked for: one fitted to GPU memory is not remade)
-    if batch is None or batch.max_batch < max_batch or batch.capacity_asked < capacity:
-        model.batch_decoder = None
-        batch = model.batch_decoder = BatchDecoder(decoder, max_batch, capacity)
-    return batch

@@ -5,12 +5,14 @@ Python each costs ~10 µs of host time, more than the GPU needs to run it, so th
 would be host-bound. A CUDA graph records the launches once and replays them with one
 call. What makes the readable `Model.forward` capturable:
 
-- no host sync, no host<->device copy, no cuBLAS inside the step: FastOps (ops.py) runs
-  its own kernels for every operation of a one-token step;
+- no host sync, no host<->device copy, no cuBLAS inside the step: FastOps (ops.py), made
+  in its "graph" mode, runs its own kernels for every operation of a one-token step;
 - the inputs that change per token live in device memory: the token id (`self.token`)
-  and the position (`ops.pos`), written by a tiny kernel before a replay, or advanced by
+  and the position (`self.pos`), written by a tiny kernel before a replay, or advanced by
   the graph itself: its last kernel samples the next token, writes it where the next
-  step reads its input and increments the position;
+  step reads its input and increments the position. That device position is the graph's
+  input, not a second owner: the host writes it from `cache.length`, and a step queued
+  ahead is used only if the cache's position is the one it assumed;
 - every buffer the graph touches stays alive with it: temporaries come from a private
   memory pool that lives as long as the graph, so no later allocation can reuse them.
 
@@ -31,10 +33,9 @@ generator, so a seeded run is reproducible. Repetition/presence/frequency penalt
 need the token history on the host: `supports(params)` is False for them, and the
 caller replays logits (`step_logits`) and samples on the host instead.
 
-    decoder = enable_fast_path(llm.model)     # compiles kernels, captures a warm-up graph;
-                                              # tinyllm.generate now decodes through it
+    decoder = CudaDecoder(llm.model)          # compiles kernels, captures a warm-up graph
     cache = decoder.new_cache(4096)           # a cache and its captured step
-    logits = llm.model.forward(prompt_ids, cache)
+    logits = decoder.eager.forward(prompt_ids, cache)   # the prompt: fused row kernels + cuBLAS
     first = sampler(to_numpy(logits[0, -1]))
     for tok in decoder.decode(cache, first, max_new_tokens - 1, sampler):
         ...
@@ -73,6 +74,11 @@ class _CapturedStep:
 
 
 class CudaDecoder:
+    """The captured single-sequence decode step of a model (fp16, on a GPU).
+
+    `eager` is the same model computing with FastOps called from Python (a prompt, or a
+    step outside a graph); the model handed in keeps its readable operations."""
+
     def __init__(self, model: Model, warmup: bool = True):
         if not model.device.is_cuda:
             raise DeviceError(f"the CUDA fast path needs a model on a GPU, this one is on {model.device.name}")
@@ -82,9 +88,11 @@ class CudaDecoder:
 
         self.cp = cp
         self.model = model
-        self.ops = model.ops if isinstance(model.ops, FastOps) else FastOps(model)
-        model.ops = self.ops  # inject: the model's own forward now calls the fused kernels
         c = model.config
+        self.pos = cp.zeros(1, dtype=cp.int32)          # the step's position, in device memory
+        self.eager = model.with_ops(FastOps.for_model(model, "eager"))
+        self.graph_ops = FastOps.for_model(model, "graph", positions=self.pos)
+        self.graph_model = model.with_ops(self.graph_ops)
         self.token = cp.zeros((1, 1), dtype=cp.int64)   # the step's input token
         self.params = cp.zeros(5, dtype=cp.float32)     # temperature, top_k, top_p, min_p, u
         self.w_scratch = cp.empty(c.vocab_size, dtype=cp.float32)
@@ -104,7 +112,7 @@ class CudaDecoder:
     def warmup(self) -> None:
         """Compile every kernel and capture + replay one step, so the first request is warm."""
         start = time.perf_counter()
-        K.compile_kernels(self.ops.kernel_names(self.model.weights))
+        K.compile_kernels(self.graph_ops.kernel_names())
         cache = self.model.new_cache(2 * K.attention_chunk(self.model.config.head_dim) + 1)
         self.step_logits(cache, 0)
         self._steps.pop(id(cache), None)
@@ -126,30 +134,19 @@ class CudaDecoder:
 
     def _step(self, cache, history):
         """One decode step as ordinary calls: the model's forward, then the sampler kernel."""
-        logits = self.model.forward(self.token, cache)  # [1, 1, V] fp32
-        self.ops.flush()
-        K.sample_token(logits, self.params, self.w_scratch, self.token, history, self.ops.pos)
+        logits = self.graph_model.forward(self.token, cache)  # [1, 1, V] fp32
+        K.sample_token(logits, self.params, self.w_scratch, self.token, history, self.pos)
         return logits
 
     def _capture(self, cache) -> _CapturedStep:
         cp = self.cp
-        length = cache.length
         cache.check_room(1)
         history = cp.zeros(cache.capacity + 1, dtype=cp.int64)
-
-        def step():  # the eager run writes K/V at `length`, which the first real step overwrites
-            try:
-                return self._step(cache, history)
-            finally:
-                cache.length = length
-
-        self.ops.host_writes_position = False
-        try:
-            with self.stream:
-                K.set_step(self.token, self.ops.pos, self.params, 0, length, 0.0)
-            graph, pool, logits = capture_graph(self.stream, step)
-        finally:
-            self.ops.host_writes_position = True
+        with self.stream:
+            K.set_step(self.token, self.pos, self.params, 0, cache.length, 0.0)
+        # each run writes K/V at the cache's position (the first real step overwrites them)
+        # through a view, whose position moves instead of the cache's
+        graph, pool, logits = capture_graph(self.stream, lambda: self._step(cache.view(), history))
         return _CapturedStep(graph, pool, logits, history, cache)
 
     # ---- replay ----------------------------------------------------------------------------
@@ -172,11 +169,11 @@ class CudaDecoder:
         self._set_params(None)
         self.stream.wait_event(self.cp.cuda.get_current_stream().record())
         with self.stream:
-            K.set_step(self.token, self.ops.pos, self.params, int(token), cache.length, 0.0)
+            K.set_step(self.token, self.pos, self.params, int(token), cache.length, 0.0)
             step.graph.launch(self.stream)
             out = step.logits.reshape(-1).copy()
         self.stream.synchronize()
-        cache.length += 1
+        cache.advance(1)
         return out
 
     def step(self, cache, token: int, sampler=None) -> int:
@@ -204,7 +201,7 @@ class CudaDecoder:
         if position + 2 <= cache.capacity:  # queue the next step now: it feeds the device's choice
             following = self._queue_step(captured, position + 1, None, sampler, greedy)
         ahead[3].synchronize()
-        cache.length = position + 1
+        cache.advance(1)
         chosen = int(np.frombuffer(self._step_host, dtype=np.int64, count=2)[position % 2])
         if following is not None:
             self._ahead = (id(cache), position + 1, chosen, following)
@@ -216,7 +213,7 @@ class CudaDecoder:
         with self.stream:
             if token is not None or not greedy:
                 u = 0.0 if greedy else sampler.uniform()
-                K.set_step(self.token, self.ops.pos, self.params, token, position, u)
+                K.set_step(self.token, self.pos, self.params, token, position, u)
         captured.graph.launch(self.stream)
         self.cp.cuda.runtime.memcpyAsync(self._step_host.ptr + 8 * (position % 2),
                                          captured.history.data.ptr + 8 * (position + 1), 8,
@@ -253,7 +250,7 @@ class CudaDecoder:
             if i == 0 or not greedy:  # greedy steps after the first need no input from the host
                 u = 0.0 if greedy else sampler.uniform()
                 with self.stream:
-                    K.set_step(self.token, self.ops.pos, self.params, int(token) if i == 0 else None, start, u)
+                    K.set_step(self.token, self.pos, self.params, int(token) if i == 0 else None, start, u)
             step.graph.launch(self.stream)
             cp.cuda.runtime.memcpyAsync(host.ptr + 8 * i, step.history.data.ptr + 8 * (start + i + 1), 8,
                                         _DEVICE_TO_HOST, self.stream.ptr)
@@ -265,7 +262,7 @@ class CudaDecoder:
                 if i + 1 < max_new_tokens:
                     launch(i + 1)  # queue the next step before waiting for this one
                 events[i].synchronize()
-                cache.length = start + i + 1
+                cache.advance(1)
                 yield int(out[i])
         finally:
             self.stream.synchronize()
@@ -290,11 +287,3 @@ def capture_graph(stream, run):
         graph.upload(stream)
         stream.synchronize()
     return graph, pool, result
-
-
-def enable_fast_path(model: Model, warmup: bool = True) -> CudaDecoder:
-    """Inject the fused kernels into `model` and attach its graph-captured decoder as
-    `model.cuda_decoder`, where tinyllm.generate looks for it; returns the decoder."""
-    decoder = CudaDecoder(model, warmup=warmup)
-    model.cuda_decoder = decoder
-    return decoder

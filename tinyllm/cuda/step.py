@@ -1,0 +1,83 @@
+"""CudaStep: the decode step (tinyllm/step.py's interface) on the GPU's fast path.
+
+`tinyllm.load` picks it, once, for a float16 model on a GPU; generation and the scheduler
+then call it exactly as they call the readable step:
+
+    prefill(ids, cache)                     the prompt through FastOps called from Python:
+                                            fused row kernels, cuBLAS for the matmuls
+    decode(token, cache, sampler, history)  one replay of the captured graph (decoder.py),
+                                            the next token chosen on the device; a sampler
+                                            with penalties gets the logits on the host
+    batch(max_batch, capacity)              the batched graphs (batch.py) and the rows of
+                                            their preallocated KV cache
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..errors import TinyLLMError
+from ..kv_cache import KVCache
+from ..step import DecodeStep, ReadableBatch, sample_rows
+from .batch import BatchDecoder, max_batch_for
+from .decoder import CudaDecoder
+
+
+class CudaStep(DecodeStep):
+    name = "the GPU fast path"
+
+    def __init__(self, model, warmup: bool = True, decoder: CudaDecoder | None = None):
+        self.model = model
+        self.decoder = decoder or CudaDecoder(model, warmup=warmup)
+        most = max_batch_for(model.config) if self.decoder.graph_ops.fused_attention else 0
+        self.max_batch = most or None  # 0: no batched graphs for this model, the eager batched step serves
+        self.batch_decoder: BatchDecoder | None = None  # made by the first batch() that needs it
+
+    def prefill(self, ids: list[int], cache: KVCache) -> np.ndarray:
+        return to_numpy(self.decoder.eager.forward(np.asarray([ids], dtype=np.int64), cache))[0, -1]
+
+    def decode(self, token: int, cache: KVCache, sampler, history) -> int:
+        if CudaDecoder.supports(sampler.params):
+            return self.decoder.step(cache, token, sampler)
+        return sampler(self.prefill([token], cache), history)  # penalties need the history: on the host
+
+    def batch(self, max_batch: int, capacity: int):
+        if self.max_batch is None:
+            return ReadableBatch(self.decoder.eager, capacity)
+        held = self.batch_decoder
+        if held is not None and held.free_rows < held.max_batch:
+            raise TinyLLMError("the model's batched GPU decoder is in use by another scheduler")
+        # compared with the capacity it was asked for: one fitted to GPU memory is not remade
+        if held is None or held.max_batch < max_batch or held.capacity_asked < capacity:
+            self.batch_decoder = None  # its graphs and cache go before the new ones are made
+            self.batch_decoder = BatchDecoder(self.decoder, max_batch, capacity)
+        return CudaBatch(self, self.batch_decoder)
+
+
+class CudaBatch:
+    """The scheduler's view of a BatchDecoder: rows of its cache, and one graph replay per step."""
+
+    def __init__(self, step: CudaStep, decoder: BatchDecoder):
+        self.step_of = step
+        self.decoder = decoder
+        self.capacity = decoder.capacity
+
+    def enter_thread(self) -> None:
+        self.decoder.stream.use()  # prefills and batched steps of this thread: one stream, in order
+
+    def new_cache(self, positions: int) -> KVCache:
+        return self.decoder.new_cache()  # rows are preallocated at `capacity` positions
+
+    def release(self, cache: KVCache) -> None:
+        self.decoder.release(cache)
+
+    def prefill(self, ids: list[int], cache: KVCache) -> np.ndarray:
+        return self.step_of.prefill(ids, cache)
+
+    def step(self, tokens, caches, samplers, histories) -> list:
+        out = self.decoder.step(tokens, caches, samplers)  # ids, or logits rows for penalised samplers
+        on_host = [i for i, o in enumerate(out) if not isinstance(o, int)]
+        for i, chosen in zip(on_host, sample_rows([out[i] for i in on_host], [samplers[i] for i in on_host],
+                                                  [histories[i] for i in on_host])):
+            out[i] = chosen
+        return out
