@@ -29,3 +29,9 @@ class DeviceError(TinyLLMError, RuntimeError):
 
 class ContextOverflowError(TinyLLMError, ValueError):
     """A request that needs more positions than the KV cache or the model allows."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (newlines and runs of spaces folded), or its type's
+    name when it has no message: what the command lines print and the server logs."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,238 @@
+"""The ASGI app: the model's scheduler behind Starlette routes, and the answers it streams.
+
+- The HTTP side is asynchronous (one event loop, many open connections); the model is not:
+  one scheduler thread (scheduler.py) owns it and runs continuous batching. A request's
+  body is read on the loop (it only waits for bytes), then parsed, validated, tokenized
+  and rendered through the chat template in a worker thread (`anyio.to_thread`), so that
+  a large or slow request never stalls the loop, and `/health` answers at once whatever
+  else arrives. The job goes to the scheduler; the scheduler sends back events (a piece
+  of text, the end) through `loop.call_soon_threadsafe`, and the loop writes them out.
+- Streaming is Server-Sent Events: a `text/event-stream` response of `data: {json}` lines,
+  one per piece of text, closed by `data: [DONE]`, the format OpenAI's clients read.
+- A client that goes away cancels its request: its sequence leaves the batch at the next
+  step and its KV cache is freed.
+- A full server says so at once (503) instead of queueing without bound.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..generate import StopRules
+from ..sampler import SamplingParams
+from ..scheduler import Failed, Finished, QueueFull, Request, Scheduler, SchedulerStopped
+from .limits import Limits, parse_body, read_body
+from .metrics import Metrics
+from .middleware import middleware
+from .openai import SSE_DONE, APIError, Chunks, Job, Validator, completion, sse_line
+
+log = logging.getLogger("tinyllm.server")
+
+
+class Server:
+    """The model, its scheduler, the request validator and the Starlette app around them."""
+
+    def __init__(self, llm, model_id: str | None = None, max_batch: int = 16, max_queue: int = 64,
+                 max_context: int | None = None, default_max_tokens: int = 256, *,
+                 limits: Limits | None = None, api_key: str | None = None, cors_origins=()):
+        self.llm = llm
+        self.model_id = model_id or Path(llm.path).name.removesuffix(".gguf")
+        self.max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
+        self.scheduler = Scheduler(llm.model, llm.tokenizer, max_batch, max_queue, max_context=self.max_context)
+        if self.scheduler.rows is not None:  # the GPU's batched cache may hold fewer positions (GPU memory)
+            self.max_context = min(self.max_context, self.scheduler.rows.capacity)
+        self.validator = Validator(llm, self.model_id, self.max_context, default_max_tokens)
+        self.metrics = Metrics(self.scheduler)
+        self.limits = limits or Limits()
+        self.api_key = api_key
+        self.cors_origins = tuple(cors_origins)
+        self.created = int(time.time())
+        self.ready = False
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def start(self, warm_up: bool = True) -> None:
+        self.scheduler.start()
+        if warm_up:
+            self.warm_up()
+        self.scheduler.observer = self.metrics  # warm-up requests are not counted
+        self.ready = True
+
+    def warm_up(self, timeout: float = 600.0) -> None:
+        """Two short requests through the scheduler (prefill, batched decode, sampling), so the
+        first client does not pay for first-call costs (on a GPU: kernel compilation)."""
+        done = threading.Semaphore(0)
+        rules = StopRules(max_new_tokens=4, eos_ids=())
+        for seed in (0, 1):
+            self.scheduler.submit(Request(self.llm.prompt_ids("Hello"), SamplingParams(temperature=1.0, seed=seed),
+                                          rules, lambda e: done.release() if isinstance(e, (Finished, Failed)) else None))
+        for _ in range(2):
+            if not done.acquire(timeout=timeout):
+                raise RuntimeError("warm-up did not finish")
+
+    def stop(self) -> None:
+        self.ready = False
+        self.scheduler.stop()
+
+    def app(self) -> Starlette:
+        @asynccontextmanager
+        async def lifespan(app):
+            yield
+            self.stop()  # after uvicorn has let in-flight streams finish (or cancelled them)
+            print("tinyllm.serve: stopped", file=sys.stderr, flush=True)
+
+        async def http_error(request, exc):  # 404, 405, ... in OpenAI's error format too
+            error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+            return JSONResponse(error.body(), status_code=exc.status_code)
+
+        return Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ], middleware=middleware(self.api_key, self.cors_origins, on_error=self.metrics.request),
+            exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+    # ---- small endpoints -----------------------------------------------------------------------
+    async def health(self, request):
+        if not self.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.model_id, "running": self.scheduler.batch_size,
+                             "waiting": self.scheduler.queue_depth})
+
+    async def models(self, request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tinyllm",
+             "max_model_len": self.max_context}]})
+
+    async def metrics_endpoint(self, request):
+        return Response(self.metrics.text(), media_type=self.metrics.content_type)
+
+    # ---- generation endpoints ------------------------------------------------------------------
+    async def completions(self, request):
+        return await self._generate(request, "completion")
+
+    async def chat_completions(self, request):
+        return await self._generate(request, "chat")
+
+    def job(self, raw: bytes, kind: str) -> Job:
+        """Bytes -> a validated, tokenized job: CPU work, run in a worker thread."""
+        return self.validator.job(parse_body(raw, self.limits), kind)
+
+    async def _generate(self, request, kind: str):
+        endpoint = request.url.path
+        try:
+            raw = await read_body(request, self.limits)
+            job = await anyio.to_thread.run_sync(self.job, raw, kind)
+            events: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def emit(event):  # called from the scheduler thread
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+                except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+                    pass
+
+            req = Request(job.prompt_ids, job.sampling, job.rules, emit)
+            try:
+                self.scheduler.submit(req)
+            except QueueFull as e:
+                raise APIError(503, str(e), None, type="server_busy", code="queue_full") from None
+            except SchedulerStopped as e:
+                raise APIError(503, str(e), None, type="server_shutting_down") from None
+        except APIError as e:
+            self.metrics.request(endpoint, e.status)
+            return JSONResponse(e.body(), status_code=e.status)
+        self.metrics.request(endpoint, 200)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        if job.stream:
+            return StreamingResponse(self._sse(request, req, events, job, rid), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._complete(request, req, events, job, rid)
+
+    # ---- answers -------------------------------------------------------------------------------
+    async def _next_event(self, events: asyncio.Queue, disconnect: asyncio.Future):
+        """The scheduler's next event, or None when the client went away first."""
+        get = asyncio.ensure_future(events.get())
+        done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        return None
+
+    async def _complete(self, request, req: Request, events, job: Job, rid: str):
+        """A non-streamed answer: wait for the end, then one JSON body."""
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+        text, event = [], None
+        try:
+            while True:
+                event = await self._next_event(events, disconnect)
+                if event is None or isinstance(event, (Finished, Failed)):
+                    break
+                text.append(event.text)
+        finally:
+            disconnect.cancel()
+            if not isinstance(event, (Finished, Failed)):
+                self.scheduler.cancel(req)  # client gone (or this task cancelled): free the slot
+        if event is None:
+            return JSONResponse({}, status_code=499)  # nobody reads it
+        if isinstance(event, Failed):
+            return JSONResponse(APIError(500, event.message, type="server_error").body(), status_code=500)
+        return JSONResponse(completion(job, rid, self.model_id, "".join(text), event))
+
+    async def _sse(self, request, req: Request, events, job: Job, rid: str):
+        """A streamed answer: one `data:` event per piece of text, then the finish, then [DONE].
+        The status line is sent before the first event, so a failure after it is told as an
+        error event: the client still reads a well-formed stream to its end."""
+        chunks = Chunks(job, rid, self.model_id)
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+        event = None
+        try:
+            if chunks.chat:
+                yield sse_line(chunks.text(None, first=True))
+            while True:
+                event = await self._next_event(events, disconnect)
+                if event is None:  # the client disconnected
+                    return
+                if isinstance(event, Failed):
+                    yield sse_line(APIError(500, event.message, type="server_error").body())
+                    break
+                if isinstance(event, Finished):
+                    yield sse_line(chunks.finish(event, job.return_token_ids))
+                    if job.include_usage:
+                        yield sse_line(chunks.usage(event))
+                    break
+                if event.text:
+                    yield sse_line(chunks.text(event.text))
+            yield SSE_DONE
+        except Exception:
+            request_id = request.scope.get("state", {}).get("request_id")
+            log.exception("request %s: %s failed while streaming", request_id, request.url.path)
+            yield sse_line(APIError(500, f"internal server error (request id {request_id})", type="server_error",
+                                    code="internal_error").body())
+            yield SSE_DONE
+        finally:
+            # Runs on normal end, on disconnect, and when the server cancels this task.
+            disconnect.cancel()
+            if not isinstance(event, (Finished, Failed)):
+                self.scheduler.cancel(req)
+
+
+async def _wait_for_disconnect(request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

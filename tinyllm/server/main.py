@@ -1,0 +1,192 @@
+"""`python -m tinyllm.serve`: the server's flags, and the HTTP server (uvicorn) around the app.
+
+Connections are bounded as well as requests, so that clients that open sockets and send
+nothing, or send headers a byte at a time, cannot pile up:
+- `--header-timeout`: a connection must deliver a request's headers within this time
+  (uvicorn has no such limit of its own; `HeaderTimeoutH11` adds it);
+- `--keep-alive-timeout`: an idle keep-alive connection is closed after this time;
+- `--max-header-bytes`: h11's limit on a request's line and headers together;
+- `--limit-concurrency`: open connections (and requests in flight) beyond this get 503.
+The body's own limits (`--max-body-bytes`, `--body-timeout`) are checked in limits.py.
+TLS: `--ssl-certfile` and `--ssl-keyfile`, handed to uvicorn.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..cli import ArgumentParser, UsageError, add_debug_flag, add_model_flags, load_options, run_main
+
+PROG = "python -m tinyllm.serve"
+API_KEY_ENV = "TINYLLM_API_KEY"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description="An OpenAI-compatible HTTP server for a Llama-family model.")
+    add_model_flags(p)
+    s = p.add_argument_group("serving")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16; the GPU "
+                   "fast path takes up to 16, 8 for very wide MLPs)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond the batch; "
+                   "more get 503 (default 64)")
+    s.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens per request "
+                   "(default: the model's context length)")
+    s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests may take to finish at shutdown before they are cancelled")
+    s.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests at start-up")
+    s.add_argument("--log-level", default="info")
+    add_debug_flag(s)
+
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body; larger gets 413 "
+                     "(default 4 MiB)")
+    lim.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request's body (default 30)")
+    lim.add_argument("--max-json-depth", type=int, default=32, help="deepest JSON nesting accepted (default 32)")
+    lim.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection may take to send a request's headers (default 10)")
+    lim.add_argument("--keep-alive-timeout", type=int, default=5,
+                     help="seconds an idle keep-alive connection stays open (default 5)")
+    lim.add_argument("--max-header-bytes", type=int, default=16384,
+                     help="largest request line + headers (default 16 KiB)")
+    lim.add_argument("--limit-concurrency", type=int, default=256,
+                     help="open connections and requests in flight; beyond them uvicorn answers 503 (default 256)")
+
+    sec = p.add_argument_group("security")
+    sec.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* and /metrics "
+                     f"(also: --api-key-file, or the {API_KEY_ENV} environment variable); /health stays open")
+    sec.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from a file (first line)")
+    sec.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="let browsers on ORIGIN call the API (e.g. https://app.example.com; '*' for any); "
+                     "repeatable; off by default")
+    sec.add_argument("--ssl-certfile", default=None, metavar="PATH", help="serve HTTPS with this certificate")
+    sec.add_argument("--ssl-keyfile", default=None, metavar="PATH", help="the certificate's private key")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Flag values checked before the (slow) model load."""
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--default-max-tokens", args.default_max_tokens, 1),
+                             ("--max-body-bytes", args.max_body_bytes, 1), ("--max-json-depth", args.max_json_depth, 1),
+                             ("--max-header-bytes", args.max_header_bytes, 1024),
+                             ("--limit-concurrency", args.limit_concurrency, 1)):
+        if value < low:
+            raise UsageError(f"{flag}: must be >= {low}, got {value}")
+    for flag, value in (("--body-timeout", args.body_timeout), ("--header-timeout", args.header_timeout),
+                        ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not value > 0:
+            raise UsageError(f"{flag}: must be > 0 seconds, got {value}")
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise UsageError("--ssl-certfile and --ssl-keyfile go together")
+
+
+def api_key(args) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $TINYLLM_API_KEY; None: no key."""
+    if args.api_key is not None:
+        key = args.api_key
+    elif args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").partition("\n")[0]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--api-key-file: {args.api_key_file}: cannot be read ({type(e).__name__})") from None
+    else:
+        key = os.environ.get(API_KEY_ENV)
+        if key is None:
+            return None
+    key = key.strip()
+    if not key:
+        raise UsageError("--api-key: the key is empty")
+    return key
+
+
+def limits(args):
+    from .limits import Limits
+
+    return Limits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                  max_json_depth=args.max_json_depth)
+
+
+def uvicorn_config(app, args):
+    """uvicorn's settings from the flags (`app`: the ASGI app)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                          http=header_timeout_protocol(args.header_timeout),
+                          timeout_graceful_shutdown=args.shutdown_timeout,
+                          timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,
+                          h11_max_incomplete_event_size=args.max_header_bytes,
+                          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+    within `seconds` of it opening (or of its previous response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self):
+            cycle = self.cycle  # a new request replaces it once its headers are in
+            self.loop.call_later(seconds, self._header_timeout, cycle)
+
+        def _header_timeout(self, cycle):
+            if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
+
+
+def serve(args) -> int:
+    check_args(args)
+    key = api_key(args)
+    try:
+        import uvicorn  # noqa: F401
+
+        import starlette  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"{e.name} is missing: pip install 'tinyllm[serve]'") from None
+    import tinyllm
+
+    from .app import Server
+
+    llm = tinyllm.load(args.model, **load_options(args))
+    server = Server(llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
+                    args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin)
+    start = time.perf_counter()
+    server.start(warm_up=not args.no_warm_up)  # the port opens only after this
+    print(f"tinyllm.serve: {server.model_id} on {llm.model.device.name}, loaded in {llm.load_seconds:.1f} s, "
+          f"warmed up in {time.perf_counter() - start:.1f} s, context {server.max_context} tokens per request"
+          f"{', API key required' if key else ''}", file=sys.stderr, flush=True)
+    # On SIGINT/SIGTERM uvicorn stops accepting connections, lets in-flight streams finish
+    # (cancelling those still running after --shutdown-timeout), runs the lifespan's
+    # shutdown (the scheduler stops), then re-raises the signal so the exit status shows it;
+    # Ctrl-C (SIGINT) then ends here as KeyboardInterrupt: a normal stop, not a traceback.
+    try:
+        uvicorn.Server(uvicorn_config(server.app(), args)).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(PROG, serve, parse_args(argv))
