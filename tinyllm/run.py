@@ -8,9 +8,10 @@
 
 The flow is the library's: load (tinyllm.load) -> prompt ids (chat template unless --raw)
 -> a Generation (sampler + stop rules) -> text streamed to stdout, one stats line on
-stderr. Every error a user can cause prints one line on stderr and exits non-zero:
-2 for a bad flag, 1 for anything else (a bad path, a bad value, no GPU, a prompt that
-does not fit), 130 on Ctrl-C.
+stderr. Every error prints one line on stderr and exits non-zero: 2 for a bad flag, 1
+for anything else (a bad path, a bad value, no GPU, a prompt that does not fit or is not
+UTF-8, and any error nobody anticipated), 130 on Ctrl-C; `--debug` (or TINYLLM_DEBUG=1)
+adds the traceback. The flags and the error printing shared with the server are in cli.py.
 """
 from __future__ import annotations
 
@@ -22,18 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import TinyLLMError
+from .cli import ArgumentParser, UsageError, add_debug_flag, add_model_flags, check_text, decode_utf8, load_options, \
+    run_main
 
 DEFAULT_PROMPT = "In two sentences, what does a baker do?"
 PROG = "python -m tinyllm.run"
-DTYPE_CHOICES = ("auto", "float32", "fp32", "float16", "fp16")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (no usage block) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> ArgumentParser:
@@ -41,14 +35,7 @@ def build_parser() -> ArgumentParser:
         "Run a Llama-family model: stream an answer to a prompt, or chat. With no flags, the "
         "embedded SmolLM2-135M-Instruct answers a built-in question on the CPU."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--model", metavar="PATH", help="a Hugging Face directory, a .safetensors file (config.json "
-                   "beside it) or a .gguf file (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
-    m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA needs CuPy and an NVIDIA GPU)")
-    m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="compute dtype (auto: float32 on the CPU, float16 on the GPU)")
-    m.add_argument("--no-fast-path", action="store_true",
-                   help="on CUDA, run the readable CuPy path instead of the fused kernels and CUDA graph")
+    m = add_model_flags(p)
     m.add_argument("--max-context", type=int, metavar="N", help="KV cache size in tokens (default: prompt + "
                    "--max-new-tokens, or the model's context length with --chat)")
 
@@ -82,6 +69,7 @@ def build_parser() -> ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no stats line, no progress display")
     o.add_argument("--profile", action="store_true", help="after the run, print a line-by-line profile (ms) of "
                    "the forward pass, sampler and generation loop on stderr (needs line_profiler)")
+    add_debug_flag(o)
     return p
 
 
@@ -116,6 +104,8 @@ def unescape(text: str) -> str:
 def check_flags(args) -> None:
     if args.raw and args.system is not None:
         raise UsageError("--system needs the chat template; drop --raw")
+    if args.system is not None:
+        check_text(args.system, "--system")
     if args.raw and args.chat:
         raise UsageError("--chat needs the chat template; drop --raw")
     if args.max_context is not None and args.max_context <= 0:
@@ -125,24 +115,31 @@ def check_flags(args) -> None:
 
 
 def read_prompt(args) -> str | None:
-    """The prompt text from --prompt, --prompt-file or stdin ('-'); None when none was given."""
+    """The prompt text from --prompt, --prompt-file or stdin ('-'); None when none was given.
+    Bytes are decoded here, strictly: a prompt that is not UTF-8 is an error naming its source."""
     if args.prompt is not None:
-        return sys.stdin.read() if args.prompt == "-" else args.prompt
+        return read_stdin("--prompt -") if args.prompt == "-" else check_text(args.prompt, "--prompt")
     if args.prompt_file is not None:
         if args.prompt_file == "-":
-            return sys.stdin.read()
+            return read_stdin("--prompt-file -")
         path = Path(args.prompt_file)
         try:
-            return path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError:
             raise UsageError(f"--prompt-file: {path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--prompt-file: {path}: cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+        except OSError as e:
+            raise UsageError(f"--prompt-file: {path}: cannot be read ({e.strerror or type(e).__name__})") from None
+        return decode_utf8(data, f"--prompt-file: {path}")
     return None
 
 
-class UsageError(TinyLLMError, ValueError):
-    """A flag value the command line rejects before loading anything."""
+def read_stdin(source: str) -> str:
+    return decode_utf8(sys.stdin.buffer.read(), f"{source} (stdin)")
+
+
+def read_line(source: str = "stdin") -> str:
+    """One line of stdin ('' at the end of input), decoded strictly."""
+    return decode_utf8(sys.stdin.buffer.readline(), source)
 
 
 # ---- loading, with a progress display on a terminal ------------------------------------------
@@ -152,8 +149,7 @@ def load_model(args):
 
     show = not args.quiet and sys.stderr.isatty()
     with LoadingDisplay(args.model or "the default model", enabled=show) as display:
-        llm = tinyllm.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                           fast_path=not args.no_fast_path, progress=display.update)
+        llm = tinyllm.load(args.model, **load_options(args), progress=display.update)
     if args.max_context is not None and args.max_context > llm.config.max_seq_len:
         raise UsageError(f"--max-context: {args.max_context} is more than the model's context length "
                          f"({llm.config.max_seq_len})")
@@ -266,7 +262,7 @@ def chat_loop(llm, args, sampling, rules, first: str | None) -> int:
             if interactive:
                 sys.stdout.write(">>> ")
                 sys.stdout.flush()
-            line = sys.stdin.readline()
+            line = read_line()
             if not line:
                 break
             text = line.rstrip("\r\n")
@@ -302,21 +298,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. piped into `head`
-        return 1
-    except (TinyLLMError, FileNotFoundError, ValueError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-
-
-def _one_line(error) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    return run_main(PROG, run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
