@@ -727,6 +727,48 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     assert batch.free_rows == batch.max_batch
 
 
+def test_scheduler_on_the_gpu_one_failing_request_ends_alone(pair, batch):
+    """On the fast path too, a request whose handling fails (its client callback raises
+    mid-stream) ends alone; the others give exactly the tokens they give alone, and every
+    row of the batched cache goes back."""
+    from tinyllm.generate import StopRules
+    from tinyllm.scheduler import Failed, Finished, Piece, Request, Scheduler
+
+    name, readable, fast, decoder = pair
+    cuda_step = CudaStep(decoder.model, decoder=decoder)
+    cuda_step.batch_decoder = batch
+    rng = np.random.default_rng(12)
+    prompts = [list(rng.integers(2, fast.config.vocab_size, n)) for n in (9, 33, 4, 60)]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=3), SamplingParams(),
+              SamplingParams(repetition_penalty=1.3)]
+
+    def run(indices, poisoned=None):
+        sched = Scheduler(cuda_step, _IdsTokenizer(), max_batch=8, max_queue=0, max_context=1024)
+        events = {i: [] for i in indices}
+        for i in indices:
+            emit = events[i].append
+            if i == poisoned:
+                def emit(event, sink=emit, seen=[0]):
+                    seen[0] += isinstance(event, Piece)
+                    if seen[0] > 5:
+                        raise RuntimeError("the client's connection broke")
+                    sink(event)
+            sched.submit(Request(prompts[i], params[i], StopRules(max_new_tokens=20, eos_ids=()), emit=emit))
+        for _ in range(100):
+            if all(ev and isinstance(ev[-1], (Finished, Failed)) for ev in events.values()) or not (
+                    sched.running or sched.waiting):
+                break
+            sched.run_once()
+        return events
+
+    together = run(range(4), poisoned=1)
+    assert sum(isinstance(e, Piece) for e in together[1]) == 5
+    assert not any(isinstance(e, Finished) for e in together[1])
+    for i in (0, 2, 3):
+        assert together[i][-1].token_ids == run([i])[i][-1].token_ids
+    assert batch.free_rows == batch.max_batch
+
+
 def test_generate_batch_on_the_gpu_remakes_and_frees_its_rows(pair):
     """LLM.generate_batch on the fast path: a bigger batch remakes the batched decoder (same
     row capacity: the attention scratch must outlive the old decoder's graphs) and gives the

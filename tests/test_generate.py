@@ -272,7 +272,7 @@ def test_chat_session_forgets_a_turn_that_does_not_fit_and_keeps_partial_answers
     chat_tok = Tokenizer(tok.tk, 1, (2,), add_bos=False, source="test",
                          chat_template="{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
     model = ScriptedModel(tok.encode("user: hi\n") + tok.encode(" a little shop in the old town"), tok.vocab_size)
-    session = ChatSession(SimpleNamespace(model=model, tokenizer=chat_tok), max_context=40,
+    session = ChatSession(SimpleNamespace(model=model, step=model, tokenizer=chat_tok), max_context=40,
                           rules=StopRules(max_new_tokens=10))
     gen = session.send("hi")
     tokens = iter(gen)

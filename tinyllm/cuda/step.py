@@ -18,6 +18,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..errors import TinyLLMError
 from ..kv_cache import KVCache
+from ..sampler import SamplingError
 from ..step import DecodeStep, ReadableBatch, sample_rows
 from .batch import BatchDecoder, max_batch_for
 from .decoder import CudaDecoder
@@ -38,8 +39,15 @@ class CudaStep(DecodeStep):
 
     def decode(self, token: int, cache: KVCache, sampler, history) -> int:
         if CudaDecoder.supports(sampler.params):
-            return self.decoder.step(cache, token, sampler)
+            return self.checked(self.decoder.step(cache, token, sampler))
         return sampler(self.prefill([token], cache), history)  # penalties need the history: on the host
+
+    def checked(self, chosen: int) -> int:
+        """A device-chosen id, or the error the host sampler gives for logits that name no token:
+        the sampling kernel's argmax finds none in a row of NaN (or all -inf) and leaves V."""
+        if not 0 <= chosen < self.model.config.vocab_size:
+            raise SamplingError("logits", "the device found no token to choose (NaN or all -inf logits)")
+        return chosen
 
     def batch(self, max_batch: int, capacity: int):
         if self.max_batch is None:
@@ -77,6 +85,12 @@ class CudaBatch:
     def step(self, tokens, caches, samplers, histories) -> list:
         out = self.decoder.step(tokens, caches, samplers)  # ids, or logits rows for penalised samplers
         on_host = [i for i, o in enumerate(out) if not isinstance(o, int)]
+        for i, chosen in enumerate(out):
+            if i not in on_host:
+                try:
+                    out[i] = self.step_of.checked(chosen)
+                except SamplingError as e:  # this row alone ends
+                    out[i] = e
         for i, chosen in zip(on_host, sample_rows([out[i] for i in on_host], [samplers[i] for i in on_host],
                                                   [histories[i] for i in on_host])):
             out[i] = chosen
