@@ -97,9 +97,11 @@ class GGUFFile:
                              + (", and big-endian files are not read" if big_endian else ""))
         n_tensors = self.scalar(10, "the tensor count")
         n_fields = self.scalar(10, "the metadata count")
-        self.values_left = MAX_METADATA_VALUES
         # The smallest entry: an empty key, its type and a one-byte value.
         self.check_count(n_fields, 13, "metadata count")
+        if n_fields > MAX_METADATA_VALUES:
+            raise self.error(f"metadata count {n_fields} is more than {MAX_METADATA_VALUES}")
+        self.values_left = MAX_METADATA_VALUES - n_fields
         self.fields = {}
         for _ in range(n_fields):
             key = self.string("a metadata key")
