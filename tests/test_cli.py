@@ -220,3 +220,54 @@ def test_loading_display_shows_the_share_done(monkeypatch):
     assert "loading model.gguf [" + "#" * 12 + " " * 12 + "]  50% " in out
     assert " 25% " not in out
     assert out.endswith("\r\033[K")
+
+
+# ---- off the happy path: bad bytes, bugs, --debug --------------------------------------------------
+
+def test_prompt_that_is_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    r = cli("--prompt-file", str(bad), timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert f"--prompt-file: {bad}: not valid UTF-8 text (byte 0xe9 at offset 3)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tinyllm.run", "--prompt", "-"], input=b"caf\xe9",
+                       capture_output=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and b"(stdin): not valid UTF-8" in r.stderr
+
+
+def crash(*args, **kwargs):
+    raise RuntimeError("something nobody anticipated")
+
+
+@pytest.mark.parametrize("module", ["tinyllm.run", "tinyllm.server.main"])
+def test_unanticipated_error_is_one_line_and_debug_shows_the_traceback(module, monkeypatch, capsys):
+    """A bug (here: an exception injected where the model would load) still ends as one line
+    and exit status 1; --debug or TINYLLM_DEBUG=1 adds the traceback."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, "load_model" if module == "tinyllm.run" else "api_key", crash)
+    monkeypatch.delenv("TINYLLM_DEBUG", raising=False)
+    args = ["--prompt", "hi"] if module == "tinyllm.run" else []
+    assert mod.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"{mod.PROG}: error: unexpected RuntimeError: something nobody anticipated (--debug")
+    assert mod.main(args + ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("unexpected RuntimeError: something nobody anticipated")
+    monkeypatch.setenv("TINYLLM_DEBUG", "1")
+    assert mod.main(args) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_run_and_serve_share_the_model_flags():
+    from tinyllm.cli import load_options
+    from tinyllm.server.main import build_parser as serve_parser
+
+    argv = ["--model", "m.gguf", "--device", "cuda:1", "--dtype", "fp16", "--no-fast-path"]
+    run_args, serve_args = build_parser().parse_args(argv), serve_parser().parse_args(argv)
+    assert load_options(run_args) == load_options(serve_args) == {"device": "cuda:1", "dtype": "fp16",
+                                                                  "fast_path": False}
+    assert run_args.model == serve_args.model == "m.gguf"
+    assert load_options(serve_parser().parse_args([]))["dtype"] is None  # auto
