@@ -362,7 +362,10 @@ def cases(workdir: Path, n: int, seed: int, default_gguf: Path | None, default_s
         out.append((f"st {file} {name}", _file_case(workdir, src, file, encode(new))))
     st_bytes = (plain / "model.safetensors").read_bytes()
     region = 8 + struct.unpack("<Q", st_bytes[:8])[0]
-    for m in byte_mutations(rng, len(st_bytes), region, [0], [], n_st - n_json):
+    n_bytes = n_st - n_json  # half in the header, half anywhere (the data: NaN, inf, odd values)
+    damage = (byte_mutations(rng, len(st_bytes), region, [0], [], n_bytes // 2)
+              + byte_mutations(rng, len(st_bytes), len(st_bytes), [0], [], n_bytes - n_bytes // 2))
+    for m in damage:
         data = bytearray(st_bytes)
         if m[0] == "truncate":
             del data[m[1]:]
