@@ -50,7 +50,7 @@ class Server:
         self.llm = llm
         self.model_id = model_id or Path(llm.path).name.removesuffix(".gguf")
         self.max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
-        self.scheduler = Scheduler(llm.model, llm.tokenizer, max_batch, max_queue, max_context=self.max_context)
+        self.scheduler = Scheduler(llm.step, llm.tokenizer, max_batch, max_queue, max_context=self.max_context)
         if self.scheduler.rows is not None:  # the GPU's batched cache may hold fewer positions (GPU memory)
             self.max_context = min(self.max_context, self.scheduler.rows.capacity)
         self.validator = Validator(llm, self.model_id, self.max_context, default_max_tokens)
