@@ -100,23 +100,33 @@ def parse_body(raw: bytes, limits: Limits) -> dict:
 
 
 def check_values(body: dict, max_depth: int) -> None:
-    """Walk the parsed body (iteratively: no recursion to exhaust) for the depth, refused
-    numbers and lone surrogates; the error names the path, and its top-level key as the param."""
-    stack = [(value, key, key, 1) for key, value in body.items()]  # (value, param, path, depth)
-    while stack:
-        value, param, path, depth = stack.pop()
-        where = f"{param}: " if path == param else f"{param}: {path}: "
-        if depth > max_depth:
-            raise APIError(400, f"{where}JSON nested deeper than {max_depth} levels", param)
-        if isinstance(value, dict):
-            stack.extend((v, param, f"{path}.{k}", depth + 1) for k, v in value.items())
-        elif isinstance(value, list):
-            stack.extend((v, param, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+    """Walk the parsed body for the depth, refused numbers and lone surrogates; the error
+    names the path, and its top-level key as the param. The walk keeps one iterator per
+    open container (no recursion to exhaust, memory in the depth, not in the size: a
+    million-number list costs no million paths), and builds the path only to name a problem."""
+    frames, keys = [iter(body.items())], [None]  # per open container: its items, the key now looked at
+    while frames:
+        try:
+            keys[-1], value = next(frames[-1])
+        except StopIteration:
+            frames.pop()
+            keys.pop()
+            continue
+        problem = None
+        if isinstance(value, (dict, list)):
+            if len(frames) < max_depth:
+                frames.append(iter(value.items()) if isinstance(value, dict) else enumerate(value))
+                keys.append(None)
+                continue
+            problem = f"JSON nested deeper than {max_depth} levels"
         elif isinstance(value, _Refused):
-            raise APIError(400, f"{where}{value.why}", param)
+            problem = value.why
         elif isinstance(value, str) and not value.isascii():
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise APIError(400, f"{where}not valid Unicode (a lone surrogate \\u{ord(value[e.start]):04x})",
-                               param) from None
+                problem = f"not valid Unicode (a lone surrogate \\u{ord(value[e.start]):04x})"
+        if problem:
+            param = keys[0]
+            path = param + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[1:])
+            raise APIError(400, f"{param}: {problem}" if path == param else f"{param}: {path}: {problem}", param)
