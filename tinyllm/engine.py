@@ -141,7 +141,8 @@ def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
     c = ckpt.config
     if ckpt.format == "gguf":
         return Tokenizer.from_gguf_fields(ckpt.gguf_fields, str(ckpt.path))
-    return Tokenizer.from_dir(ckpt.directory, bos_id=c.bos_token_id, eos_ids=c.eos_token_ids)
+    return Tokenizer.from_dir(ckpt.directory, bos_id=c.bos_token_id, eos_ids=c.eos_token_ids,
+                              vocab_size=c.vocab_size)
 
 
 # Shares of a load's time by phase, for `progress` (measured on the default GGUF model:
