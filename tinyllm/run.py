@@ -240,7 +240,7 @@ def one_shot(llm, args, sampling, rules, prompt: str) -> int:
 
     ids = llm.prompt_ids(prompt, chat=not args.raw, system=args.system)
     context = None if args.max_context is None else Context(llm.model, args.max_context)
-    generation = Generation(llm.model, llm.tokenizer, ids, sampler=Sampler(sampling), rules=rules, context=context)
+    generation = Generation(llm.step, llm.tokenizer, ids, sampler=Sampler(sampling), rules=rules, context=context)
     done = run_generation(generation, None if args.json else sys.stdout)
     report(llm, done, args)
     return 0
