@@ -42,7 +42,7 @@ import sys
 import time
 from datetime import datetime
 
-from .errors import TinyLLMError
+from .errors import TinyLLMError, one_line
 
 MAX_SECONDS = 1.0   # a real template renders in a tiny fraction of this
 MAX_SIZE = 2**22    # characters in a string, items in a list, characters rendered: past any context window
@@ -327,7 +327,8 @@ def chat_prompt_ids(tokenizer, messages, add_generation_prompt: bool = True) -> 
 
 
 def _one_line(error, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
+    """errors.one_line, cut short: a template's error may quote a long piece of it."""
+    text = one_line(error)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, one_line
 
 # GGUF token types (tokenizer.ggml.token_type), as llama.cpp numbers them.
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -101,7 +101,7 @@ class Tokenizer:
         except BaseException as e:  # a damaged file can make the Rust code panic (not an Exception)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise CheckpointError(f"{path}: cannot be read by tokenizers ({_one_line(e)})") from None
+            raise CheckpointError(f"{path}: cannot be read by tokenizers ({one_line(e)})") from None
         files = [directory / "tokenizer_config.json", directory / "special_tokens_map.json"]
         configs = [(file, _read_json(file)) for file in files]
 
@@ -308,11 +308,7 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, a number too long
-        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())

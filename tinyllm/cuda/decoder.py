@@ -31,7 +31,7 @@ Sampling: greedy or temperature / top-k / top-p / min-p on the device (kernels.c
 the one uniform number per token is drawn on the host from the sampler's seeded
 generator, so a seeded run is reproducible. Repetition/presence/frequency penalties
 need the token history on the host: `supports(params)` is False for them, and the
-caller replays logits (`step_logits`) and samples on the host instead.
+caller (CudaStep.decode) runs the step eagerly and samples the logits on the host.
 
     decoder = CudaDecoder(llm.model)          # compiles kernels, captures a warm-up graph
     cache = decoder.new_cache(4096)           # a cache and its captured step
