@@ -72,7 +72,9 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`, with BOS in front if the checkpoint asks for it (or `add_bos`).
         Special tokens written in the text (e.g. `<|im_start|>`) are kept whole."""
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        # encode_batch gives encode's ids and lets go of Python's lock while it works, so a
+        # server's long prompt, tokenized in a worker thread, does not stall its event loop
+        ids = self.tk.encode_batch([text], add_special_tokens=False)[0].ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
