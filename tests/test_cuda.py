@@ -613,6 +613,30 @@ def test_long_prompt_prefill(pair, record):
     assert rel_err(out, ref) == 0.0
 
 
+def test_graphs_stay_right_when_the_rope_tables_grow():
+    """A graph keeps the address of the RoPE tables it was captured with. A cache longer than
+    the tables built at load makes them grow; the graph captured before must still give the
+    eager step's bits, and so must one captured on the long cache, at a position only the
+    grown tables cover."""
+    from tinyllm.rope import INITIAL_POSITIONS
+
+    model = random_model("smollm2-135m", "cuda", seed=2, n_layers=2, vocab_size=512,
+                         max_seq_len=4 * INITIAL_POSITIONS)
+    decoder = CudaDecoder(model)
+    fast = decoder.eager
+    short, _ = _prefilled(fast, n=16, capacity=64)
+    first = decoder.step_logits(short, 7)
+    short.trim(1)
+    long = fast.new_cache(INITIAL_POSITIONS + 300)  # the tables grow here
+    assert model.cos.shape[0] >= INITIAL_POSITIONS + 300
+    assert float(cp.abs(decoder.step_logits(short, 7) - first).max()) == 0.0
+    fast.forward(np.array([PROMPT[:16]]), long)
+    long.advance(INITIAL_POSITIONS + 200 - long.length)  # a position past the first tables
+    eager_cache = long.view()
+    eager = fast.forward(np.array([[7]]), eager_cache)[0, -1]
+    assert float(cp.abs(decoder.step_logits(long, 7) - eager).max()) == 0.0
+
+
 # ---- B sequences at once: the batched fast path ---------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -201,3 +201,35 @@ def test_bad_device_strings():
 def test_all_errors_are_tinyllm_errors():
     for cls in (ConfigError, CheckpointError, CheckpointNotFoundError, ContextOverflowError, DeviceError):
         assert issubclass(cls, TinyLLMError)
+
+
+def test_an_absurd_context_length_allocates_only_what_is_used(tmp_path):
+    """A checkpoint claiming a context of a billion positions loads and generates without
+    allocating for it: RoPE tables and caches follow the context actually used."""
+    import tracemalloc
+
+    from conftest import load_tiny, make_hf_model, write_gguf
+    from tinyllm.generate import Context, Generation, StopRules
+    from tinyllm.rope import INITIAL_POSITIONS
+
+    class Ids:
+        bos_id, eos_ids, tk = 1, (), None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f" {i}" for i in ids)
+
+    path = tmp_path / "huge-context.gguf"
+    write_gguf(make_hf_model(max_position_embeddings=10**9), path)
+    tracemalloc.start()
+    try:
+        model = load_tiny(path)
+        assert model.config.max_seq_len == 10**9
+        done = Generation(model, Ids(), [1, 5, 9], rules=StopRules(max_new_tokens=4, eos_ids=())).run()
+        chat_context = Context(model)  # a conversation's cache, made without a capacity
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(done.token_ids) == 4
+    assert model.cos.shape[0] == INITIAL_POSITIONS
+    assert chat_context.capacity == INITIAL_POSITIONS
+    assert peak < 256 * 2**20, f"{peak / 2**20:.0f} MiB traced"

@@ -30,7 +30,9 @@ import numpy as np
 from .backend import Device, get_device
 from .config import Config
 from .kv_cache import PREFILL_CHUNK, KVCache
-from .rope import apply_rope, rope_tables
+from .rope import INITIAL_POSITIONS, RopeTables, apply_rope
+
+DEFAULT_CONTEXT = INITIAL_POSITIONS  # positions of a cache made without a capacity
 
 
 @dataclass
@@ -173,10 +175,17 @@ class Model:
         self.dtype = weights.tok_embeddings.dtype
         self.ops = ops or Ops(self.xp)
         self.scale = 1.0 / math.sqrt(config.head_dim)  # a Python float: a NumPy scalar would upcast to float64
-        # RoPE tables for the whole trained context, built once.  [S_max, E/2] each
+        # RoPE tables, built once and grown only when a cache holds more positions.  [S, E/2] each
         factors = weights.rope_freq_factors
-        self.cos, self.sin = rope_tables(config, config.max_seq_len, self.xp,
-                                         None if factors is None else np.asarray(factors))
+        self.rope = RopeTables(config, self.xp, None if factors is None else np.asarray(factors))
+
+    @property
+    def cos(self):
+        return self.rope.cos
+
+    @property
+    def sin(self):
+        return self.rope.sin
 
     def with_ops(self, ops: Ops) -> "Model":
         """The same model (weights, tables) computing with other operations: how a fast path
@@ -186,7 +195,10 @@ class Model:
         return twin
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
-        capacity = min(capacity or self.config.max_seq_len, self.config.max_seq_len)
+        """A cache of `capacity` positions (default: the model's context, at most DEFAULT_CONTEXT,
+        so that a checkpoint's huge context length is not allocated unasked)."""
+        capacity = min(capacity or DEFAULT_CONTEXT, self.config.max_seq_len)
+        self.rope.ensure(capacity)
         return KVCache(self.config, capacity, self.dtype, self.xp, batch)
 
     def forward(self, tokens, cache: KVCache, last_only: bool = True):

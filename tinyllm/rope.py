@@ -51,6 +51,39 @@ def rope_tables(config: Config, n_positions: int, xp=np, freq_factors=None):
     return xp.asarray(np.cos(angles), dtype=np.float32), xp.asarray(np.sin(angles), dtype=np.float32)
 
 
+# Positions a model's tables cover when it is built. A checkpoint may claim any context
+# length; the tables grow to what a cache actually holds, so a huge claim allocates nothing.
+INITIAL_POSITIONS = 32768
+
+
+class RopeTables:
+    """cos and sin [S, E/2] for positions [0, S), grown when a cache needs more positions.
+
+    A captured CUDA graph keeps the address of the tables it was captured with, so tables
+    that have been replaced are kept alive (growth doubles, so they add at most as much
+    again); every cache is made after `ensure` covered its capacity, so the graph of any
+    cache reads tables that cover it."""
+
+    def __init__(self, config: Config, xp=np, freq_factors=None):
+        self.config, self.xp, self.freq_factors = config, xp, freq_factors
+        self.cos = self.sin = None
+        self._retired = []
+        self.ensure(min(config.max_seq_len, INITIAL_POSITIONS))
+
+    @property
+    def positions(self) -> int:
+        return 0 if self.cos is None else self.cos.shape[0]
+
+    def ensure(self, n: int) -> None:
+        """Cover positions [0, n) (n at most the model's context length)."""
+        if n <= self.positions:
+            return
+        n = min(max(n, 2 * self.positions), self.config.max_seq_len)
+        if self.cos is not None:
+            self._retired.append((self.cos, self.sin))
+        self.cos, self.sin = rope_tables(self.config, n, self.xp, self.freq_factors)
+
+
 def apply_rope(x, cos, sin):
     """Rotate channel pairs (i, i + E/2) of every head.
     x: [B, T, N, E]; cos, sin: [T, E/2] (one position per token) or [B, T, E/2] (per sequence)."""

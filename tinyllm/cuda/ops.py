@@ -43,11 +43,12 @@ MODES = ("eager", "graph", "batched")
 class FastOps(Ops):
     """Ops for a CuPy fp16 model whose one-token decode runs fused kernels (see module docstring).
 
-    config, cos, sin: the model's (the full RoPE tables, [S_max, E/2] fp32: the attention
-    kernel rotates at the position it reads from device memory). positions, slots: int32
-    device buffers the graph modes read; the eager mode makes and writes its own."""
+    config, rope: the model's (rope.RopeTables: the whole tables, [S, E/2] fp32, read at each
+    call because they grow; the attention kernel rotates at the position it reads from
+    device memory). positions, slots: int32 device buffers the graph modes read; the eager
+    mode makes and writes its own."""
 
-    def __init__(self, config, cos, sin, mode: str = "eager", positions=None, slots=None):
+    def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None):
         import cupy as cp
 
         if mode not in MODES:
@@ -55,7 +56,7 @@ class FastOps(Ops):
         super().__init__(cp)
         c = self.config = config
         self.mode = mode
-        self.cos, self.sin = cos, sin
+        self.rope = rope
         self.positions = positions if positions is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self.slots = slots if slots is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self._scratch = {}                         # attention scratch by (cache capacity, rows)
@@ -67,7 +68,7 @@ class FastOps(Ops):
 
     @classmethod
     def for_model(cls, model, mode: str = "eager", positions=None, slots=None) -> "FastOps":
-        return cls(model.config, model.cos, model.sin, mode, positions, slots)
+        return cls(model.config, model.rope, mode, positions, slots)
 
     # ---- which calls take the fast path ------------------------------------------------
     def kernel_names(self) -> list[str]:
@@ -161,7 +162,7 @@ class FastOps(Ops):
                 self.positions[:1].fill(caches[0].length)
             # An eager kernel reads the position before waiting for the previous kernel: launched
             # right after the fill above it must not overlap it (no programmatic launch)
-            K.decode_attention(q, k, v, self.cos, self.sin, self.positions, caches[0].k[layer], caches[0].v[layer],
+            K.decode_attention(q, k, v, self.rope.cos, self.rope.sin, self.positions, caches[0].k[layer], caches[0].v[layer],
                                scale, True, self.scratch(caches[0].capacity), out, c.n_rep,
                                pdl=self.mode != "eager", slots=self.slots)
             return out
@@ -169,7 +170,7 @@ class FastOps(Ops):
         if self.mode == "eager":
             self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
-        K.decode_attention(q, k, v, self.cos, self.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
+        K.decode_attention(q, k, v, self.rope.cos, self.rope.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
                            self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep, pdl=self.mode != "eager",
                            slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2)
         return out
