@@ -181,6 +181,42 @@ class Clients:
 
 # ---- what was measured, where -------------------------------------------------------------------
 
+def transformers_batch(llm, batches, max_tokens: int, prompt_len: int = 45, repeats: int = 2) -> dict:
+    """The peer: transformers' own batch generation on the same weights, one `generate` call of
+    B prompts (static cache, greedy, exactly max_tokens new tokens each), total tok/s = B *
+    max_tokens / wall time of the call, the median of `repeats` after a warm-up per B."""
+    import torch
+
+    from benchmarks.gpu_models import to_transformers
+
+    hf = to_transformers(llm.model)
+    out = {}
+    try:
+        for b in batches:
+            ids = torch.randint(3, llm.config.vocab_size, (b, prompt_len), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(b))
+            kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                          do_sample=False, cache_implementation="static", pad_token_id=0)
+            try:
+                with torch.no_grad():
+                    hf.generate(ids, **kwargs)  # warm-up (and compilation) for this batch size
+                    rates = []
+                    for _ in range(repeats):
+                        torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        gen = hf.generate(ids, **kwargs)
+                        torch.cuda.synchronize()
+                        rates.append(b * (gen.shape[1] - prompt_len) / (time.perf_counter() - start))
+                out[b] = statistics.median(rates)
+            except Exception as e:  # report, never hide, a failing peer
+                out[b] = f"{type(e).__name__}: {e}"[:200]
+            print(f"transformers static-cache generate, B={b}: {out[b]}", file=sys.stderr, flush=True)
+    finally:
+        del hf
+        torch.cuda.empty_cache()
+    return out
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         import cupy
@@ -208,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", choices=("process", "thread"), default="process",
                    help="where the client threads run: a child process (default) or this process")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON and markdown")
+    p.add_argument("--peer", action="store_true",
+                   help="also run transformers' static-cache batch generate of B prompts for each stream count B")
     args = p.parse_args(argv)
 
     missing = missing_packages(args.device)
@@ -259,16 +297,22 @@ def main(argv=None) -> int:
         values = [r[key] for r in runs[n] if r[key] is not None]
         return statistics.median(values) if values else None
 
+    peer = transformers_batch(llm, args.streams, args.max_tokens) if args.peer and fast else {}
     first = args.streams[0]
     all_exact = all(r["exact"] for rs in runs.values() for r in rs)
     rows = []
     for n in args.streams:
         tokens = ", ".join(str(r["tokens"]) for r in runs[n])
+        theirs = peer.get(n)
+        ratio = f"{med(n, 'total_tok_s') / theirs:.2f}x" if isinstance(theirs, float) else "-"
         rows.append([n, fmt(med(n, "total_tok_s")), f"{med(n, 'total_tok_s') / med(first, 'total_tok_s'):.2f}x",
                      fmt(med(n, "stream_tok_s")), fmt(med(n, "ttft_s")),
+                     fmt(theirs) if isinstance(theirs, float) else (theirs or "-"), ratio,
                      f"{tokens} ({'= ' if all(r['exact'] for r in runs[n]) else '!= '}{n} x {args.max_tokens})"])
     table = markdown_table(["streams", "total tok/s (median)", f"vs {first} stream{'s' if first > 1 else ''}",
-                            "tok/s per stream (median)", "TTFT s (median)", "tokens generated per run"], rows)
+                            "tok/s per stream (median)", "TTFT s (median)",
+                            "transformers batch generate, tok/s", "tinyllm / transformers",
+                            "tokens generated per run"], rows)
     dtype = "fp16" if llm.model.device.is_cuda else "fp32"
     markdown = (
         f"Measured {info['date']} on {info['device']}, commit `{info['commit']}`.\n\n"
@@ -285,7 +329,8 @@ def main(argv=None) -> int:
     result = {**info, "settings": vars(args), "model": {k: getattr(c, k) for k in SHAPES[args.shape]} | {
                   "n_layers": c.n_layers, "vocab_size": c.vocab_size, "dtype": dtype},
               "fast_path": fast, "batched_graphs": batched_graphs, "build_s": build_s, "warm_up_s": warm_s,
-              "all_requests_max_tokens": all_exact, "runs": {str(k): v for k, v in runs.items()}}
+              "all_requests_max_tokens": all_exact, "runs": {str(k): v for k, v in runs.items()},
+              "transformers_batch_generate": {str(k): v for k, v in peer.items()}}
     name = "gpu_serve" if args.device.startswith("cuda") else "gpu_serve_cpu"
     json_path, md_path = write_outputs(args.out, name, result, markdown)
     print(markdown)

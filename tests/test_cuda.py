@@ -105,6 +105,7 @@ KERNEL_SHAPES = {
     "tinyllama": (2048, 32, 4, 64, 5632, 32000),
     "smollm2": (576, 9, 3, 64, 1536, 49152),
     "odd": (264, 6, 2, 64, 1000, 1003),
+    "llama3-8b": (4096, 32, 8, 128, 14336, 4096),  # (the vocabulary cut: the GEMMs' shapes are what count)
 }
 
 
@@ -227,9 +228,9 @@ def test_decode_attention_kernel(shape, length, record):
 
 # ---- B tokens at once: the batched kernels -----------------------------------------------------
 
-@pytest.mark.parametrize("shape", ["tinyllama", "smollm2"])
+@pytest.mark.parametrize("shape", ["tinyllama", "smollm2", "llama3-8b"])
 @pytest.mark.parametrize("case", list(GEMV_CASES))
-@pytest.mark.parametrize("rows", [1, 5, 8, 16])
+@pytest.mark.parametrize("rows", [1, 5, 8, 16, 33, 64])
 def test_gemv_rows_kernel(shape, case, rows, record):
     """The tensor-core GEMM over B tokens against float64 NumPy and torch, every epilogue."""
     n, k, epi, norm = GEMV_CASES[case](*KERNEL_SHAPES[shape])
@@ -670,7 +671,7 @@ def test_batched_fast_path_against_readable_decode_batch(pair, batch, record):
     try:
         for step in tokens:
             chosen = batch.step(step, caches, queue_next=False)  # (nothing queued after: logits stay)
-            logits = batch.graphs[len(caches)][2].get()             # [B, V], what the graph computed
+            logits = batch.logits(len(caches)).get()                # [B, V], what the graph computed
             ref = readable.decode_batch(step, r_caches).get()       # [B, V]
             assert chosen == [int(np.argmax(row)) for row in logits]
             for out, r in zip(logits, ref):
@@ -703,9 +704,9 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
         worst = 0.0
         for t in np.random.default_rng(10).integers(0, fast.config.vocab_size, 32):
             batch.step([int(t)], alone, queue_next=False)
-            a = batch.graphs[1][2][0].copy()
+            a = batch.logits(1)[0].copy()
             batch.step([int(t)] * 7, grouped, queue_next=False)
-            worst = max(worst, float(cp.abs(batch.graphs[7][2][5] - a).max()))
+            worst = max(worst, float(cp.abs(batch.logits(7)[5] - a).max()))
     finally:
         for cache in alone + grouped:
             if cache is not None:
@@ -713,6 +714,46 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
     record(max_abs_diff=worst)
     assert worst == 0.0
     assert batch.free_rows == batch.max_batch
+
+
+def test_a_row_is_bit_identical_in_every_bucket_up_to_64(pair, record):
+    """Batch invariance up to 64 sequences: one sequence decoded alone and as one row among
+    B - 1 others (every bucket's graph, padded rows included, K staged in chunks when 64
+    tokens do not fit at once) gives the same logits, bit for bit."""
+    from tinyllm.cuda.batch import BatchDecoder
+
+    name, readable, fast, decoder = pair
+    big = BatchDecoder(decoder, max_batch=64, capacity=512)
+    try:
+        alone = [big.new_cache()]
+        _rows_prefilled(fast, alone, [37])
+        ids = np.random.default_rng(14).integers(0, fast.config.vocab_size, 8)
+        want = []
+        for t in ids:
+            big.step([int(t)], alone, queue_next=False)
+            want.append(big.logits(1)[0].copy())
+        big.release(alone[0])
+        worst, sizes = 0.0, [2, 5, 13, 33, 64]
+        for b in sizes:
+            caches = [big.new_cache() for _ in range(b)]
+            lengths = [int(n) for n in np.random.default_rng(b).integers(1, 200, b)]
+            mine = b // 2
+            lengths[mine] = 37
+            _rows_prefilled(fast, caches, lengths)
+            others = np.random.default_rng(100 + b).integers(0, fast.config.vocab_size, (len(ids), b))
+            for step, t in enumerate(ids):
+                feed = [int(x) for x in others[step]]
+                feed[mine] = int(t)
+                big.step(feed, caches, queue_next=False)
+                worst = max(worst, float(cp.abs(big.logits(b)[mine] - want[step]).max()))
+            for cache in caches:
+                big.release(cache)
+        record(max_abs_diff=worst, buckets=len(big.buckets))
+        assert worst == 0.0
+        assert big.free_rows == big.max_batch
+    finally:
+        del big
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):

@@ -55,7 +55,7 @@ class BatchDecoder:
 
     def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None):
         c = decoder.model.config
-        if not 1 <= max_batch <= max_batch_for(c):  # the GEMM's inputs must fit in shared memory
+        if not 1 <= max_batch <= max_batch_for(c):  # a round of the GEMM's inputs must fit in shared memory
             raise ConfigError(f"--max-batch: the batched fast path takes 1 to {max_batch_for(c)} sequences "
                               f"per step for this model, got {max_batch}")
         if not decoder.graph_ops.fused_attention:
@@ -79,7 +79,7 @@ class BatchDecoder:
         # being rewritten; everything it computes is overwritten by the step after it.)
         m = K.MAX_ROWS
         layout = [("tokens", np.int64, (m, 1)), ("positions", np.int32, (m,)), ("slots", np.int32, (m,)),
-                  ("params", np.float32, (m, 5))]
+                  ("live", np.int32, (1,)), ("params", np.float32, (m, 5))]
         nbytes = sum(np.dtype(t).itemsize * int(np.prod(shape)) for _, t, shape in layout)
         self._inputs = cp.zeros(nbytes, dtype=cp.uint8)
         self._inputs_host = [cp.cuda.alloc_pinned_memory(nbytes) for _ in range(2)]
@@ -101,12 +101,23 @@ class BatchDecoder:
         self._slot = 0         # which host copy the last queued step used
         self._ahead = None     # the step queued ahead by `step` (see there)
         self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
-        self.graphs: dict[int, tuple] = {}  # B -> (graph, its memory pool, its logits [B, V])
+        # One graph per bucket of batch sizes; a step of B sequences runs the smallest bucket
+        # that holds B, its extra rows padding (they compute on the spare row and are dropped).
+        self.buckets = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, its memory pool, its logits [bucket, V])
         start = time.perf_counter()
         K.compile_kernels(self.ops.rows_kernel_names(max_batch))
-        for b in range(1, max_batch + 1):
+        for b in self.buckets:
             self.graphs[b] = self._capture(b)
         self.capture_seconds = time.perf_counter() - start
+
+    def bucket(self, b: int) -> int:
+        """The batch size of the graph that runs a step of b sequences."""
+        return next(n for n in self.buckets if n >= b)
+
+    def logits(self, b: int):
+        """The logits [b, V] that the last step of b sequences computed (on the device)."""
+        return self.graphs[self.bucket(b)][2][:b]
 
     def _fit_capacity(self, capacity: int, rows: int) -> int:
         """The positions per row, lowered (to a multiple of 256) when `rows` rows of `capacity`
@@ -146,7 +157,7 @@ class BatchDecoder:
         """One batched step as ordinary calls: the model's decode_batch, then the sampler kernel."""
         d = self.device
         logits = self.batched_model.decode_batch(d["tokens"][:b], caches)  # [B, V] fp32
-        K.sample_rows(logits, d["params"][:b], self.w_scratch, d["tokens"], self.chosen, d["positions"])
+        K.sample_rows(logits, d["params"][:b], self.w_scratch, d["tokens"], self.chosen, d["positions"], d["live"])
         return logits
 
     def _capture(self, b: int):
@@ -179,11 +190,15 @@ class BatchDecoder:
         return drawn
 
     def _write_inputs(self, slot: int, tokens, positions, rows, samplers, spare=()) -> None:
+        """The inputs of B sequences into host copy `slot`, and the padding rows up to their
+        bucket: token 0 at position 0 of the spare row, greedy, never advanced (`live` = B)."""
         h = self.host[slot]
-        b = len(tokens)
-        h["tokens"][:b, 0] = tokens
-        h["positions"][:b] = positions
-        h["slots"][:b] = rows
+        b, n = len(tokens), self.bucket(len(tokens))
+        h["tokens"][:b, 0], h["tokens"][b:n, 0] = tokens, 0
+        h["positions"][:b], h["positions"][b:n] = positions, 0
+        h["slots"][:b], h["slots"][b:n] = rows, self.max_batch
+        h["live"][0] = b
+        h["params"][b:n] = (0.0, 0.0, 1.0, 0.0, 0.0)
         self._write_params(slot, samplers, spare)
 
     def _copy_inputs(self, slot: int, first: str = "tokens") -> None:
@@ -195,7 +210,7 @@ class BatchDecoder:
     def _launch(self, b: int, slot: int, first: str):
         """Queue: inputs in, the graph for B, the chosen ids out to host copy `slot`. -> event"""
         self._copy_inputs(slot, first)
-        self.graphs[b][0].launch(self.stream)
+        self.graphs[self.bucket(b)][0].launch(self.stream)
         self.cp.cuda.runtime.memcpyAsync(self._chosen_host[slot].ptr, self.chosen.data.ptr, 8 * b,
                                          _DEVICE_TO_HOST, self.stream.ptr)
         return self.stream.record()
@@ -238,7 +253,7 @@ class BatchDecoder:
         rows = None
         if on_host:  # the logits of the penalised rows, before anything else overwrites them
             with self.stream:
-                rows = self.graphs[b][2][np.asarray(on_host)].get(stream=self.stream)
+                rows = self.logits(b)[np.asarray(on_host)].get(stream=self.stream)
         following = None
         if queue_next and not on_host and all(c.length + 2 <= c.capacity for c in caches):
             nslot = self._slot = 1 - slot
@@ -274,8 +289,11 @@ class _Queued:
                 and all(a is b for a, b in zip(samplers, self.samplers)))
 
 
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # batch sizes with a graph of their own
+
+
 def max_batch_for(config) -> int:
-    """The most sequences per batched step for this model's shapes (16, 8, or 0 when
-    gemv_rows cannot hold even one 8-token tile of some GEMM's inputs)."""
+    """The most sequences per batched step for this model's shapes (64, fewer, or 0 when
+    gemv_rows cannot take some GEMM: a K that is not a multiple of 64)."""
     widths = (config.dim, config.n_heads * config.head_dim, config.hidden_dim)  # every GEMM's K
-    return next((r for r in (K.MAX_ROWS, 8) if all(K.gemv_rows_fits(1, k, r) for k in widths)), 0)
+    return next((r for r in (K.MAX_ROWS, 32, 16, 8) if all(K.gemv_rows_fits(1, k, r) for k in widths)), 0)

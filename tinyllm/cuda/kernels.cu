@@ -314,17 +314,67 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a
 
 constexpr int ROWS_WARPS = 8;   // warps per block of gemv_rows
 constexpr int ROWS_PAD = 32;    // halves of padding per staged X row
-// (its dynamic shared memory, bytes: NT*8*(K + ROWS_PAD)*2 + MATS*ROWS_WARPS*16*NT*8*4 + NT*8*4; kernels.py)
+constexpr int ROWS_SMEM = 200 * 1024;  // the dynamic shared memory a block may take (of 227 KB)
+
+// K is staged in chunks of KC columns, KC a multiple of 8 warps x 64: as many whole rounds
+// of tiles as fit beside the partial sums, so that B tokens fit whatever K is.
+// (The block's dynamic shared memory, bytes: NT*8*(KC + ROWS_PAD)*2 + MATS*ROWS_WARPS*16*NT*8*4
+// + NT*8*4; kernels.py computes the same.)
+template <int K, int EPI, int NT>
+struct RowsChunk {
+    static constexpr int TILES = K / 64, PER_WARP = (TILES + ROWS_WARPS - 1) / ROWS_WARPS;
+    static constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
+    static constexpr int PART = MATS * ROWS_WARPS * 16 * NT * 8 * 4 + NT * 8 * 4;
+    static constexpr int ROUND = NT * 8 * ROWS_WARPS * 64 * 2;            // bytes of X per round of tiles
+    static constexpr int FIT = (ROWS_SMEM - PART - NT * 8 * ROWS_PAD * 2) / ROUND;
+    static constexpr int CT = FIT < 1 ? 1 : (FIT > PER_WARP ? PER_WARP : FIT);  // tiles per warp per chunk
+    static constexpr int KC = CT * ROWS_WARPS * 64;                       // columns per chunk
+    static constexpr int CHUNKS = (PER_WARP + CT - 1) / CT;
+};
+
+// Stage columns [k0, k0 + cols) of every token's X (fp16, times the norm weight when NORM)
+// into xs; one warp per token, each lane over the same 16-byte vectors, in the same order,
+// as a single pass over K would take them, so ss (each lane's running sum of squares,
+// carried across chunks) adds in one order whatever the chunk size.
+template <bool NORM, int K, int XS, int NT>
+__device__ __forceinline__ void stage_rows(const __half* __restrict__ X, const __half* __restrict__ norm_w,
+                                           __half* xs, float (&ss)[NT], int k0, int cols, int B, int warp, int lane) {
+#pragma unroll
+    for (int s = 0; s < NT; s++) {
+        const int b = warp + ROWS_WARPS * s;
+        __half* dst = xs + b * XS;
+        if (b >= B) {
+            for (int i = lane; i < cols / 8; i += 32) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0, 0, 0, 0);
+            continue;
+        }
+        const uint4* src = reinterpret_cast<const uint4*>(X + (size_t)b * K + k0);
+        for (int i = lane; i < cols / 8; i += 32) {
+            uint4 v = __ldcg(src + i);
+            if (NORM) {
+                const uint4 nw = reinterpret_cast<const uint4*>(norm_w + k0)[i];
+                __half2* v2 = reinterpret_cast<__half2*>(&v);
+                const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
+                    ss[s] = fmaf(f.x, f.x, fmaf(f.y, f.y, ss[s]));
+                    v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
+                }
+            }
+            reinterpret_cast<uint4*>(dst)[i] = v;
+        }
+    }
+}
 
 template <int K, bool NORM, int EPI, int NT>
 __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
         const __half* __restrict__ W, const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
         const __half* __restrict__ res, __half* __restrict__ out, int N, int B) {
     static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
-    constexpr int TILES = K / 64, PER_WARP = (TILES + ROWS_WARPS - 1) / ROWS_WARPS;
+    using C = RowsChunk<K, EPI, NT>;
+    constexpr int TILES = C::TILES, PER_WARP = C::PER_WARP, CT = C::CT, KC = C::KC, MATS = C::MATS;
     constexpr int G = (EPI == EPI_SWIGLU) ? 2 : 4;   // k tiles whose weights are loaded before any mma
-    constexpr int XS = K + ROWS_PAD;                 // staged row stride, halves
-    constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
+    constexpr int XS = KC + ROWS_PAD;                // staged row stride, halves
     extern __shared__ __align__(16) unsigned char smem[];
     __half* xs = reinterpret_cast<__half*>(smem);                                   // [NT*8][XS]
     float* part = reinterpret_cast<float*>(smem + NT * 8 * XS * 2);                 // [MATS][WARPS][16][NT*8]
@@ -349,75 +399,66 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
         for (int n = 0; n < NT; n++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[m][n][i] = 0.f;
+    float ss[NT];
+#pragma unroll
+    for (int s = 0; s < NT; s++) ss[s] = 0.f;
 
+    // warp w takes tiles w, w + 8, ...: its j-th is tile j * 8 + w, in chunk j / CT
+#pragma unroll 1
+    for (int c = 0; c < C::CHUNKS; c++) {
+        const int j_end = (c + 1) * CT < PER_WARP ? (c + 1) * CT : PER_WARP;
 #pragma unroll
-    for (int g0 = 0; g0 < PER_WARP; g0 += G) {
-        uint4 wv[G][MATS][2][2];  // [tile][matrix][row g / g+8][k +0 / +32]
+        for (int j0 = c * CT; j0 < j_end; j0 += G) {
+            uint4 wv[G][MATS][2][2];  // [tile][matrix][row g / g+8][k +0 / +32]
 #pragma unroll
-        for (int i = 0; i < G; i++) {
-            const int tile = (g0 + i) * ROWS_WARPS + warp;
-            if (g0 + i < PER_WARP && tile < TILES) {
+            for (int i = 0; i < G; i++) {
+                const int tile = (j0 + i) * ROWS_WARPS + warp;
+                if (j0 + i < j_end && tile < TILES) {
 #pragma unroll
-                for (int m = 0; m < MATS; m++)
+                    for (int m = 0; m < MATS; m++)
 #pragma unroll
-                    for (int h = 0; h < 2; h++)
+                        for (int h = 0; h < 2; h++)
 #pragma unroll
-                        for (int p = 0; p < 2; p++)
-                            wv[i][m][h][p] = load_stream(reinterpret_cast<const uint4*>(wrow[m][h] + tile * 64 + 32 * p));
-            }
-        }
-        if (g0 == 0) {
-            // the first weights are on their way: now wait for X (written by the previous
-            // kernel) and stage it, as fp16, normed when NORM; one warp per token
-            pdl_wait();
-            for (int b = warp; b < NT * 8; b += ROWS_WARPS) {
-                __half* dst = xs + b * XS;
-                if (b >= B) {
-                    for (int i = lane; i < K / 8; i += 32) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0, 0, 0, 0);
-                    continue;
+                            for (int p = 0; p < 2; p++)
+                                wv[i][m][h][p] = load_stream(reinterpret_cast<const uint4*>(wrow[m][h] + tile * 64 + 32 * p));
                 }
-                const uint4* src = reinterpret_cast<const uint4*>(X + (size_t)b * K);
-                float ss = 0.f;
-                for (int i = lane; i < K / 8; i += 32) {
-                    uint4 v = __ldcg(src + i);
-                    if (NORM) {
-                        const uint4 nw = reinterpret_cast<const uint4*>(norm_w)[i];
-                        __half2* v2 = reinterpret_cast<__half2*>(&v);
-                        const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
+            }
+            if (j0 == c * CT) {
+                // this chunk's first weights are on their way: wait for X (the previous kernel
+                // wrote it; every warp's reads of the last chunk are done) and stage its columns
+                if (c == 0) pdl_wait();
+                else __syncthreads();
+                const int k0 = c * KC, cols = K - k0 < KC ? K - k0 : KC;
+                stage_rows<NORM, K, XS, NT>(X, norm_w, xs, ss, k0, cols, B, warp, lane);
+                if (NORM && c == C::CHUNKS - 1) {
 #pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
-                            ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
-                            v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
-                        }
+                    for (int s = 0; s < NT; s++) {
+                        const float total = warp_sum(ss[s]);
+                        if (lane == 0) inv[warp + ROWS_WARPS * s] = 1.f / sqrtf(total / K + eps);
                     }
-                    reinterpret_cast<uint4*>(dst)[i] = v;
                 }
-                if (NORM) {
-                    ss = warp_sum(ss);
-                    if (lane == 0) inv[b] = 1.f / sqrtf(ss / K + eps);
-                }
+                __syncthreads();
             }
-            __syncthreads();
-        }
 #pragma unroll
-        for (int i = 0; i < G; i++) {
-            const int tile = (g0 + i) * ROWS_WARPS + warp;
-            if (g0 + i < PER_WARP && tile < TILES) {
+            for (int i = 0; i < G; i++) {
+                const int tile = (j0 + i) * ROWS_WARPS + warp;
+                if (j0 + i < j_end && tile < TILES) {
+                    const int col = (tile - c * CT * ROWS_WARPS) * 64;  // within the chunk
 #pragma unroll
-                for (int n = 0; n < NT; n++) {
-                    const __half* xr = xs + (n * 8 + g) * XS + tile * 64 + 8 * t;
-                    const uint4 xa = *reinterpret_cast<const uint4*>(xr);
-                    const uint4 xb = *reinterpret_cast<const uint4*>(xr + 32);
+                    for (int n = 0; n < NT; n++) {
+                        const __half* xr = xs + (n * 8 + g) * XS + col + 8 * t;
+                        const uint4 xa = *reinterpret_cast<const uint4*>(xr);
+                        const uint4 xb = *reinterpret_cast<const uint4*>(xr + 32);
 #pragma unroll
-                    for (int m = 0; m < MATS; m++) {
-                        const uint4 &lo = wv[i][m][0][0], &hi = wv[i][m][1][0];
-                        const uint4 &lo2 = wv[i][m][0][1], &hi2 = wv[i][m][1][1];
-                        // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
-                        mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
-                        mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
-                        mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xb.x, xb.y);
-                        mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xb.z, xb.w);
+                        for (int m = 0; m < MATS; m++) {
+                            const uint4 &lo = wv[i][m][0][0], &hi = wv[i][m][1][0];
+                            const uint4 &lo2 = wv[i][m][0][1], &hi2 = wv[i][m][1][1];
+                            // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
+                            mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
+                            mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
+                            mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xb.x, xb.y);
+                            mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xb.z, xb.w);
+                        }
                     }
                 }
             }
@@ -886,10 +927,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_token(
 
 // B sequences, one block each: row b of logits [B, V] with its own params [B, 5]; the
 // choice goes to token[b] (the next step's input) and chosen[b] (for the host), and the
-// sequence's position advances.
+// position of each of the first live[0] sequences advances.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
         const float* __restrict__ logits, int V, const float* __restrict__ params, float* w,
-        long long* token, long long* chosen_out, int* pos_ptr) {
+        long long* token, long long* chosen_out, int* pos_ptr, const int* live) {
     __shared__ float red[33];
     __shared__ float sval[SAMPLE_THREADS];
     __shared__ int sidx[SAMPLE_THREADS];
@@ -898,7 +939,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     if (threadIdx.x == 0) {
         token[b] = chosen;
         chosen_out[b] = chosen;
-        pos_ptr[b] += 1;
+        if (b < live[0]) pos_ptr[b] += 1;  // rows past `live` pad the batch up to its graph: they stay put
     }
 }
 

@@ -242,26 +242,44 @@ def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows:
 
 # ---- B tokens at once (continuous batching) --------------------------------------------------
 ROWS_WARPS, ROWS_PAD = 8, 32  # as in kernels.cu
-MAX_ROWS = 16                 # tokens per gemv_rows call: two 8-token tiles
+ROWS_SMEM = 200 * 1024        # as in kernels.cu: the dynamic shared memory a block may take
+MAX_ROWS = 64                 # tokens per gemv_rows call: up to eight 8-token tiles
+
+
+def _tiles(rows: int) -> int:
+    """8-token tiles of a gemv_rows call (NT), rounded up to a power of two: a row's result does
+    not depend on NT, and fewer template instantiations are compiled."""
+    need = (rows + 7) // 8
+    return next(nt for nt in (1, 2, 4, 8, 16) if nt >= need)
 
 
 def gemv_rows_name(k: int, norm: bool, epilogue: int, rows: int) -> str:
-    return f"gemv_rows<{k}, {'true' if norm else 'false'}, {epilogue}, {(rows + 7) // 8}>"
+    return f"gemv_rows<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
 
 
 def gemv_rows_fits(n_out: int, k: int, rows: int = MAX_ROWS) -> bool:
-    """Whether gemv_rows takes this shape: whole 64-wide k tiles, X of `rows` tokens in shared memory."""
-    return k % 64 == 0 and _rows_shared(k, rows, EPI_SWIGLU) <= 227 * 1024 and n_out > 0
+    """Whether gemv_rows takes this shape: whole 64-wide k tiles, and one round of k tiles of
+    `rows` tokens beside the partial sums in shared memory (K itself is staged in chunks)."""
+    return k % 64 == 0 and rows <= MAX_ROWS and n_out > 0 and _rows_chunk(k, rows, EPI_SWIGLU)[1] <= ROWS_SMEM
+
+
+def _rows_chunk(k: int, rows: int, epilogue: int) -> tuple[int, int]:
+    """(KC, shared bytes) of gemv_rows, as RowsChunk in kernels.cu computes them."""
+    nt = _tiles(rows)
+    mats = 2 if epilogue == EPI_SWIGLU else 1
+    per_warp = (k // 64 + ROWS_WARPS - 1) // ROWS_WARPS
+    part = mats * ROWS_WARPS * 16 * nt * 8 * 4 + nt * 8 * 4
+    fit = (ROWS_SMEM - part - nt * 8 * ROWS_PAD * 2) // (nt * 8 * ROWS_WARPS * 64 * 2)
+    kc = max(1, min(fit, per_warp)) * ROWS_WARPS * 64
+    return kc, nt * 8 * (kc + ROWS_PAD) * 2 + part
 
 
 def _rows_shared(k: int, rows: int, epilogue: int) -> int:
-    nt = (rows + 7) // 8
-    mats = 2 if epilogue == EPI_SWIGLU else 1
-    return nt * 8 * (k + ROWS_PAD) * 2 + mats * ROWS_WARPS * 16 * nt * 8 * 4 + nt * 8 * 4
+    return _rows_chunk(k, rows, epilogue)[1]
 
 
 def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
-    """out[b] = W @ x[b] for B <= 16 tokens on the tensor cores, with gemv's prologue and epilogues.
+    """out[b] = W @ x[b] for B <= 64 tokens on the tensor cores, with gemv's prologue and epilogues.
 
     w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out: [B, N]."""
     n_out, k = w.shape
@@ -274,10 +292,15 @@ def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float =
         np.int32(n_out), np.int32(rows)), pdl=True, shared=_rows_shared(k, rows, epilogue))
 
 
-def sample_rows(logits, params, w_scratch, tokens, chosen, pos):
-    """Choose B tokens on the device, row b of logits [B, V] with params[b]; see kernels.cu."""
+def sample_rows(logits, params, w_scratch, tokens, chosen, pos, live=None):
+    """Choose B tokens on the device, row b of logits [B, V] with params[b]; see kernels.cu.
+    live: int32 device array whose first value is how many rows advance their position
+    (None: all B)."""
     b, v = logits.shape
-    kernel("sample_rows")((b,), (SAMPLE_THREADS,), (logits, np.int32(v), params, w_scratch, tokens, chosen, pos))
+    if live is None:
+        live = _cupy().full(1, b, dtype=np.int32)
+    kernel("sample_rows")((b,), (SAMPLE_THREADS,), (logits, np.int32(v), params, w_scratch, tokens, chosen, pos,
+                                                    live))
 
 
 def sample_token(logits, params, w_scratch, token, history, pos):

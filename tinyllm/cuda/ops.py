@@ -88,7 +88,7 @@ class FastOps(Ops):
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
         c, names = self.config, []
-        for rows in sorted({min(max_rows, 8), max_rows}):
+        for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
             for k, norm, epi in [(c.dim, True, K.EPI_STORE), (c.dim, True, K.EPI_SWIGLU),
                                  (c.n_heads * c.head_dim, False, K.EPI_RESIDUAL), (c.hidden_dim, False, K.EPI_RESIDUAL),
                                  (c.dim, False, K.EPI_STORE), (c.dim, False, K.EPI_SWIGLU),
@@ -99,7 +99,7 @@ class FastOps(Ops):
 
     @staticmethod
     def _rows(x) -> int:
-        """B for the decode shape [B, 1, ...] (one token per sequence, B <= 16), fp16,
+        """B for the decode shape [B, 1, ...] (one token per sequence, B <= 64), fp16,
         contiguous, 16-byte aligned; 0 for any other shape."""
         if (x.ndim >= 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= K.MAX_ROWS and x.dtype == np.float16
                 and x.flags.c_contiguous and x.data.ptr % 16 == 0):
