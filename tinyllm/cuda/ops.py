@@ -56,7 +56,7 @@ class FastOps(Ops):
         super().__init__(cp)
         c = self.config = config
         self.mode = mode
-        self.rope = rope
+        self.tables = rope
         self.positions = positions if positions is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self.slots = slots if slots is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self._scratch = {}                         # attention scratch by (cache capacity, rows)
@@ -162,7 +162,7 @@ class FastOps(Ops):
                 self.positions[:1].fill(caches[0].length)
             # An eager kernel reads the position before waiting for the previous kernel: launched
             # right after the fill above it must not overlap it (no programmatic launch)
-            K.decode_attention(q, k, v, self.rope.cos, self.rope.sin, self.positions, caches[0].k[layer], caches[0].v[layer],
+            K.decode_attention(q, k, v, self.tables.cos, self.tables.sin, self.positions, caches[0].k[layer], caches[0].v[layer],
                                scale, True, self.scratch(caches[0].capacity), out, c.n_rep,
                                pdl=self.mode != "eager", slots=self.slots)
             return out
@@ -170,7 +170,7 @@ class FastOps(Ops):
         if self.mode == "eager":
             self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
-        K.decode_attention(q, k, v, self.rope.cos, self.rope.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
+        K.decode_attention(q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
                            self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep, pdl=self.mode != "eager",
                            slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2)
         return out
