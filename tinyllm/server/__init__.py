@@ -17,6 +17,8 @@ strangers. Read the modules in the order a request meets them:
     openai.py      the OpenAI API's shapes: body -> validated job; events -> answers
     app.py         the Starlette app: the scheduler's thread behind an event loop that never blocks
     metrics.py     what the server reports at /metrics
+    routing.py     replicas: which one takes a request (least loaded, or by prompt prefix)
+    replicas.py    N replicas on Ray Serve behind one endpoint: `python -m tinyllm.replicas`
 
 The model runs in one scheduler thread (tinyllm/scheduler.py) that batches every running
 request into each decode step: on the CPU through the readable forward pass, on a GPU with
