@@ -8,7 +8,9 @@ probabilities on a sentence), kv_cache (KV-cache memory against context length),
 decode_time (one decode step against context length, CPU; measured into decode_time.json,
 `decode_time --measure [--random]` measures again, --random with random weights of the
 default model's shape, for a machine without the checkpoint),
-gpu_bandwidth (from benchmarks/results/gpu_bench_h100.json, the run docs/benchmarks.md quotes).
+gpu_bandwidth (from benchmarks/results/gpu_bench_h100.json, the run docs/benchmarks.md quotes),
+and the diagrams: llama_block (the forward pass), gqa (grouped-query attention by reshape),
+kv_cache_layout (one layer's cache) and cuda_graph (what a graph replaces, schematic).
 Needs matplotlib (pip install matplotlib).
 """
 from __future__ import annotations
@@ -136,13 +138,14 @@ def attention() -> None:
     fig, axes = plt.subplots(2, 3, figsize=(14, 9.5))
     labels = [repr(t)[1:-1] for t in tokens]
     for ax, (layer, head) in zip(axes.ravel(), picks):
-        ax.imshow(probs[layer][head], cmap="viridis", vmin=0, vmax=1)
+        image = ax.imshow(probs[layer][head], cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"layer {layer}, head {head} (KV head {head // llm.config.n_rep})", fontsize=10)
         ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(tokens)), labels, fontsize=7)
     fig.suptitle("SmolLM2-135M attention probabilities: row = query token, column = key token "
                  "(upper triangle masked: a token never sees the future)", fontsize=11)
     fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.6, label="probability (each row sums to 1)")
     save(fig, "attention")
 
 
@@ -275,11 +278,12 @@ def gpu_bandwidth(path: Path = GPU_RESULTS) -> None:
         limit = r["limit_tok_s"]
         ax.axvline(limit, color="crimson", ls="--")
         ax.text(limit, len(bars) - 0.45, f" bandwidth limit\n {limit:.0f} tok/s", color="crimson", fontsize=8, va="top",
-                ha="right")
+                ha="left")
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
-        ax.set_xlim(0, limit * 1.12)
-        ax.set_xlabel("decoded tokens per second (batch 1, fp16)")
+        ax.set_xscale("log")  # 14 and 10 000 tok/s on one axis: a linear one hides the small bars
+        ax.set_xlim(5, limit * 3)
+        ax.set_xlabel("decoded tokens per second (batch 1, fp16; log scale)")
         ax.set_title(f"{title}: {r['bytes_per_step'] / 1e9:.2f} GB read per token; "
                      f"graph step at {100 * r['bandwidth_fraction']:.0f} % of copy bandwidth", fontsize=10)
     fig.suptitle(f"{run['device']}, copy bandwidth {run['copy_bandwidth_GBs']:.0f} GB/s "
@@ -288,8 +292,146 @@ def gpu_bandwidth(path: Path = GPU_RESULTS) -> None:
     save(fig, "gpu_bandwidth")
 
 
+# ---- diagrams: boxes and arrows, nothing measured ----------------------------------------------------------
+def box(ax, x, y, w, h, text, color="#deebf7", fontsize=9, **kw):
+    """A rounded box centred at (x, y) with its label."""
+    from matplotlib.patches import FancyBboxPatch
+
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                facecolor=color, edgecolor="#555555", lw=1, **kw))
+    ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
+
+
+def arrow(ax, x0, y0, x1, y1, color="#333333", **kw):
+    ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="-|>", color=color, lw=1.2, **kw))
+
+
+def llama_block() -> None:
+    """The forward pass of chapter 0 and model.py: the residual stream and one block."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 10.5))
+    ax.set(xlim=(0, 10), ylim=(1.6, 21))
+    ax.axis("off")
+    stream_x, branch_x = 2.2, 6.2
+    box(ax, stream_x, 20.2, 3.2, 0.8, "token ids  [T]", "#f0f0f0")
+    box(ax, stream_x, 18.9, 3.2, 0.8, "embedding: table[ids]  [T, D]", "#fdd0a2")
+    steps = [  # (y, label, colour)
+        (17.0, "RMSNorm (input_layernorm)", "#c7e9c0"),
+        (15.9, "q, k, v = h @ wqᵀ, h @ wkᵀ, h @ wvᵀ\n[T, H, E], [T, K, E], [T, K, E]", "#deebf7"),
+        (14.6, "RoPE on q and k (rotate by position)", "#deebf7"),
+        (13.4, "attention: softmax(q kᵀ / √E + causal mask) v\nR = H / K query heads share each KV head", "#deebf7"),
+        (12.2, "@ woᵀ   [T, H·E] → [T, D]", "#deebf7"),
+        (10.2, "RMSNorm (post_attention_layernorm)", "#c7e9c0"),
+        (9.1, "gate, up = h @ w_gateᵀ, h @ w_upᵀ   [T, F] each", "#fee0d2"),
+        (8.0, "silu(gate) · up", "#fee0d2"),
+        (6.9, "@ w_downᵀ   [T, F] → [T, D]", "#fee0d2"),
+    ]
+    ax.add_patch(plt.Rectangle((0.4, 5.6), 9.3, 12.2, fill=False, ls="--", ec="#888888"))
+    ax.text(9.7, 17.9, "× L layers (30 in SmolLM2)", ha="right", va="bottom", fontsize=9, color="#555555")
+    ax.plot([stream_x, stream_x], [18.5, 5.0], color="#d94801", lw=3, zorder=0)
+    ax.text(stream_x - 0.3, 15.0, "residual stream x  [T, D]", rotation=90, ha="right", va="center", color="#d94801",
+            fontsize=9)
+    for y, label, color in steps:
+        box(ax, branch_x, y, 6.2, 0.85 if "\n" in label else 0.7, label, color, fontsize=8)
+    for (y0, *_), (y1, *_) in zip(steps, steps[1:]):
+        if y0 - y1 < 1.5:
+            arrow(ax, branch_x, y0 - 0.42, branch_x, y1 + 0.42)
+    for top, bottom in ((17.0, 12.2), (10.2, 6.9)):  # branch out of the stream, back in with an add
+        arrow(ax, stream_x, top, branch_x - 3.1, top)
+        ax.plot([branch_x, branch_x], [bottom - 0.35, bottom - 0.9], color="#333333", lw=1.2)
+        arrow(ax, branch_x, bottom - 0.9, stream_x + 0.25, bottom - 0.9)
+        ax.add_patch(plt.Circle((stream_x, bottom - 0.9), 0.25, facecolor="white", edgecolor="#d94801", lw=2, zorder=3))
+        ax.text(stream_x, bottom - 0.9, "+", ha="center", va="center", fontsize=12, zorder=4)
+    box(ax, stream_x, 4.7, 3.2, 0.7, "RMSNorm (final)", "#c7e9c0")
+    box(ax, stream_x, 3.5, 3.2, 0.8, "LM head: x @ outputᵀ\n[T, D] → [T, V]", "#fdd0a2", fontsize=8)
+    box(ax, stream_x, 2.3, 3.2, 0.7, "logits  [T, V]", "#f0f0f0")
+    arrow(ax, stream_x, 19.8, stream_x, 19.3)
+    arrow(ax, stream_x, 4.35, stream_x, 3.9)
+    arrow(ax, stream_x, 3.1, stream_x, 2.65)
+    ax.text(4.3, 3.5, "greedy decoding: append argmax(logits[-1]),\nrun again (the KV cache keeps k and v\n"
+            "so only the new token is computed)", fontsize=8, va="center", color="#555555")
+    ax.set_title("A Llama forward pass: every block reads a normalised copy of the stream\n"
+                 "and adds its result back (pre-norm residuals)", fontsize=10)
+    save(fig, "llama_block")
+
+
+def gqa() -> None:
+    """Grouped-query attention for SmolLM2's shape: 9 query heads, 3 KV heads, by reshape."""
+    plt = pyplot()
+    h, k = 9, 3
+    r = h // k
+    colors = ["#6baed6", "#fd8d3c", "#74c476"]
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    ax.set(xlim=(-0.5, 10.5), ylim=(-0.6, 4.6))
+    ax.axis("off")
+    for i in range(h):
+        box(ax, 0.3 + i * 1.1, 3.6, 0.9, 0.6, f"q{i}", colors[i // r])
+        arrow(ax, 0.3 + i * 1.1, 3.28, 1.4 + (i // r) * 3.3, 2.12, color=colors[i // r])
+    for j in range(k):
+        box(ax, 1.4 + j * 3.3, 1.8, 3.0, 0.6, f"k{j}, v{j}  (one KV head, read once)", colors[j], fontsize=8)
+    ax.text(-0.4, 4.3, "queries [T, H = 9, E]", fontsize=9)
+    ax.text(-0.4, 1.0, "keys and values [S, K = 3, E]: a third of the cache that 9 KV heads would need", fontsize=9)
+    ax.text(-0.4, 0.2, "reshape q [T, H, E] → [K, R·T, E]: the R = 3 query heads of a group become rows of one matrix,\n"
+            "so scores = q @ kᵀ is one batched matmul per KV head; nothing is copied R times (no np.repeat)",
+            fontsize=9, va="center")
+    ax.set_title("Grouped-query attention (SmolLM2: H = 9 query heads, K = 3 KV heads, R = 3)", fontsize=10)
+    save(fig, "gqa")
+
+
+def kv_cache_layout() -> None:
+    """One layer's cache: slots filled, the block written this step, what attention reads."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    ax.set(xlim=(-0.5, 16.8), ylim=(-1.6, 3.4))
+    ax.axis("off")
+    s_max, pos, t = 16, 9, 3
+    for row, name in ((2, "keys   [B, K, S_max, E]"), (1, "values [B, K, S_max, E]")):
+        for i in range(s_max):
+            color = "#9ecae1" if i < pos else ("#fd8d3c" if i < pos + t else "#f0f0f0")
+            ax.add_patch(plt.Rectangle((i, row - 0.4), 0.95, 0.8, facecolor=color, edgecolor="#777777"))
+        ax.text(-0.3, row, name, ha="right", va="center", fontsize=8)
+    ax.set_xlim(-4.5, 16.8)
+    for i in (0, pos, pos + t, s_max):
+        ax.text(i, 2.6, str(i), ha="center", fontsize=8)
+    ax.text(pos / 2, 3.1, "already cached: [0, pos)", ha="center", fontsize=9, color="#2171b5")
+    ax.text(pos + t / 2, 3.1, "written now\n[pos, pos+T)", ha="center", fontsize=8, color="#d94801")
+    ax.text(13.5, 3.1, "free, preallocated", ha="center", fontsize=9, color="#777777")
+    ax.annotate("", xy=(0, 0.3), xytext=(pos + t, 0.3), arrowprops=dict(arrowstyle="<->", color="#333333"))
+    ax.text((pos + t) / 2, -0.1, "attention reads [0, pos+T): views, no copy", ha="center", fontsize=9)
+    ax.text(-4.3, -1.2, "pos = cache.length (9 here), T new tokens (3 in a prefill block, 1 in a decode step); "
+            "\neach of the L layers has its own pair of arrays; the step that writes them advances length", fontsize=8)
+    ax.set_title("The KV cache of one layer: allocated once at full capacity, written in place", fontsize=10, pad=24)
+    save(fig, "kv_cache_layout")
+
+
+def cuda_graph() -> None:
+    """What a CUDA graph replaces: per-kernel launches from Python against one replay (schematic)."""
+    plt = pyplot()
+    fig, (eager, graph) = plt.subplots(2, 1, figsize=(10, 4.4), sharex=True)
+    n, launch, run = 6, 1.0, 0.35  # schematic units: the host's launch of a small kernel outlasts the kernel
+    for i in range(n):
+        eager.broken_barh([(i * launch, launch * 0.9)], (1.1, 0.7), facecolors="#bdbdbd")
+        eager.broken_barh([((i + 1) * launch - 0.05, run)], (0.1, 0.7), facecolors="#2171b5")
+    eager.text(0, 2.0, "eager: the host launches every kernel from Python; the GPU idles between them", fontsize=9)
+    graph.broken_barh([(0, launch * 0.9)], (1.1, 0.7), facecolors="#bdbdbd")
+    for i in range(n):
+        graph.broken_barh([(launch + i * (run + 0.03), run)], (0.1, 0.7), facecolors="#2171b5")
+    graph.text(0, 2.0, "graph: one replay launches the recorded kernels back to back; "
+               "the host is free to queue the next step", fontsize=9)
+    for ax in (eager, graph):
+        ax.set_yticks([0.45, 1.45], ["GPU", "host"])
+        ax.set_ylim(0, 2.5)
+        ax.spines[["top", "right"]].set_visible(False)
+    graph.set_xticks([])
+    graph.set_xlabel("time (schematic: a decode step has 114 to 154 kernels, not 6)")
+    fig.suptitle("What a CUDA graph replaces (grey: host work, blue: kernels)", fontsize=10)
+    fig.tight_layout()
+    save(fig, "cuda_graph")
+
+
 FIGURES = {"rope": rope, "attention": attention, "kv_cache": kv_cache, "decode_time": decode_time,
-           "gpu_bandwidth": gpu_bandwidth}
+           "gpu_bandwidth": gpu_bandwidth, "llama_block": llama_block, "gqa": gqa,
+           "kv_cache_layout": kv_cache_layout, "cuda_graph": cuda_graph}
 
 
 if __name__ == "__main__":
