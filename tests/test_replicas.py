@@ -140,6 +140,17 @@ def test_replica_flags():
             rep.check_args(rep.parse_args(argv))
 
 
+def test_replicas_beyond_this_machine_are_refused_and_a_cluster_is_warned(capsys):
+    two_gpus = rep.parse_args(["--replicas", "2", "--device", "cuda"])
+    with pytest.raises(ValueError, match=r"--replicas 2: needs 2 GPUs \(1 each\), this machine has 1"):
+        rep.check_resources(two_gpus, {"GPU": 1.0, "CPU": 16.0}, local=True)
+    rep.check_resources(two_gpus, {"GPU": 1.0}, local=False)  # a cluster may grow: a warning
+    assert "warning: --replicas 2: needs 2 GPUs (1 each), the Ray cluster has 1" in capsys.readouterr().err
+    rep.check_resources(rep.parse_args(["--replicas", "2"]), {"CPU": 2.0}, local=True)
+    with pytest.raises(ValueError, match="needs 4 CPUs"):
+        rep.check_resources(rep.parse_args(["--replicas", "2", "--cpus-per-replica", "2"]), {"CPU": 2.0}, local=True)
+
+
 def test_replicas_command_is_one_line_errors(capsys):
     assert rep.main(["--replicas", "2", "--device", "cuda:1"]) == 1
     err = capsys.readouterr().err

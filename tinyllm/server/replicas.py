@@ -502,6 +502,20 @@ def check_args(args) -> None:
                          "which the replica sees as 'cuda': use --device cuda (or cpu)")
 
 
+def check_resources(args, resources: dict, local: bool) -> None:
+    """Ray waits, without a word, for resources that never come: refuse what this machine
+    cannot hold. A cluster may be growing (an autoscaler), so there it is only a warning."""
+    kind, each = ("GPU", 1) if args.device.strip().lower() == "cuda" else ("CPU", args.cpus_per_replica)
+    need, have = args.replicas * each, int(resources.get(kind, 0))
+    if need <= have:
+        return
+    message = (f"--replicas {args.replicas}: needs {need} {kind}s ({each} each), "
+               f"{'this machine has' if local else 'the Ray cluster has'} {have}")
+    if local:
+        raise UsageError(message)
+    print(f"{PROG}: warning: {message}; replicas wait until the cluster has them", file=sys.stderr, flush=True)
+
+
 def replica_options(args) -> tuple[dict, dict]:
     """(tinyllm.load's keyword arguments, Server's) for every replica."""
     load_kwargs = {**load_options(args), "device": args.device.strip().lower()}
@@ -529,6 +543,7 @@ def serve(args) -> int:
              logging_level=logging.WARNING, log_to_driver=True)
     replicas = []
     try:
+        check_resources(args, ray.cluster_resources(), local)
         load_kwargs, server_kwargs = replica_options(args)
         start = time.perf_counter()
         replicas = deploy(args.replicas, args.model, load_kwargs, server_kwargs, cpus=args.cpus_per_replica,
