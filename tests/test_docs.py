@@ -239,6 +239,33 @@ def test_the_index_lists_every_chapter():
     assert index.strip()
 
 
+# ---- exercise solutions -----------------------------------------------------------------------
+SOLUTIONS = sorted((DOCS / "solutions").glob("*.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
+def test_exercise_solutions_run(solution, default_llm, monkeypatch):
+    """Each chapter's exercise solutions run as a script (their asserts are the check)."""
+    import runpy
+
+    monkeypatch.chdir(ROOT)
+    with shared_default_model(default_llm), one_blas_thread(), contextlib.redirect_stdout(io.StringIO()):
+        runpy.run_path(str(solution), run_name="__main__")
+
+
+def test_every_solution_is_linked_from_its_chapter():
+    """docs/solutions/NN_*.py belongs to chapter NN, which links it under its exercises."""
+    problems = []
+    for solution in SOLUTIONS:
+        chapter = next((p for p in CHAPTERS if p.name[:2] == solution.name[:2]), None)
+        if chapter is None:
+            problems.append(f"{solution.name}: no chapter {solution.name[:2]}")
+        elif f"solutions/{solution.name}" not in {t.split("#")[0] for _, t in links(chapter)}:
+            problems.append(f"{chapter.name} does not link solutions/{solution.name}")
+    assert not problems, "\n".join(problems)
+
+
 # ---- writing a chapter -------------------------------------------------------------------------
 def _main(argv):
     write = "--write" in argv
