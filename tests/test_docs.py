@@ -8,6 +8,8 @@
    exists, and when the link's text names code (`Ops.rms_norm`, `apply_rope`,
    `KVCache.nbytes`), that name is defined in the linked file: a rename cannot silently
    break the tutorial. Links between docs pages must resolve too.
+3. Every exercise solution, docs/solutions/NN_*.py, runs as a script (its asserts are the
+   check), and chapter NN links it.
 
 `tinyllm.load()` takes seconds, so the chapters share one loaded default model: while a
 chapter runs, `tinyllm.load()` with no arguments returns the module's shared LLM.
