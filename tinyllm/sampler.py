@@ -5,6 +5,7 @@ a short pipeline; each step takes a float32 logits vector [V] and returns a new 
 so each can be checked on its own with a hand-made vector:
 
     logits ─► check                                                  (NaN, +-inf: name a token?)
+           ─► logit bias                                            (the caller's per-token nudges)
            ─► repetition penalty ─► presence/frequency penalty      (look at past tokens)
            ─► temperature                                           (sharpen or flatten)
            ─► top-k ─► top-p ─► min-p                               (drop unlikely tokens: -inf)
@@ -33,7 +34,20 @@ is taken (the last kept token if rounding keeps the sum below u). A GPU sampler 
 same seeded `np.random.Generator`) and follows the same rule picks the same token.
 Each sampled token consumes exactly one number from the generator; greedy tokens none.
 
+Log-probabilities (`SamplingParams.logprobs = N`): after each token the sampler keeps a
+`TokenLogprob` (`take_logprob()`): the chosen token's log-probability and the N most
+likely tokens with theirs, most likely first (ties: lower id first), all from the
+distribution the token was drawn from:
+- sampled (temperature > 0): the log-softmax of the filtered logits, i.e. after logit
+  bias, penalties, temperature, top-k, top-p and min-p: `log(filtered_probs)`. Tokens the
+  filters removed have probability 0 and are never listed, so fewer than N may come back;
+- greedy (temperature 0): the log-softmax of the logits after logit bias and penalties,
+  at temperature 1 and unfiltered: with neither set, the model's own distribution.
+Computed in float64 from the float32 logits.
+
 Definitions (so results match other tools):
+- logit bias, as in the OpenAI API: a number in [-100, 100] added to a token's logit
+  (-100 in practice forbids the token, +100 all but forces it).
 - repetition penalty, as in `transformers`: for every token seen in the prompt or the
   output so far, a positive logit is divided by the penalty and a negative one multiplied.
 - presence / frequency penalty, as in the OpenAI API: logit[j] -= presence * (c[j] > 0)
@@ -54,6 +68,7 @@ from .errors import TinyLLMError
 NEG_INF = -np.inf
 FLOAT32_MAX = float(np.finfo(np.float32).max)    # about 3.4e38
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, about 1.2e-38
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 class SamplingError(TinyLLMError, ValueError):
@@ -81,6 +96,8 @@ class SamplingParams:
     presence_penalty: float = 0.0     # 0: off
     frequency_penalty: float = 0.0    # 0: off
     seed: int | None = None           # None: a fresh random seed
+    logit_bias: tuple = ()            # ((token id, bias), ...), or a dict {id: bias}; () : off
+    logprobs: int | None = None       # None: off; N: keep each token's log-probability and N alternatives
 
     def __post_init__(self):
         # The ranges are what the steps can honour in float32 (the logits' type, on the host
@@ -104,6 +121,9 @@ class SamplingParams:
             check(name, lambda v: -2 <= v <= 2, "in [-2, 2] (0 turns it off)")
         if self.seed is not None:
             check("seed", lambda s: 0 <= s < 2**64, "in [0, 2**64) or None (a fresh seed)", integer=True)
+        if self.logprobs is not None:
+            check("logprobs", lambda n: 0 <= n <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}] or None (off)", integer=True)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +134,30 @@ class SamplingParams:
     def uses_history(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def needs_host(self) -> bool:
+        """Whether only the host sampler can honour these settings: the token history, logit
+        bias and log-probabilities live on the host (a GPU sampler hands such rows back)."""
+        return self.uses_history or bool(self.logit_bias) or self.logprobs is not None
+
+
+def _logit_bias(bias) -> tuple:
+    """{id: bias} or ((id, bias), ...) -> ((id, bias), ...) sorted by id, each checked."""
+    if isinstance(bias, dict):
+        bias = bias.items()
+    try:
+        pairs = [(i, b) for i, b in bias]
+    except (TypeError, ValueError):
+        raise SamplingError("logit_bias", f"expected {{token id: bias}}, got {_shown(bias)}") from None
+    out = {}
+    for i, b in pairs:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**31:
+            raise SamplingError("logit_bias", f"a token id must be an integer in [0, 2**31), got {_shown(i)}")
+        if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)) or not -100 <= b <= 100:
+            raise SamplingError("logit_bias", f"token {int(i)}: a bias must be a number in [-100, 100], got {_shown(b)}")
+        out[int(i)] = float(b)
+    return tuple(sorted(out.items()))
 
 
 def _shown(value) -> str:
@@ -143,6 +187,20 @@ def check_logits(logits) -> np.ndarray:
 
 
 # ---- the steps: logits [V] -> logits [V] ----------------------------------------------------
+
+def apply_logit_bias(logits: np.ndarray, bias) -> np.ndarray:
+    """OpenAI's logit bias: ((token id, bias), ...) added to those logits (saturating in float32)."""
+    if not bias:
+        return logits
+    ids = np.asarray([i for i, _ in bias], dtype=np.int64)
+    if ids[-1] >= logits.shape[-1]:
+        raise SamplingError("logit_bias", f"token {int(ids[-1])} is outside the vocabulary of {logits.shape[-1]}")
+    out = logits.copy()
+    with np.errstate(over="ignore"):
+        biased = out[ids] + np.asarray([b for _, b in bias], dtype=np.float32)
+    out[ids] = np.where(np.isfinite(out[ids]), np.clip(biased, -FLOAT32_MAX, FLOAT32_MAX), out[ids])
+    return out
+
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """transformers' repetition penalty over the tokens marked in `seen` (bool [V])."""
@@ -216,6 +274,36 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(probs >= min_p * probs.max(), logits, NEG_INF).astype(np.float32)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities [V] (float64) from logits [V]; -inf logits stay -inf."""
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the `top` alternatives ((id, logprob), ...), most likely first."""
+
+    id: int
+    logprob: float
+    top: tuple = ()
+
+
+def token_logprob(logprobs: np.ndarray, token: int, n: int) -> TokenLogprob:
+    """The entry for `token` from log-probabilities [V], with its n most likely tokens
+    (ties: lower id first; tokens of probability 0 never listed)."""
+    top = ()
+    if n > 0:
+        kept = np.flatnonzero(logprobs > NEG_INF)
+        if len(kept) > n:
+            cut = np.partition(logprobs[kept], -n)[-n]
+            kept = kept[logprobs[kept] >= cut]
+        order = kept[np.lexsort((kept, -logprobs[kept]))][:n]
+        top = tuple((int(i), float(logprobs[i])) for i in order)
+    return TokenLogprob(int(token), float(logprobs[token]), top)
+
+
 # ---- the draw -------------------------------------------------------------------------------
 
 def draw(probs: np.ndarray, u: float) -> int:
@@ -283,6 +371,7 @@ class Sampler:
             raise TypeError("pass either SamplingParams or keyword arguments, not both")
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.last_logprob: TokenLogprob | None = None  # the last token's, when params.logprobs is set
 
     def penalize(self, logits: np.ndarray, history: TokenHistory | None) -> np.ndarray:
         p = self.params
@@ -291,10 +380,14 @@ class Sampler:
         logits = apply_repetition_penalty(logits, history.seen, p.repetition_penalty)
         return apply_presence_frequency_penalty(logits, history.counts, p.presence_penalty, p.frequency_penalty)
 
+    def adjusted_logits(self, logits: np.ndarray, history: TokenHistory | None = None) -> np.ndarray:
+        """Checked, biased and penalised: what greedy decoding takes the argmax of."""
+        return self.penalize(apply_logit_bias(check_logits(logits), self.params.logit_bias), history)
+
     def filtered_logits(self, logits: np.ndarray, history: TokenHistory | None = None) -> np.ndarray:
-        """Penalties, temperature and filters: the logits the draw sees (removed tokens: -inf)."""
+        """Bias, penalties, temperature and filters: the logits the draw sees (removed tokens: -inf)."""
         p = self.params
-        logits = self.penalize(check_logits(logits), history)
+        logits = self.adjusted_logits(logits, history)
         logits = apply_temperature(logits, p.temperature)
         logits = top_k_filter(logits, p.top_k)
         logits = top_p_filter(logits, p.top_p)
@@ -310,6 +403,18 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: TokenHistory | None = None) -> int:
         """logits [V] (float32, on the host) -> the next token id."""
-        if self.params.greedy:
-            return int(np.argmax(self.penalize(check_logits(logits), history)))
-        return draw(self.filtered_probs(logits, history), self.uniform())
+        p = self.params
+        if p.greedy:
+            scores = self.adjusted_logits(logits, history)
+            token = int(np.argmax(scores))
+        else:
+            scores = self.filtered_logits(logits, history)
+            token = draw(softmax(scores), self.uniform())
+        if p.logprobs is not None:
+            self.last_logprob = token_logprob(log_softmax(scores), token, p.logprobs)
+        return token
+
+    def take_logprob(self) -> TokenLogprob | None:
+        """The last token's TokenLogprob (None when not asked for), handed over once."""
+        entry, self.last_logprob = self.last_logprob, None
+        return entry

@@ -160,7 +160,7 @@ class CudaDecoder:
     @staticmethod
     def supports(params) -> bool:
         """Whether decode() can sample with these SamplingParams on the device."""
-        return params is None or not params.uses_history
+        return params is None or not params.needs_host
 
     def step_logits(self, cache, token: int):
         """Replay one step with `token` at position cache.length; returns the logits [V] (a copy)."""
