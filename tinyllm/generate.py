@@ -16,6 +16,13 @@ Generation stops at the first of:
               stop string is held back until it is clear that it is not;
     "length"  `max_new_tokens` new tokens were produced (prompt tokens never count);
     "context" the KV cache is full: the last token could not be fed back to the model.
+When the token budget or the context cuts a character in half (a byte-level token holding
+the first bytes of an emoji), the unfinished character is left out rather than shown as
+U+FFFD: the text holds whole characters only.
+
+With `SamplingParams.logprobs` set, every Token carries its `TokenLogprob` (sampler.py
+says which distribution it comes from), and `prompt_logprobs` scores a prompt's own
+tokens (the server's `echo`).
 
 A `Context` (KV cache + the token ids it holds) can be kept between calls: the next call
 prefills only the tokens after the longest prefix it shares with the cache, which is how a
@@ -33,9 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .detokenize import StreamingDetokenizer
+from .detokenize import REPLACEMENT, StreamingDetokenizer
 from .errors import ConfigError, ContextOverflowError, TinyLLMError
-from .sampler import Sampler, TokenHistory
+from .sampler import Sampler, TokenHistory, TokenLogprob, log_softmax, token_logprob
 from .step import as_step
 
 
@@ -68,6 +75,7 @@ class Token:
 
     id: int
     text: str
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs set
 
 
 @dataclass
@@ -112,6 +120,7 @@ class Completion:
     finish_reason: str
     stats: Stats
     prompt_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, with SamplingParams.logprobs set
 
 
 class Context:
@@ -194,31 +203,38 @@ class TokenStream:
         self.history = TokenHistory(config.vocab_size, prompt_ids) if uses_history else None
         self.detok = StreamingDetokenizer(tokenizer)
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # those handed to add()
         self.text = ""
         self.finish_reason: str | None = "length" if rules.max_new_tokens == 0 else None
         self._pending = ""  # decoded text not yet returned (may start a stop string)
 
-    def add(self, token_id: int, context_full: bool) -> Token:
-        """Take the next generated id; -> the Token with the text it releases. Sets
-        `finish_reason` when this token ends the generation."""
+    def add(self, token_id: int, context_full: bool, logprob: TokenLogprob | None = None) -> Token:
+        """Take the next generated id (and its log-probability, if kept); -> the Token with
+        the text it releases. Sets `finish_reason` when this token ends the generation."""
         self.token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if self.history is not None:
             self.history.add_generated(token_id)
         n = len(self.token_ids)
         reason = ("eos" if token_id in self.eos_ids else
                   "length" if n == self.rules.max_new_tokens else
                   "context" if context_full else None)
-        text, stopped = self._text(token_id, last=reason is not None)
+        text, stopped = self._text(token_id, last=reason is not None, cut=reason in ("length", "context"))
         self.text += text
         self.finish_reason = "stop" if stopped else reason
-        return Token(token_id, text)
+        return Token(token_id, text, logprob)
 
-    def _text(self, token_id: int, last: bool) -> tuple[str, bool]:
-        """The text to return for this token, and whether a stop string was found."""
+    def _text(self, token_id: int, last: bool, cut: bool = False) -> tuple[str, bool]:
+        """The text to return for this token, and whether a stop string was found. `cut`:
+        the budget or the context ends the text here, maybe inside a character."""
         if token_id not in self.eos_ids:
             self._pending += self.detok.add(token_id)
         if last:
-            self._pending += self.detok.flush()
+            held = self.detok.flush()
+            # what the detokenizer still holds at the end ends in U+FFFD only when its
+            # last character is unfinished: a cut one is dropped, not shown as U+FFFD
+            self._pending += held.rstrip(REPLACEMENT) if cut else held
         text = self._pending
         hits = [i for i in (text.find(s) for s in self.rules.stop) if i >= 0]
         if hits:
@@ -287,7 +303,7 @@ class Generation:
             token = sampler(logits, stream.history)
             stats.ttft_s = time.perf_counter() - start
             while True:
-                piece = stream.add(token, context_full=context.full)
+                piece = stream.add(token, context_full=context.full, logprob=sampler.take_logprob())
                 stats.new_tokens += 1
                 stats.finish_reason = stream.finish_reason
                 yield piece
@@ -307,7 +323,27 @@ class Generation:
         return self.result()
 
     def result(self) -> Completion:
-        return Completion(self.text, list(self.token_ids), self.stats.finish_reason, self.stats, self.prompt_ids)
+        logprobs = list(self.stream.logprobs) if self.sampler.params.logprobs is not None else None
+        return Completion(self.text, list(self.token_ids), self.stats.finish_reason, self.stats, self.prompt_ids,
+                          logprobs)
+
+
+def prompt_logprobs(step, ids: list[int], n: int, chunk: int = 256) -> list[TokenLogprob | None]:
+    """How likely the model finds each token of a prompt given the ones before it: entry t
+    is token t's log-probability under the log-softmax of the logits at position t - 1,
+    with its n most likely alternatives; entry 0 is None (nothing comes before it).
+
+    The step gives the logits a block of positions at a time (`step.prompt_logits`), so
+    those of a long prompt ([T, V]) are never all held at once."""
+    out: list[TokenLogprob | None] = [None]
+    start = 0
+    for logits in step.prompt_logits(ids, chunk):  # [t, V]
+        for row in range(len(logits)):
+            t = start + row + 1  # the token these logits score
+            if t < len(ids):
+                out.append(token_logprob(log_softmax(logits[row]), ids[t], n))
+        start += len(logits)
+    return out
 
 
 def _stop_prefix_len(text: str, stops) -> int:

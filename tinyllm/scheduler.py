@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import ConfigError, ContextOverflowError, TinyLLMError
-from .generate import StopRules, TokenStream, start_ids
-from .sampler import Sampler, SamplingParams
+from .generate import StopRules, TokenStream, prompt_logprobs, start_ids
+from .sampler import Sampler, SamplingParams, TokenLogprob
 from .step import as_step
 
 
@@ -73,6 +73,15 @@ class Piece:
 
     token_id: int
     text: str
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs set
+
+
+@dataclass
+class PromptLogprobs:
+    """Sent first, to a request that asked for them: each prompt token's TokenLogprob (the
+    first is None), as generate.prompt_logprobs gives them."""
+
+    logprobs: list
 
 
 @dataclass
@@ -103,6 +112,7 @@ class Request:
     emit: Callable[[object], None]
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    prompt_logprobs: int | None = None  # N: score the prompt first (PromptLogprobs, N alternatives)
 
 
 class Observer:
@@ -145,8 +155,9 @@ class Sequence:
     def add(self, token: int) -> Piece:
         """Take this sequence's next id -> the Piece to send."""
         self.last_token = token
-        piece = self.stream.add(token, context_full=self.cache.length >= self.cache.capacity)
-        return Piece(piece.id, piece.text)
+        piece = self.stream.add(token, context_full=self.cache.length >= self.cache.capacity,
+                                logprob=self.sampler.take_logprob())
+        return Piece(piece.id, piece.text, piece.logprob)
 
     def finished_event(self, reason: str | None = None) -> Finished:
         s = self.stream
@@ -273,6 +284,8 @@ class Scheduler:
             seq = None
             try:
                 seq = Sequence(request, self.tokenizer, self.config, self.rows)
+                if request.prompt_logprobs is not None:
+                    request.emit(PromptLogprobs(prompt_logprobs(self.step, seq.prompt_ids, request.prompt_logprobs)))
                 if seq.finish_reason is not None:  # a budget of 0 tokens: nothing to run
                     self._finish(seq)
                     continue

@@ -8,6 +8,7 @@ the next token ids:
     step.decode(token, cache, sampler, history)   one token fed back -> the next token id
     batch = step.batch(max_batch, capacity)       caches for many sequences, and one step for all:
     batch.step(tokens, caches, samplers, histories) -> per row, the next id (or that row's error)
+    step.prompt_logits(ids)                       every prompt position's logits, for scoring a prompt
 
 `ReadableStep`, here, is the model's forward pass followed by the host sampler, for one
 sequence or a batch. tinyllm/cuda provides the same interface with fused kernels, replayed
@@ -39,6 +40,15 @@ class DecodeStep:
 
     name = "a decode step"
     max_batch: int | None = None  # the most sequences one batched step takes (None: no limit)
+
+    def prompt_logits(self, ids: list[int], chunk: int = 256):
+        """float32 logits [t, V] (host) of every prompt position, `chunk` positions at a time,
+        from the readable forward pass in a cache of their own: row t scores token t + 1.
+        For scoring a prompt (its log-probabilities), not for generating."""
+        cache = self.model.new_cache(len(ids))
+        for start in range(0, len(ids), chunk):
+            block = np.asarray([ids[start:start + chunk]], dtype=np.int64)
+            yield to_numpy(self.model.forward(block, cache, last_only=False))[0]
 
 
 class ReadableStep(DecodeStep):
