@@ -13,13 +13,15 @@ from tinyllm.run import DEFAULT_PROMPT, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS_LINE = re.compile(r"^\[\d+ tokens \((eos|stop|length|context)\) \| prompt \d+ tokens.* tok/s.*first token "
-                        r"[\d.]+ s \| decode [\d.]+ tok/s \| load [\d.]+ s\]$")
+                        r"[\d.]+ s \| decode [\d.]+ tok/s \| load [\d.]+ s \| peak memory \d+ MiB\]$")
 
 
-def cli(*args, stdin=None, timeout=600):
+def cli(*args, stdin=None, timeout=600, command=("-m", "tinyllm.run")):
+    """The command in a subprocess; with no `stdin` text its stdin is empty (not a terminal)."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, "-m", "tinyllm.run", *args], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=timeout)
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, encoding="utf-8",
+                          cwd=ROOT, env=env, timeout=timeout, **feed)
 
 
 def hf_chat_greedy(hf_default, messages, n):
@@ -271,3 +273,127 @@ def test_run_and_serve_share_the_model_flags():
                                                                   "fast_path": False}
     assert run_args.model == serve_args.model == "m.gguf"
     assert load_options(serve_parser().parse_args([]))["dtype"] is None  # auto
+
+
+# ---- the `tinyllm` command and llama-cli's flags ------------------------------------------------
+
+def test_console_command_and_version():
+    """pyproject.toml installs `tinyllm` (tinyllm.cli:main); --version is the installed metadata's."""
+    from importlib import metadata
+
+    import tinyllm
+
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("tinyllm") == "tinyllm.cli:main"
+    installed = metadata.version("tinyllm")
+    assert tinyllm.__version__ == installed
+    for command in (("-m", "tinyllm"), ("-m", "tinyllm.run"), ("-m", "tinyllm.serve")):
+        r = cli("--version", command=command, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == f"tinyllm {installed}", (command, r)
+    r = cli("run", "--help", command=("-m", "tinyllm"), timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: tinyllm run")
+    r = cli("serve", "--max-batch", "0", command=("-m", "tinyllm"), timeout=120)
+    assert r.returncode == 1 and r.stderr == "tinyllm serve: error: --max-batch: must be >= 1, got 0\n"
+    r = cli("walk", command=("-m", "tinyllm"), timeout=120)
+    assert r.returncode == 2 and "invalid choice: 'walk'" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("module", ["tinyllm.run", "tinyllm.server.main"])
+def test_help_shows_each_default_once(module):
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    formatter = parser.formatter_class(parser.prog)
+    for action in parser._actions:
+        text = formatter._get_help_string(action) % {"default": action.default}
+        assert text.count("default") <= 1, (action.dest, text)
+        d = action.default
+        if action.option_strings and d not in (None, False, [], "==SUPPRESS==") and action.help:
+            assert "default" in text, (action.dest, text)  # every real default is shown
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_threads_flag_sets_blas_threads():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from tinyllm.cli import UsageError, apply_threads
+    from tinyllm.run import build_parser
+
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("NumPy's BLAS is not one threadpoolctl can see")
+    with threadpool_limits(limits=None):  # put back whatever the test changes
+        apply_threads(build_parser().parse_args(["-t", "1"]))
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+    with pytest.raises(UsageError, match="--threads: must be >= 1, got 0"):
+        apply_threads(build_parser().parse_args(["--threads", "0"]))
+
+
+def test_llama_cli_short_flags_map_to_the_long_ones():
+    from tinyllm.run import build_parser
+
+    a = build_parser().parse_args(["-m", "x.gguf", "-p", "hi", "-n", "7", "-c", "64", "-s", "3", "-t", "2"])
+    assert (a.model, a.prompt, a.max_new_tokens, a.max_context, a.seed, a.threads) == ("x.gguf", "hi", 7, 64, 3, 2)
+    assert build_parser().parse_args(["a positional prompt"]).text == "a positional prompt"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["both", "-p", "given"])
+
+
+@pytest.mark.slow
+def test_short_flags_logprobs_json_and_peak_memory(hf_default, default_model_path):
+    """-m -p -n -c -s -t together; --logprobs 3 in --json: each greedy token's log-probability
+    is the log-softmax of transformers' logits, its alternatives transformers' top 3."""
+    import torch
+
+    r = cli("-m", str(default_model_path), "-p", "The capital of France is", "--raw", "-n", "4", "-c", "32",
+            "-s", "5", "-t", "1", "--json", "--logprobs", "3")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    model, tok = hf_default
+    ids = out["prompt_ids"] + out["token_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1).numpy()
+    assert len(out["logprobs"]) == 4
+    for k, entry in enumerate(out["logprobs"]):
+        row = ref[len(out["prompt_ids"]) + k - 1]
+        assert entry["id"] == out["token_ids"][k] == int(row.argmax())
+        assert entry["logprob"] == pytest.approx(row[entry["id"]], abs=2e-3)
+        top = sorted(range(len(row)), key=lambda i: -row[i])[:3]
+        assert [t["id"] for t in entry["top"]] == top
+        assert [t["logprob"] for t in entry["top"]] == pytest.approx([row[i] for i in top], abs=2e-3)
+        assert entry["token"] == tok.decode([entry["id"]])
+    assert out["stats"]["peak_rss_mib"] > 50
+
+
+@pytest.mark.slow
+def test_positional_and_piped_prompts_table_view_and_stats_line(hf_default):
+    _, tok = hf_default
+    expected = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    r = cli("--raw", "-n", "1", "--json", "The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt_ids"] == expected
+    r = cli("--raw", "-n", "1", "--json", stdin="The capital of France is\n")  # echo's newline is dropped
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt_ids"] == expected
+    r = cli("--raw", "-n", "2", "--logprobs", "2", "The capital of France is")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "the 2 most likely tokens" in lines[0]
+    assert re.match(r"^ *'.*' +\d+\.\d% +\| '.*' +\d+\.\d% +'.*' +\d+\.\d%$", lines[1]), lines[1]
+    assert STATS_LINE.match(r.stderr.strip()), r.stderr
+
+
+def test_a_character_cut_by_the_budget_is_not_printed_as_replacement(tiny_llm):
+    """An emoji spelled by several byte-level tokens, cut after its first: no U+FFFD."""
+    from tinyllm.generate import StopRules, TokenStream
+
+    ids = tiny_llm.tokenizer.encode("🙂")
+    assert len(ids) > 1 and "\ufffd" in tiny_llm.tokenizer.decode(ids[:1])  # the premise: a partial character
+    stream = TokenStream(tiny_llm.tokenizer, tiny_llm.config, [], StopRules(max_new_tokens=1), uses_history=False)
+    assert stream.add(ids[0], context_full=False).text == "" and stream.finish_reason == "length"
+    stream = TokenStream(tiny_llm.tokenizer, tiny_llm.config, [], StopRules(max_new_tokens=5), uses_history=False)
+    assert stream.add(ids[0], context_full=True).text == "" and stream.finish_reason == "context"
+    stream = TokenStream(tiny_llm.tokenizer, tiny_llm.config, [], StopRules(max_new_tokens=len(ids)),
+                         uses_history=False)
+    assert "".join(stream.add(i, context_full=False).text for i in ids) == "🙂"  # whole: unchanged

@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
+from .cli import version
 from .engine import LLM, load
 
 __all__ = ["LLM", "load"]
-__version__ = "0.1.0"
+__version__ = version()  # the installed package's: pyproject.toml holds the number

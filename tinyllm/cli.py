@@ -1,7 +1,16 @@
-"""What the two command lines share: `python -m tinyllm.run` and `python -m tinyllm.serve`.
+"""The `tinyllm` command, and what its two commands share (`tinyllm run`, `tinyllm serve`;
+also `python -m tinyllm.run` and `python -m tinyllm.serve`).
 
-- The model flags (`--model`, `--device`, `--dtype`, `--no-fast-path`), declared once, so both
-  commands accept the same values and hand them to `tinyllm.load` the same way.
+- `main`: `tinyllm run ...` / `tinyllm serve ...` / `tinyllm --version`, the console
+  script pyproject.toml installs. The version is the installed package's (importlib.metadata),
+  so pyproject.toml holds the only copy of the number.
+- The model flags (`-m/--model`, `--device`, `--dtype`, `--no-fast-path`, `-t/--threads`),
+  declared once, so both commands accept the same values and hand them to `tinyllm.load`
+  the same way. Short forms are llama.cpp's (`-m`, `-t`; run adds `-p -n -c -s`).
+- `--threads N` caps the BLAS library's threads (OpenBLAS, MKL) through threadpoolctl,
+  which finds the library NumPy loaded and calls its own setter: unlike
+  OPENBLAS_NUM_THREADS it works after NumPy is imported.
+- `--help` shows each flag's default once (`HelpFormatter`).
 - A bad flag is one line on stderr and exit status 2 (argparse's usage block is left out).
 - `run_main`: whatever goes wrong after the flags are parsed ends as one line on stderr and
   exit status 1. An error a user can cause (a `TinyLLMError`, a missing file, a bad value)
@@ -16,6 +25,7 @@ import argparse
 import os
 import sys
 import traceback
+from importlib import metadata
 
 from .errors import TinyLLMError, one_line
 
@@ -23,8 +33,34 @@ DTYPE_CHOICES = ("auto", "float32", "fp32", "float16", "fp16")
 DEBUG_ENV = "TINYLLM_DEBUG"
 
 
+def version() -> str:
+    """The installed package's version ('unknown' when run from a tree that was never installed)."""
+    try:
+        return metadata.version("tinyllm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default shown once: appended as "(default: X)" unless the help text already
+    says it, and left out where the default means "not given" (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or not action.option_strings or d is None or d is False or d == [] \
+                or d == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (no usage block) and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"tinyllm {version()}")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -35,17 +71,32 @@ class UsageError(TinyLLMError, ValueError):
 
 
 def add_model_flags(parser: argparse.ArgumentParser):
-    """--model, --device, --dtype, --no-fast-path in a "model" group (returned, so a command
-    can add its own model flags beside them)."""
+    """--model, --device, --dtype, --no-fast-path, --threads in a "model" group (returned, so a
+    command can add its own model flags beside them)."""
     m = parser.add_argument_group("model")
-    m.add_argument("--model", metavar="PATH", help="a Hugging Face directory, a .safetensors file (config.json "
+    m.add_argument("-m", "--model", metavar="PATH", help="a Hugging Face directory, a .safetensors file (config.json "
                    "beside it) or a .gguf file (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA needs CuPy and an NVIDIA GPU)")
     m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype (auto: float32 on the CPU, float16 on the GPU)")
     m.add_argument("--no-fast-path", action="store_true",
                    help="on CUDA, run the readable CuPy path instead of the fused kernels and CUDA graphs")
+    m.add_argument("-t", "--threads", type=int, metavar="N",
+                   help="CPU threads for matrix products (the BLAS library's; default: its own choice)")
     return m
+
+
+def apply_threads(args) -> None:
+    """--threads: the BLAS library's thread count, for the rest of the process."""
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise UsageError(f"--threads: must be >= 1, got {n}")
+    import numpy  # noqa: F401  (loads the BLAS library that threadpoolctl looks for)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
 
 
 def load_options(args) -> dict:
@@ -66,6 +117,7 @@ def debug_wanted(args=None) -> bool:
 def run_main(prog: str, body, args) -> int:
     """`body(args)`'s exit status; every exception becomes one line on stderr (see above)."""
     try:
+        apply_threads(args)
         return body(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -104,3 +156,24 @@ def check_text(text: str, source: str) -> str:
     except UnicodeEncodeError as e:
         raise UsageError(f"{source}: not valid UTF-8 text (an undecodable byte at character {e.start})") from None
     return text
+
+
+COMMANDS = {"run": "run a model on a prompt, or chat with it", "serve": "an OpenAI-compatible HTTP server"}
+
+
+def main(argv=None) -> int:
+    """`tinyllm run ...`, `tinyllm serve ...`: each command's own flags follow its name
+    (`tinyllm run --help`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        if argv[0] == "run":
+            from .run import main as command
+        else:
+            from .server.main import main as command
+        return command(argv[1:], prog=f"tinyllm {argv[0]}")
+    parser = ArgumentParser(prog="tinyllm", description="A Llama inference engine you can read.",
+                            epilog="Each command has its own --help, e.g. tinyllm run --help.")
+    parser.add_argument("command", choices=COMMANDS, metavar="{run,serve}",
+                        help="; ".join(f"{name}: {what}" for name, what in COMMANDS.items()))
+    parser.parse_args(argv)  # prints the usage, --help or --version, or names the bad command
+    return 2

@@ -1,10 +1,15 @@
-"""`python -m tinyllm.run`: the command line.
+"""`tinyllm run` (or `python -m tinyllm.run`): the command line.
 
-    python -m tinyllm.run                                   # the embedded SmolLM2-135M answers a built-in question
-    python -m tinyllm.run --prompt "Why is the sky blue?"   # one answer, streamed
-    python -m tinyllm.run --chat                            # a conversation; the KV cache is kept between turns
-    python -m tinyllm.run --model path/to/model --device cuda --raw --prompt "Once upon a time"
-    python -m tinyllm.run --json --prompt "2+2?"            # one JSON object (text, token ids, stats)
+    tinyllm run                                   # the embedded SmolLM2-135M answers a built-in question
+    tinyllm run "Why is the sky blue?"            # one answer, streamed (also -p/--prompt)
+    echo "Why is the sky blue?" | tinyllm run     # the prompt from a pipe
+    tinyllm run --chat                            # a conversation; the KV cache is kept between turns
+    tinyllm run -m path/to/model --device cuda --raw -n 64 "Once upon a time"
+    tinyllm run --json "2+2?"                     # one JSON object (text, token ids, stats)
+    tinyllm run --logprobs 5 "2+2?"               # each token with its probability and 5 alternatives
+
+The prompt comes from the argument, -p/--prompt, --prompt-file, or, when none is given and
+stdin is not a terminal, from stdin (with --chat, stdin carries the turns instead).
 
 The flow is the library's: load (tinyllm.load) -> prompt ids (chat template unless --raw)
 -> a Generation (sampler + stop rules) -> text streamed to stdout, one stats line on
@@ -15,7 +20,6 @@ adds the traceback. The flags and the error printing shared with the server are 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -30,19 +34,19 @@ DEFAULT_PROMPT = "In two sentences, what does a baker do?"
 PROG = "python -m tinyllm.run"
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, description=(
+def build_parser(prog: str = PROG) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description=(
         "Run a Llama-family model: stream an answer to a prompt, or chat. With no flags, the "
-        "embedded SmolLM2-135M-Instruct answers a built-in question on the CPU."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "embedded SmolLM2-135M-Instruct answers a built-in question on the CPU."))
     m = add_model_flags(p)
-    m.add_argument("--max-context", type=int, metavar="N", help="KV cache size in tokens (default: prompt + "
+    m.add_argument("-c", "--max-context", type=int, metavar="N", help="KV cache size in tokens (default: prompt + "
                    "--max-new-tokens, or the model's context length with --chat)")
 
     q = p.add_argument_group("prompt")
     src = q.add_mutually_exclusive_group()
-    src.add_argument("--prompt", metavar="TEXT", help=f"the prompt; '-' reads it from stdin "
-                     f"(default: {DEFAULT_PROMPT!r})")
+    src.add_argument("text", nargs="?", metavar="PROMPT", help="the prompt (the same as --prompt)")
+    src.add_argument("-p", "--prompt", metavar="TEXT", help=f"the prompt; '-' reads it from stdin (default: stdin "
+                     f"when it is not a terminal, else {DEFAULT_PROMPT!r})")
     src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file ('-': stdin)")
     q.add_argument("--system", metavar="TEXT", help="a system prompt for the chat template")
     q.add_argument("--raw", action="store_true", help="plain text completion: skip the chat template")
@@ -50,7 +54,7 @@ def build_parser() -> ArgumentParser:
                    "of stdin (/exit or end of input quits); the KV cache is kept between turns")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="stop after N new tokens")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=256, metavar="N", help="stop after N new tokens")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the text contains TEXT (not printed); repeatable; \\n and \\t "
                    "mean a newline and a tab")
@@ -61,11 +65,13 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' definition (1: off)")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's definition, -2..2 (0: off)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's definition, -2..2 (0: off)")
-    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text (default: random)")
+    g.add_argument("-s", "--seed", type=int, help="random seed: the same seed gives the same text (default: random)")
 
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) at the "
                    "end instead of streaming; one per turn with --chat")
+    o.add_argument("--logprobs", type=int, metavar="N", help="show each token's probability and the N most likely "
+                   "alternatives (0-20): a table on the terminal, a 'logprobs' list with --json")
     o.add_argument("--quiet", action="store_true", help="no stats line, no progress display")
     o.add_argument("--profile", action="store_true", help="after the run, print a line-by-line profile (ms) of "
                    "the forward pass, sampler and generation loop on stderr (needs line_profiler)")
@@ -81,7 +87,7 @@ def sampling_params(args):
     try:
         return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                              frequency_penalty=args.frequency_penalty, seed=args.seed)
+                              frequency_penalty=args.frequency_penalty, seed=args.seed, logprobs=args.logprobs)
     except SamplingError as e:  # name the flag, not the Python parameter
         raise UsageError(f"--{e.param.replace('_', '-')}: {e.detail}") from None
 
@@ -115,8 +121,15 @@ def check_flags(args) -> None:
 
 
 def read_prompt(args) -> str | None:
-    """The prompt text from --prompt, --prompt-file or stdin ('-'); None when none was given.
-    Bytes are decoded here, strictly: a prompt that is not UTF-8 is an error naming its source."""
+    """The prompt text from the argument, --prompt, --prompt-file or stdin ('-', or piped with
+    none of those); None when none was given. Bytes are decoded here, strictly: a prompt that
+    is not UTF-8 is an error naming its source."""
+    if args.text is not None:
+        return check_text(args.text, "the prompt")
+    if args.prompt is None and args.prompt_file is None and not args.chat and not sys.stdin.isatty():
+        text = read_stdin("the prompt")  # piped in: `echo "Why?" | tinyllm run`
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text  # echo's newline
+        return text or None  # an empty pipe (e.g. /dev/null) gives no prompt
     if args.prompt is not None:
         return read_stdin("--prompt -") if args.prompt == "-" else check_text(args.prompt, "--prompt")
     if args.prompt_file is not None:
@@ -198,13 +211,16 @@ class LoadingDisplay:
 
 # ---- generation ------------------------------------------------------------------------------
 
-def run_generation(generation, out=None):
-    """Run one Generation to the end, streaming its text to `out` (None: no streaming).
+def run_generation(generation, out=None, on_token=None):
+    """Run one Generation to the end, streaming its text to `out` (None: no streaming);
+    `on_token(token)`, if given, is called with each Token.
 
     The one call that does the model's work; a profiler can wrap it. -> Completion"""
     tokens = iter(generation)
     try:
         for token in tokens:
+            if on_token is not None:
+                on_token(token)
             if out is not None and token.text:
                 out.write(token.text)
                 out.flush()
@@ -213,11 +229,41 @@ def run_generation(generation, out=None):
     return generation.result()
 
 
+def peak_memory(llm) -> dict:
+    """The process's peak resident memory (MiB; where the OS reports it) and, on a GPU, what
+    CuPy's memory pool holds (MiB)."""
+    out = {}
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_mib"] = round(kib / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS
+    except ImportError:  # Windows
+        pass
+    if llm.model.device.is_cuda:
+        out["gpu_pool_mib"] = round(llm.model.xp.get_default_memory_pool().total_bytes() / 2**20, 1)
+    return out
+
+
+def memory_summary(memory: dict) -> str:
+    parts = []
+    if "peak_rss_mib" in memory:
+        parts.append(f"peak memory {memory['peak_rss_mib']:.0f} MiB")
+    if "gpu_pool_mib" in memory:
+        parts.append(f"GPU pool {memory['gpu_pool_mib']:.0f} MiB")
+    return "".join(f" | {p}" for p in parts)
+
+
 def completion_json(llm, done, device: str) -> str:
-    return json.dumps({"text": done.text, "token_ids": done.token_ids, "prompt_ids": done.prompt_ids,
-                       "finish_reason": done.finish_reason, "stats": done.stats.as_dict(),
-                       "model": str(llm.path), "device": device, "load_s": round(llm.load_seconds, 3)},
-                      ensure_ascii=False)
+    out = {"text": done.text, "token_ids": done.token_ids, "prompt_ids": done.prompt_ids,
+           "finish_reason": done.finish_reason, "stats": {**done.stats.as_dict(), **peak_memory(llm)},
+           "model": str(llm.path), "device": device, "load_s": round(llm.load_seconds, 3)}
+    if done.logprobs is not None:
+        from .logprobs import TokenText, as_dict
+
+        text = TokenText(llm.tokenizer)
+        out["logprobs"] = [as_dict(entry, text) for entry in done.logprobs]
+    return json.dumps(out, ensure_ascii=False)
 
 
 def report(llm, done, args, turn_end: str = "\n") -> None:
@@ -225,13 +271,34 @@ def report(llm, done, args, turn_end: str = "\n") -> None:
     if args.json:
         print(completion_json(llm, done, args.device), flush=True)
         return
+    if args.logprobs is not None:  # the table came first: now the text as a whole
+        sys.stdout.write("\n" + done.text)
     sys.stdout.write(turn_end)
     sys.stdout.flush()
     if not args.quiet:
         note = ""
         if done.finish_reason == "context":
             note = f" | context full ({llm.config.max_seq_len if args.max_context is None else args.max_context} tokens)"
-        print(f"[{done.stats.summary()} | load {llm.load_seconds:.1f} s{note}]", file=sys.stderr, flush=True)
+        print(f"[{done.stats.summary()} | load {llm.load_seconds:.1f} s{memory_summary(peak_memory(llm))}{note}]",
+              file=sys.stderr, flush=True)
+
+
+def generate_and_show(llm, args, generation):
+    """Run a Generation with the output the flags ask for: streamed text, nothing until the
+    JSON at the end, or (--logprobs) one table row per token. -> Completion"""
+    if args.json:
+        return run_generation(generation)
+    if args.logprobs is None:
+        return run_generation(generation, sys.stdout)
+    from .logprobs import TokenText, table_row
+
+    text = TokenText(llm.tokenizer)
+    print(f"{'token':>16} {'prob':>6}  | the {args.logprobs} most likely tokens", flush=True)
+
+    def show(token):
+        print(table_row(token.logprob, text), flush=True)
+
+    return run_generation(generation, None, on_token=show)
 
 
 def one_shot(llm, args, sampling, rules, prompt: str) -> int:
@@ -241,7 +308,7 @@ def one_shot(llm, args, sampling, rules, prompt: str) -> int:
     ids = llm.prompt_ids(prompt, chat=not args.raw, system=args.system)
     context = None if args.max_context is None else Context(llm.model, args.max_context)
     generation = Generation(llm.step, llm.tokenizer, ids, sampler=Sampler(sampling), rules=rules, context=context)
-    done = run_generation(generation, None if args.json else sys.stdout)
+    done = generate_and_show(llm, args, generation)
     report(llm, done, args)
     return 0
 
@@ -271,7 +338,7 @@ def chat_loop(llm, args, sampling, rules, first: str | None) -> int:
         if not text.strip():
             continue
         try:
-            done = run_generation(session.send(text), None if args.json else sys.stdout)
+            done = generate_and_show(llm, args, session.send(text))
         except KeyboardInterrupt:  # Ctrl-C ends this answer, not the chat (the partial answer is kept)
             if not interactive:
                 raise
@@ -297,8 +364,8 @@ def run(args) -> int:
         return one_shot(llm, args, sampling, rules, DEFAULT_PROMPT if prompt is None else prompt)
 
 
-def main(argv=None) -> int:
-    return run_main(PROG, run, build_parser().parse_args(argv))
+def main(argv=None, prog: str = PROG) -> int:
+    return run_main(prog, run, build_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":
