@@ -12,10 +12,14 @@
 - A client that goes away cancels its request: its sequence leaves the batch at the next
   step and its KV cache is freed.
 - A full server says so at once (503) instead of queueing without bound.
+- A request for several choices (`n`, a list of prompts) is one scheduler request per
+  choice, all submitted together: they decode side by side in the batch, and their events,
+  tagged with the choice's index, meet in one queue.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sys
 import threading
@@ -30,13 +34,14 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..cli import version
 from ..generate import StopRules
 from ..sampler import SamplingParams
-from ..scheduler import Failed, Finished, QueueFull, Request, Scheduler, SchedulerStopped
+from ..scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Scheduler, SchedulerStopped
 from .limits import Limits, parse_body, read_body
 from .metrics import Metrics
-from .middleware import middleware
-from .openai import SSE_DONE, APIError, Chunks, Job, Validator, completion, sse_line
+from .middleware import middleware, note_tokens
+from .openai import SSE_DONE, APIError, Choice, Chunks, Job, Logprobs, Validator, completion, sse_line
 
 log = logging.getLogger("tinyllm.server")
 
@@ -60,6 +65,8 @@ class Server:
         self.cors_origins = tuple(cors_origins)
         self.created = int(time.time())
         self.ready = False
+        self.logprobs = Logprobs(llm.tokenizer)
+        self.fingerprint = fingerprint(llm)
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self, warm_up: bool = True) -> None:
@@ -100,6 +107,7 @@ class Server:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ], middleware=middleware(self.api_key, self.cors_origins, on_error=self.metrics.request),
@@ -112,10 +120,19 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.model_id, "running": self.scheduler.batch_size,
                              "waiting": self.scheduler.queue_depth})
 
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tinyllm",
+                "max_model_len": self.max_context}
+
     async def models(self, request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tinyllm",
-             "max_model_len": self.max_context}]})
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request):
+        try:
+            self.validator.check_model({"model": request.path_params["model_id"]})
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(self.model_card())
 
     async def metrics_endpoint(self, request):
         return Response(self.metrics.text(), media_type=self.metrics.content_type)
@@ -139,32 +156,40 @@ class Server:
             events: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
 
-            def emit(event):  # called from the scheduler thread
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, event)
-                except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-                    pass
+            def emitter(index):
+                def emit(event):  # called from the scheduler thread
+                    try:
+                        loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                    except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+                        pass
+                return emit
 
-            req = Request(job.prompt_ids, job.sampling, job.rules, emit)
+            reqs = [Request(job.prompts[p], sampling, job.rules, emitter(i), prompt_logprobs=job.prompt_logprobs)
+                    for i, (p, sampling) in enumerate(job.choices)]
             try:
-                self.scheduler.submit(req)
-            except QueueFull as e:
-                raise APIError(503, str(e), None, type="server_busy", code="queue_full") from None
-            except SchedulerStopped as e:
+                for req in reqs:
+                    self.scheduler.submit(req)
+            except (QueueFull, SchedulerStopped) as e:
+                for req in reqs:  # all the choices or none
+                    self.scheduler.cancel(req)
+                if isinstance(e, QueueFull):
+                    raise APIError(503, str(e), None, type="server_busy", code="queue_full") from None
                 raise APIError(503, str(e), None, type="server_shutting_down") from None
         except APIError as e:
             self.metrics.request(endpoint, e.status)
             return JSONResponse(e.body(), status_code=e.status)
         self.metrics.request(endpoint, 200)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        choices = [Choice(i, p) for i, (p, _) in enumerate(job.choices)]
         if job.stream:
-            return StreamingResponse(self._sse(request, req, events, job, rid), media_type="text/event-stream",
+            return StreamingResponse(self._sse(request, reqs, choices, events, job, rid),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._complete(request, req, events, job, rid)
+        return await self._complete(request, reqs, choices, events, job, rid)
 
     # ---- answers -------------------------------------------------------------------------------
     async def _next_event(self, events: asyncio.Queue, disconnect: asyncio.Future):
-        """The scheduler's next event, or None when the client went away first."""
+        """The scheduler's next (choice index, event), or None when the client went away first."""
         get = asyncio.ensure_future(events.get())
         done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         if get in done:
@@ -172,50 +197,80 @@ class Server:
         get.cancel()
         return None
 
-    async def _complete(self, request, req: Request, events, job: Job, rid: str):
-        """A non-streamed answer: wait for the end, then one JSON body."""
+    def _cancel_unfinished(self, reqs, choices) -> None:
+        for req, choice in zip(reqs, choices):
+            if choice.finished is None:
+                self.scheduler.cancel(req)  # client gone, a sibling failed, or this task cancelled
+
+    async def _complete(self, request, reqs, choices: list[Choice], events, job: Job, rid: str):
+        """A non-streamed answer: wait for every choice's end, then one JSON body."""
         disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
-        text, event = [], None
+        failed = item = None
         try:
-            while True:
-                event = await self._next_event(events, disconnect)
-                if event is None or isinstance(event, (Finished, Failed)):
+            while any(c.finished is None for c in choices):
+                item = await self._next_event(events, disconnect)
+                if item is None:
                     break
-                text.append(event.text)
+                index, event = item
+                choice = choices[index]
+                if isinstance(event, Failed):
+                    failed = event
+                    break
+                if isinstance(event, Finished):
+                    choice.finished = event
+                elif isinstance(event, PromptLogprobs):
+                    choice.prompt_logprobs = event.logprobs
+                else:
+                    choice.text.append(event.text)
+                    if event.logprob is not None:
+                        choice.logprobs.append(event.logprob)
         finally:
             disconnect.cancel()
-            if not isinstance(event, (Finished, Failed)):
-                self.scheduler.cancel(req)  # client gone (or this task cancelled): free the slot
-        if event is None:
+            self._cancel_unfinished(reqs, choices)
+        if item is None:
             return JSONResponse({}, status_code=499)  # nobody reads it
-        if isinstance(event, Failed):
-            return JSONResponse(APIError(500, event.message, type="server_error").body(), status_code=500)
-        return JSONResponse(completion(job, rid, self.model_id, "".join(text), event))
+        if failed is not None:
+            return JSONResponse(APIError(500, failed.message, type="server_error").body(), status_code=500)
+        answer = completion(job, rid, self.model_id, self.fingerprint, choices, self.logprobs)
+        note_tokens(request.scope, answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"])
+        return JSONResponse(answer)
 
-    async def _sse(self, request, req: Request, events, job: Job, rid: str):
-        """A streamed answer: one `data:` event per piece of text, then the finish, then [DONE].
-        The status line is sent before the first event, so a failure after it is told as an
-        error event: the client still reads a well-formed stream to its end."""
-        chunks = Chunks(job, rid, self.model_id)
+    async def _sse(self, request, reqs, choices: list[Choice], events, job: Job, rid: str):
+        """A streamed answer: one `data:` event per piece of text, then each choice's finish,
+        then [DONE]. The status line is sent before the first event, so a failure after it is
+        told as an error event: the client still reads a well-formed stream to its end."""
+        chunks = Chunks(job, rid, self.model_id, self.fingerprint, self.logprobs)
         disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
-        event = None
         try:
-            if chunks.chat:
-                yield sse_line(chunks.text(None, first=True))
-            while True:
-                event = await self._next_event(events, disconnect)
-                if event is None:  # the client disconnected
+            for c in choices:
+                if chunks.chat:
+                    yield sse_line(chunks.text(None, first=True, index=c.index))
+                elif job.echo and job.prompt_logprobs is None:  # else with the prompt's logprobs, below
+                    yield sse_line(chunks.text(job.prompt_texts[c.prompt], index=c.index))
+            while any(c.finished is None for c in choices):
+                item = await self._next_event(events, disconnect)
+                if item is None:  # the client disconnected
                     return
+                index, event = item
+                choice = choices[index]
                 if isinstance(event, Failed):
                     yield sse_line(APIError(500, event.message, type="server_error").body())
                     break
                 if isinstance(event, Finished):
-                    yield sse_line(chunks.finish(event, job.return_token_ids))
-                    if job.include_usage:
-                        yield sse_line(chunks.usage(event))
-                    break
-                if event.text:
-                    yield sse_line(chunks.text(event.text))
+                    choice.finished = event
+                    yield sse_line(chunks.finish(event, job.return_token_ids, index))
+                elif isinstance(event, PromptLogprobs):
+                    yield sse_line(chunks.text(job.prompt_texts[choice.prompt], index=index, entries=event.logprobs,
+                                               ids=job.prompts[choice.prompt]))
+                elif event.text or event.logprob is not None:
+                    entries = None if event.logprob is None else [event.logprob]
+                    yield sse_line(chunks.text(event.text, index=index, entries=entries))
+            finished = [c.finished for c in choices]
+            if all(finished):
+                note_tokens(request.scope, sum(len(ids) for ids in job.prompts),
+                            sum(e.completion_tokens for e in finished))
+                if job.include_usage:
+                    yield sse_line(chunks.usage(finished))
             yield SSE_DONE
         except Exception:
             request_id = request.scope.get("state", {}).get("request_id")
@@ -226,8 +281,14 @@ class Server:
         finally:
             # Runs on normal end, on disconnect, and when the server cancels this task.
             disconnect.cancel()
-            if not isinstance(event, (Finished, Failed)):
-                self.scheduler.cancel(req)
+            self._cancel_unfinished(reqs, choices)
+
+
+def fingerprint(llm) -> str:
+    """What produced the tokens: tinyllm's version, the checkpoint, device, dtype and step."""
+    model = llm.model
+    what = f"tinyllm {version()} {llm.path} {model.device.name} {model.dtype} {llm.step.name}"
+    return "fp_" + hashlib.sha256(what.encode()).hexdigest()[:12]
 
 
 async def _wait_for_disconnect(request) -> None:

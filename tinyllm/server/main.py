@@ -7,11 +7,13 @@ nothing, or send headers a byte at a time, cannot pile up:
 - `--keep-alive-timeout`: an idle keep-alive connection is closed after this time;
 - `--max-header-bytes`: h11's limit on a request's line and headers together;
 - `--limit-concurrency`: open connections (and requests in flight) beyond this get 503.
-The body's own limits (`--max-body-bytes`, `--body-timeout`) are checked in limits.py.
+Each request is logged in one line at `info` (`--log-level`): method, path, status, tokens
+and time (middleware.py). The body's own limits (`--max-body-bytes`, `--body-timeout`) are checked in limits.py.
 TLS: `--ssl-certfile` and `--ssl-keyfile`, handed to uvicorn.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -21,41 +23,43 @@ from ..cli import ArgumentParser, UsageError, add_debug_flag, add_model_flags, l
 
 PROG = "python -m tinyllm.serve"
 API_KEY_ENV = "TINYLLM_API_KEY"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, description="An OpenAI-compatible HTTP server for a Llama-family model.")
+def build_parser(prog: str = PROG) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description="An OpenAI-compatible HTTP server for a Llama-family model.")
     add_model_flags(p)
     s = p.add_argument_group("serving")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
-    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16; the GPU "
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (the GPU "
                    "fast path takes up to 16, 8 for very wide MLPs)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond the batch; "
-                   "more get 503 (default 64)")
-    s.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens per request "
+                   "more get 503")
+    s.add_argument("-c", "--max-context", type=int, default=None, help="prompt + generated tokens per request "
                    "(default: the model's context length)")
     s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish at shutdown before they are cancelled")
     s.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests at start-up")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                   help="the least important messages logged: one line per request at info")
     add_debug_flag(s)
 
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body; larger gets 413 "
-                     "(default 4 MiB)")
-    lim.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request's body (default 30)")
-    lim.add_argument("--max-json-depth", type=int, default=32, help="deepest JSON nesting accepted (default 32)")
+    lim.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body in bytes; larger "
+                     "gets 413")
+    lim.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request's body")
+    lim.add_argument("--max-json-depth", type=int, default=32, help="deepest JSON nesting accepted")
     lim.add_argument("--header-timeout", type=float, default=10.0,
-                     help="seconds a connection may take to send a request's headers (default 10)")
+                     help="seconds a connection may take to send a request's headers")
     lim.add_argument("--keep-alive-timeout", type=int, default=5,
-                     help="seconds an idle keep-alive connection stays open (default 5)")
+                     help="seconds an idle keep-alive connection stays open")
     lim.add_argument("--max-header-bytes", type=int, default=16384,
-                     help="largest request line + headers (default 16 KiB)")
+                     help="largest request line + headers, in bytes")
     lim.add_argument("--limit-concurrency", type=int, default=256,
-                     help="open connections and requests in flight; beyond them uvicorn answers 503 (default 256)")
+                     help="open connections and requests in flight; beyond them uvicorn answers 503")
 
     sec = p.add_argument_group("security")
     sec.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* and /metrics "
@@ -153,8 +157,20 @@ def header_timeout_protocol(seconds: float):
     return HeaderTimeoutH11
 
 
+def configure_logging(level: str) -> None:
+    """tinyllm's own log lines (one per request, errors) on stderr at --log-level; uvicorn
+    configures its own loggers from the same level."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("tinyllm")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if level == "trace" else level.upper())
+    logger.propagate = False
+
+
 def serve(args) -> int:
     check_args(args)
+    configure_logging(args.log_level)
     key = api_key(args)
     try:
         import uvicorn  # noqa: F401
@@ -188,5 +204,5 @@ def serve(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_main(PROG, serve, parse_args(argv))
+def main(argv=None, prog: str = PROG) -> int:
+    return run_main(prog, serve, build_parser(prog).parse_args(argv))

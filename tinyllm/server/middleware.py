@@ -5,7 +5,9 @@
   else handled is logged through `logging` with that id and answered with a JSON 500 in
   OpenAI's error format, so a client always gets an answer it can parse, never a dropped
   connection. (A stream whose headers are out already ends with an error event instead:
-  see app.py.)
+  see app.py.) It also logs one line per request at `info` when the response is done (a
+  stream: when its last event is out): method, path, status, tokens (prompt + completion,
+  noted by the endpoint with `note_tokens`) and the time taken.
 - CORS (Starlette's `CORSMiddleware`), only with `--cors-origin`: browsers on those origins
   may call the API, and their preflight requests are answered before the key is checked.
 - `APIKeyCheck`: with a key configured, `/v1/*` and `/metrics` need `Authorization: Bearer
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 import uuid
 
 from starlette.middleware import Middleware
@@ -31,6 +34,12 @@ from starlette.responses import JSONResponse
 from .openai import APIError
 
 log = logging.getLogger("tinyllm.server")
+access_log = logging.getLogger("tinyllm.server.access")
+
+
+def note_tokens(scope, prompt_tokens: int, completion_tokens: int) -> None:
+    """What a generation endpoint tells the request's log line."""
+    scope.setdefault("state", {})["tokens"] = (prompt_tokens, completion_tokens)
 
 
 class RequestBoundary:
@@ -42,19 +51,21 @@ class RequestBoundary:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = "req-" + uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = False
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started, status, begun = False, None, time.perf_counter()
 
         async def send_with_id(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
+            status = status or 500
             log.exception("request %s: %s %s failed", request_id, scope.get("method"), scope.get("path"))
             if started:  # the status line is out: nothing more can be said on this response
                 return
@@ -63,6 +74,12 @@ class RequestBoundary:
             await JSONResponse(error.body(), status_code=500)(scope, receive, send_with_id)
             if self.on_error is not None:
                 self.on_error(scope.get("path", ""), 500)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                tokens = state.get("tokens")
+                shown = f"{tokens[0]}+{tokens[1]} tokens" if tokens else "- tokens"
+                access_log.info("%s %s %s %s %.3f s %s", scope.get("method"), scope.get("path"), status, shown,
+                                time.perf_counter() - begun, request_id)
 
 
 class APIKeyCheck:
