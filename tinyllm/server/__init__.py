@@ -1,10 +1,10 @@
-"""An OpenAI-compatible HTTP server: `python -m tinyllm.serve`.
+"""An OpenAI-compatible HTTP server: `tinyllm serve` (or `python -m tinyllm.serve`).
 
-    python -m tinyllm.serve --model PATH --device cpu --host 127.0.0.1 --port 8000
+    tinyllm serve --model PATH --device cpu --host 127.0.0.1 --port 8000
 
     POST /v1/completions        {"model", "prompt", "max_tokens", "stream", ...}
     POST /v1/chat/completions   {"model", "messages", ...}  (the checkpoint's chat template)
-    GET  /v1/models             the one model served
+    GET  /v1/models             the one model served (GET /v1/models/{id}: that one, or 404)
     GET  /health                200 once the model is loaded and warmed up
     GET  /metrics               Prometheus text format
 
