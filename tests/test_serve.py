@@ -318,17 +318,18 @@ def test_scheduler_sequences_join_and_leave_at_step_boundaries(llm):
         sched.submit(request)
         return request
 
+    # a sequence's first step prefills its prompt (its first token), each later one decodes
     submit("A", PROMPTS[0], 6)
-    sched.run_once()                      # A prefilled (token 1) and decoded (token 2)
+    sched.run_once()                      # A prefilled (token 1)
     submit("B", PROMPTS[1], 6)
-    sched.run_once()                      # B joins: a step of 2
+    sched.run_once()                      # B joins: a step of 2 (A token 2, B token 1)
     d = submit("D", PROMPTS[3], 20)
     submit("C", PROMPTS[2], 2)
-    sched.run_once()                      # D and C join: a step of 4; C is done (2 tokens)
+    sched.run_once()                      # D and C join: a step of 4
     sched.cancel(d)
     while sched.running or sched.waiting:
-        sched.run_once()                  # D leaves at the boundary; A, then B finish
-    assert steps.sizes == [1, 2, 4, 2, 2, 1]
+        sched.run_once()                  # D leaves at the boundary; C (2 tokens), A, then B finish
+    assert steps.sizes == [1, 2, 4, 3, 2, 2, 1]
 
     def alone(prompt, n):  # greedy_alone without EOS: the same fixed lengths
         model = llm.model
@@ -346,7 +347,7 @@ def test_scheduler_sequences_join_and_leave_at_step_boundaries(llm):
         assert [p.token_id for p in pieces] == end.token_ids == alone(prompt, n)
     end = events["D"][-1]
     assert isinstance(end, Finished) and end.reason == "cancelled"
-    assert all(isinstance(p, Piece) for p in events["D"][:-1]) and end.completion_tokens == 2
+    assert all(isinstance(p, Piece) for p in events["D"][:-1]) and end.completion_tokens == 1  # its prefill's token
     assert not sched.running and sched.queue_depth == 0
 
 
@@ -413,7 +414,7 @@ def test_every_invalid_field_at_once_then_a_normal_request(server, client, model
     message = answer["error"]["message"]
     for field, _ in BAD_FIELDS:
         assert f"{field}:" in message, field
-    assert answer["error"]["param"] == "temperature"  # the first field named
+    assert answer["error"]["param"] == "no_such_field"  # a field the server does not know is named first
     status, answer = request("POST", "/v1/completions", {**body, "model": "no-such-model"}, port=server.port)
     assert status == 404 and answer["error"]["code"] == "model_not_found"  # an unknown model comes first
 
