@@ -87,7 +87,7 @@ def tiny(tmp_path_factory):
     hf = make_hf_model(seed=3, max_position_embeddings=1200)
     path = tmp_path_factory.mktemp("ppl") / "tiny.gguf"
     write_gguf(hf, path)
-    return hf, load_tiny(path)
+    return hf, load_tiny(path), path
 
 
 @pytest.mark.parametrize("n, context, stride", [
@@ -99,7 +99,7 @@ def tiny(tmp_path_factory):
     (1500, 1100, 300),  # windows longer than a prefill chunk: context-only chunks skip the vocabulary
 ])
 def test_perplexity_equals_transformers_tiny_model(tiny, n, context, stride):
-    hf, model = tiny
+    hf, model, _ = tiny
     ids = np.random.default_rng(n + context + stride).integers(0, hf.config.vocab_size, n).tolist()
     ref_ppl, ref_nll, ref_scored = hf_sliding_perplexity(hf, ids, context, stride)
     got = perplexity(model, ids, context, stride)
@@ -110,7 +110,7 @@ def test_perplexity_equals_transformers_tiny_model(tiny, n, context, stride):
 
 
 def test_progress_reports_every_window(tiny):
-    _, model = tiny
+    _, model, _ = tiny
     seen = []
     got = perplexity(model, list(range(100)), 40, 20, progress=lambda *a: seen.append(a))
     assert [s[:2] for s in seen] == [(k, 4) for k in range(1, 5)]
@@ -118,9 +118,28 @@ def test_progress_reports_every_window(tiny):
 
 
 def test_context_beyond_the_model_is_refused(tiny):
-    _, model = tiny
+    _, model, _ = tiny
     with pytest.raises(ValueError, match=r"--context 2000 is more than the model's context length \(1200\)"):
         perplexity(model, list(range(3000)), 2000, 1000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, rel", [(np.float32, 2e-6), (np.float16, 2e-3)])
+def test_perplexity_on_the_gpu_equals_transformers(tiny, dtype, rel):
+    """The same readable forward on CuPy; float16 weights and activations move the figure a little."""
+    from tinyllm.backend import get_device
+    from tinyllm.loaders import assemble_weights, read_checkpoint
+    from tinyllm.model import Model
+
+    hf, _, path = tiny
+    device = get_device("cuda")
+    ckpt = read_checkpoint(path)
+    model = Model(ckpt.config, assemble_weights(ckpt, dtype, device), device)
+    ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, 1500).tolist()
+    ref_ppl, _, ref_scored = hf_sliding_perplexity(hf, ids, 1100, 300)
+    got = perplexity(model, ids, 1100, 300)
+    assert got.scored == ref_scored
+    assert got.perplexity == pytest.approx(ref_ppl, rel=rel)
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -141,12 +160,14 @@ def tiny_dir(tmp_path_factory):
     return d, tk, hf
 
 
-def test_cli_json_equals_transformers_and_scores_every_text_token_after_bos(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cli_json_equals_transformers_and_scores_every_text_token_after_bos(tiny_dir, tmp_path, capsys, device):
     d, tk, hf = tiny_dir
     text = TEXT.read_text()[:1500]
     f = tmp_path / "text.txt"
     f.write_text(text)
-    assert main([str(f), "--model", str(d), "--context", "128", "--stride", "48", "--json"]) == 0
+    args = [str(f), "--model", str(d), "--context", "128", "--stride", "48", "--json", "--device", device]
+    assert main(args + ["--dtype", "float32"]) == 0
     out, err = capsys.readouterr()
     got = json.loads(out)
     ids = [1] + tk.encode(text, add_special_tokens=False).ids  # BOS, because this tokenizer adds it
