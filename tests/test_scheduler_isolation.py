@@ -33,13 +33,18 @@ class PoisonedBatch(ReadableBatch):
         self.made.append(super().new_cache(positions))
         return self.made[-1]
 
-    def step(self, tokens, caches, samplers, histories):
+    def step(self, tokens, caches, samplers, histories, n_decode=None):
+        """The decode rows as ReadableBatch runs them, but poisoned; the prompts' rows as it does."""
         self.steps += 1
-        logits = np.array(self.model.decode_batch(tokens, caches))  # [B, V]
-        for i, cache in enumerate(caches):
-            if self.steps >= self.after and cache is self.made[self.poison]:
-                logits[i] = np.nan
-        return sample_rows(logits, samplers, histories)
+        n = len(caches) if n_decode is None else n_decode
+        out = []
+        if n:
+            logits = np.array(self.model.decode_batch(tokens[:n], caches[:n]))  # [B, V]
+            for i, cache in enumerate(caches[:n]):
+                if self.steps >= self.after and cache is self.made[self.poison]:
+                    logits[i] = np.nan
+            out = sample_rows(logits, samplers[:n], histories[:n])
+        return out + super().step(tokens[n:], caches[n:], samplers[n:], histories[n:], n_decode=0)
 
 
 class PoisonStep(ReadableStep):
@@ -88,10 +93,11 @@ def alone(model, i):
 
 def test_nan_logits_in_one_row_end_that_request_alone(model):
     step = PoisonStep(model, poison=2, after=3)  # the third request's row, from the third step on
+    # (step 1 prefills every prompt and gives each its first token, step 2 the second token)
     events, sched = run(step, range(4))
     failed = events[2][-1]
     assert isinstance(failed, Failed) and "logits" in failed.message and "NaN" in failed.message
-    assert sum(isinstance(e, Piece) for e in events[2]) == 3  # the prefill's token and two decode steps
+    assert sum(isinstance(e, Piece) for e in events[2]) == 2  # the prefill's token and one decode step
     for i in (0, 1, 3):
         assert isinstance(events[i][-1], Finished)
         assert events[i][-1].token_ids == alone(model, i)

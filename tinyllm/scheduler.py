@@ -135,7 +135,8 @@ class Sequence:
         self.sampler = Sampler(request.sampling)
         self.stream = TokenStream(tokenizer, config, self.prompt_ids, request.rules, self.sampler.params.uses_history)
         self.rows = rows
-        self.cache = None     # borrowed from `rows` when the prefill starts
+        self.cache = None     # borrowed from `rows` when the sequence joins the batch
+        self.pending: list[int] = []  # prompt ids not yet in the cache: prefilled by the next steps
         self.last_token: int | None = None
         self.last_time = 0.0
 
@@ -143,14 +144,13 @@ class Sequence:
     def finish_reason(self) -> str | None:
         return self.stream.finish_reason
 
-    def prefill(self) -> int:
-        """Borrow a cache, run the prompt through it and sample the first token."""
+    def start(self) -> None:
+        """Borrow a cache; the whole prompt is pending, for the steps to prefill."""
         if len(self.prompt_ids) > self.rows.capacity:
             raise ContextOverflowError(f"context overflow: the prompt has {len(self.prompt_ids)} tokens but the "
                                        f"context holds {self.rows.capacity}")
         self.cache = self.rows.new_cache(len(self.prompt_ids) + max(self.stream.rules.max_new_tokens, 1))
-        logits = self.rows.prefill(self.prompt_ids, self.cache)
-        return self.sampler(logits, self.stream.history)
+        self.pending = list(self.prompt_ids)
 
     def add(self, token: int) -> Piece:
         """Take this sequence's next id -> the Piece to send."""
@@ -274,7 +274,8 @@ class Scheduler:
                 self.running = []
 
     def _admit(self) -> None:
-        """Prefill waiting requests while the batch has room; each joins with its first token."""
+        """Waiting requests join while the batch has room; their prompts are prefilled by the
+        steps that follow (in chunks that ride beside the running sequences' decode rows)."""
         while len(self.running) < self.max_batch:
             with self._lock:
                 if not self.waiting or self._stopping:
@@ -289,11 +290,8 @@ class Scheduler:
                 if seq.finish_reason is not None:  # a budget of 0 tokens: nothing to run
                     self._finish(seq)
                     continue
-                self._emit(seq, seq.prefill())
-                if seq.finish_reason is None and not request.cancelled:
-                    self.running.append(seq)
-                elif seq.finish_reason is None:
-                    self._finish(seq, "cancelled")
+                seq.start()
+                self.running.append(seq)
             except Exception as e:  # one bad request must not stop the server
                 self._fail(seq, e, request)
             finally:
@@ -301,20 +299,44 @@ class Scheduler:
                     self.n_admitting -= 1
 
     def _step(self) -> None:
-        """One decode step for every running sequence, then each takes its next token."""
-        batch = self.running
-        chosen = self.rows.step([seq.last_token for seq in batch], [seq.cache for seq in batch],
-                                [seq.sampler for seq in batch], [seq.stream.history for seq in batch])
+        """One step: a row for each decoding sequence (its last token), then the next chunk of
+        each prompt still pending, as many rows as the step takes; then every row that ends
+        a sequence's input so far gives it its next token."""
+        decoding = [seq for seq in self.running if not seq.pending]
+        tokens = [seq.last_token for seq in decoding]                              # one row each
+        caches = [seq.cache for seq in decoding]
+        samplers = [seq.sampler for seq in decoding]
+        owners = list(decoding)  # per row: the sequence whose next token it gives, or None
+        room = self.rows.max_rows - len(decoding) if self.rows.max_rows else None
+        chunks = []
+        for seq in self.running:
+            if not seq.pending or (room is not None and room <= 0):
+                continue
+            n = len(seq.pending) if room is None else min(len(seq.pending), room)
+            last = n == len(seq.pending)
+            tokens += seq.pending[:n]                                               # a row per prompt token
+            caches += [seq.cache] * n
+            samplers += [None] * (n - 1) + [seq.sampler if last else None]
+            owners += [None] * (n - 1) + [seq if last else None]
+            chunks.append((seq, n))
+            if room is not None:
+                room -= n
+        chosen = self.rows.step(tokens, caches, samplers, [None if o is None else o.stream.history for o in owners],
+                                n_decode=len(decoding))
+        for seq, n in chunks:
+            del seq.pending[:n]
         self.steps += 1
-        self.observer.step(len(batch))
-        for seq, token in zip(batch, chosen):
+        self.observer.step(len(decoding) + len(chunks))
+        for seq, token in zip(owners, chosen):
+            if seq is None:
+                continue
             try:
                 if isinstance(token, Exception):  # this row's sampling failed (see step.sample_rows)
                     raise token
                 self._emit(seq, token)
             except Exception as e:
                 self._fail(seq, e)
-        self.running = [seq for seq in batch if seq.finish_reason is None and seq.cache is not None]
+        self.running = [seq for seq in self.running if seq.finish_reason is None and seq.cache is not None]
 
     def _emit(self, seq: Sequence, token: int) -> None:
         piece = seq.add(token)

@@ -74,6 +74,8 @@ class ReadableStep(DecodeStep):
 class ReadableBatch:
     """Many sequences, each with a cache of its own, decoded by one `Model.decode_batch`."""
 
+    max_rows = None  # rows per step: no limit, and a prompt is prefilled whole
+
     def __init__(self, model, capacity: int):
         self.model = model
         self.readable = ReadableStep(model)
@@ -86,16 +88,35 @@ class ReadableBatch:
         """A cache for a sequence that needs this many positions (at most `capacity`)."""
         return self.model.new_cache(min(positions, self.capacity))
 
-    def prefill(self, ids: list[int], cache: KVCache) -> np.ndarray:
-        return self.readable.prefill(ids, cache)
-
     def release(self, cache: KVCache) -> None:
         """A sequence ended: its cache is simply dropped."""
 
-    def step(self, tokens, caches, samplers, histories) -> list:
-        """Feed tokens[b] to the sequence in caches[b]; -> per row, the next id or an exception."""
-        logits = to_numpy(self.model.decode_batch(tokens, caches))  # [B, V]
-        return sample_rows(logits, samplers, histories)
+    def step(self, tokens, caches, samplers, histories, n_decode: int | None = None) -> list:
+        """Feed tokens[b] to the sequence in caches[b]; -> per row, the next id, an exception
+        (that row's sampling, or its prompt's prefill, failed), or None (a row with no sampler).
+
+        Rows [0, n_decode) are one token per sequence, decoded together by decode_batch; the
+        rest are prompts, each a run of consecutive rows of one cache, each run through the
+        model's forward pass (as `ReadableStep.prefill`), its last row sampled."""
+        n_decode = len(caches) if n_decode is None else n_decode
+        out: list = [None] * len(caches)
+        if n_decode:
+            logits = to_numpy(self.model.decode_batch(tokens[:n_decode], caches[:n_decode]))  # [B, V]
+            out[:n_decode] = sample_rows(logits, samplers[:n_decode], histories[:n_decode])
+        start = n_decode
+        while start < len(caches):
+            end = start + 1
+            while end < len(caches) and caches[end] is caches[start]:
+                end += 1
+            last = end - 1
+            try:
+                logits = self.readable.prefill(list(tokens[start:end]), caches[start])
+                if samplers[last] is not None:
+                    out[last] = sample_rows([logits], [samplers[last]], [histories[last]])[0]
+            except Exception as e:  # this prompt alone fails
+                out[last] = e
+            start = end
+        return out
 
 
 def as_step(model_or_step):

@@ -96,6 +96,11 @@ class BatchDecoder:
         self.ops = FastOps.for_model(self.model, "batched", positions=self.device["positions"],
                                      slots=self.device["slots"])
         self.batched_model = self.model.with_ops(self.ops)
+        # steps whose rows include several tokens of one sequence (a prompt's, prefilled in
+        # the step): each attention first writes every row's k and v (see FastOps)
+        self.prompt_ops = FastOps.for_model(self.model, "batched", positions=self.device["positions"],
+                                            slots=self.device["slots"], shared_rows=True)
+        self.prompt_model = self.model.with_ops(self.prompt_ops)
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
         self._slot = 0         # which host copy the last queued step used
@@ -104,20 +109,25 @@ class BatchDecoder:
         # One graph per bucket of batch sizes; a step of B sequences runs the smallest bucket
         # that holds B, its extra rows padding (they compute on the spare row and are dropped).
         self.buckets = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
-        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, its memory pool, its logits [bucket, V])
+        # bucket -> (graph, its memory pool, its logits [bucket, V]): one row per sequence, and
+        # rows that may share a sequence
+        self.graphs: dict[int, tuple] = {}
+        self.prompt_graphs: dict[int, tuple] = {}
         start = time.perf_counter()
         K.compile_kernels(self.ops.rows_kernel_names(max_batch))
         for b in self.buckets:
-            self.graphs[b] = self._capture(b)
+            self.graphs[b] = self._capture(b, self.batched_model, self.ops)
+            self.prompt_graphs[b] = self._capture(b, self.prompt_model, self.prompt_ops)
+        self._last = self.graphs  # the set the last step ran
         self.capture_seconds = time.perf_counter() - start
 
     def bucket(self, b: int) -> int:
-        """The batch size of the graph that runs a step of b sequences."""
+        """The batch size of the graph that runs a step of b rows."""
         return next(n for n in self.buckets if n >= b)
 
     def logits(self, b: int):
-        """The logits [b, V] that the last step of b sequences computed (on the device)."""
-        return self.graphs[self.bucket(b)][2][:b]
+        """The logits [b, V] that the last step of b rows computed (on the device)."""
+        return self._last[self.bucket(b)][2][:b]
 
     def _fit_capacity(self, capacity: int, rows: int) -> int:
         """The positions per row, lowered (to a multiple of 256) when `rows` rows of `capacity`
@@ -153,22 +163,22 @@ class BatchDecoder:
             cache.pool = None
 
     # ---- capture ---------------------------------------------------------------------------------
-    def _run(self, b: int, caches):
+    def _run(self, b: int, caches, model):
         """One batched step as ordinary calls: the model's decode_batch, then the sampler kernel."""
         d = self.device
-        logits = self.batched_model.decode_batch(d["tokens"][:b], caches)  # [B, V] fp32
+        logits = model.decode_batch(d["tokens"][:b], caches)  # [B, V] fp32
         K.sample_rows(logits, d["params"][:b], self.w_scratch, d["tokens"], self.chosen, d["positions"], d["live"])
         return logits
 
-    def _capture(self, b: int):
+    def _capture(self, b: int, model, ops):
         spare = self.max_batch  # every row of a capture writes to the spare row, at position 0
         caches = [self.pool.row(spare) for _ in range(b)]
         self._ahead = None
         self._write_inputs(0, [0] * b, [0] * b, [spare] * b, [None] * b)
         self._copy_inputs(0)
-        before = self.ops.stats["rows_attention"]
-        graph, pool, logits = capture_graph(self.stream, lambda: self._run(b, caches))
-        if self.ops.stats["rows_attention"] - before != 2 * self.model.config.n_layers:
+        before = ops.stats["rows_attention"]
+        graph, pool, logits = capture_graph(self.stream, lambda: self._run(b, caches, model))
+        if ops.stats["rows_attention"] - before != 2 * self.model.config.n_layers:
             raise DeviceError("the batched decode step did not take the fused attention")
         return graph, pool, logits
 
@@ -207,10 +217,11 @@ class BatchDecoder:
         self.cp.cuda.runtime.memcpyAsync(self._inputs.data.ptr + offset, self._inputs_host[slot].ptr + offset,
                                          self._nbytes - offset, _HOST_TO_DEVICE, self.stream.ptr)
 
-    def _launch(self, b: int, slot: int, first: str):
+    def _launch(self, b: int, slot: int, first: str, graphs=None):
         """Queue: inputs in, the graph for B, the chosen ids out to host copy `slot`. -> event"""
         self._copy_inputs(slot, first)
-        self.graphs[self.bucket(b)][0].launch(self.stream)
+        self._last = graphs or self.graphs
+        self._last[self.bucket(b)][0].launch(self.stream)
         self.cp.cuda.runtime.memcpyAsync(self._chosen_host[slot].ptr, self.chosen.data.ptr, 8 * b,
                                          _DEVICE_TO_HOST, self.stream.ptr)
         return self.stream.record()
@@ -220,48 +231,61 @@ class BatchDecoder:
         each one's next token. Returns, per row, the chosen id (an int), or, for a sampler
         with penalties, that row's logits [V] (float32, host) to sample on the host.
 
-        Before waiting for this step, the next one is queued (`queue_next`): it feeds the
-        device's own choices (the sampler kernel leaves them, and the advanced positions, in
-        the device inputs), so the GPU runs it while the host handles this step's tokens.
-        If the next call feeds exactly those tokens to the same caches, its step is already
-        running; otherwise (a sequence joined or left, or a caller fed something else) it is
-        superseded: its K/V writes sit past each cache's length, where the real step writes
-        again, and the uniform numbers it drew are used by the real step instead."""
+        A cache may take several consecutive rows (a prompt's next tokens, prefilled in the
+        step): they go in at its next positions, each attending to those before it; a row
+        whose sampler is None chooses nothing that matters (greedy, no random number drawn).
+
+        Before waiting for a step of one row per sequence, the next one is queued
+        (`queue_next`): it feeds the device's own choices (the sampler kernel leaves them, and
+        the advanced positions, in the device inputs), so the GPU runs it while the host
+        handles this step's tokens. If the next call feeds exactly those tokens to the same
+        caches, its step is already running; otherwise (a sequence joined or left, or a caller
+        fed something else) it is superseded: its K/V writes sit past each cache's length,
+        where the real step writes again, and the uniform numbers it drew are used by the real
+        step instead."""
         b = len(caches)
         if not 1 <= b <= self.max_batch:
-            raise ValueError(f"a batched step takes 1 to {self.max_batch} sequences, got {b}")
+            raise ValueError(f"a batched step takes 1 to {self.max_batch} rows, got {b}")
         samplers = list(samplers) if samplers is not None else [None] * b
         if len(tokens) != b or len(samplers) != b:
-            raise ValueError(f"a batched step needs one token and one sampler per cache: "
-                             f"{len(tokens)} tokens, {len(samplers)} samplers, {b} caches")
+            raise ValueError(f"a batched step needs one token and one sampler per row: "
+                             f"{len(tokens)} tokens, {len(samplers)} samplers, {b} rows")
+        counts: dict[int, int] = {}  # id(cache) -> its rows in this step
+        positions = []
         for cache in caches:
             if cache.pool is not self.pool:
                 raise ValueError("every cache of a batched step must be a row from BatchDecoder.new_cache(), "
                                  "not yet released")
-            cache.check_room(1)
+            n = counts.get(id(cache), 0)
+            positions.append(cache.length + n)
+            counts[id(cache)] = n + 1
+        distinct = list({id(c): c for c in caches}.values())
+        for cache in distinct:
+            cache.check_room(counts[id(cache)])
+        shared = len(distinct) < b
         tokens = [int(t) for t in tokens]
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.matches(tokens, caches, samplers):
+        if ahead is not None and not shared and ahead.matches(tokens, caches, samplers):
             slot, event = ahead.slot, ahead.event
         else:
             slot = self._slot = 1 - self._slot
-            self._write_inputs(slot, tokens, [c.length for c in caches], [c.pool_row for c in caches], samplers,
+            self._write_inputs(slot, tokens, positions, [c.pool_row for c in caches], samplers,
                                ahead.drawn if ahead is not None else ())
             self.stream.wait_event(self.cp.cuda.get_current_stream().record())  # after any prefill
-            event = self._launch(b, slot, "tokens")
+            event = self._launch(b, slot, "tokens", self.prompt_graphs if shared else self.graphs)
         on_host = [i for i, s in enumerate(samplers) if s is not None and not CudaDecoder.supports(s.params)]
         rows = None
         if on_host:  # the logits of the penalised rows, before anything else overwrites them
             with self.stream:
                 rows = self.logits(b)[np.asarray(on_host)].get(stream=self.stream)
         following = None
-        if queue_next and not on_host and all(c.length + 2 <= c.capacity for c in caches):
+        if queue_next and not shared and not on_host and all(c.length + 2 <= c.capacity for c in caches):
             nslot = self._slot = 1 - slot
             drawn = self._write_params(nslot, samplers)
             following = _Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers)
         event.synchronize()
-        for cache in caches:
-            cache.advance(1)
+        for cache in distinct:
+            cache.advance(counts[id(cache)])
         out = [int(i) for i in np.frombuffer(self._chosen_host[slot], dtype=np.int64, count=b)]
         if following is not None:
             following.expect(out, caches)

@@ -752,7 +752,11 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     v_cache += slot * slot_stride;
     const int n_keys = pos + 1;
     const int n_chunks = (n_keys + CHUNK - 1) / CHUNK;
-    if (c >= n_chunks) { pdl_wait(); return; }
+    // rotate & 2: a first pass that only writes the new k and v into the cache (its writing
+    // block; phase 2b), so that rows of one sequence later in the same step find them there
+    const bool write_only = (rotate & 2) != 0;
+    rotate &= 1;
+    if (c >= n_chunks || (write_only && (c != n_chunks - 1 || z != 0))) { pdl_wait(); return; }
     const int first = c * CHUNK;                       // this chunk's first position
     const int n_here = min(CHUNK, n_keys - first);     // positions in this chunk
     const bool holds_pos = (c == n_chunks - 1);        // the chunk where the new token goes
@@ -775,6 +779,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     for (int i = t; i < (R + 1) * HALF; i += CHUNK)  // 2b. pairs of the R query heads, then of the new key
         rope_pair<E, R>(sq, skn, q, head0, k_new + (size_t)j * E, v_new + (size_t)j * E, cs, sn, rotate, holds_pos,
                         z, kc, vc, pos, i / HALF, i % HALF);
+    if (write_only) return;
     stage_values<E, CHUNK>(sv, vreg, t);                                                    // 2c.
     __syncthreads();
 

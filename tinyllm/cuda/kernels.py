@@ -212,12 +212,16 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 
 
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
-                     scratch, out, n_rep: int, pdl: bool = True, *, slots, rows: int = 1, row_stride: int = 0):
+                     scratch, out, n_rep: int, pdl: bool = True, *, slots, rows: int = 1, row_stride: int = 0,
+                     write_only: bool = False):
     """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E].
 
     `rows` sequences at once: sequence b's q, k_new, v_new start b * row_stride elements
     further, its position is pos[b], its cache is row slots[b] of k_cache/v_cache
-    ([B_max, K, S_cap, E]), its output out[b]. One sequence: rows=1, slots=[0]."""
+    ([B_max, K, S_cap, E]), its output out[b]. One sequence: rows=1, slots=[0].
+    Rows may share a cache row at consecutive positions (a prompt's tokens): `write_only`
+    first writes every row's new k and v, then a second launch, not programmatic (its cache
+    loads come before its wait), attends."""
     n_kv, s_cap, e = k_cache.shape[-3:]
     part_o, part_ml, counters = scratch
     chunk = attention_chunk(e)
@@ -225,7 +229,7 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     groups = n_rep // heads_per_block(n_rep)
     launch(attention_name(e, n_rep), (n_chunks, n_kv, groups * rows), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
-        np.int32(1 if rotate else 0), np.int32(n_rep), part_o, part_ml, counters, out,
+        np.int32((1 if rotate else 0) | (2 if write_only else 0)), np.int32(n_rep), part_o, part_ml, counters, out,
         slots, np.int64(row_stride), np.int64(n_kv * s_cap * e)), pdl=pdl)
 
 

@@ -48,7 +48,7 @@ class FastOps(Ops):
     device memory). positions, slots: int32 device buffers the graph modes read; the eager
     mode makes and writes its own."""
 
-    def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None):
+    def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False):
         import cupy as cp
 
         if mode not in MODES:
@@ -57,6 +57,7 @@ class FastOps(Ops):
         c = self.config = config
         self.mode = mode
         self.tables = rope
+        self.shared_rows = shared_rows  # batched rows may share a cache (a prompt's tokens, one per row)
         self.positions = positions if positions is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self.slots = slots if slots is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self._scratch = {}                         # attention scratch by (cache capacity, rows)
@@ -67,8 +68,8 @@ class FastOps(Ops):
         self.stats = {"fused": 0, "rows_attention": 0}  # fused launches, batched attention launches
 
     @classmethod
-    def for_model(cls, model, mode: str = "eager", positions=None, slots=None) -> "FastOps":
-        return cls(model.config, model.rope, mode, positions, slots)
+    def for_model(cls, model, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False) -> "FastOps":
+        return cls(model.config, model.rope, mode, positions, slots, shared_rows)
 
     # ---- which calls take the fast path ------------------------------------------------
     def kernel_names(self) -> list[str]:
@@ -170,9 +171,14 @@ class FastOps(Ops):
         if self.mode == "eager":
             self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
-        K.decode_attention(q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
-                           self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep, pdl=self.mode != "eager",
-                           slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2)
+        args = (q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
+                self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep)
+        rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2)
+        if self.shared_rows:  # every row's k and v into the cache first, where later rows of its sequence read them
+            K.decode_attention(*args, pdl=self.mode != "eager", write_only=True, **rows)
+            K.decode_attention(*args, pdl=False, **rows)
+            return out
+        K.decode_attention(*args, pdl=self.mode != "eager", **rows)
         return out
 
     # ---- single operations: a prompt's rows, one launch each --------------------------------

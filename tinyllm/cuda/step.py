@@ -79,18 +79,23 @@ class CudaBatch:
     def release(self, cache: KVCache) -> None:
         self.decoder.release(cache)
 
-    def prefill(self, ids: list[int], cache: KVCache) -> np.ndarray:
-        return self.step_of.prefill(ids, cache)
+    @property
+    def max_rows(self) -> int:
+        return self.decoder.max_batch  # decode rows and prompt chunks together
 
-    def step(self, tokens, caches, samplers, histories) -> list:
+    def step(self, tokens, caches, samplers, histories, n_decode: int | None = None) -> list:
+        """One replay for every row (a prompt's rows share their cache: see BatchDecoder.step);
+        -> per row the next id, that row's error, or None where the row has no sampler."""
         out = self.decoder.step(tokens, caches, samplers)  # ids, or logits rows for penalised samplers
-        on_host = [i for i, o in enumerate(out) if not isinstance(o, int)]
         for i, chosen in enumerate(out):
-            if i not in on_host:
+            if samplers[i] is None:
+                out[i] = None
+            elif isinstance(chosen, int):
                 try:
                     out[i] = self.step_of.checked(chosen)
                 except SamplingError as e:  # this row alone ends
                     out[i] = e
+        on_host = [i for i, o in enumerate(out) if o is not None and not isinstance(o, (int, Exception))]
         for i, chosen in zip(on_host, sample_rows([out[i] for i in on_host], [samplers[i] for i in on_host],
                                                   [histories[i] for i in on_host])):
             out[i] = chosen
