@@ -219,6 +219,14 @@ def test_bad_input_is_one_line(tiny_dir, tmp_path, capsys, content, args, status
     assert err.startswith(PROG) and message in err, err
 
 
+def test_errors_name_the_command_that_ran(tmp_path, capsys):
+    """main(prog=...) is how a `tinyllm perplexity` console command would run this module."""
+    f = tmp_path / "empty.txt"
+    f.write_bytes(b"")
+    assert main([str(f)], prog="tinyllm perplexity") == 1
+    assert capsys.readouterr().err.startswith("tinyllm perplexity: error: ")
+
+
 # ---- the real default model ------------------------------------------------------------------
 
 @pytest.mark.slow

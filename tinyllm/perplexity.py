@@ -151,8 +151,8 @@ def perplexity(model, ids, context: int = DEFAULT_CONTEXT, stride: int | None = 
 
 # ---- the command line ------------------------------------------------------------------------
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, description=(
+def build_parser(prog: str = PROG) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description=(
         "The perplexity of a UTF-8 text file under a model, over sliding windows of --context tokens "
         "advanced by --stride; each window scores only the tokens no earlier window scored."))
     p.add_argument("file", metavar="FILE", help="a UTF-8 text file")
@@ -226,8 +226,9 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_main(PROG, run, build_parser().parse_args(argv))
+def main(argv=None, prog: str = PROG) -> int:
+    """`prog` names the command in messages: `tinyllm perplexity` when a console command runs this."""
+    return run_main(prog, run, build_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":
