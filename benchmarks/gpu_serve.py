@@ -95,6 +95,59 @@ def word_tokenizer(vocab_size: int):
                      source=f"word-level vocabulary of {vocab_size} (built by benchmarks/gpu_serve.py)")
 
 
+def _instant_step(model):
+    from tinyllm.step import DecodeStep
+
+    class InstantStep(DecodeStep):
+        """--engine instant: a decode step that does no model work (every row's next token is drawn
+        at once), so the figures are the host's ceiling: scheduler, detokenizer, SSE and HTTP."""
+
+        name, max_batch = "the instant stand-in", None
+
+        def __init__(self, model):
+            self.model = model
+
+        def batch(self, max_batch: int, capacity: int):
+            return _InstantBatch(self.model, capacity)
+
+        def prompt_logits(self, ids, chunk=256):
+            raise NotImplementedError("the instant engine scores no prompts")
+
+    return InstantStep(model)
+
+
+class _InstantBatch:
+    max_rows = 64
+
+    def __init__(self, model, capacity: int):
+        import numpy as np
+
+        self.model, self.capacity, self.rng = model, capacity, np.random.default_rng(0)
+
+    def enter_thread(self) -> None:
+        pass
+
+    def new_cache(self, positions: int):
+        from tinyllm.kv_cache import KVCache
+
+        class Positions(KVCache):  # the position bookkeeping of a cache, without its arrays
+            def __init__(self, capacity):
+                self.capacity, self._length = capacity, 0
+
+        return Positions(min(positions, self.capacity))
+
+    def release(self, cache) -> None:
+        pass
+
+    def step(self, tokens, caches, samplers, histories, n_decode=None) -> list:
+        counts: dict[int, list] = {}
+        for cache in caches:
+            counts.setdefault(id(cache), [cache, 0])[1] += 1
+        for cache, n in counts.values():
+            cache.advance(n)
+        return [int(t) for t in self.rng.integers(3, self.model.config.vocab_size, len(caches))]
+
+
 def build_llm(args):
     """(LLM, seconds to build, whether the CUDA fast path is on)."""
     from benchmarks.gpu_models import random_model
@@ -106,8 +159,8 @@ def build_llm(args):
     tokenizer = word_tokenizer(model.config.vocab_size)
     if model.config.eos_token_ids or tokenizer.eos_ids:
         raise SystemExit("gpu_serve: the benchmark model must have no EOS id (requests would end early)")
-    fast = model.device.is_cuda
-    step = None
+    fast = model.device.is_cuda and args.engine == "model"
+    step = _instant_step(model) if args.engine == "instant" else None
     if fast:
         # The fused kernels and the graph-captured decoder, as tinyllm.load picks them; the
         # server's scheduler captures batched graphs through the same step.
@@ -244,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", choices=("process", "thread"), default="process",
                    help="where the client threads run: a child process (default) or this process")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON and markdown")
+    p.add_argument("--engine", choices=("model", "instant"), default="model",
+                   help="instant: a stand-in step that does no model work, to measure the host's ceiling")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B")
     args = p.parse_args(argv)
