@@ -20,6 +20,7 @@ cannot return prompt log-probabilities (`echo` + `logprobs`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 
@@ -56,6 +57,21 @@ def tokenizer_dir(default_model_path, tmp_path_factory):
     return export_tokenizer(default_model_path, tmp_path_factory.mktemp("lm_eval_tokenizer"))
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One BLAS and one torch thread for the ~200 short forward passes of the references: on a
+    busy 2-core machine, two threads that wait for each other at every call are many times slower."""
+    from threadpoolctl import threadpool_limits
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
 def continuation_logprob(logprobs: np.ndarray, ids: list[int], n_context: int) -> float:
     """Sum of log p(ids[i] | ids[:i]) for the continuation, i >= n_context.  logprobs [T, V]"""
     return float(sum(logprobs[i - 1, ids[i]] for i in range(n_context, len(ids))))
@@ -73,6 +89,18 @@ def split_ids(encode, context: str, continuation: str) -> tuple[list[int], int]:
     moves the context's trailing spaces to the continuation; the shipped task has none.)"""
     assert context == context.rstrip()
     return encode(context + continuation), len(encode(context))
+
+
+def references(llm, hf_model, hf_encode, context: str, continuation: str) -> tuple[float, float]:
+    """The continuation's log-likelihood from tinyllm (its tokenizer, `Model.forward`) and from
+    transformers (its tokenizer, its model), each computed on its own."""
+    ids, n_ctx = split_ids(llm.tokenizer.encode, context, continuation)
+    assert (ids, n_ctx) == split_ids(hf_encode, context, continuation), "the tokenizers disagree"
+    model = llm.model
+    own = log_softmax(model.forward(np.array([ids]), model.new_cache(len(ids)), last_only=False)[0])  # [T, V]
+    with torch.no_grad():
+        hf = log_softmax(hf_model(torch.tensor([ids])).logits[0].numpy())  # [T, V]
+    return continuation_logprob(own, ids, n_ctx), continuation_logprob(hf, ids, n_ctx)
 
 
 def test_lm_eval_log_likelihoods_equal_tinyllm_and_transformers(server, tokenizer_dir, tiny_llm, hf_default,
@@ -95,22 +123,17 @@ def test_lm_eval_log_likelihoods_equal_tinyllm_and_transformers(server, tokenize
     metrics, samples = read_outputs(tmp_path / "out")
     assert len(samples) == N_EXAMPLES
 
-    model = tiny_llm.model
     hf_correct, worst_own, worst_hf = 0, 0.0, 0.0
-    for sample in samples:
-        ref = []
-        for context, continuation, got in choice_logliks(sample):
-            ids, n_ctx = split_ids(tiny_llm.tokenizer.encode, context, continuation)
-            assert (ids, n_ctx) == split_ids(hf_encode, context, continuation), "the tokenizers disagree"
-            own = log_softmax(model.forward(np.array([ids]), model.new_cache(len(ids)), last_only=False)[0])
-            with torch.no_grad():
-                hf = log_softmax(hf_model(torch.tensor([ids])).logits[0].numpy())
-            own_ll, hf_ll = continuation_logprob(own, ids, n_ctx), continuation_logprob(hf, ids, n_ctx)
-            assert got == pytest.approx(own_ll, abs=1e-5), (context, continuation)
-            assert got == pytest.approx(hf_ll, abs=5e-4), (context, continuation)
-            ref.append(hf_ll)
-            worst_own, worst_hf = max(worst_own, abs(got - own_ll)), max(worst_hf, abs(got - hf_ll))
-        hf_correct += int(np.argmax(ref) == sample["doc"]["answer"])
+    with one_thread():
+        for sample in samples:
+            ref = []
+            for context, continuation, got in choice_logliks(sample):
+                own_ll, hf_ll = references(tiny_llm, hf_model, hf_encode, context, continuation)
+                assert got == pytest.approx(own_ll, abs=1e-5), (context, continuation)
+                assert got == pytest.approx(hf_ll, abs=5e-4), (context, continuation)
+                worst_own, worst_hf = max(worst_own, abs(got - own_ll)), max(worst_hf, abs(got - hf_ll))
+                ref.append(hf_ll)
+            hf_correct += int(np.argmax(ref) == sample["doc"]["answer"])
     assert metrics["acc,none"] == pytest.approx(hf_correct / N_EXAMPLES)
     print(f"{TASK}: {N_EXAMPLES} examples, lm-eval acc {metrics['acc,none']:.4f}, acc_norm "
           f"{metrics['acc_norm,none']:.4f}; transformers' log-likelihoods: acc {hf_correct / N_EXAMPLES:.4f}; "
