@@ -94,7 +94,7 @@ def tiny(tmp_path_factory):
     (300, 64, 32),    # overlapping windows
     (300, 64, 64),    # no overlap: window starts unscored
     (300, 100, 37),   # a short last window
-    (150, 64, 1),     # one new token per window
+    (90, 64, 1),      # one new token per window
     (256, 256, 128),  # exactly one window
     (1500, 1100, 300),  # windows longer than a prefill chunk: context-only chunks skip the vocabulary
 ])
