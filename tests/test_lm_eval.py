@@ -13,9 +13,9 @@ choice of every example) must equal
 
 and lm-eval's accuracy must be the accuracy transformers' log-likelihoods give.
 
-Not in the default run's reach: it needs lm-evaluation-harness, the `eval` extra (several hundred
-MB of dependencies: datasets, pyarrow, pandas, scikit-learn, ...), so it is skipped when lm-eval
-is missing, and marked slow. It also skips, saying why, while the server's /v1/completions
+It needs lm-evaluation-harness, the `eval` extra (several hundred MB of dependencies: datasets,
+pyarrow, pandas, scikit-learn, ...), which the `test` extra includes; where lm-eval is missing
+it is skipped, saying why. Marked slow. It also skips, saying why, while the server's /v1/completions
 cannot return prompt log-probabilities (`echo` + `logprobs`).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 if importlib.util.find_spec("lm_eval") is None:
-    pytest.skip("needs lm-evaluation-harness: pip install -e '.[eval]' (large: not in the test extra)",
+    pytest.skip("needs lm-evaluation-harness: pip install -e '.[eval]' (the test extra takes it too)",
                 allow_module_level=True)
 for _module in ("starlette", "uvicorn", "prometheus_client"):
     pytest.importorskip(_module, reason="the server needs it (pip install 'tinyllm[serve]')")

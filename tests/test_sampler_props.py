@@ -138,7 +138,8 @@ def test_a_temperature_that_is_zero_in_float32_is_greedy(logits, temperature, se
     assert sampler.rng.bit_generator.state == before
 
 
-@SETTINGS
+# only rows whose maximum stands clear qualify: many drawn rows are set aside, by design
+@settings(SETTINGS, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(logits=logit_rows(min_size=2), temperature=st.sampled_from([1e-45, 1e-40, F32_TINY, 1e-30, 1e-20]),
        seed=st.integers(0, 2**32))
 def test_a_tiny_temperature_draws_the_maximum(logits, temperature, seed):
