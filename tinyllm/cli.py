@@ -158,22 +158,28 @@ def check_text(text: str, source: str) -> str:
     return text
 
 
-COMMANDS = {"run": "run a model on a prompt, or chat with it", "serve": "an OpenAI-compatible HTTP server"}
+COMMANDS = {"run": "run a model on a prompt, or chat with it", "serve": "an OpenAI-compatible HTTP server",
+            "perplexity": "a text's perplexity under a model", "replicas": "the server as N replicas on Ray Serve"}
 
 
 def main(argv=None) -> int:
-    """`tinyllm run ...`, `tinyllm serve ...`: each command's own flags follow its name
+    """`tinyllm run ...`, `tinyllm serve ...`, `tinyllm perplexity ...`, `tinyllm replicas ...`: each
+    command's own flags follow its name
     (`tinyllm run --help`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
         if argv[0] == "run":
             from .run import main as command
-        else:
+        elif argv[0] == "serve":
             from .server.main import main as command
+        elif argv[0] == "perplexity":
+            from .perplexity import main as command
+        else:
+            from .replicas import main as command
         return command(argv[1:], prog=f"tinyllm {argv[0]}")
     parser = ArgumentParser(prog="tinyllm", description="A Llama inference engine you can read.",
                             epilog="Each command has its own --help, e.g. tinyllm run --help.")
-    parser.add_argument("command", choices=COMMANDS, metavar="{run,serve}",
+    parser.add_argument("command", choices=COMMANDS, metavar="{" + ",".join(COMMANDS) + "}",
                         help="; ".join(f"{name}: {what}" for name, what in COMMANDS.items()))
     parser.parse_args(argv)  # prints the usage, --help or --version, or names the bad command
     return 2

@@ -566,5 +566,6 @@ def serve(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_main(PROG, serve, parse_args(argv))
+def main(argv=None, prog: str = PROG) -> int:
+    """`prog` names the command in messages: `tinyllm replicas` when the console command runs this."""
+    return run_main(prog, serve, parse_args(argv))
