@@ -7,19 +7,20 @@ independent sequences, each with its own KV cache and position. Continuous batch
 that batch full while requests come and go:
 
     submit() ─► waiting (bounded; full -> QueueFull, the server's 503)
-                   │  at a step boundary, while the batch has room:
-                   ▼
-               prefill the prompt (one request at a time) ─► first token
-                   │
-    ┌──────────────▼──────────────────────────────────────────────────────┐
-    │ running batch: one decode_batch([last token of each], [their caches]) │  ◄─ one step
-    │ each sequence samples its own token with its own sampler (own seed)   │
-    │ finished (eos / stop / length) or cancelled sequences leave the batch  │
-    └─────────────────────────────────────────────────────────────────────────┘
+                   │  at a step boundary, while the batch has room: joins, its prompt pending
+    ┌──────────────▼──────────────────────────────────────────────────────────┐
+    │ one step: a row per decoding sequence (its last token), then the next     │  ◄─ one step
+    │ chunk of each pending prompt (as many rows as the step takes)             │
+    │ the row that ends a sequence's input gives its next token: the first one  │
+    │ after the prompt, or the next while decoding, from its own sampler        │
+    │ finished (eos / stop / length) or cancelled sequences leave the batch     │
+    └─────────────────────────────────────────────────────────────────────────────┘
 
 A sequence that joins or leaves changes nothing for the others: every row of the batch
 attends only to its own cache, so a request decoded in a batch gives the same tokens as
-the same request decoded alone (the tests check exactly that).
+the same request decoded alone (the tests check exactly that). Prompts waiting to be
+prefilled never stall the running sequences for more than a step: their chunks ride in the
+same steps (the readable batch runs each prompt whole, through the model's forward pass).
 
 One thread, the scheduler, owns the model; nothing else touches it. Requests talk to the
 thread through `submit` and `cancel` (thread-safe) and receive `Piece`, `Finished` or
