@@ -75,7 +75,9 @@ def add_model_flags(parser: argparse.ArgumentParser):
     command can add its own model flags beside them)."""
     m = parser.add_argument_group("model")
     m.add_argument("-m", "--model", metavar="PATH", help="a Hugging Face directory, a .safetensors file (config.json "
-                   "beside it) or a .gguf file (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
+                   "beside it), a .gguf file, or a Hugging Face Hub id, org/name (its safetensors) or "
+                   "org/name:FILE.gguf, fetched into the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only) "
+                   "(default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA needs CuPy and an NVIDIA GPU)")
     m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype (auto: float32 on the CPU, float16 on the GPU)")

@@ -5,6 +5,7 @@
     echo "Why is the sky blue?" | tinyllm run     # the prompt from a pipe
     tinyllm run --chat                            # a conversation; the KV cache is kept between turns
     tinyllm run -m path/to/model --device cuda --raw -n 64 "Once upon a time"
+    tinyllm run -m HuggingFaceTB/SmolLM2-360M-Instruct     # a Hub id, fetched into the Hugging Face cache
     tinyllm run --json "2+2?"                     # one JSON object (text, token ids, stats)
     tinyllm run --logprobs 5 "2+2?"               # each token with its probability and 5 alternatives
 
@@ -160,9 +161,18 @@ def read_line(source: str = "stdin") -> str:
 def load_model(args):
     import tinyllm
 
+    from .loaders import hub_id, resolve_model_path
+
     show = not args.quiet and sys.stderr.isatty()
+    if args.quiet and hub_id(args.model):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    # A Hub id is fetched first, under huggingface_hub's own progress bars, so that they and
+    # the loading display never draw on the same line.
+    path = resolve_model_path(args.model)
     with LoadingDisplay(args.model or "the default model", enabled=show) as display:
-        llm = tinyllm.load(args.model, **load_options(args), progress=display.update)
+        llm = tinyllm.load(path, **load_options(args), progress=display.update)
     if args.max_context is not None and args.max_context > llm.config.max_seq_len:
         raise UsageError(f"--max-context: {args.max_context} is more than the model's context length "
                          f"({llm.config.max_seq_len})")

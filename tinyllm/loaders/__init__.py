@@ -2,12 +2,14 @@
 
 Accepted: a Hugging Face directory (config.json + model.safetensors, or shards with
 model.safetensors.index.json), a single .safetensors file with config.json beside it,
-or a .gguf file. Both formats are read into Hugging Face tensor names first, so one
+or a .gguf file; or a Hugging Face Hub id, `org/name` (its safetensors) or
+`org/name:file.gguf`, fetched through `huggingface_hub` into its cache. Both formats are read into Hugging Face tensor names first, so one
 strict check (missing, unexpected and mis-shaped tensors) serves both.
 """
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from ..backend import Device
 from ..config import Config
-from ..errors import CheckpointError, CheckpointNotFoundError, DeviceError
+from ..errors import CheckpointError, CheckpointNotFoundError, DeviceError, one_line
 from ..model import LayerWeights, Weights
 from .gguf import read_gguf
 from .safetensors import read_checkpoint_dir, read_safetensors
@@ -49,10 +51,76 @@ def default_model_path() -> Path:
     return path
 
 
+# org/name[:file]: the Hub's own spelling of a repository (letters, digits, '-', '_', '.').
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<file>[^:\\]+))?")
+# A checkpoint's files, without the other formats a repository may also carry (PyTorch .bin,
+# ONNX, every GGUF quantization), which can be many times larger than the weights we read.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".json")
+
+
+def hub_id(name) -> re.Match | None:
+    """`name` read as org/name[:file], or None. A local path always wins (the caller checks it
+    first), and a string naming a weights file (`models/x.gguf`) is taken for a mistyped path."""
+    if not isinstance(name, str):
+        return None
+    m = HUB_ID.fullmatch(name)
+    if m is None or m["repo"].endswith(WEIGHT_SUFFIXES):
+        return None
+    return m
+
+
+def hub_checkpoint_path(name: str) -> Path:
+    """The local path of a Hub checkpoint, downloaded into huggingface_hub's cache if it is not
+    there yet (HF_HOME / HF_HUB_CACHE say where; with HF_HUB_OFFLINE=1, the cache only).
+    `org/name` fetches the safetensors layout; `org/name:file` one file (e.g. a .gguf)."""
+    m = hub_id(name)
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                            LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:
+        raise CheckpointNotFoundError(f"{name}: no such file or directory, and huggingface_hub (which fetches "
+                                      "org/name from the Hugging Face Hub) is not installed") from None
+    try:
+        if m["file"]:
+            return Path(huggingface_hub.hf_hub_download(m["repo"], m["file"]))
+        return Path(huggingface_hub.snapshot_download(m["repo"], allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1, or the Hub unreachable) and not cached
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
+        raise CheckpointNotFoundError(f"{name}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+                                      "download it once while online") from None
+    except GatedRepoError:
+        raise CheckpointNotFoundError(f"{name}: a gated repository: accept its terms on huggingface.co and log in "
+                                      "(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointNotFoundError(f"{name}: no such file or directory, nor a Hugging Face Hub repository "
+                                      "(a private one needs HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CheckpointNotFoundError(f"{name}: the repository has no main revision") from None
+    except EntryNotFoundError:
+        raise CheckpointNotFoundError(f"{name}: the repository {m['repo']} has no file {m['file']!r}") from None
+    except HfHubHTTPError as e:
+        raise CheckpointNotFoundError(f"{name}: the Hugging Face Hub refused the download ({one_line(e)})") from None
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """A model argument as a local path: None is the default model; an existing path is itself;
+    org/name[:file] is a Hub checkpoint in huggingface_hub's cache (downloaded if missing)."""
+    if path is None:
+        return default_model_path()
+    if not Path(path).exists() and hub_id(path) is not None:
+        return hub_checkpoint_path(path)
+    return Path(path)
+
+
 def read_checkpoint(path: str | Path | None = None, progress=None) -> Checkpoint:
     """The checkpoint's config and tensors (GGUF: dequantized to float32, `progress(fraction)`
-    called per tensor; safetensors: memory-mapped, nothing to report)."""
-    path = default_model_path() if path is None else Path(path)
+    called per tensor; safetensors: memory-mapped, nothing to report). `path` is any model
+    argument `resolve_model_path` takes."""
+    path = resolve_model_path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
