@@ -1,0 +1,63 @@
+"""The real default model on a GPU: greedy answers against the CPU's (not a test, a check).
+
+    python benchmarks/gpu_default_check.py --expect cpu.json [--model PATH] [--out gpu.json]
+    python benchmarks/gpu_default_check.py --device cpu --out cpu.json      # the expectation
+
+Six chat prompts, 32 greedy tokens each, through `LLM.generate` (one sequence: on a GPU the
+captured decode step) and through `LLM.generate_batch` (the scheduler: on a GPU the batched
+graphs, with the prompts prefilled inside the steps). With `--expect`, each answer's token
+ids are compared with the file's (made by the same script on the CPU, whose greedy answers
+`tests/test_default_model.py` checks against transformers) and the first difference is
+shown. The GPU machine has no copy of the model: carry the GGUF (see the device notes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPTS = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?",
+           "Write a haiku about the sea.", "What is 2 + 2?", "Give me a synonym for happy."]
+
+
+def answers(llm, max_new_tokens: int = 32) -> dict:
+    single = [llm.generate(p, chat=True, max_new_tokens=max_new_tokens).token_ids for p in PROMPTS]
+    batch = [c.token_ids for c in llm.generate_batch(PROMPTS, chat=True, max_new_tokens=max_new_tokens)]
+    return {"single": single, "batch": batch}
+
+
+def main(argv=None) -> int:
+    import tinyllm
+
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_default_check.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="the checkpoint (default: the embedded default model)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--expect", type=Path, help="answers to compare with (this script's --out on the CPU)")
+    p.add_argument("--out", type=Path, help="where to write this run's answers")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    llm = tinyllm.load(args.model, device=args.device)
+    print(f"loaded on {args.device} in {time.perf_counter() - start:.1f} s, decode step: {llm.step.name}")
+    got = answers(llm)
+    if args.out:
+        args.out.write_text(json.dumps(got))
+    if not args.expect:
+        return 0
+    want, same_all = json.loads(args.expect.read_text()), True
+    for way in ("single", "batch"):
+        same = [a == b for a, b in zip(got[way], want[way])]
+        same_all &= all(same)
+        print(f"{way}: {sum(same)} of {len(same)} answers identical to the expectation")
+        for i, (a, b) in enumerate(zip(got[way], want[way])):
+            if a != b:
+                n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                print(f"  prompt {i}: first difference at token {n}: {a[n:n + 3]} vs {b[n:n + 3]}")
+    return 0 if same_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
