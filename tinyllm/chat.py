@@ -370,3 +370,17 @@ class ChatSession:
             self.messages.pop()  # the turn failed before any answer (e.g. it did not fit): forget it
         else:  # a full answer, or the part produced before an interruption
             self.messages.append({"role": "assistant", "content": generation.text})
+
+    def clear(self) -> None:
+        """Forget the conversation and empty the KV cache; the system prompt stays."""
+        system = self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
+        self.set_system(system)
+
+    def set_system(self, system: str | None) -> None:
+        """A new system prompt (None or '': none), and the conversation starts over."""
+        from .generate import Context
+
+        self.messages = [{"role": "system", "content": system}] if system else []
+        cache = self.context.cache
+        cache.trim(cache.length)
+        self.context = Context(self.llm.model, cache=cache)  # the same buffers, holding nothing

@@ -51,8 +51,10 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
     src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file ('-': stdin)")
     q.add_argument("--system", metavar="TEXT", help="a system prompt for the chat template")
     q.add_argument("--raw", action="store_true", help="plain text completion: skip the chat template")
-    q.add_argument("--chat", action="store_true", help="interactive multi-turn chat: one user turn per line "
-                   "of stdin (/exit or end of input quits); the KV cache is kept between turns")
+    q.add_argument("--chat", action="store_true", help="interactive multi-turn chat; the KV cache is kept between "
+                   "turns. One message per line (on a terminal: line editing, history in ~/.tinyllm_history); "
+                   "a message that begins and ends with \"\"\" may span lines. Commands: /clear, /system TEXT, "
+                   "/help, /exit (end of input quits too)")
 
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-new-tokens", type=int, default=256, metavar="N", help="stop after N new tokens")
@@ -323,6 +325,158 @@ def one_shot(llm, args, sampling, rules, prompt: str) -> int:
     return 0
 
 
+# ---- the chat REPL ---------------------------------------------------------------------------
+
+HISTORY_FILE = Path("~/.tinyllm_history")
+HISTORY_LENGTH = 1000  # lines kept in the history file
+BLOCK = '"""'          # a message between two of these may span lines
+CHAT_HELP = f"""\
+Type a message and press Enter. Commands:
+  /clear         forget the conversation and its KV cache (the system prompt stays)
+  /system TEXT   set the system prompt and start a new conversation (/system alone: none)
+  /help          this help
+  /exit          quit (also /quit, or Ctrl-D)
+Multi-line: begin a message with {BLOCK} and end it with {BLOCK}; inside, / is plain text.
+Ctrl-C stops an answer and keeps the chat going; at the prompt it clears the line."""
+
+
+class ChatInput:
+    """Where the chat's messages come from. On a terminal: `input()` with the standard
+    readline module (line editing, and history kept in HISTORY_FILE); otherwise lines of
+    stdin, decoded strictly. read_message() joins a multi-line block into one message."""
+
+    def __init__(self, interactive: bool, history: Path = HISTORY_FILE):
+        self.interactive = interactive
+        self.history = history.expanduser()
+        self.readline = None
+        if interactive:
+            try:
+                import readline  # its import is what gives input() line editing
+            except ImportError:  # e.g. Windows: input() still works, without history
+                pass
+            else:
+                self.readline = readline
+                load_history(readline, self.history)
+
+    def read_line(self, prompt: str) -> str | None:
+        """One line without its newline; None at the end of input."""
+        if not self.interactive:
+            line = read_line()
+            return line.rstrip("\r\n") if line else None
+        try:
+            return check_text(input(prompt), "the message")
+        except EOFError:
+            sys.stdout.write("\n")  # Ctrl-D leaves the cursor after the prompt
+            return None
+
+    def read_message(self) -> tuple[str, bool] | None:
+        """(text, literal): a line, or a block between two BLOCK marks (literal: never a
+        /command); None at the end of input (which also closes an open block)."""
+        line = self.read_line(">>> ")
+        if line is None or not line.lstrip().startswith(BLOCK):
+            return None if line is None else (line, False)
+        lines, text = [], line.lstrip()[len(BLOCK):]
+        while text is not None:
+            if text.rstrip().endswith(BLOCK):
+                lines.append(text.rstrip()[:-len(BLOCK)])
+                break
+            lines.append(text)
+            text = self.read_line("... ")
+        return "\n".join(lines).strip("\n"), True
+
+    def close(self) -> None:
+        if self.readline is not None:
+            save_history(self.readline, self.history)
+
+
+def load_history(readline, path: Path) -> None:
+    """The previous sessions' lines, if the file can be read (a missing or unreadable history
+    is no reason to refuse to chat)."""
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        readline.read_history_file(str(path))
+    except (OSError, ValueError):
+        pass
+
+
+def save_history(readline, path: Path) -> None:
+    """The last HISTORY_LENGTH lines, if the file can be written (silently not, otherwise)."""
+    try:
+        readline.set_history_length(HISTORY_LENGTH)
+        readline.write_history_file(str(path))
+    except (OSError, ValueError):
+        pass
+
+
+class TypeAhead:
+    """Keys typed on the terminal while the model answers: not echoed into the answer, and
+    discarded (termios.tcflush with TCIFLUSH) before the next prompt, so they do not become the
+    next message. A no-op where stdin is not a terminal or termios is missing (Windows)."""
+
+    def __init__(self, stream=None):
+        self.fd, self.saved = None, None
+        try:
+            import termios
+
+            stream = sys.stdin if stream is None else stream
+            if stream.isatty():
+                self.termios, self.fd = termios, stream.fileno()
+        except (ImportError, OSError, ValueError):  # no termios; a closed or fake stdin
+            pass
+
+    def __enter__(self):
+        if self.fd is not None:
+            try:
+                self.saved = self.termios.tcgetattr(self.fd)
+                quiet = list(self.saved)
+                quiet[3] &= ~self.termios.ECHO  # lflags; ISIG stays on, so Ctrl-C still interrupts
+                self.termios.tcsetattr(self.fd, self.termios.TCSANOW, quiet)
+            except self.termios.error:
+                self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        self.flush()
+        if self.saved is not None:
+            try:
+                self.termios.tcsetattr(self.fd, self.termios.TCSANOW, self.saved)
+            except self.termios.error:
+                pass
+        return False
+
+    def flush(self) -> None:
+        if self.fd is not None:
+            try:
+                self.termios.tcflush(self.fd, self.termios.TCIFLUSH)
+            except self.termios.error:
+                pass
+
+
+def chat_command(session, line: str, quiet: bool) -> bool:
+    """Act on a /command; False when it ends the chat. Its messages go to stderr, so that
+    stdout holds only answers (or --json objects)."""
+    name, _, rest = line.strip().partition(" ")
+    rest = rest.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/clear":
+        session.clear()
+        note = "conversation cleared"
+    elif name == "/system":
+        session.set_system(rest or None)
+        note = "system prompt set; new conversation" if rest else "no system prompt; new conversation"
+    elif name in ("/help", "/?"):
+        print(CHAT_HELP, file=sys.stderr, flush=True)
+        return True
+    else:
+        print(f"unknown command {name!r}: /help lists them (a message that starts with / goes in a "
+              f"{BLOCK} block)", file=sys.stderr, flush=True)
+        return True
+    if not quiet:
+        print(f"[{note}]", file=sys.stderr, flush=True)
+    return True
+
+
 def chat_loop(llm, args, sampling, rules, first: str | None) -> int:
     from .chat import ChatSession
     from .sampler import Sampler
@@ -330,31 +484,41 @@ def chat_loop(llm, args, sampling, rules, first: str | None) -> int:
     session = ChatSession(llm, system=args.system, max_context=args.max_context, sampler=Sampler(sampling),
                           rules=rules)
     interactive = sys.stdin.isatty()
+    lines = ChatInput(interactive)
     if interactive and not args.quiet:
-        print("chat: one message per line; /exit or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        if first is not None:
-            text, first = first, None
-        else:
-            if interactive:
-                sys.stdout.write(">>> ")
-                sys.stdout.flush()
-            line = read_line()
-            if not line:
-                break
-            text = line.rstrip("\r\n")
-        if text.strip() in ("/exit", "/quit"):
-            break
-        if not text.strip():
-            continue
-        try:
-            done = generate_and_show(llm, args, session.send(text))
-        except KeyboardInterrupt:  # Ctrl-C ends this answer, not the chat (the partial answer is kept)
-            if not interactive:
-                raise
-            print("\n[interrupted]", file=sys.stderr)
-            continue
-        report(llm, done, args, turn_end="\n\n" if interactive else "\n")
+        print("chat: /help lists the commands; /exit or Ctrl-D quits", file=sys.stderr)
+    try:
+        while True:
+            if first is not None:
+                (text, literal), first = (first, True), None
+            else:
+                try:
+                    message = lines.read_message()
+                except KeyboardInterrupt:  # at the prompt: a fresh line, as in Python's REPL
+                    if not interactive:
+                        raise
+                    sys.stdout.write("\n")
+                    continue
+                if message is None:
+                    break
+                text, literal = message
+            if not literal and text.lstrip().startswith("/"):
+                if not chat_command(session, text, args.quiet):
+                    break
+                continue
+            if not text.strip():
+                continue
+            try:
+                with TypeAhead():
+                    done = generate_and_show(llm, args, session.send(text))
+            except KeyboardInterrupt:  # Ctrl-C ends this answer, not the chat (the partial answer is kept)
+                if not interactive:
+                    raise
+                print("\n[interrupted]", file=sys.stderr)
+                continue
+            report(llm, done, args, turn_end="\n\n" if interactive else "\n")
+    finally:
+        lines.close()
     return 0
 
 
