@@ -5,6 +5,7 @@ a short pipeline; each step takes a float32 logits vector [V] and returns a new 
 so each can be checked on its own with a hand-made vector:
 
     logits ─► check                                                  (NaN, +-inf: name a token?)
+           ─► constraint                                            (tokens a grammar forbids: -inf)
            ─► logit bias                                            (the caller's per-token nudges)
            ─► repetition penalty ─► presence/frequency penalty      (look at past tokens)
            ─► temperature                                           (sharpen or flatten)
@@ -12,6 +13,10 @@ so each can be checked on its own with a hand-made vector:
            ─► softmax ─► draw with one uniform number u             (inverse CDF)
 
 Temperature 0 means greedy decoding: the argmax of the penalised logits, no randomness.
+
+A constraint (`SamplingParams.grammar`, constrain.py: JSON by llguidance) is the one
+step with state: each Sampler starts its own from the grammar, masks the logits with it
+before the other steps, and feeds it every token it chooses.
 
 Every setting SamplingParams accepts gives a token for any logits that name one, the
 extremes included; where float32 cannot hold a step's result, the step takes the limit:
@@ -43,6 +48,7 @@ distribution the token was drawn from:
   filters removed have probability 0 and are never listed, so fewer than N may come back;
 - greedy (temperature 0): the log-softmax of the logits after logit bias and penalties,
   at temperature 1 and unfiltered: with neither set, the model's own distribution.
+A constraint's mask comes first in both: tokens it forbids have probability 0.
 Computed in float64 from the float32 logits.
 
 Definitions (so results match other tools):
@@ -98,6 +104,7 @@ class SamplingParams:
     seed: int | None = None           # None: a fresh random seed
     logit_bias: tuple = ()            # ((token id, bias), ...), or a dict {id: bias}; () : off
     logprobs: int | None = None       # None: off; N: keep each token's log-probability and N alternatives
+    grammar: object = None            # None: off; a constrain.Grammar: only tokens it allows
 
     def __post_init__(self):
         # The ranges are what the steps can honour in float32 (the logits' type, on the host
@@ -124,6 +131,8 @@ class SamplingParams:
         if self.logprobs is not None:
             check("logprobs", lambda n: 0 <= n <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}] or None (off)", integer=True)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.grammar is not None and not callable(getattr(self.grammar, "start", None)):
+            raise SamplingError("grammar", f"expected a constrain.Grammar or None, got {_shown(self.grammar)}")
 
     @property
     def greedy(self) -> bool:
@@ -138,8 +147,9 @@ class SamplingParams:
     @property
     def needs_host(self) -> bool:
         """Whether only the host sampler can honour these settings: the token history, logit
-        bias and log-probabilities live on the host (a GPU sampler hands such rows back)."""
-        return self.uses_history or bool(self.logit_bias) or self.logprobs is not None
+        bias, log-probabilities and a grammar's matcher live on the host (a GPU sampler hands
+        such rows back)."""
+        return self.uses_history or bool(self.logit_bias) or self.logprobs is not None or self.grammar is not None
 
 
 def _logit_bias(bias) -> tuple:
@@ -372,6 +382,7 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.last_logprob: TokenLogprob | None = None  # the last token's, when params.logprobs is set
+        self.constraint = None if params.grammar is None else params.grammar.start()  # this sequence's matcher
 
     def penalize(self, logits: np.ndarray, history: TokenHistory | None) -> np.ndarray:
         p = self.params
@@ -381,8 +392,11 @@ class Sampler:
         return apply_presence_frequency_penalty(logits, history.counts, p.presence_penalty, p.frequency_penalty)
 
     def adjusted_logits(self, logits: np.ndarray, history: TokenHistory | None = None) -> np.ndarray:
-        """Checked, biased and penalised: what greedy decoding takes the argmax of."""
-        return self.penalize(apply_logit_bias(check_logits(logits), self.params.logit_bias), history)
+        """Checked, constrained, biased and penalised: what greedy decoding takes the argmax of."""
+        logits = check_logits(logits)
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        return self.penalize(apply_logit_bias(logits, self.params.logit_bias), history)
 
     def filtered_logits(self, logits: np.ndarray, history: TokenHistory | None = None) -> np.ndarray:
         """Bias, penalties, temperature and filters: the logits the draw sees (removed tokens: -inf)."""
@@ -412,6 +426,8 @@ class Sampler:
             token = draw(softmax(scores), self.uniform())
         if p.logprobs is not None:
             self.last_logprob = token_logprob(log_softmax(scores), token, p.logprobs)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         return token
 
     def take_logprob(self) -> TokenLogprob | None:
