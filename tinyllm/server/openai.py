@@ -29,10 +29,16 @@ What each field does (anything else is refused with a 400 naming it, never ignor
   tokens' log-probabilities under the model (the first token's is null); `max_tokens: 0`
   is then allowed, to score a text without generating.
 - `logit_bias`: {token id: bias in [-100, 100]} added to the logits before sampling.
+- `response_format`: `{"type": "json_object"}` (any JSON object) or `{"type": "json_schema",
+  "json_schema": {"name", "schema", "strict"?, "description"?}}` (JSON valid under the schema),
+  by constrained decoding (constrain.py, llguidance): the sampler masks every token that
+  would leave the grammar, and once the JSON is complete only end-of-sequence is allowed,
+  so the answer ends with finish_reason "stop". With "length" the JSON may be unfinished,
+  as OpenAI's may. A schema llguidance cannot compile is a 400 naming `response_format`.
 - `user`, `metadata`, `store: false`, `service_tier` auto/default, `parallel_tool_calls`,
   `modalities: ["text"]`, `response_format: {"type": "text"}`: accepted, as they change
   nothing here. Refused: `suffix`, tools and functions, audio, `prediction`,
-  `reasoning_effort`, `web_search_options`, and `response_format` json_object/json_schema.
+  `reasoning_effort`, `web_search_options`.
 - Every answer carries `system_fingerprint`: the tinyllm version, checkpoint, device,
   dtype and decode step that produced it (a change of any may change the tokens).
 """
@@ -43,6 +49,7 @@ import time
 
 import dataclasses
 
+from ..constrain import ConstraintError, Grammars
 from ..errors import TinyLLMError
 from ..generate import StopRules
 from ..logprobs import TokenText
@@ -54,7 +61,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 # Every field a body may hold; any other is refused (400), as OpenAI's API refuses one it does not know.
 COMMON_FIELDS = {"model", "n", "best_of", "stream", "stream_options", "stop", "max_tokens", "logit_bias",
                  "user", "return_token_ids", *SAMPLING_FIELDS}
-FIELDS = {"completion": COMMON_FIELDS | {"prompt", "echo", "logprobs", "suffix"},
+FIELDS = {"completion": COMMON_FIELDS | {"prompt", "echo", "logprobs", "suffix", "response_format"},
           "chat": COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                                    "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "tools",
                                    "tool_choice", "functions", "function_call", "audio", "prediction",
@@ -154,6 +161,7 @@ class Validator:
         # A normalizer that composed characters could beat this bound; Llama tokenizers do not.
         longest = max(map(len, llm.tokenizer.tk.get_vocab(with_added_tokens=True)), default=1)
         self.max_prompt_chars = max_context * longest
+        self.grammars = Grammars(llm.tokenizer, llm.config.vocab_size)  # response_format's JSON grammars
 
     def check_model(self, body: dict) -> None:
         """An unknown model is a 404, as OpenAI answers it."""
@@ -204,9 +212,10 @@ class Validator:
             echo = False
         logprobs = self._logprobs(body, kind, errors)
         sampling = self._sampling(body, errors)
-        if logprobs is not None or body.get("logit_bias") is not None:
+        grammar = self._response_format(body.get("response_format"), errors)
+        if logprobs is not None or body.get("logit_bias") is not None or grammar is not None:
             try:
-                sampling = dataclasses.replace(sampling, logprobs=logprobs,
+                sampling = dataclasses.replace(sampling, logprobs=logprobs, grammar=grammar,
                                                logit_bias=self._logit_bias(body.get("logit_bias"), errors))
             except SamplingError as e:
                 errors.add(e.param, e.detail)
@@ -255,14 +264,41 @@ class Validator:
                   "parallel_tool_calls": (lambda v: isinstance(v, bool), "true or false"),
                   "modalities": (lambda v: v == ["text"], "[\"text\"] (text is all this server makes)"),
                   "prompt_cache_key": (lambda v: isinstance(v, str), "a string"),
-                  "safety_identifier": (lambda v: isinstance(v, str), "a string"),
-                  "response_format": (lambda v: v == {"type": "text"},
-                                      "{\"type\": \"text\"}: json_object and json_schema (constrained decoding) "
-                                      "are not supported by this server")}
+                  "safety_identifier": (lambda v: isinstance(v, str), "a string")}
         for name, (ok, expected) in checks.items():
             value = body.get(name)
             if name in FIELDS[kind] and value is not None and not ok(value):
                 errors.add(name, f"expected {expected}, got {_short(value)}")
+
+    def _response_format(self, value, errors: FieldErrors):
+        """OpenAI's response_format -> a constrain.Grammar, or None for plain text."""
+        expected = ("expected {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+                    "\"json_schema\": {\"name\", \"schema\", \"strict\"}}")
+        if value is None or value == {"type": "text"}:
+            return None
+        if not isinstance(value, dict):
+            errors.add("response_format", f"{expected}, got {_short(value)}")
+            return None
+        kind = value.get("type")
+        try:
+            if kind == "json_object" and set(value) == {"type"}:
+                return self.grammars.json_object()
+            spec = value.get("json_schema")
+            if kind != "json_schema" or set(value) != {"type", "json_schema"} or not isinstance(spec, dict):
+                errors.add("response_format", f"{expected}, got {_short(value)}")
+                return None
+            unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+            name = spec.get("name")
+            if unknown or not isinstance(name, str) or not name or not isinstance(spec.get("strict", False),
+                                                                                 (bool, type(None))):
+                errors.add("response_format", "json_schema: expected {\"name\": a non-empty string, \"schema\": "
+                           "an object, \"strict\": true|false, \"description\": a string}, got " + _short(spec))
+                return None
+            # strict or not, the schema is enforced: constrained decoding cannot be partly strict
+            return self.grammars.json_schema(spec.get("schema", {}))
+        except ConstraintError as e:
+            errors.add("response_format", str(e))
+            return None
 
     def _logprobs(self, body: dict, kind: str, errors: FieldErrors) -> int | None:
         """How many alternatives per token (None: no logprobs): completions' `logprobs` N, or
