@@ -13,7 +13,6 @@ import http.client
 import json
 import socket
 import sys
-import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -182,21 +181,12 @@ def free_port() -> int:
 @contextmanager
 def http_serving(app):
     """uvicorn with the single server's configuration, in a thread, on 127.0.0.1."""
-    from tinyllm.server.main import parse_args, uvicorn_config
+    from helpers_serve import uvicorn_thread
+    from tinyllm.server.main import parse_args
 
     args = parse_args(["--port", str(free_port()), "--log-level", "warning"])
-    server = uvicorn.Server(uvicorn_config(app, args))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_thread(app, args):
         yield args.port
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

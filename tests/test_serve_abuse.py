@@ -27,6 +27,8 @@ import tinyllm  # noqa: E402
 from tinyllm.server.app import Server  # noqa: E402
 from tinyllm.server.main import api_key, limits, parse_args, uvicorn_config  # noqa: E402
 
+from helpers_serve import uvicorn_thread  # noqa: E402
+
 API_KEY = "sk-test-0123456789"
 ORIGIN = "https://app.example.com"
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -61,18 +63,10 @@ def serving(llm, *flags):
     server = Server(llm, "tiny", max_batch=4, max_queue=16, default_max_tokens=4, limits=limits(args),
                     api_key=api_key(args), cors_origins=args.cors_origin)
     server.start(warm_up=False)
-    http_server = uvicorn.Server(uvicorn_config(server.app(), args))
-    thread = threading.Thread(target=http_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not http_server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
     try:
-        yield server, args.port
+        with uvicorn_thread(server.app(), args):
+            yield server, args.port
     finally:
-        http_server.should_exit = True
-        thread.join(30)
         server.stop()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 
 import numpy as np
@@ -24,7 +23,9 @@ pytest.importorskip("prometheus_client", reason="the server needs prometheus_cli
 
 import tinyllm  # noqa: E402
 from tinyllm.server.app import Server  # noqa: E402
-from tinyllm.server.main import limits, parse_args, uvicorn_config  # noqa: E402
+from tinyllm.server.main import limits, parse_args  # noqa: E402
+
+from helpers_serve import uvicorn_thread  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -55,16 +56,8 @@ def served(tiny):
     args = parse_args(["--port", str(port), "--log-level", "warning"])
     server = Server(llm, "tiny", max_batch=8, max_queue=32, default_max_tokens=4, limits=limits(args))
     server.start(warm_up=False)
-    http_server = uvicorn.Server(uvicorn_config(server.app(), args))
-    thread = threading.Thread(target=http_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not http_server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield server, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    http_server.should_exit = True
-    thread.join(30)
+    with uvicorn_thread(server.app(), args):
+        yield server, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     server.stop()
 
 
@@ -220,7 +213,7 @@ def test_system_fingerprint_models_and_errors(served, tiny):
 
     refused = [  # (call, field named)
         (lambda: client.chat.completions.create(model="tiny", messages=MESSAGES,
-                                                response_format={"type": "json_object"}), "response_format"),
+                                                response_format={"type": "xml"}), "response_format"),
         (lambda: client.chat.completions.create(model="tiny", messages=MESSAGES, top_logprobs=2), "top_logprobs"),
         (lambda: client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"echo": True}), "echo"),
         (lambda: client.completions.create(model="tiny", prompt="a", suffix="b"), "suffix"),

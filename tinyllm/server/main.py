@@ -168,8 +168,48 @@ def configure_logging(level: str) -> None:
     logger.propagate = False
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def give_memory_back_when_idle(scheduler, period: float = 1.0) -> None:
+    """glibc's malloc keeps freed memory in per-thread arenas and returns little of it to the
+    system, so a server's resident size rises with each burst of requests (large bodies,
+    worker threads) and stays there. Two arenas (set in `serve` before any thread starts),
+    and a malloc_trim(0) each time the scheduler falls idle, keep it near its warm size; on
+    another C library this does nothing."""
+    import threading
+
+    libc = _glibc()
+    if libc is None:
+        return
+
+    def watch():
+        busy = False
+        while True:
+            time.sleep(period)
+            idle = scheduler.batch_size == 0 and scheduler.queue_depth == 0
+            if idle and busy:
+                libc.malloc_trim(0)
+            busy = not idle
+
+    threading.Thread(target=watch, name="tinyllm-trim", daemon=True).start()
+
+
 def serve(args) -> int:
     check_args(args)
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 2)  # before the threads that would each take an arena
     configure_logging(args.log_level)
     key = api_key(args)
     try:
@@ -188,6 +228,7 @@ def serve(args) -> int:
                     args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin)
     start = time.perf_counter()
     server.start(warm_up=not args.no_warm_up)  # the port opens only after this
+    give_memory_back_when_idle(server.scheduler)
     print(f"tinyllm.serve: {server.model_id} on {llm.model.device.name}, loaded in {llm.load_seconds:.1f} s, "
           f"warmed up in {time.perf_counter() - start:.1f} s, context {server.max_context} tokens per request"
           f"{', API key required' if key else ''}", file=sys.stderr, flush=True)
