@@ -397,3 +397,15 @@ def test_a_character_cut_by_the_budget_is_not_printed_as_replacement(tiny_llm):
     stream = TokenStream(tiny_llm.tokenizer, tiny_llm.config, [], StopRules(max_new_tokens=len(ids)),
                          uses_history=False)
     assert "".join(stream.add(i, context_full=False).text for i in ids) == "🙂"  # whole: unchanged
+
+
+@pytest.mark.slow
+def test_readme_chat_example_is_the_models_answer():
+    """The README's --chat transcript: the default model's greedy answer to that system prompt."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    system, question, answer = re.search(r'\$ tinyllm run --chat --system "([^"]+)"\n>>> (.+)\n((?:.+\n)+?)```',
+                                         readme).groups()
+    shown = " ".join(answer.split()).removesuffix(" ...")
+    r = cli("--chat", "--system", system, "-n", "64", "--quiet", stdin=question + "\n")
+    assert r.returncode == 0, r.stderr
+    assert " ".join(r.stdout.split()).startswith(shown), r.stdout
