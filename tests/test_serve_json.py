@@ -9,10 +9,9 @@ default model answers the open-ended `json_object` (a random model could write o
 forever)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
-import threading
-import time
 
 import pytest
 
@@ -25,7 +24,9 @@ jsonschema = pytest.importorskip("jsonschema", reason="schemas are checked with 
 
 import tinyllm  # noqa: E402
 from tinyllm.server.app import Server  # noqa: E402
-from tinyllm.server.main import limits, parse_args, uvicorn_config  # noqa: E402
+from tinyllm.server.main import limits, parse_args  # noqa: E402
+
+from helpers_serve import uvicorn_thread  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -39,29 +40,20 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHE
 BUDGET = 64  # tokens: more than the longest answer SCHEMA allows, one character per token
 
 
+@contextlib.contextmanager
 def serve(llm, name):
-    """(uvicorn server, its thread, openai client) for `llm`, on a free port."""
+    """The openai client of a Server for `llm`, on a free port, for the block's duration."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = parse_args(["--port", str(port), "--log-level", "warning"])
     server = Server(llm, name, max_batch=8, max_queue=32, default_max_tokens=BUDGET, limits=limits(args))
     server.start(warm_up=False)
-    http_server = uvicorn.Server(uvicorn_config(server.app(), args))
-    thread = threading.Thread(target=http_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not http_server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    return server, http_server, thread, client
-
-
-def shut(server, http_server, thread):
-    http_server.should_exit = True
-    thread.join(30)
-    server.stop()
+    try:
+        with uvicorn_thread(server.app(), args):
+            yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +68,8 @@ def client(tmp_path_factory):
     tk.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                          "chat_template": TEMPLATE}))
-    server, http_server, thread, c = serve(tinyllm.load(d), "tiny")
-    yield c
-    shut(server, http_server, thread)
+    with serve(tinyllm.load(d), "tiny") as c:
+        yield c
 
 
 def valid(text: str) -> dict:
@@ -151,13 +142,10 @@ def test_bad_response_formats_are_400s_naming_the_field(client, response_format)
 
 @pytest.mark.slow
 def test_json_object_from_the_default_model():
-    server, http_server, thread, client = serve(tinyllm.load(), "default")
-    try:
+    with serve(tinyllm.load(), "default") as client:
         messages = [{"role": "user", "content": 'Reply with the JSON object {"ok": true}.'}]
         r = client.chat.completions.create(model="default", messages=messages, max_tokens=16,
                                            response_format={"type": "json_object"})
-        choice = r.choices[0]
-        assert choice.finish_reason == "stop", choice.message.content
-        assert isinstance(json.loads(choice.message.content), dict)
-    finally:
-        shut(server, http_server, thread)
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(json.loads(choice.message.content), dict)
