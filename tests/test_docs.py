@@ -4,6 +4,10 @@
    per chapter, and what it prints must equal the ```text block that follows it in the
    chapter (a block with no ```text block after it must print nothing). A block fenced
    ```python no-run is shown but not executed (the few that need a GPU).
+   Each block also runs alone, in a fresh namespace, as a reader pasting it into a new
+   interpreter started in the repository root would run it, and prints the same: its
+   imports and setup are in the block, and what it takes from earlier blocks it gets through
+   `docs/tutorial.py`'s `earlier()`.
 2. Every link into the repository (`[...](../tinyllm/model.py)`) points at a file that
    exists, and when the link's text names code (`Ops.rms_norm`, `apply_rope`,
    `KVCache.nbytes`), that name is defined in the linked file: a rename cannot silently
@@ -149,6 +153,32 @@ def test_chapter_snippets_print_what_the_chapter_shows(chapter, default_llm, mon
         else:
             assert normalize(printed) == normalize(expected), (
                 f"{where} printed:\n{printed}\nthe chapter shows:\n{expected}")
+
+
+def run_blocks_alone(path: Path, llm=None):
+    """Run every block in a fresh namespace of its own; yield as run_chapter does."""
+    with shared_default_model(llm):
+        for source, expected, span, line in code_blocks(path.read_text(encoding="utf-8")):
+            ns = {"__name__": "__main__"}
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(source, f"{path.name}:{line}", "exec"), ns)
+            yield line, source, expected, out.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_each_snippet_runs_alone(chapter, default_llm, monkeypatch):
+    """A reader pastes one block into a fresh interpreter: it must need nothing it does not
+    import or set up itself (docs/tutorial.py brings what earlier blocks built)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))  # `python` started in the root finds docs/tutorial.py
+    with one_blas_thread():
+        results = list(run_blocks_alone(chapter, default_llm))
+    for line, _source, expected, printed in results:
+        where = f"{chapter.name}, the python block at line {line}, run alone"
+        assert normalize(printed) == normalize(expected or ""), (
+            f"{where} printed:\n{printed}\nthe chapter shows:\n{expected}")
 
 
 # ---- links to code ---------------------------------------------------------------------------
