@@ -9,7 +9,6 @@ every answer through the replicas must carry the same tokens and the same errors
 The routing policies, the metrics merge and the flags are tested without Ray."""
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import sys
@@ -30,6 +29,8 @@ import tinyllm  # noqa: E402
 from tinyllm.errors import TinyLLMError  # noqa: E402
 from tinyllm.server import replicas as rep  # noqa: E402
 from tinyllm.server.routing import LeastLoaded, PrefixAffinity, Replica, make_policy, prefix_key  # noqa: E402
+
+from helpers_serve import http_request  # noqa: E402
 
 needs_ray = pytest.mark.skipif(find_spec("ray") is None, reason="Ray is not installed: pip install 'tinyllm[ray]' "
                                "(not part of tinyllm[test]: ray[serve] is a large download)")
@@ -245,18 +246,7 @@ def client(port):
 
 def request(port, method, path, body=None, timeout=60):
     """(status, headers, parsed JSON or text)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read().decode()
-        try:
-            return resp.status, resp.headers, json.loads(raw)
-        except json.JSONDecodeError:
-            return resp.status, resp.headers, raw
-    finally:
-        conn.close()
+    return http_request(port, method, path, body, timeout=timeout)
 
 
 def answers(port, prompt: str, **sampling):

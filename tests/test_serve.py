@@ -30,6 +30,8 @@ pytest.importorskip("prometheus_client", reason="the server needs prometheus_cli
 
 import tinyllm  # noqa: E402
 
+from helpers_serve import http_request  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 MAX_BATCH, MAX_QUEUE = 16, 4
@@ -123,18 +125,8 @@ def model_id(client):
 
 def request(method: str, path: str, body=None, *, port: int, timeout: float = 120):
     """Plain HTTP: (status, parsed JSON or text)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read().decode()
-        try:
-            return resp.status, json.loads(raw)
-        except json.JSONDecodeError:
-            return resp.status, raw
-    finally:
-        conn.close()
+    status, _, answer = http_request(port, method, path, body, timeout=timeout)
+    return status, answer
 
 
 def greedy_alone(llm, prompt_ids: list[int], max_tokens: int) -> list[int]:

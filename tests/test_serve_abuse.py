@@ -27,7 +27,7 @@ import tinyllm  # noqa: E402
 from tinyllm.server.app import Server  # noqa: E402
 from tinyllm.server.main import api_key, limits, parse_args, uvicorn_config  # noqa: E402
 
-from helpers_serve import uvicorn_thread  # noqa: E402
+from helpers_serve import http_request, uvicorn_thread  # noqa: E402
 
 API_KEY = "sk-test-0123456789"
 ORIGIN = "https://app.example.com"
@@ -84,18 +84,7 @@ def guarded(tiny):
 
 def request(port, method, path, body=None, headers=None, timeout=60):
     """(status, headers, parsed JSON or text); `body`: bytes as they are, anything else as JSON."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        raw = resp.read().decode()
-        try:
-            return resp.status, resp.headers, json.loads(raw)
-        except json.JSONDecodeError:
-            return resp.status, resp.headers, raw
-    finally:
-        conn.close()
+    return http_request(port, method, path, body, headers, timeout)
 
 
 def assert_error(status, body, expected_status, param, *words):
