@@ -85,8 +85,12 @@ def short_deadline(monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_template_ends_with_a_clear_error_in_bounded_time_and_memory(name, short_deadline):
+def test_hostile_template_ends_with_a_clear_error_in_bounded_time_and_memory(name, monkeypatch):
     source, says = HOSTILE[name]
+    # The deadline's own cases need not wait a whole second each; the others keep the real
+    # deadline, so that on a slow machine their own limit, not the clock, is what stops them.
+    if says == "ran for more than":
+        monkeypatch.setattr(chat, "MAX_SECONDS", 0.25)
     error, seconds, peak = render_measured(source)
     assert isinstance(error, ChatTemplateLimitError), f"{name}: {error!r}"
     message = str(error)
