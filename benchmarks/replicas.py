@@ -23,17 +23,14 @@ Every request is bounded: a fixed number, each with a timeout.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .common import fmt, header_markdown, machine_info, markdown_table, publish, thread_env
-from .serve_load import free_port, load_run, start_server
+from .serve_load import free_port, load_run, start_server, wait_healthy
 
 
 def start_replicas(model, replicas: int, max_batch: int, log_path: Path):
@@ -45,21 +42,9 @@ def start_replicas(model, replicas: int, max_batch: int, log_path: Path):
         cmd += ["--model", str(model)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(1))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"tinyllm.replicas exited with {proc.returncode}; see {log_path}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            resp = conn.getresponse()
-            if resp.status == 200 and json.loads(resp.read())["replicas_up"] == replicas:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("tinyllm.replicas did not start in 600 s")
+    wait_healthy(proc, port, "tinyllm.replicas", f"see {log_path}",
+                 ready=lambda health: health.get("replicas_up") == replicas)
+    return proc, port
 
 
 def stop(proc) -> None:

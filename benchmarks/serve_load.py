@@ -60,20 +60,28 @@ def start_server(model, threads: int, max_batch: int, log_path: Path):
         cmd += ["--model", str(model)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads))
-    deadline = time.monotonic() + 600
+    wait_healthy(proc, port, "the server", f"see {log_path}")
+    return proc, port
+
+
+def wait_healthy(proc, port: int, what: str, hint: str, ready=lambda body: True, timeout: float = 600) -> None:
+    """Poll GET /health on 127.0.0.1:port until it answers 200 and `ready(parsed body)`; exit
+    (SystemExit naming `what` and `hint`) if the process ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}; see {log_path}")
+            raise SystemExit(f"{what} exited with {proc.returncode}; {hint}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
+            resp = conn.getresponse()
+            if resp.status == 200 and ready(json.loads(resp.read() or b"{}")):
+                return
         except OSError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the server did not start in 600 s")
+    raise SystemExit(f"{what} did not start in {timeout:g} s; {hint}")
 
 
 def stream_once(port: int, prompt: str, max_tokens: int, start_gate: threading.Barrier) -> dict:

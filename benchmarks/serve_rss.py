@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import git_commit
-from benchmarks.serve_load import free_port
+from benchmarks.serve_load import free_port, wait_healthy
 
 # The server, with a thread that calls glibc's malloc_trim(0) twice a second: whether the
 # growth is memory the allocator keeps but could give back.
@@ -100,16 +100,7 @@ def main(argv=None) -> int:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import http.client
-
-        for _ in range(600):
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(proc, port, "the server", "its output is discarded: run it alone to see why")
         good = json.dumps({"prompt": "Once upon a time, there was a", "max_tokens": 16}).encode()
         # one good request first, so "warm" includes the first generation's allocations
         post(port, "/v1/completions", good)
