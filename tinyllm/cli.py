@@ -27,6 +27,7 @@ import sys
 import traceback
 from importlib import metadata
 
+from .engine import QUANTIZED
 from .errors import TinyLLMError, one_line
 
 DTYPE_CHOICES = ("auto", "float32", "fp32", "float16", "fp16")
@@ -71,8 +72,8 @@ class UsageError(TinyLLMError, ValueError):
 
 
 def add_model_flags(parser: argparse.ArgumentParser):
-    """--model, --device, --dtype, --no-fast-path, --threads in a "model" group (returned, so a
-    command can add its own model flags beside them)."""
+    """--model, --device, --dtype, --quantized, --no-fast-path, --threads in a "model" group
+    (returned, so a command can add its own model flags beside them)."""
     m = parser.add_argument_group("model")
     m.add_argument("-m", "--model", metavar="PATH", help="a Hugging Face directory, a .safetensors file (config.json "
                    "beside it), a .gguf file, or a Hugging Face Hub id, org/name (its safetensors) or "
@@ -81,6 +82,9 @@ def add_model_flags(parser: argparse.ArgumentParser):
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA needs CuPy and an NVIDIA GPU)")
     m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype (auto: float32 on the CPU, float16 on the GPU)")
+    m.add_argument("--quantized", default="auto", choices=QUANTIZED,
+                   help="keep GGUF block-quantized weights as they are (multiplied by fused kernels on the GPU) "
+                   "or expand them to --dtype at load; auto: keep on a GPU with the fast path, dequantize otherwise")
     m.add_argument("--no-fast-path", action="store_true",
                    help="on CUDA, run the readable CuPy path instead of the fused kernels and CUDA graphs")
     m.add_argument("-t", "--threads", type=int, metavar="N",
@@ -102,9 +106,13 @@ def apply_threads(args) -> None:
 
 
 def load_options(args) -> dict:
-    """The keyword arguments of `tinyllm.load` that the model flags set."""
-    return {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype,
-            "fast_path": not args.no_fast_path}
+    """The keyword arguments of `tinyllm.load` that the model flags set (--quantized only when
+    it chooses: auto is load's own default)."""
+    options = {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype,
+               "fast_path": not args.no_fast_path}
+    if getattr(args, "quantized", "auto") != "auto":
+        options["quantized"] = args.quantized
+    return options
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from .step import DecodeStep, ReadableStep
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16}
+QUANTIZED = ("auto", "keep", "dequantize")
 
 
 def resolve_dtype(dtype: str | None, device: Device):
@@ -24,6 +25,18 @@ def resolve_dtype(dtype: str | None, device: Device):
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: expected one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
+
+
+def keeps_quantized(quantized: str, device: Device, dtype, fast_path: bool) -> bool:
+    """Whether a GGUF's block-quantized linear weights stay in their blocks (tinyllm.quant)
+    rather than being expanded to `dtype` at load. auto keeps them where fused kernels
+    multiply the blocks themselves: on a GPU, with the fast path, in float16. Elsewhere the
+    readable path would expand every matrix again at every step."""
+    if quantized not in QUANTIZED:
+        raise ConfigError(f"--quantized: expected one of {', '.join(QUANTIZED)}; got {quantized!r}")
+    if quantized == "auto":
+        return device.is_cuda and fast_path and np.dtype(dtype) == np.float16
+    return quantized == "keep"
 
 
 @dataclass
@@ -153,26 +166,32 @@ _ASSEMBLED = {"gguf": (_GGUF_READ, 0.98), "safetensors": (0.05, 0.95)}  # (start
 
 
 def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: str | None = None,
-         fast_path: bool = True, progress=None) -> LLM:
+         fast_path: bool = True, progress=None, quantized: str = "auto") -> LLM:
     """Load a checkpoint (None: the embedded default model) onto a device.
 
     The decode step is chosen here, once: on a GPU in float16, `fast_path` gives the
     CUDA step (tinyllm/cuda: fused kernels, a decode step captured into a CUDA graph, warmed
     up here so the first request has no cold start); otherwise, or with `fast_path=False`,
     the readable step (the model's forward pass and the host sampler).
+    `quantized` ("auto", "keep", "dequantize"): whether a GGUF's block-quantized linear
+    weights stay in their blocks on the device; `keeps_quantized` decides auto.
     `progress(fraction)`, if given, is called as loading advances (0 to 1, an estimate:
     each phase is given its usual share of the time)."""
     start = time.perf_counter()
     device = get_device(device)
+    dtype = resolve_dtype(dtype, device)
+    keep = keeps_quantized(quantized, device, dtype, fast_path)
     report = progress or (lambda fraction: None)
     report(0.0)
     # only a GGUF reports while it is read: once per tensor dequantized, after the metadata
-    ckpt = read_checkpoint(path, lambda f: report(_GGUF_OPENED + (_GGUF_READ - _GGUF_OPENED) * f))
+    ckpt = read_checkpoint(path, lambda f: report(_GGUF_OPENED + (_GGUF_READ - _GGUF_OPENED) * f), keep)
+    if quantized == "keep" and ckpt.format != "gguf":
+        raise ConfigError(f"--quantized keep: {ckpt.path} is a {ckpt.format} checkpoint, which holds no "
+                          "block-quantized weights (keep applies to GGUF files; use auto or dequantize)")
     read, assembled = _ASSEMBLED[ckpt.format]
     report(read)
     tokenizer = load_tokenizer(ckpt)
-    weights = assemble_weights(ckpt, resolve_dtype(dtype, device), device,
-                               lambda f: report(read + (assembled - read) * f))
+    weights = assemble_weights(ckpt, dtype, device, lambda f: report(read + (assembled - read) * f))
     report(assembled)
     model = Model(ckpt.config, weights, device)
     if device.is_cuda:

@@ -30,6 +30,7 @@ import numpy as np
 from .backend import Device, get_device
 from .config import Config
 from .kv_cache import PREFILL_CHUNK, KVCache
+from .quant import QuantizedMatrix
 from .rope import INITIAL_POSITIONS, RopeTables, apply_rope
 
 DEFAULT_CONTEXT = INITIAL_POSITIONS  # positions of a cache made without a capacity
@@ -47,12 +48,13 @@ class LayerWeights:
 
 @dataclass
 class Weights:
-    """All parameters, linear layers stored (out, in) as in the checkpoints."""
+    """All parameters, linear layers stored (out, in) as in the checkpoints: arrays, or
+    QuantizedMatrix objects where a GGUF's blocks are kept (tinyllm/quant.py)."""
 
     tok_embeddings: object  # [V, D]
     layers: list[LayerWeights]
     norm: object            # [D]
-    output: object          # [V, D]; the same array as tok_embeddings when tied
+    output: object          # [V, D]; the same array as tok_embeddings when tied (kept quantized: its blocks)
     rope_freq_factors: object = None  # [E/2] from GGUF 'rope_freqs', or None
 
     def arrays(self):
@@ -65,6 +67,7 @@ class Weights:
 
     @property
     def nbytes(self) -> int:
+        """Bytes on the device; a QuantizedMatrix counts its planes."""
         return sum(a.nbytes for a in self.arrays())
 
 
@@ -85,6 +88,8 @@ class Ops:
 
     def linear(self, x, w):
         """x @ w.T for w stored (out, in).  [..., in] -> [..., out]"""
+        if isinstance(w, QuantizedMatrix):  # the readable path expands a block-quantized matrix right before it multiplies
+            w = w.dequantize()
         lead = x.shape[:-1]
         return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*lead, w.shape[0])
 

@@ -19,6 +19,7 @@ from ..backend import Device
 from ..config import Config
 from ..errors import CheckpointError, CheckpointNotFoundError, DeviceError, one_line
 from ..model import LayerWeights, Weights
+from ..quant import QuantizedMatrix
 from .gguf import read_gguf
 from .safetensors import read_checkpoint_dir, read_safetensors
 
@@ -32,7 +33,7 @@ class Checkpoint:
     path: Path
     format: str                    # "safetensors" or "gguf"
     config: Config
-    tensors: dict                  # Hugging Face names -> NumPy arrays
+    tensors: dict                  # Hugging Face names -> NumPy arrays (or QuantizedMatrix, kept from a GGUF)
     gguf_fields: dict = field(default_factory=dict)
 
     @property
@@ -116,10 +117,11 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return Path(path)
 
 
-def read_checkpoint(path: str | Path | None = None, progress=None) -> Checkpoint:
+def read_checkpoint(path: str | Path | None = None, progress=None, keep_quantized: bool = False) -> Checkpoint:
     """The checkpoint's config and tensors (GGUF: dequantized to float32, `progress(fraction)`
-    called per tensor; safetensors: memory-mapped, nothing to report). `path` is any model
-    argument `resolve_model_path` takes."""
+    called per tensor, or with `keep_quantized` the linear weights left in their blocks, see
+    read_gguf; safetensors: memory-mapped, nothing to report, nothing quantized to keep).
+    `path` is any model argument `resolve_model_path` takes."""
     path = resolve_model_path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
@@ -136,7 +138,7 @@ def read_checkpoint(path: str | Path | None = None, progress=None) -> Checkpoint
             config = Config.from_hf(path / "config.json")
             return Checkpoint(path, "safetensors", config, read_checkpoint_dir(path))
     if path.suffix == ".gguf":
-        config, tensors, fields = read_gguf(path, progress)
+        config, tensors, fields = read_gguf(path, progress, keep_quantized)
         return Checkpoint(path, "gguf", config, tensors, fields)
     if path.suffix == ".safetensors":
         config = Config.from_hf(path.parent / "config.json")
@@ -202,30 +204,39 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+# LayerWeights field -> the checkpoint tensors stacked (row after row) into it
+LAYER_TENSORS = {
+    "attn_norm": ("input_layernorm.weight",),
+    "wqkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "wo": ("self_attn.o_proj.weight",),
+    "mlp_norm": ("post_attention_layernorm.weight",),
+    "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "w_down": ("mlp.down_proj.weight",),
+}
+
+
+def stays_quantized(arrays) -> bool:
+    """A stack stays block-quantized when all its parts share one kind; otherwise (Q4_K_M
+    files store v and down as Q6_K beside Q4_K q, k, gate and up) it is expanded."""
+    return all(isinstance(a, QuantizedMatrix) for a in arrays) and len({a.kind for a in arrays}) == 1
+
+
 def assemble_weights(ckpt: Checkpoint, dtype, device: Device, progress=None) -> Weights:
     """Convert every tensor to the compute dtype on the device, stacking QKV and gate/up;
     a tensor holding NaN or inf is refused by name. The checkpoint's tensors are consumed (taken out of `ckpt.tensors`) as they are used.
+    Matrices kept block-quantized (read_gguf's `keep_quantized`) move to the device as they
+    are, computing in `dtype`; a tied embedding kept so is the LM head, and its dense
+    expansion the lookup table.
     `progress(fraction)`, if given, is called after each layer."""
     check_tensors(ckpt)
     xp, t, c = device.xp, ckpt.tensors, ckpt.config
-    need = sum(int(np.prod(shape)) for shape in expected_shapes(c).values()) * np.dtype(dtype).itemsize
+    need = device_bytes(ckpt, dtype)
     if device.is_cuda:  # refuse before uploading anything, saying how much is missing
         _check_gpu_memory(ckpt, device, need, dtype)
 
-    def put(*names):
-        """Stack the named tensors (out, in) into one array on the device. Each tensor is taken
-        out of the checkpoint as it is used, so the float32 copies of a dequantized file are
-        freed while the model is assembled rather than all held until the end."""
-        arrays = [t.pop(name) for name in names]
-        host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-        with np.errstate(over="ignore"):  # a value too large for float16 becomes inf, refused below
-            host = np.asarray(host, dtype=dtype)
-        # One pass over what the model will hold catches NaN/inf in the file and overflow of the cast.
-        if not np.isfinite(host).all():
-            raise _non_finite(ckpt.path, names, arrays, dtype)
-        del arrays
+    def upload(host):
         try:
-            return xp.asarray(host)
+            return host.to(xp, dtype) if isinstance(host, QuantizedMatrix) else xp.asarray(host)
         except Exception as e:
             if type(e).__name__ == "OutOfMemoryError":
                 free = _gpu_free_bytes(device)
@@ -234,27 +245,72 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device, progress=None) -> 
                     f"in {np.dtype(dtype).name}, {free / 2**30:.2f} GiB free on {device.name}") from None
             raise
 
+    def stack(names, arrays):
+        """The tensors (out, in) as one array (or QuantizedMatrix) on the device."""
+        if stays_quantized(arrays):
+            for name, a in zip(names, arrays):  # the blocks are never expanded: their scales are checked
+                if not a.scales_finite():
+                    raise CheckpointError(f"{ckpt.path}: tensor {name!r} holds non-finite values (NaN or inf)")
+            return upload(QuantizedMatrix.concat(arrays))
+        arrays = [a.dequantize(np.float32) if isinstance(a, QuantizedMatrix) else a for a in arrays]
+        host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        with np.errstate(over="ignore"):  # a value too large for float16 becomes inf, refused below
+            host = np.asarray(host, dtype=dtype)
+        # One pass over what the model will hold catches NaN/inf in the file and overflow of the cast.
+        if not np.isfinite(host).all():
+            raise _non_finite(ckpt.path, names, arrays, dtype)
+        del arrays
+        return upload(host)
+
+    def put(*names):
+        """Stack the named tensors. Each tensor is taken out of the checkpoint as it is used, so
+        the float32 copies of a dequantized file are freed while the model is assembled rather
+        than all held until the end."""
+        return stack(names, [t.pop(name) for name in names])
+
     layers = []
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
-        layers.append(LayerWeights(
-            attn_norm=put(p + "input_layernorm.weight"),
-            wqkv=put(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
-            wo=put(p + "self_attn.o_proj.weight"),
-            mlp_norm=put(p + "post_attention_layernorm.weight"),
-            w_gate_up=put(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-            w_down=put(p + "mlp.down_proj.weight"),
-        ))
+        layers.append(LayerWeights(**{field: put(*(p + name for name in names))
+                                      for field, names in LAYER_TENSORS.items()}))
         if progress is not None:
             progress((i + 1) / (c.n_layers + 1))
-    embed = put("model.embed_tokens.weight")
+    name = "model.embed_tokens.weight"
+    if isinstance(t.get(name), QuantizedMatrix):  # tied (read_gguf keeps no other embedding)
+        head = t.pop(name)
+        output = stack([name], [head])
+        embed = stack([name], [head.dequantize(np.float32)])  # a lookup reads rows: dense
+    else:
+        embed = put(name)
+        output = embed if c.tie_embeddings else put("lm_head.weight")
     return Weights(
         tok_embeddings=embed,
         layers=layers,
         norm=put("model.norm.weight"),
-        output=embed if c.tie_embeddings else put("lm_head.weight"),
+        output=output,
         rope_freq_factors=t.get("rope_freqs"),
     )
+
+
+def device_bytes(ckpt: Checkpoint, dtype) -> int:
+    """The bytes assemble_weights puts on the device: the planes of what stays quantized,
+    `dtype` for the rest."""
+    t, c = ckpt.tensors, ckpt.config
+    itemsize = np.dtype(dtype).itemsize
+    stacks = [[f"model.layers.{i}.{name}" for name in names] for i in range(c.n_layers) for names in LAYER_TENSORS.values()]
+    stacks += [["model.norm.weight"]] + ([] if c.tie_embeddings else [["lm_head.weight"]])
+    total = 0
+    for names in stacks:
+        arrays = [t[name] for name in names]
+        if stays_quantized(arrays):
+            total += sum(a.nbytes for a in arrays)
+        else:
+            total += sum(int(np.prod(a.shape)) for a in arrays) * itemsize
+    embed = t["model.embed_tokens.weight"]
+    total += int(np.prod(embed.shape)) * itemsize
+    if isinstance(embed, QuantizedMatrix):  # the tied LM head's blocks, beside the dense table
+        total += embed.nbytes
+    return total
 
 
 def _non_finite(path: Path, names, arrays, dtype) -> CheckpointError:

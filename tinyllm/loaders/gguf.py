@@ -13,7 +13,11 @@ parser) dequantizes the tensors: every block type it knows (tested: F32, F16, Q8
 and the K-quants Q4_K and Q6_K); tinyllm dequantizes to float32 once at load.
 
 A GGUF file holds metadata (architecture, shapes, tokenizer) and tensors, many of them
-quantized in blocks (Q4_1: 32 weights share a scale and a minimum).
+quantized in blocks (Q4_1: 32 weights share a scale and a minimum). Asked to
+(`keep_quantized`), the loader keeps the linear layers' weights in the five block formats
+tinyllm.quant knows (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) as QuantizedMatrix objects, the file's
+bits split into planes, and never expands them here; norms, the embedding table and every
+other type are dequantized as above.
 
 Llama GGUF files store the Q and K projection rows permuted: the converter reorders
 each head's rows so that RoPE can rotate *adjacent* channel pairs (2i, 2i+1). tinyllm
@@ -31,6 +35,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import CheckpointError
+from ..quant import BLOCKS, QuantizedMatrix
 
 # GGUF tensor names -> Hugging Face names (the names tinyllm assembles weights from).
 GLOBAL_NAMES = {
@@ -221,11 +226,13 @@ def field_values(reader: GGUFFile) -> dict:
     return reader.fields
 
 
-def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo the converter's per-head row order (pairs interleaved) -> halves split.  [N*E, D]"""
+def unpermute(w, n_heads: int):
+    """Undo the converter's per-head row order (pairs interleaved) -> halves split.  [N*E, D]
+    Rows are whole, so a QuantizedMatrix is reordered plane by plane, without expanding it."""
     rows = w.shape[0]
     # per head, rows are (E/2 pairs, 2) in the file; tinyllm wants (2 halves, E/2)
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    order = np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(rows)
+    return w.take_rows(order) if isinstance(w, QuantizedMatrix) else w[order]
 
 
 def dequantize(tensor: TensorInfo, path: Path) -> np.ndarray:
@@ -239,9 +246,20 @@ def dequantize(tensor: TensorInfo, path: Path) -> np.ndarray:
             "which the gguf package cannot dequantize") from None
 
 
-def read_gguf(path: str | Path, progress=None):
+def keeps_blocks(tensor: TensorInfo, hf_name: str, config: Config) -> bool:
+    """Whether a tensor may stay block-quantized: a linear layer's weight (the q/k/v/o and
+    gate/up/down projections, the LM head, and the embedding when it is also the LM head)
+    in a format tinyllm.quant knows."""
+    linear = hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight" or (
+        hf_name == "model.embed_tokens.weight" and config.tie_embeddings)
+    return linear and len(tensor.shape) == 2 and tensor.tensor_type.name.lower() in BLOCKS
+
+
+def read_gguf(path: str | Path, progress=None, keep_quantized: bool = False):
     """Config, Hugging Face-named float32 tensors, and the metadata fields of a GGUF file.
-    `progress(fraction)`, if given, is called after each tensor is dequantized."""
+    `keep_quantized`: linear weights in a block format tinyllm.quant knows stay as they are,
+    as QuantizedMatrix objects (see `keeps_blocks`).
+    `progress(fraction)`, if given, is called after each tensor is read."""
     path = Path(path)
     reader = open_gguf(path)
     fields = field_values(reader)
@@ -262,7 +280,10 @@ def read_gguf(path: str | Path, progress=None):
             # checked here, before unpermute reshapes the rows head by head
             raise CheckpointError(f"{path}: tensor {t.name!r} has shape {list(reversed(t.shape))}, "
                                   f"expected [{heads * config.head_dim}, {config.dim}]")
-        w = dequantize(t, path)
+        if keep_quantized and keeps_blocks(t, hf_name, config):
+            w = QuantizedMatrix.from_gguf(t.data, t.tensor_type.name.lower(), t.shape[1], t.shape[0])
+        else:
+            w = dequantize(t, path)
         tensors[hf_name] = w if heads is None else unpermute(w, heads)
     return config, tensors, fields
 
