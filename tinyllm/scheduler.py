@@ -34,6 +34,13 @@ step itself. The readable one gives each sequence a cache of its own and runs
 holds a row of one preallocated KV cache, a step is a replayed CUDA graph for that batch
 size, and the next tokens are chosen on the device.
 
+Prefix reuse (prefix.py): with a `PrefixCache`, a sequence that joins first copies the
+keys and values of the longest cached beginning of its prompt into its cache, and only the
+rest is pending; once its prompt is prefilled, the prompt's whole blocks are stored for the
+requests after it. A request whose prompt continues a prefix that a running sequence is
+still prefilling waits for it in the queue (a burst of requests with one system prompt
+computes that prompt once, not once per request).
+
 What a token means is generate.py's, reused unchanged: each request's `TokenStream` is fed
 its ids (stop strings, end-of-sequence ids, token budget, streaming detokenizer, penalties'
 history), and its own `Sampler` (own seed) samples whatever the step leaves to the host.
@@ -48,11 +55,13 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import ConfigError, ContextOverflowError, TinyLLMError
 from .generate import StopRules, TokenStream, prompt_logprobs, start_ids
+from .prefix import PrefixCache, block_hashes
 from .sampler import Sampler, SamplingParams, TokenLogprob
 from .step import as_step
 
@@ -122,6 +131,8 @@ class Observer:
     def first_token(self, seconds: float) -> None: ...   # time from arrival to the first token
     def token_gap(self, seconds: float) -> None: ...     # time between two tokens of one sequence
     def step(self, batch_size: int) -> None: ...         # one decode step ran for this many sequences
+    def prompt(self, reused: int, computed: int) -> None: ...  # a sequence joined: its prompt tokens
+    # copied from the prefix cache (prefix.py), and those left to compute
     def finished(self, event: Finished) -> None: ...
 
 
@@ -138,6 +149,8 @@ class Sequence:
         self.rows = rows
         self.cache = None     # borrowed from `rows` when the sequence joins the batch
         self.pending: list[int] = []  # prompt ids not yet in the cache: prefilled by the next steps
+        self.reused = 0       # prompt positions copied from the prefix cache
+        self.prefix_keys: list[bytes] = []  # the prompt's block hashes, while a prefix cache is used
         self.last_token: int | None = None
         self.last_time = 0.0
 
@@ -145,13 +158,17 @@ class Sequence:
     def finish_reason(self) -> str | None:
         return self.stream.finish_reason
 
-    def start(self) -> None:
-        """Borrow a cache; the whole prompt is pending, for the steps to prefill."""
+    def start(self, prefix: PrefixCache | None = None) -> None:
+        """Borrow a cache and copy into it the longest beginning of the prompt that `prefix`
+        holds; the rest of the prompt is pending, for the steps to prefill."""
         if len(self.prompt_ids) > self.rows.capacity:
             raise ContextOverflowError(f"context overflow: the prompt has {len(self.prompt_ids)} tokens but the "
                                        f"context holds {self.rows.capacity}")
         self.cache = self.rows.new_cache(len(self.prompt_ids) + max(self.stream.rules.max_new_tokens, 1))
-        self.pending = list(self.prompt_ids)
+        if prefix is not None:
+            self.prefix_keys = block_hashes(self.prompt_ids, prefix.block)
+            self.reused = prefix.reuse(self.prompt_ids, self.cache)
+        self.pending = self.prompt_ids[self.reused:]
 
     def add(self, token: int) -> Piece:
         """Take this sequence's next id -> the Piece to send."""
@@ -178,10 +195,12 @@ class Scheduler:
 
     step: the decode step chosen at load (`llm.step`; a bare Model runs its readable one).
     max_batch: how many sequences decode together; max_queue: how many more may wait.
-    A request beyond both is refused at once with QueueFull."""
+    A request beyond both is refused at once with QueueFull.
+    prefix_cache: prompt prefixes' keys and values to reuse (prefix.py); None: none kept."""
 
     def __init__(self, step, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 observer: Observer | None = None, max_context: int | None = None):
+                 observer: Observer | None = None, max_context: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         step = as_step(step)
@@ -196,6 +215,8 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.observer = observer or Observer()
+        self.prefix = prefix_cache
+        self._keys = weakref.WeakKeyDictionary()  # waiting request -> its prompt's block hashes
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Sequence] = []
         self.n_admitting = 0            # popped from `waiting`, being prefilled
@@ -279,9 +300,10 @@ class Scheduler:
         steps that follow (in chunks that ride beside the running sequences' decode rows)."""
         while len(self.running) < self.max_batch:
             with self._lock:
-                if not self.waiting or self._stopping:
+                request = None if self._stopping else self._next_request()
+                if request is None:
                     return
-                request = self.waiting.popleft()
+                self.waiting.remove(request)
                 self.n_admitting += 1
             seq = None
             try:
@@ -291,13 +313,34 @@ class Scheduler:
                 if seq.finish_reason is not None:  # a budget of 0 tokens: nothing to run
                     self._finish(seq)
                     continue
-                seq.start()
+                seq.start(self.prefix)
                 self.running.append(seq)
+                self.observer.prompt(seq.reused, len(seq.pending))
             except Exception as e:  # one bad request must not stop the server
                 self._fail(seq, e, request)
             finally:
                 with self._lock:
                     self.n_admitting -= 1
+
+    def _next_request(self) -> Request | None:
+        """The first waiting request that need not wait for a prefix: one waits while the next
+        block of its prompt that the prefix cache lacks is being prefilled by a running
+        sequence, which stores it when its prompt is done. (Called with the lock held.)"""
+        if self.prefix is None or not self.waiting:
+            return self.waiting[0] if self.waiting else None
+        coming = {key for seq in self.running if seq.pending for key in seq.prefix_keys}
+        for request in self.waiting:
+            keys = self._keys.get(request)
+            if keys is None:
+                try:
+                    keys = block_hashes(start_ids(request.prompt_ids, self.tokenizer), self.prefix.block)
+                except Exception:  # a bad prompt: it fails when it joins, not here
+                    keys = []
+                self._keys[request] = keys
+            missing = next((key for key in keys if key not in self.prefix.blocks), None)
+            if missing is None or missing not in coming:
+                return request
+        return None
 
     def _step(self) -> None:
         """One step: a row for each decoding sequence (its last token), then the next chunk of
@@ -326,6 +369,7 @@ class Scheduler:
                                 n_decode=len(decoding))
         for seq, n in chunks:
             del seq.pending[:n]
+        prefilled = {seq for seq, n in chunks if not seq.pending}  # their prompts are whole in the cache
         self.steps += 1
         self.observer.step(len(decoding) + len(chunks))
         for seq, token in zip(owners, chosen):
@@ -334,6 +378,8 @@ class Scheduler:
             try:
                 if isinstance(token, Exception):  # this row's sampling failed (see step.sample_rows)
                     raise token
+                if seq in prefilled and self.prefix is not None:
+                    self.prefix.store(seq.prompt_ids, seq.cache)
                 self._emit(seq, token)
             except Exception as e:
                 self._fail(seq, e)

@@ -36,8 +36,10 @@ from starlette.routing import Route
 
 from ..cli import version
 from ..generate import StopRules
+from ..prefix import BUDGET_MB, PrefixCache
 from ..sampler import SamplingParams
 from ..scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Scheduler, SchedulerStopped
+from ..step import as_step
 from .limits import Limits, parse_body, read_body
 from .metrics import Metrics
 from .middleware import middleware, note_tokens
@@ -47,15 +49,21 @@ log = logging.getLogger("tinyllm.server")
 
 
 class Server:
-    """The model, its scheduler, the request validator and the Starlette app around them."""
+    """The model, its scheduler, the request validator and the Starlette app around them.
+    prefix_cache_mb: the budget of the prompt prefixes' keys and values kept for reuse
+    (tinyllm/prefix.py), in MiB; 0: none kept."""
 
     def __init__(self, llm, model_id: str | None = None, max_batch: int = 16, max_queue: int = 64,
                  max_context: int | None = None, default_max_tokens: int = 256, *,
-                 limits: Limits | None = None, api_key: str | None = None, cors_origins=()):
+                 limits: Limits | None = None, api_key: str | None = None, cors_origins=(),
+                 prefix_cache_mb: float = BUDGET_MB):
         self.llm = llm
         self.model_id = model_id or Path(llm.path).name.removesuffix(".gguf")
         self.max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
-        self.scheduler = Scheduler(llm.step, llm.tokenizer, max_batch, max_queue, max_context=self.max_context)
+        step = as_step(llm.step)
+        prefix = PrefixCache.for_model(step.model, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.scheduler = Scheduler(step, llm.tokenizer, max_batch, max_queue, max_context=self.max_context,
+                                   prefix_cache=prefix)
         if self.scheduler.rows is not None:  # the GPU's batched cache may hold fewer positions (GPU memory)
             self.max_context = min(self.max_context, self.scheduler.rows.capacity)
         self.validator = Validator(llm, self.model_id, self.max_context, default_max_tokens)

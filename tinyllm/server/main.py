@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..cli import ArgumentParser, UsageError, add_debug_flag, add_model_flags, load_options, run_main
+from ..prefix import BUDGET_MB
 
 PROG = "python -m tinyllm.serve"
 API_KEY_ENV = "TINYLLM_API_KEY"
@@ -40,6 +41,10 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
     s.add_argument("-c", "--max-context", type=int, default=None, help="prompt + generated tokens per request "
                    "(default: the model's context length)")
     s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    s.add_argument("--prefix-cache-mb", type=float, default=BUDGET_MB, metavar="MB",
+                   help="memory for the keys and values of prompt prefixes (system prompts, earlier turns, "
+                   "the n choices of a request), reused by later requests instead of recomputed "
+                   "(0: off)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish at shutdown before they are cancelled")
     s.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests at start-up")
@@ -90,6 +95,8 @@ def check_args(args) -> None:
                         ("--keep-alive-timeout", args.keep_alive_timeout)):
         if not value > 0:
             raise UsageError(f"{flag}: must be > 0 seconds, got {value}")
+    if not args.prefix_cache_mb >= 0:
+        raise UsageError(f"--prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}")
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise UsageError("--ssl-certfile and --ssl-keyfile go together")
 
@@ -225,7 +232,8 @@ def serve(args) -> int:
 
     llm = tinyllm.load(args.model, **load_options(args))
     server = Server(llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
-                    args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin)
+                    args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin,
+                    prefix_cache_mb=args.prefix_cache_mb)
     start = time.perf_counter()
     server.start(warm_up=not args.no_warm_up)  # the port opens only after this
     give_memory_back_when_idle(server.scheduler)

@@ -5,10 +5,17 @@ tokens); histograms count observations into buckets (time to first token, time b
 tokens, sequences per decode step); gauges are read when scraped (queue depth, running
 sequences). The scheduler thread reports through the `Observer` interface, the HTTP side
 counts requests; prometheus_client is thread-safe, so both write without a lock.
+
+Prefix reuse (tinyllm/prefix.py): each prompt's tokens copied from the prefix cache
+(`tinyllm_prefix_cache_hit_tokens_total`) and those computed
+(`tinyllm_prefix_cache_miss_tokens_total`), counted per request like the other counters;
+the cache's own state (blocks, bytes, budget, blocks stored and evicted) is read from it
+when scraped.
 """
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..scheduler import Finished, Observer
 
@@ -36,6 +43,11 @@ class Metrics(Observer):
               registry=r).set_function(lambda: scheduler.queue_depth)
         Gauge("tinyllm_running_requests", "Sequences in the running batch",
               registry=r).set_function(lambda: scheduler.batch_size)
+        self.hit_tokens = Counter("tinyllm_prefix_cache_hit_tokens", "Prompt tokens whose keys and values were "
+                                  "copied from the prefix cache", registry=r)
+        self.miss_tokens = Counter("tinyllm_prefix_cache_miss_tokens", "Prompt tokens computed by the model "
+                                   "(not found in the prefix cache)", registry=r)
+        r.register(PrefixCacheState(scheduler.prefix))
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -50,6 +62,10 @@ class Metrics(Observer):
     def step(self, batch_size):
         self.batch.observe(batch_size)
 
+    def prompt(self, reused, computed):
+        self.hit_tokens.inc(reused)
+        self.miss_tokens.inc(computed)
+
     def finished(self, event: Finished):
         self.finishes.labels(event.reason).inc()
         self.prompt_tokens.inc(event.prompt_tokens)
@@ -57,3 +73,24 @@ class Metrics(Observer):
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrefixCacheState:
+    """The prefix cache's state, read when scraped (a custom collector: the values live in the
+    PrefixCache, which the scheduler thread alone changes; reading a number is safe)."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix  # None: no prefix cache, every value 0
+
+    def collect(self):
+        p = self.prefix
+        yield GaugeMetricFamily("tinyllm_prefix_cache_blocks", "Blocks of prompt prefixes held",
+                                value=len(p) if p else 0)
+        yield GaugeMetricFamily("tinyllm_prefix_cache_bytes", "Bytes of keys and values the prefix cache holds",
+                                value=p.bytes if p else 0)
+        yield GaugeMetricFamily("tinyllm_prefix_cache_budget_bytes", "The most bytes the prefix cache may hold "
+                                "(--prefix-cache-mb)", value=p.budget if p else 0)
+        yield CounterMetricFamily("tinyllm_prefix_cache_stored_blocks", "Blocks stored in the prefix cache",
+                                  value=p.stored if p else 0)
+        yield CounterMetricFamily("tinyllm_prefix_cache_evicted_blocks", "Blocks evicted from the prefix cache "
+                                  "for room (least recently used first)", value=p.evicted if p else 0)

@@ -521,7 +521,7 @@ def replica_options(args) -> tuple[dict, dict]:
     load_kwargs = {**load_options(args), "device": args.device.strip().lower()}
     server_kwargs = {"model_id": args.served_model_name, "max_batch": args.max_batch, "max_queue": args.max_queue,
                      "max_context": args.max_context, "default_max_tokens": args.default_max_tokens,
-                     "limits": single.limits(args)}
+                     "limits": single.limits(args), "prefix_cache_mb": args.prefix_cache_mb}
     return load_kwargs, server_kwargs
 
 

@@ -1,0 +1,233 @@
+"""Prefix reuse: the keys and values of a prompt's beginning, computed once, copied many times.
+
+Requests often begin with the same tokens: a system prompt, an earlier turn of a chat, the
+n choices of one request. The keys and values a layer stores for a position depend only on
+the tokens up to that position, so two prompts that begin alike have the same K/V there,
+and a second request can copy them instead of running those tokens through the model.
+
+    prompt ids   [ block 0 (32 ids) | block 1 (32 ids) | block 2 ... | the rest ]
+    chain hash    h0 = H(root, ids 0..31)   h1 = H(h0, ids 32..63)   ...
+
+The cache keeps whole blocks of BLOCK tokens. A block's identity is a chain hash of its
+parent's hash and its own tokens, so a block means "these tokens after exactly that
+prefix"; matching a prompt walks its blocks from the first and stops at the first one not
+held. Each block holds its own copy of the K/V of all layers, `[2L, K, BLOCK, E]` (the L
+layers' keys, then their values) in the KV cache's dtype and on its device.
+
+    match(ids)         -> (n, blocks): the longest run of held blocks, at most len(ids) - 1
+                          tokens (the last prompt token must run through the model: its
+                          logits choose the first new token); the blocks are pinned
+    load(blocks, cache, n)   copies their first n positions into the cache at [0, n) and
+                          advances it (KVCache.advance is what moves a position); unpins
+    store(ids, cache)  once a prompt is in a cache: its whole blocks not yet held become
+                          blocks, evicting least recently used ones to stay in the budget
+
+Reference counts protect what is still needed: a block is pinned by each sequence between
+match and load (its K/V are about to be copied) and by each child block (a child is found
+only through its parent, so a parent evicted first would strand it). Only a block that
+nothing holds, a leaf of the tree, is evicted, least recently used first.
+
+Memory is copied into each sequence's own cache rather than shared in place: every cache
+(a NumPy array of its own on the CPU, a row of the GPU's preallocated batched cache) keeps
+its positions contiguous, so attention reads it as it always has. Sharing blocks in place
+would take a paged cache: attention reading through a per-sequence block table.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import numpy as np
+
+# Tokens per block: the unit of matching, hashing and storage. A prompt that leaves a
+# shared prefix mid-block reuses nothing of that block, so smaller blocks reuse more; each
+# block costs a hash, an array and a copy (on the GPU a few microseconds of host time each),
+# so larger blocks cost less per token. 32 keeps both small: at most 31 tokens of a prefix
+# go unused, and a prompt of a few thousand tokens is about a hundred blocks.
+BLOCK = 32
+
+# The server's default budget (`--prefix-cache-mb`): a few thousand tokens of a small model's
+# keys and values, a few hundred of an 8B model's.
+BUDGET_MB = 256
+
+_ROOT = b"tinyllm-prefix"  # the parent hash of a prompt's first block
+
+
+def block_hashes(ids, block: int = BLOCK) -> list[bytes]:
+    """The chain hash of each whole block of `ids`: hash i names ids[:(i + 1) * block]."""
+    hashes, parent = [], _ROOT
+    for start in range(0, len(ids) - block + 1, block):
+        tokens = np.asarray(ids[start:start + block], dtype=np.int64)
+        parent = hashlib.blake2b(parent + tokens.tobytes(), digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
+
+
+class Block:
+    """One block of a prefix: its tokens, its parent, its keys and values, who holds it."""
+
+    def __init__(self, key: bytes, tokens: tuple, parent: "Block | None", kv):
+        self.key = key
+        self.tokens = tokens    # kept to compare: a hash collision must never give wrong K/V
+        self.parent = parent
+        self.kv = kv            # [2L, K, BLOCK, E]: the layers' keys, then their values
+        self.refs = 0           # pins (sequences about to copy it) + child blocks
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+
+class PrefixCache:
+    """Blocks of prompt prefixes' keys and values, within a budget of `budget_bytes`.
+
+    config, xp, dtype: the model's (a block is stored as the KV cache stores it). Used from
+    the scheduler's thread only; its counters may be read from any thread."""
+
+    def __init__(self, config, xp, dtype, budget_bytes: int, block: int = BLOCK):
+        if budget_bytes < 0 or block < 1:
+            raise ValueError(f"a prefix cache needs budget_bytes >= 0 and block >= 1, got {budget_bytes}, {block}")
+        self.config, self.xp, self.dtype = config, xp, dtype
+        self.budget = int(budget_bytes)
+        self.block = block
+        self.block_bytes = 2 * config.n_layers * config.n_kv_heads * block * config.head_dim * np.dtype(dtype).itemsize
+        self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()  # least recently used first
+        self.bytes = 0
+        # counters (only ever go up)
+        self.lookups = 0        # prompts looked up
+        self.hit_tokens = 0     # prompt tokens copied from blocks
+        self.miss_tokens = 0    # prompt tokens left to compute
+        self.stored = 0         # blocks made
+        self.evicted = 0        # blocks dropped for room
+
+    @classmethod
+    def for_model(cls, model, budget_bytes: int, block: int = BLOCK) -> "PrefixCache":
+        return cls(model.config, model.xp, model.dtype, budget_bytes, block)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    # ---- reading ------------------------------------------------------------------------------
+    def match(self, ids) -> tuple[int, list[Block]]:
+        """The longest chain of held blocks that begins `ids` -> (tokens to copy, the blocks),
+        the blocks pinned until `load` (or `release`). At most len(ids) - 1 tokens: the last
+        prompt token is always computed. Counts the lookup, its hit and missed tokens."""
+        blocks = []
+        usable = len(ids) - 1
+        for key, start in zip(block_hashes(ids, self.block), range(0, usable, self.block)):
+            b = self.blocks.get(key)
+            if b is None or b.tokens != tuple(ids[start:start + self.block]):
+                break
+            blocks.append(b)
+        n = min(len(blocks) * self.block, max(usable, 0))
+        blocks = blocks[:(n + self.block - 1) // self.block]
+        for b in blocks:
+            b.refs += 1
+            self.blocks.move_to_end(b.key)  # a parent before its child: leaves stay the more recent
+        self.lookups += 1
+        self.hit_tokens += n
+        self.miss_tokens += len(ids) - n
+        return n, blocks
+
+    def load(self, blocks: list[Block], cache, n: int | None = None) -> None:
+        """Copy the first n positions (default: all) of the matched blocks into an empty cache
+        at [0, n), advance it by n, and unpin the blocks."""
+        try:
+            n = len(blocks) * self.block if n is None else n
+            if not 0 <= n <= len(blocks) * self.block:
+                raise ValueError(f"{n} positions asked of {len(blocks)} blocks of {self.block}")
+            if cache.length != 0:
+                raise ValueError(f"a prefix is loaded into an empty cache, this one holds {cache.length} positions")
+            if n == 0:
+                return
+            cache.check_room(n)
+            kv = self.xp.concatenate([b.kv for b in blocks], axis=2)  # [2L, K, n_blocks * BLOCK, E]
+            for i, dest in enumerate(cache.k + cache.v):               # dest: [1, K, S_max, E]
+                dest[0, :, :n] = kv[i, :, :n]
+            cache.advance(n)
+        finally:
+            self.release(blocks)
+
+    def release(self, blocks: list[Block]) -> None:
+        """Unpin matched blocks (load does this itself)."""
+        for b in blocks:
+            b.refs -= 1
+
+    def reuse(self, ids, cache) -> int:
+        """match + load: copy the longest held prefix of `ids` into an empty cache -> its length."""
+        n, blocks = self.match(ids)
+        self.load(blocks, cache, n)
+        return n
+
+    # ---- writing ------------------------------------------------------------------------------
+    def store(self, ids, cache) -> int:
+        """Keep the whole blocks of `ids` that `cache` holds (its positions [0, length) are the
+        K/V of ids[:length]) and that are not held yet. -> the blocks made. Stops at the first
+        block that does not fit the budget: a later block is reachable only through it."""
+        if self.budget < self.block_bytes:
+            return 0
+        held = min(len(ids), cache.length) // self.block
+        keys = block_hashes(ids[:held * self.block], self.block)
+        parent, new = None, []  # new: (index, key) of the blocks to make, all after the held ones
+        for i, key in enumerate(keys):
+            b = self.blocks.get(key)
+            if b is None:
+                new = list(enumerate(keys))[i:]
+                break
+            if b.tokens != tuple(ids[i * self.block:(i + 1) * self.block]) or b.parent is not parent:
+                return 0  # a hash collision: keep what is held, add nothing after it
+            self.blocks.move_to_end(key)
+            parent = b
+        if not new:
+            return 0
+        first = new[0][0] * self.block
+        # every new position of every layer in one array, then a block at a time out of it
+        kv = self.xp.stack([a[0, :, first:held * self.block] for a in cache.k + cache.v])  # [2L, K, n, E]
+        made = 0
+        for i, key in new:
+            if parent is not None:
+                parent.refs += 1  # held while it is evicted for room: it is this block's parent
+            try:
+                room = self._make_room(self.block_bytes)
+            finally:
+                if parent is not None:
+                    parent.refs -= 1
+            if not room:
+                break
+            start = i * self.block - first
+            b = Block(key, tuple(ids[i * self.block:(i + 1) * self.block]), parent,
+                      self.xp.ascontiguousarray(kv[:, :, start:start + self.block]))  # [2L, K, BLOCK, E]
+            if parent is not None:
+                parent.refs += 1
+            self.blocks[key] = b
+            self.bytes += b.nbytes
+            self.stored += 1
+            made += 1
+            parent = b
+        return made
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict least recently used blocks that nothing holds until `nbytes` more fit the
+        budget. -> False when they cannot (everything left is held)."""
+        while self.bytes + nbytes > self.budget:
+            victim = self._least_recent_leaf()
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _least_recent_leaf(self) -> Block | None:
+        return next((b for b in self.blocks.values() if b.refs == 0), None)
+
+    def _evict(self, b: Block) -> None:
+        del self.blocks[b.key]
+        self.bytes -= b.nbytes
+        self.evicted += 1
+        if b.parent is not None:
+            b.parent.refs -= 1  # the parent may now be a leaf, evictable in turn
+        b.kv = None
+
+    def clear(self) -> None:
+        """Drop every block that nothing pins (all of them, between requests)."""
+        while (victim := self._least_recent_leaf()) is not None:
+            self._evict(victim)
