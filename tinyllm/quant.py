@@ -132,9 +132,10 @@ class QuantizedMatrix:
     @classmethod
     def from_gguf(cls, raw, kind: str, n: int, k: int, dtype=np.float16) -> "QuantizedMatrix":
         """Split a GGUF tensor's block bytes (uint8, N rows of K/block blocks) into planes."""
+        plane_layout(kind, n, k)  # a known kind, whole blocks
         per_block, block_bytes = BLOCKS[kind]
         raw = np.asarray(raw)
-        if raw.dtype != np.uint8 or raw.size != n * (k // per_block) * block_bytes or k % per_block:
+        if raw.dtype != np.uint8 or raw.size != n * (k // per_block) * block_bytes:
             raise ValueError(f"{kind} [{n}, {k}] needs {n * (k // per_block) * block_bytes} bytes in whole blocks, "
                              f"got {raw.dtype} of {raw.size}")
         blocks = raw.reshape(n, k // per_block, block_bytes)  # [N, blocks, bytes of one block]
