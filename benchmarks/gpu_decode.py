@@ -1,9 +1,10 @@
 """Batch-1 decode on the GPU: tinyllm's graph-captured fast path, its readable CuPy path,
 and transformers (eager, and with a static cache) side by side, on random fp16 weights
-of real model shapes.
+of real model shapes; gpt-fast too when asked for.
 
-    python benchmarks/gpu_decode.py                      # both shapes, all peers
+    python benchmarks/gpu_decode.py                      # both default shapes, all peers
     python benchmarks/gpu_decode.py --shapes smollm2-135m --peers none
+    python benchmarks/gpu_decode.py --shapes llama-3.2-1b llama-3-8b --quick --gpt-fast all
 
 What is measured, per shape (medians of repeats, after warm-up, clocks read after a sync):
 - decode tok/s: 256 new tokens after a 16-token prompt, greedy; the time from the first
@@ -14,7 +15,15 @@ What is measured, per shape (medians of repeats, after warm-up, clocks read afte
 - prefill tok/s and time to first token for a 512-token prompt;
 - transformers' generate() on the same weights: eager (dynamic cache) and with
   cache_implementation="static" (which transformers compiles), decode tok/s measured as
-  (tokens(256) - tokens(1)) / (time(256) - time(1)) so its prefill cancels out.
+  (tokens(256) - tokens(1)) / (time(256) - time(1)) so its prefill cancels out;
+- with --gpt-fast: gpt-fast's compiled decode on the same weights and prompt, fp16 and
+  (with `all`) its int8 and int4 weight-only modes (benchmarks/gpt_fast_peer.py; its files
+  are copied to .gptfast/ by benchmarks/fetch_gpt_fast.py), after tinyllm's memory is
+  given back, with its bytes per step as a fraction of the copy bandwidth.
+--quick leaves out the slow extras (the readable CuPy model's eager decode, the
+transformers peers, the run without programmatic dependent launch), so that an 8B shape
+takes minutes. Shapes default to SHAPES of benchmarks/gpu_models.py; the Llama 3 shapes
+run when named.
 Results go to JSON (--out) and a Markdown table on stdout.
 """
 from __future__ import annotations
@@ -35,7 +44,7 @@ sys.path.insert(0, str(REPO))
 import cupy as cp  # noqa: E402
 
 from benchmarks.common import git_commit  # noqa: E402
-from benchmarks.gpu_models import SHAPES, random_model, to_transformers  # noqa: E402
+from benchmarks.gpu_models import ALL_SHAPES, SHAPES, prompt_ids, random_model, to_transformers  # noqa: E402
 from tinyllm.cuda import CudaDecoder  # noqa: E402
 from tinyllm.cuda import kernels as K  # noqa: E402
 from tinyllm.model import Model  # noqa: E402
@@ -72,14 +81,10 @@ def step_bytes(model: Model, context: int) -> int:
     return layer_bytes + w.norm.nbytes + w.output.nbytes + c.dim * 2 + kv
 
 
-def prompt_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, n)[None, :]
-
-
 def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
     ids = prompt_ids(PROMPT_LEN, model.config.vocab_size)
     cache = decoder.new_cache(PROMPT_LEN + NEW_TOKENS + 8)
-    rates, tokens = [], None
+    rates, tokens, first = [], None, None
     for r in range(repeats + 1):
         cache.trim(cache.length)
         first = int(cp.argmax(model.forward(ids, cache)[0, -1]))
@@ -106,7 +111,7 @@ def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
     end_ev.synchronize()
     step_s = cp.cuda.get_elapsed_time(start_ev, end_ev) / 1e3 / n
     return {"decode_tok_s": statistics.median(rates), "decode_runs": rates, "gpu_step_us": step_s * 1e6,
-            "graph_kernels": step.n_nodes, "tokens_head": tokens[:8],
+            "graph_kernels": step.n_nodes, "first_token": first, "tokens_head": tokens[:8],
             "bytes_per_step": step_bytes(model, PROMPT_LEN + NEW_TOKENS // 2)}
 
 
@@ -254,10 +259,27 @@ def bench_transformers(model: Model, static: bool) -> dict:
     return {"decode_tok_s": (NEW_TOKENS - 1) / (tn - t1), "first_call_s": compile_s}
 
 
+def bench_gpt_fast(name: str, readable: Model, row: dict, args) -> dict:
+    """gpt-fast's decode of the same weights (benchmarks/gpt_fast_peer.py), its greedy tokens
+    compared with the fast path's; a failure of any kind is reported, never raised."""
+    modes = ["fp16"] if args.gpt_fast == "fp16" else ["fp16", "int8", "int4"]
+    try:
+        from benchmarks.gpt_fast_peer import run_peer
+
+        return run_peer(name, modes, NEW_TOKENS, model=readable, repeats=args.repeats,
+                        reference_tokens=[row["first_token"], *row["tokens_head"]])
+    except Exception as e:
+        return {"modes": {m: {"error": f"{type(e).__name__}: {e}"[:300]} for m in modes}}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(ALL_SHAPES))
     ap.add_argument("--peers", choices=["none", "eager", "all"], default="all")
+    ap.add_argument("--gpt-fast", choices=["none", "fp16", "all"], default="none",
+                    help="gpt-fast's decode on the same weights: fp16, or all of fp16, int8 and int4")
+    ap.add_argument("--quick", action="store_true",
+                    help="leave out readable eager decode, the transformers peers and the run without PDL")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -276,7 +298,7 @@ def main(argv=None) -> dict:
         row["warmup_s"] = time.perf_counter() - start
         row.update(bench_fast(fast, decoder, args.repeats))
         row["pdl"] = K.pdl_active()
-        if row["pdl"]:  # the same without programmatic dependent launch, for comparison
+        if row["pdl"] and not args.quick:  # the same without programmatic dependent launch, for comparison
             K.set_pdl(False)
             plain = bench_fast(fast, decoder, args.repeats)
             K.set_pdl(True)
@@ -286,18 +308,23 @@ def main(argv=None) -> dict:
         row["generate_tok_s"] = bench_generation(fast, decoder, args.repeats)
         row["kernels"] = kernel_profile(fast, decoder)
         row.update(bench_prefill(fast, args.repeats))
-        row["readable_eager_tok_s"] = bench_eager(readable)
+        if not args.quick:
+            row["readable_eager_tok_s"] = bench_eager(readable)
         row["fast_eager_tok_s"] = bench_eager(fast)
         print(f"[{name}] fast {row['decode_tok_s']:.0f} tok/s, step {row['gpu_step_us']:.0f} us", flush=True)
-        if args.peers != "none":
+        if args.peers != "none" and not args.quick:
             row["transformers_eager"] = bench_transformers(fast, static=False)
-        if args.peers == "all":
+        if args.peers == "all" and not args.quick:
             try:
                 row["transformers_static"] = bench_transformers(fast, static=True)
             except Exception as e:  # report, never hide, a failing peer
                 row["transformers_static"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        del decoder, fast
+        cp.get_default_memory_pool().free_all_blocks()  # gpt-fast's torch allocator gets the memory back
+        if args.gpt_fast != "none":
+            row["gpt_fast"] = bench_gpt_fast(name, readable, row, args)
         result["shapes"][name] = row
-        del decoder, fast, readable
+        del readable
         cp.get_default_memory_pool().free_all_blocks()
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
@@ -312,19 +339,32 @@ def markdown(result: dict) -> str:
             return "-"
         return f"{p['decode_tok_s']:.1f}" if "decode_tok_s" in p else "error"
 
+    def num(row, key, digits=1):
+        return "-" if row.get(key) is None else f"{row[key]:.{digits}f}"
+
+    def gpt_fast(row, mode):
+        return peer(row.get("gpt_fast", {}).get("modes", {}), mode)
+
+    gf_modes = ("fp16", "int8", "int4")
+    with_gf = any("gpt_fast" in r for r in result["shapes"].values())
+
     lines = [f"{result['date']} · {result['device']} · commit {result['commit']} · copy bandwidth "
              f"{result['copy_bandwidth_GBs']:.0f} GB/s · `{result['command']}`", "",
              "| shape | tinyllm fast (graph) tok/s | via generate.py tok/s | GPU µs/step | kernels/step | of copy BW | BW limit tok/s "
              "| TTFT 512 ms | prefill tok/s | readable CuPy tok/s | fast eager tok/s | transformers eager | "
-             "transformers static |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "transformers static |" + ("".join(f" gpt-fast {m} |" for m in gf_modes) if with_gf else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" * len(gf_modes) if with_gf else "")]
     for name, r in result["shapes"].items():
         lines.append(
             f"| {name} | {r['decode_tok_s']:.0f} | {r.get('generate_tok_s', 0):.0f} | {r['gpu_step_us']:.0f} | "
             f"{r['graph_kernels']} | "
             f"{100 * r['bandwidth_fraction']:.0f}% | {r['limit_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
-            f"{r['prefill_tok_s']:.0f} | {r['readable_eager_tok_s']:.1f} | {r['fast_eager_tok_s']:.1f} | "
-            f"{peer(r, 'transformers_eager')} | {peer(r, 'transformers_static')} |")
+            f"{r['prefill_tok_s']:.0f} | {num(r, 'readable_eager_tok_s')} | {num(r, 'fast_eager_tok_s')} | "
+            f"{peer(r, 'transformers_eager')} | {peer(r, 'transformers_static')} |"
+            + ("".join(f" {gpt_fast(r, m)} |" for m in gf_modes) if with_gf else ""))
+    for name, r in result["shapes"].items():
+        if "gpt_fast" in r:
+            lines += ["", gpt_fast_markdown(name, r, result["copy_bandwidth_GBs"])]
     for name, r in result["shapes"].items():
         if "no_pdl" in r:
             lines.append(f"\n{name}: without programmatic dependent launch {r['no_pdl']['decode_tok_s']:.0f} tok/s, "
@@ -337,6 +377,30 @@ def markdown(result: dict) -> str:
             for k in r["kernels"]:
                 lines.append(f"| {k['kernel']} | {k['count']} | {k['us_each']:.1f} | {k['us']:.0f} | {k['GB_s']:.0f} |")
             lines.append(f"| total timed | | | {sum(k['us'] for k in r['kernels']):.0f} | |")
+    return "\n".join(lines)
+
+
+def gpt_fast_markdown(name: str, row: dict, copy_GBs: float) -> str:
+    g = row["gpt_fast"]
+    source = g.get("gpt_fast") or {}
+    edited = f", edited since fetched: {', '.join(source['edited_since_fetch'])}" if source.get("edited_since_fetch") else ""
+    lines = [f"{name}: gpt-fast {source.get('commit') or '(commit unknown)'}{edited}, torch {g.get('torch', '?')}; "
+             f"tinyllm fast path: {row['bytes_per_step'] / 1e6:.0f} MB per step, {row['decode_tok_s']:.0f} tok/s", "",
+             "| gpt-fast mode | dtype | decode tok/s | MB per step (weights + whole KV cache) | of copy BW | "
+             "first call s | greedy tokens as tinyllm's | prefill logits: max abs diff, same arg max |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, r in g.get("modes", {}).items():
+        if "error" in r:
+            error = " ".join(r["error"].split()).replace("|", "/")[:300]  # one table cell
+            lines.append(f"| {mode} | error: {error} | | | | | | |")
+            continue
+        same, n = "-", r.get("tokens_compared")
+        if "tokens_match" in r:
+            same = f"all {n}" if r["tokens_match"] else f"first {r['leading_tokens_as_tinyllm']} of {n}"
+        check = r.get("logits_vs_tinyllm")
+        check = f"{check['max_abs_diff']:.3g}, {100 * check['same_argmax']:.0f}%" if check else "-"
+        lines.append(f"| {mode} | {r['dtype']} | {r['decode_tok_s']:.1f} | {r['bytes_per_step'] / 1e6:.0f} | "
+                     f"{100 * r['GB_s'] / copy_GBs:.0f}% | {r['first_call_s']:.0f} | {same} | {check} |")
     return "\n".join(lines)
 
 

@@ -1,10 +1,12 @@
 """Random-weight models of real shapes, for the GPU tests and benchmarks.
 
 Speed depends on shapes, not on values, so the GPU benchmarks use random fp16 weights
-of TinyLlama-1.1B's and SmolLM2-135M's shapes (no checkpoint travels to the GPU
-machine). The weights are drawn on the device with CuPy, scaled so that activations stay
-O(1) through the layers and the logits are spread out (greedy comparisons need clear
-winners), and can be copied into a `transformers` LlamaForCausalLM for reference.
+of TinyLlama-1.1B's and SmolLM2-135M's shapes (SHAPES, what the scripts run by default)
+and, when named, of Llama 3's (LLAMA3_SHAPES: 1B and 8B, the big models that sit at the
+bandwidth limit). No checkpoint travels to the GPU machine. The weights are drawn on the
+device with CuPy, scaled so that activations stay O(1) through the layers and the logits
+are spread out (greedy comparisons need clear winners), and can be copied into a
+`transformers` LlamaForCausalLM for reference.
 """
 from __future__ import annotations
 
@@ -19,14 +21,35 @@ SHAPES = {
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
                          rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True),
 }
+# Run only when asked for by name, so that a script looping over SHAPES keeps its cost.
+# Llama 3.2's checkpoint also scales its RoPE frequencies (rope_type llama3, factor 32):
+# that changes the table's values, never the work of a step, so random weights leave it out.
+LLAMA3_SHAPES = {
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                         rope_theta=500000.0, norm_eps=1e-5, max_seq_len=131072, tie_embeddings=True),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=128256,
+                       rope_theta=500000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=False),
+}
+ALL_SHAPES = {**SHAPES, **LLAMA3_SHAPES}
 
 
 def shape_config(name: str, **overrides) -> Config:
-    return Config(**{**SHAPES[name], **overrides, "source": name})
+    if name not in ALL_SHAPES:
+        raise ValueError(f"unknown shape {name!r}; expected one of {', '.join(ALL_SHAPES)}")
+    return Config(**{**ALL_SHAPES[name], **overrides, "source": name})
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """n random token ids, [1, n]: every engine of a benchmark is given the same prompt."""
+    return np.random.default_rng(seed).integers(0, vocab, n)[None, :]
 
 
 def random_weights(c: Config, xp, dtype=np.float16, seed: int = 0) -> Weights:
-    """Random weights on the array module xp (cupy: drawn on the GPU)."""
+    """Random weights on the array module xp (cupy: drawn on the GPU).
+
+    Each matrix is drawn in float32 and converted before the next is drawn, so the
+    temporaries are a few copies of the largest matrix (an 8B model's 2 GB LM head),
+    never a float32 copy of the whole model."""
     rng = xp.random.default_rng(seed) if hasattr(xp.random, "default_rng") else xp.random.RandomState(seed)
 
     def normal(shape, std):
@@ -76,6 +99,15 @@ def host_copy(weights: Weights, dtype=np.float32) -> Weights:
     )
 
 
+def as_torch(a):
+    """A torch tensor sharing the memory of a CuPy (DLPack) or NumPy array."""
+    import torch
+
+    if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
+        return torch.from_dlpack(a)
+    return torch.from_numpy(np.asarray(a))
+
+
 def to_transformers(model: Model, torch_device: str = "cuda", dtype=None):
     """A LlamaForCausalLM holding the same weights (q/k/v and gate/up split back apart)."""
     import torch
@@ -97,9 +129,7 @@ def to_transformers(model: Model, torch_device: str = "cuda", dtype=None):
     if hasattr(rotary, "original_inv_freq"):
         rotary.original_inv_freq = inv_freq
 
-    def t(a):
-        return torch.from_dlpack(a) if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray) else torch.from_numpy(np.asarray(a))
-
+    t = as_torch
     w = model.weights
     q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     with torch.no_grad():
