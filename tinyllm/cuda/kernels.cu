@@ -191,20 +191,33 @@ __device__ __forceinline__ void epilogue(float y, float u, const __half* __restr
     }
 }
 
-template <int K>
-struct Row {  // one lane's share of a weight row, held in registers
+// A lane holds its share of a weight row in registers (the loads issue before any
+// arithmetic). Past 24 16-byte vectors per lane (96 registers), ptxas spills them to local
+// memory, which costs more than splitting the row: then S warps share a row, each over
+// a contiguous part of K, and their sums meet in shared memory (fixed order: the bits
+// depend on K only). S = 1 for every row that fits.
+template <int K, int EPI>
+struct GemvSplit {
+    static constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
     static constexpr int NV = K / 8;                 // 16-byte vectors in a row
-    static constexpr int PER_LANE = (NV + 31) / 32;
-    uint4 v[PER_LANE];
+    static constexpr bool fits(int s) { return NV % s == 0 && ((NV / s + 31) / 32) * MATS <= 24; }
+    static constexpr int S = fits(1) ? 1 : fits(2) ? 2 : fits(4) ? 4 : 8;
+    static constexpr int NVP = NV / S;               // vectors per warp's part of the row
+    static constexpr int PER_LANE = (NVP + 31) / 32;
 };
 
-template <int K>
-__device__ __forceinline__ void load_row(Row<K>& r, const __half* __restrict__ wrow, int lane) {
-    const uint4* w = reinterpret_cast<const uint4*>(wrow);
+template <int N>
+struct Row {  // one lane's share of (a part of) a weight row, held in registers
+    uint4 v[N];
+};
+
+template <int NVP, int PER_LANE>
+__device__ __forceinline__ void load_row(Row<PER_LANE>& r, const __half* __restrict__ wpart, int lane) {
+    const uint4* w = reinterpret_cast<const uint4*>(wpart);
 #pragma unroll
-    for (int i = 0; i < Row<K>::PER_LANE; i++) {
+    for (int i = 0; i < PER_LANE; i++) {
         const int c = i * 32 + lane;
-        if (c < Row<K>::NV) r.v[i] = load_stream(w + c);
+        if (c < NVP) r.v[i] = load_stream(w + c);
     }
 }
 
@@ -223,14 +236,19 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
                                              const __half* __restrict__ norm_w, float eps,
                                              const __half* __restrict__ res, __half* __restrict__ out, int N) {
     static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
+    using P = GemvSplit<K, EPI>;
+    constexpr int S = P::S, NVP = P::NVP, PER_LANE = P::PER_LANE;
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + warp;
+    const int row = blockIdx.x * ((blockDim.x >> 5) / S) + warp / S;
+    const int first = (warp % S) * NVP;   // this warp's first vector of the row
     const bool active = row < N;
-    Row<K> wa, wb;
-    if (active) {
-        load_row<K>(wa, W + (size_t)row * K, lane);
-        if (EPI == EPI_SWIGLU) load_row<K>(wb, W + (size_t)(row + N) * K, lane);
+    // a split row's warps all reach the barrier below: rows past N load row N - 1 (dropped)
+    const size_t lrow = active ? row : N - 1;
+    Row<PER_LANE> wa, wb;
+    if (active || S > 1) {
+        load_row<NVP, PER_LANE>(wa, W + lrow * K + first * 8, lane);
+        if (EPI == EPI_SWIGLU) load_row<NVP, PER_LANE>(wb, W + (lrow + N) * K + first * 8, lane);
     }
     // the "memory" clobber in pdl_wait keeps every activation load behind the weight loads
     pdl_wait();
@@ -238,18 +256,18 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
     // L2-only loads (ld.global.cg): an L1 line cached before this kernel may be stale when
     // kernels overlap, and every warp of the block reads all of x
     __shared__ __align__(16) __half xs[K];
-    for (int i = threadIdx.x; i < Row<K>::NV; i += blockDim.x)
+    for (int i = threadIdx.x; i < P::NV; i += blockDim.x)
         reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(x) + i);
     __syncthreads();
     // (the branch keeps ptxas from sinking the weight loads to their first use)
-    if (!active) return;
-    const uint4* xv = reinterpret_cast<const uint4*>(xs);
-    const uint4* nv = reinterpret_cast<const uint4*>(norm_w);
+    if (S == 1 && !active) return;
+    const uint4* xv = reinterpret_cast<const uint4*>(xs) + first;
+    const uint4* nv = reinterpret_cast<const uint4*>(norm_w) + first;
     float acc_a = 0.f, acc_b = 0.f, ss = 0.f;
 #pragma unroll
-    for (int i = 0; i < Row<K>::PER_LANE; i++) {
+    for (int i = 0; i < PER_LANE; i++) {
         const int c = i * 32 + lane;
-        if (c < Row<K>::NV) {
+        if (c < NVP) {
             const uint4 xr = xv[c];
             const __half2* x2 = reinterpret_cast<const __half2*>(&xr);
             float h[8];
@@ -275,8 +293,18 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
     }
     float y = warp_sum(acc_a);
     float u = (EPI == EPI_SWIGLU) ? warp_sum(acc_b) : 0.f;
+    float sq = NORM ? warp_sum(ss) : 0.f;
+    if (S > 1) {  // the parts of a split row, summed in order by the row's first warp
+        __shared__ float parts[16][3];
+        if (lane == 0) { parts[warp][0] = y; parts[warp][1] = u; parts[warp][2] = sq; }
+        __syncthreads();
+        if (warp % S != 0 || !active) return;
+        y = u = sq = 0.f;
+#pragma unroll
+        for (int p = 0; p < S; p++) { y += parts[warp + p][0]; u += parts[warp + p][1]; sq += parts[warp + p][2]; }
+    }
     if (NORM) {
-        const float inv = 1.f / sqrtf(warp_sum(ss) / K + eps);
+        const float inv = 1.f / sqrtf(sq / K + eps);
         y *= inv;
         u *= inv;
     }

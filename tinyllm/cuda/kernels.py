@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = (Path(__file__).with_name("kernels.cu")).read_text()
+# one module: the quantized kernels (quant.cu) use kernels.cu's helpers and epilogues
+SOURCE = "\n".join((Path(__file__).with_name(f)).read_text() for f in ("kernels.cu", "quant.cu"))
 OPTIONS = ("--std=c++17",)
 GEMV_WARPS = 8           # rows per block: one warp per row
 
@@ -196,6 +197,13 @@ def swiglu_rows(gate_up, out):
     kernel("swiglu_rows")((_blocks(rows * f),), (256,), (gate_up, out, np.int32(f), np.int64(rows)))
 
 
+def gemv_split(k: int, epilogue: int) -> int:
+    """Warps that share one output row of `gemv` (GemvSplit in kernels.cu): 1 unless a lane's
+    share of the row would pass 24 16-byte vectors, which ptxas would spill."""
+    mats, nv = (2 if epilogue == EPI_SWIGLU else 1), k // 8
+    return next(s for s in (1, 2, 4, 8) if s == 8 or (nv % s == 0 and (nv // s + 31) // 32 * mats <= 24))
+
+
 def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
     """out = W @ x (fp16 in, fp32 accumulate) with an optional RMSNorm prologue and an epilogue.
 
@@ -204,7 +212,8 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
     if epilogue == EPI_SWIGLU:
         n_out //= 2
     norm = norm_w is not None
-    blocks = (n_out + GEMV_WARPS - 1) // GEMV_WARPS
+    rows_per_block = GEMV_WARPS // gemv_split(k, epilogue)
+    blocks = (n_out + rows_per_block - 1) // rows_per_block
     # unused pointer arguments get x: a valid address the kernel never reads
     launch(gemv_name(k, norm, epilogue), (blocks,), (32 * GEMV_WARPS,), (
         w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out)),
@@ -315,3 +324,64 @@ def sample_token(logits, params, w_scratch, token, history, pos):
 def set_step(token, pos, params, tok: int | None, position: int, u: float):
     kernel("set_step")((1,), (1,), (token, pos, params, np.int64(tok or 0), np.int32(position), np.float32(u),
                                     np.int32(tok is not None)))
+
+
+# ---- block-quantized weights (quant.cu) -----------------------------------------------------
+QUANT_KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q6_k": 4}  # the KIND enum of quant.cu
+Q_WARPS, Q_PAD, Q_TOKENS = 8, 8, 8  # as in quant.cu; tokens per gemv_q launch at most
+
+
+def gemv_q_name(kind: str, k: int, norm: bool, epilogue: int) -> str:
+    return f"gemv_q<{QUANT_KINDS[kind]}, {k}, {'true' if norm else 'false'}, {epilogue}>"
+
+
+def dequantize_q_name(kind: str, k: int) -> str:
+    return f"dequantize_q<{QUANT_KINDS[kind]}, {k}>"
+
+
+def _q_shared(k: int, tokens: int, epilogue: int) -> int:
+    mats = 2 if epilogue == EPI_SWIGLU else 1
+    return (tokens * (k + Q_PAD) * 2 + 15) // 16 * 16 + mats * Q_WARPS * 16 * 8 * 4 + 8 * 4
+
+
+def q_tokens(k: int) -> int:
+    """Tokens per gemv_q launch: up to 8, fewer where their staged inputs would not fit."""
+    return next(b for b in range(Q_TOKENS, 0, -1) if b == 1 or _q_shared(k, b, EPI_SWIGLU) <= ROWS_SMEM)
+
+
+def _planes(w):
+    """The four plane pointers of quant.cu's Planes (absent planes: any valid address)."""
+    p = w.planes
+    return tuple(p.get(name, p["q"]) for name in ("q", "qh", "scale", "meta"))
+
+
+def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
+    """out[b] = W @ x[b] for a block-quantized W (tinyllm.quant.QuantizedMatrix), B <= 64
+    tokens in launches of q_tokens(K): a token's result does not depend on its launch.
+
+    w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out, residual: [B, N]."""
+    n_out, k = w.shape
+    if epilogue == EPI_SWIGLU:
+        n_out //= 2
+    rows = x.size // k
+    x2, out2 = x.reshape(rows, k), out.reshape(rows, n_out)
+    res2 = residual.reshape(rows, n_out) if residual is not None else None
+    norm = norm_w is not None
+    name = gemv_q_name(w.kind, k, norm, epilogue)
+    step = q_tokens(k)
+    for b0 in range(0, rows, step):
+        b = min(step, rows - b0)
+        xb = x2[b0:b0 + b]
+        launch(name, ((n_out + 15) // 16,), (32 * Q_WARPS,), _planes(w) + (
+            xb, norm_w if norm else xb, np.float32(eps), res2[b0:b0 + b] if res2 is not None else xb,
+            out2[b0:b0 + b], np.int32(n_out), np.int32(b)), pdl=True, shared=_q_shared(k, b, epilogue))
+
+
+def dequantize_q(w):
+    """The fp16 weights [N, K] of a block-quantized matrix, rebuilt as gemv_q rebuilds them
+    (a prompt's matmul runs on cuBLAS with them)."""
+    n, k = w.shape
+    out = _cupy().empty((n, k), dtype=np.float16)
+    units = n * (k // (64 if w.kind == "q6_k" else 32))
+    kernel(dequantize_q_name(w.kind, k))(((units + 255) // 256,), (256,), _planes(w) + (out, np.int32(n)))
+    return out

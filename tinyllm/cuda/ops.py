@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model import Ops
+from ..quant import QuantizedMatrix
 from . import kernels as K
 
 MODES = ("eager", "graph", "batched")
@@ -48,7 +49,8 @@ class FastOps(Ops):
     device memory). positions, slots: int32 device buffers the graph modes read; the eager
     mode makes and writes its own."""
 
-    def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False):
+    def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False,
+                 quantized=()):
         import cupy as cp
 
         if mode not in MODES:
@@ -66,10 +68,11 @@ class FastOps(Ops):
         shared = chunk * e * 2 + (r + 1) * e * 4 + r * chunk * 4 + (chunk // 32) * r * 4
         self.fused_attention = e in (64, 128) and shared <= 47 * 1024
         self.stats = {"fused": 0, "rows_attention": 0}  # fused launches, batched attention launches
+        self.quantized = tuple(quantized)  # (kind, K, norm, epilogue) of each block-quantized GEMV
 
     @classmethod
     def for_model(cls, model, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False) -> "FastOps":
-        return cls(model.config, model.rope, mode, positions, slots, shared_rows)
+        return cls(model.config, model.rope, mode, positions, slots, shared_rows, quantized_gemvs(model.weights))
 
     # ---- which calls take the fast path ------------------------------------------------
     def kernel_names(self) -> list[str]:
@@ -84,6 +87,8 @@ class FastOps(Ops):
                 names.append(K.gemv_name(k, norm, epi))
         if self.fused_attention:
             names.append(K.attention_name(c.head_dim, c.n_rep))
+        for kind, k, norm, epi in self.quantized:
+            names += [K.gemv_q_name(kind, k, norm, epi), K.dequantize_q_name(kind, k)]
         return sorted(set(names))
 
     def rows_kernel_names(self, max_rows: int) -> list[str]:
@@ -110,8 +115,18 @@ class FastOps(Ops):
     def _gemv(self, x, w, epilogue=K.EPI_STORE, norm=None, residual=None):
         """The fused GEMV for the decode shape, or None when this call must run readable.
         One token runs `gemv`, B tokens (and every call of the batched mode, B = 1 included)
-        the tensor-core `gemv_rows`. norm: (weight, eps) of an RMSNorm prologue."""
+        the tensor-core `gemv_rows`; a block-quantized matrix, at any B, `gemv_q`.
+        norm: (weight, eps) of an RMSNorm prologue."""
         b, k = self._rows(x), w.shape[1]
+        if isinstance(w, QuantizedMatrix):
+            if not (b and w.dtype == np.float16 and x.shape[-1] == k):
+                return None
+            n_out = w.shape[0] // 2 if epilogue == K.EPI_SWIGLU else w.shape[0]
+            out = self.xp.empty((b, 1, n_out), dtype=np.float16)
+            norm_w, eps = norm if norm is not None else (None, 0.0)
+            K.gemv_q(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
+            self.stats["fused"] += 1
+            return out
         single = b == 1 and self.mode != "batched"
         fits = k % 8 == 0 and k <= 16384 if single else K.gemv_rows_fits(w.shape[0], k, b)
         if not (b and fits and w.dtype == np.float16 and w.flags.c_contiguous):
@@ -182,6 +197,13 @@ class FastOps(Ops):
         return out
 
     # ---- single operations: a prompt's rows, one launch each --------------------------------
+    def linear(self, x, w):
+        """A prompt's matmul by a block-quantized matrix: its fp16 weights rebuilt by one kernel
+        (into a temporary), then cuBLAS, instead of the readable dequantization's many calls."""
+        if isinstance(w, QuantizedMatrix) and w.dtype == np.float16 and x.dtype == np.float16:
+            w = K.dequantize_q(w)
+        return super().linear(x, w)
+
     def embedding(self, table, tokens):
         if (tokens.ndim == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= K.MAX_ROWS and tokens.dtype == np.int64
                 and tokens.flags.c_contiguous and table.dtype == np.float16):
@@ -236,3 +258,13 @@ class FastOps(Ops):
             with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
                 self._scratch[capacity, rows] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows)
         return self._scratch[capacity, rows]
+
+
+def quantized_gemvs(weights) -> list[tuple]:
+    """(kind, K, norm, epilogue) of every GEMV a decode step runs on a block-quantized matrix."""
+    uses = []
+    for layer in weights.layers:
+        uses += [(layer.wqkv, True, K.EPI_STORE), (layer.wo, False, K.EPI_RESIDUAL),
+                 (layer.w_gate_up, True, K.EPI_SWIGLU), (layer.w_down, False, K.EPI_RESIDUAL)]
+    uses.append((weights.output, True, K.EPI_STORE))
+    return sorted({(w.kind, w.shape[1], norm, epi) for w, norm, epi in uses if isinstance(w, QuantizedMatrix)})

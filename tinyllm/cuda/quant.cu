@@ -1,0 +1,370 @@
+// Block-quantized weights multiplied as they are (compiled with kernels.cu, after it).
+//
+// A GGUF matrix [N, K] stays in its blocks (tinyllm/quant.py: the file's bits, split into
+// aligned planes): 4.5 to 8.5 bits a weight instead of fp16's 16, and a decode step, which
+// reads every weight once, reads that much less. Nothing is expanded in memory: each
+// thread turns the few bytes it loaded into fp16 weights in registers and hands them to
+// the tensor cores (mma.m16n8k16, fp32 accumulate), exactly as gemv_rows hands fp16 weights.
+//
+// Work split (as gemv_rows): a block computes 16 output rows (EPI_SWIGLU: 16 gate rows and
+// their 16 up rows) for B <= 8 tokens; its 8 warps split the row's "units" (a unit is what
+// one thread dequantizes at a time: one 32-weight block, or a 16-byte slice of a K-quant
+// super-block); their partial sums meet in shared memory, added in a fixed order, so a
+// token's result depends on neither B nor its neighbours. Thread (g, t) of a warp (g =
+// lane / 4, t = lane % 4) takes unit 4w + t + 32i of rows g and g + 8.
+//
+// The mma trick: a dot product may visit k in any order, as long as weights and inputs use
+// the same one. mma wants from each thread, per row, two pairs of k (its A registers); a
+// 32-bit word of 4-bit weights turns most cheaply into the pairs {0, 2} and {1, 3} of its
+// bytes' nibbles. So the inputs X are staged in shared memory already permuted into the
+// order in which the weights come out of their bytes (`src` below says, for every slot,
+// which k it holds), and each thread reads its B registers as one 8-byte load.
+//
+// Rounding: a weight is rebuilt in fp16 (d * q, d * q + m, or (d * sc) * q - dmin * m with
+// the scale products rounded to fp16), then multiplied in fp32 by the tensor cores. The
+// readable path (quant.py) rebuilds in fp32 and rounds once to fp16; the two differ by at
+// most an fp16 rounding of the scale: the tests hold them to a tolerance, not to bits.
+
+enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4 };
+
+// fp16 pairs from bytes, exactly: 0x6400 is 1024.0 in fp16, whose ulp is 1, so the
+// half with bit pattern 0x6400 | v is 1024 + v for v < 1024; subtracting 1024 + offset
+// leaves v - offset. `nibbles(w, s)`: the nibbles at bits s and s + 16 (bytes 0 and 2 when
+// s = 0 or 4, bytes 1 and 3 when s = 8 or 12).
+__device__ __forceinline__ __half2 nibbles(unsigned w, int s) {
+    const unsigned v = ((w >> s) & 0x000F000Fu) | 0x64006400u;
+    return *reinterpret_cast<const __half2*>(&v);
+}
+// bytes 0 and 2 (odd = false) or 1 and 3 (odd = true) of w, each below 1024 + 256
+__device__ __forceinline__ __half2 bytes2(unsigned w, bool odd) {
+    const unsigned v = __byte_perm(w, 0x64646464u, odd ? 0x4341u : 0x4240u);
+    return *reinterpret_cast<const __half2*>(&v);
+}
+__device__ __forceinline__ unsigned h2u(__half2 h) { return *reinterpret_cast<const unsigned*>(&h); }
+__device__ __forceinline__ __half2 h2(float v) { return __float2half2_rn(v); }
+
+// The four k of slot s (0..3) in a thread's share of one mma: pair {0, 2}, then {1, 3}.
+__device__ __forceinline__ int slot_k(int s) { return (s & 1) * 2 + (s >> 1); }
+
+// ---- the formats ------------------------------------------------------------------------
+// Each format says: UNIT (weights per unit), MMAS (mmas per unit), Unit (what a thread loads
+// for one unit of one row), load(), weights(j) (the two A registers of this row for mma j)
+// and src(u, j, s) (the k, within the row, of slot s of mma j of unit u).
+struct Planes {
+    const unsigned char* q;      // the quants
+    const unsigned char* qh;     // Q6_K: the high bits
+    const void* scale;           // fp16 block scales (Q4_1: (d, m) pairs)
+    const unsigned char* meta;   // K-quants: per super-block header / scales
+};
+
+template <int KIND, int K> struct QFormat;
+
+// Q8_0: 32 int8 weights and one fp16 scale d per block; w = d * q.
+template <int K> struct QFormat<Q8_0, K> {
+    static constexpr int UNIT = 32, MMAS = 8;
+    struct Unit { uint4 q[2]; __half2 d; };
+    static __device__ __forceinline__ void load(Unit& x, const Planes& p, size_t row, int u) {
+        const uint4* q = reinterpret_cast<const uint4*>(p.q + row * K + u * 32);
+        x.q[0] = load_stream(q);
+        x.q[1] = load_stream(q + 1);
+        x.d = __half2half2(reinterpret_cast<const __half*>(p.scale)[row * (K / 32) + u]);
+    }
+    static __device__ __forceinline__ void weights(const Unit& x, int j, unsigned& a0, unsigned& a2) {
+        const unsigned w = reinterpret_cast<const unsigned*>(x.q)[j] ^ 0x80808080u;  // q + 128, as unsigned bytes
+        a0 = h2u(__hmul2(__hsub2(bytes2(w, false), h2(1152.f)), x.d));
+        a2 = h2u(__hmul2(__hsub2(bytes2(w, true), h2(1152.f)), x.d));
+    }
+    static __device__ __forceinline__ int src(int u, int j, int s) { return u * 32 + 4 * j + slot_k(s); }
+    static __device__ __forceinline__ int dst_group(int q) { return 4 * q; }
+};
+
+// Q4_0 / Q4_1: 32 4-bit weights in 16 bytes (byte i: weight i in the low nibble, weight
+// i + 16 in the high one) and d (Q4_1: d and m); w = d * (q - 8) or d * q + m.
+template <int KIND, int K> struct Q4Block {
+    static constexpr int UNIT = 32, MMAS = 8;
+    struct Unit { uint4 q; __half2 d, m; };
+    static __device__ __forceinline__ void load(Unit& x, const Planes& p, size_t row, int u) {
+        x.q = load_stream(reinterpret_cast<const uint4*>(p.q + row * (K / 2) + u * 16));
+        if (KIND == Q4_1) {
+            const __half2 dm = reinterpret_cast<const __half2*>(p.scale)[row * (K / 32) + u];
+            x.d = __low2half2(dm);
+            x.m = __high2half2(dm);
+        } else {
+            x.d = __half2half2(reinterpret_cast<const __half*>(p.scale)[row * (K / 32) + u]);
+        }
+    }
+    // mma j: word j / 2 of the 16 bytes, low nibbles (j even) or high ones
+    static __device__ __forceinline__ void weights(const Unit& x, int j, unsigned& a0, unsigned& a2) {
+        const unsigned w = reinterpret_cast<const unsigned*>(&x.q)[j >> 1];
+        const int s = (j & 1) * 4;
+        if (KIND == Q4_1) {
+            a0 = h2u(__hfma2(__hsub2(nibbles(w, s), h2(1024.f)), x.d, x.m));
+            a2 = h2u(__hfma2(__hsub2(nibbles(w, s + 8), h2(1024.f)), x.d, x.m));
+        } else {
+            a0 = h2u(__hmul2(__hsub2(nibbles(w, s), h2(1032.f)), x.d));
+            a2 = h2u(__hmul2(__hsub2(nibbles(w, s + 8), h2(1032.f)), x.d));
+        }
+    }
+    static __device__ __forceinline__ int src(int u, int j, int s) {
+        return u * 32 + (j & 1) * 16 + 4 * (j >> 1) + slot_k(s);
+    }
+    static __device__ __forceinline__ int dst_group(int q) {  // weights 4q..4q+3: word q % 4, high half or not
+        const int e = q % 8;
+        return (q / 8) * 32 + 4 * (2 * (e % 4) + e / 4);
+    }
+};
+template <int K> struct QFormat<Q4_0, K> : Q4Block<Q4_0, K> {};
+template <int K> struct QFormat<Q4_1, K> : Q4Block<Q4_1, K> {};
+
+// Q4_K: super-blocks of 256 weights: a 16-byte header (d, dmin, twelve bytes packing eight
+// 6-bit scales and mins) and 128 bytes of nibbles. Bytes 32c..32c+31 hold weights
+// 64c + i (low nibble, sub-block 2c) and 64c + 32 + i (high, sub-block 2c + 1);
+// w = (d * sc) * q - dmin * m. A unit is 16 of those bytes: 32 weights, two sub-blocks.
+template <int K> struct QFormat<Q4_K, K> {
+    static constexpr int UNIT = 32, MMAS = 8;
+    struct Unit { uint4 q; uint4 head; int v; };
+    static __device__ __forceinline__ void load(Unit& x, const Planes& p, size_t row, int u) {
+        x.q = load_stream(reinterpret_cast<const uint4*>(p.q + row * (K / 2) + u * 16));
+        x.head = __ldg(reinterpret_cast<const uint4*>(p.meta + (row * (K / 256) + u / 8) * 16));  // 8 units share it
+        x.v = u % 8;
+    }
+    // the 6-bit scale and min of sub-block b (0..7) from the twelve packed bytes, held as the
+    // words s0, s1, s2 (shifts, not byte indexing: a register cannot be indexed at run time)
+    static __device__ __forceinline__ void scale_min(unsigned s0, unsigned s1, unsigned s2, int b, int& s, int& m) {
+        const int sh = 8 * (b & 3);
+        const unsigned a = (s0 >> sh) & 0xFF, c = (s1 >> sh) & 0xFF, e = (s2 >> sh) & 0xFF;
+        if (b < 4) {
+            s = a & 63;
+            m = c & 63;
+        } else {
+            s = (e & 0xF) | ((a >> 6) << 4);
+            m = (e >> 4) | ((c >> 6) << 4);
+        }
+    }
+    static __device__ __forceinline__ void weights(const Unit& x, int j, unsigned& a0, unsigned& a2) {
+        const __half2 dd = *reinterpret_cast<const __half2*>(&x.head.x);  // (d, dmin)
+        const float d = __low2float(dd), dmin = __high2float(dd);
+        const int b = 2 * (x.v >> 1) + (j & 1);  // low nibbles: sub-block 2c, high: 2c + 1
+        int s, m;
+        scale_min(x.head.y, x.head.z, x.head.w, b, s, m);
+        const __half2 ds = h2(d * s), dm = h2(-dmin * m);
+        const unsigned w = reinterpret_cast<const unsigned*>(&x.q)[j >> 1];
+        const int sh = (j & 1) * 4;
+        a0 = h2u(__hfma2(__hsub2(nibbles(w, sh), h2(1024.f)), ds, dm));
+        a2 = h2u(__hfma2(__hsub2(nibbles(w, sh + 8), h2(1024.f)), ds, dm));
+    }
+    static __device__ __forceinline__ int src(int u, int j, int s) {
+        const int v = u % 8;
+        return (u / 8) * 256 + 64 * (v >> 1) + 16 * (v & 1) + 32 * (j & 1) + 4 * (j >> 1) + slot_k(s);
+    }
+    static __device__ __forceinline__ int dst_group(int q) {  // chunk c, nibble half, 16-byte half h, word i
+        const int sb = q / 64, r = q % 64, c = r / 16, high = (r % 16) / 8, h = (r % 8) / 4, i = r % 4;
+        return (sb * 8 + 2 * c + h) * 32 + 4 * (2 * i + high);
+    }
+};
+
+// Q6_K: super-blocks of 256 weights: ql (128 bytes of low nibbles), qh (64 bytes of 2-bit
+// highs), sixteen int8 scales, d. Half n (128 weights) uses ql[64n..], qh[32n..]: for
+// l < 32, byte ql[l] and ql[l + 32] with the four 2-bit fields of qh[l] give weights
+// l, l + 32, l + 64, l + 96 (scales l/16, +2, +4, +6); w = (d * sc) * (q - 32).
+// A unit is l in [16j, 16j + 16) of half n: 64 weights from 48 bytes.
+template <int K> struct QFormat<Q6_K, K> {
+    static constexpr int UNIT = 64, MMAS = 16;
+    struct Unit { uint4 lo, hi, qh; unsigned sc; __half d; };
+    static __device__ __forceinline__ void load(Unit& x, const Planes& p, size_t row, int u) {
+        const int sb = u / 4, n = (u % 4) >> 1, j = u & 1;
+        const unsigned char* ql = p.q + row * (K / 2) + sb * 128 + 64 * n + 16 * j;
+        x.lo = load_stream(reinterpret_cast<const uint4*>(ql));
+        x.hi = load_stream(reinterpret_cast<const uint4*>(ql + 32));
+        x.qh = load_stream(reinterpret_cast<const uint4*>(p.qh + row * (K / 4) + sb * 64 + 32 * n + 16 * j));
+        const unsigned char* sc = p.meta + (row * (K / 256) + sb) * 16 + 8 * n + j;
+        x.sc = sc[0] | (sc[2] << 8) | (sc[4] << 16) | ((unsigned)sc[6] << 24);  // scales of l, +32, +64, +96
+        x.d = reinterpret_cast<const __half*>(p.scale)[row * (K / 256) + sb];
+    }
+    // mma j: word j / 4 of the three vectors, field j % 4 (weights l, l + 32, l + 64, l + 96)
+    static __device__ __forceinline__ void weights(const Unit& x, int j, unsigned& a0, unsigned& a2) {
+        const int i = j >> 2, f = j & 3;
+        const unsigned l = reinterpret_cast<const unsigned*>(f & 1 ? &x.hi : &x.lo)[i];
+        const unsigned h = reinterpret_cast<const unsigned*>(&x.qh)[i];
+        const unsigned low4 = (f & 2 ? l >> 4 : l) & 0x0F0F0F0Fu;
+        const unsigned high2 = ((h >> (2 * f)) & 0x03030303u) << 4;
+        const unsigned q = low4 | high2;  // four 6-bit values, one per byte
+        const float sc = (float)(signed char)((x.sc >> (8 * f)) & 0xFF);
+        const __half2 ds = h2(__half2float(x.d) * sc);
+        a0 = h2u(__hmul2(__hsub2(bytes2(q, false), h2(1056.f)), ds));
+        a2 = h2u(__hmul2(__hsub2(bytes2(q, true), h2(1056.f)), ds));
+    }
+    static __device__ __forceinline__ int src(int u, int j, int s) {
+        const int sb = u / 4, n = (u % 4) >> 1, jj = u & 1;
+        return sb * 256 + 128 * n + 16 * jj + 4 * (j >> 2) + 32 * (j & 3) + slot_k(s);
+    }
+    static __device__ __forceinline__ int dst_group(int q) {  // half n, field f, 16-weight half jj, word i
+        const int sb = q / 64, r = q % 64, n = r / 32, f = (r % 32) / 8, jj = (r % 8) / 4, i = r % 4;
+        return (sb * 4 + 2 * n + jj) * 64 + 4 * (4 * i + f);
+    }
+};
+
+// ---- the kernel -------------------------------------------------------------------------
+constexpr int Q_WARPS = 8, Q_PAD = 8;  // warps per block; halves of padding per staged X row
+
+// Y[b, n] = sum_k W[n, k] X[b, k] for B <= 8 tokens, W block-quantized, with gemv's
+// RMSNorm prologue (NORM: X is staged as fp16(x * norm_w) and the sums are scaled by each
+// token's 1/rms, as gemv_rows does) and epilogues.
+//   planes of W: [N, ...] ([2N, ...] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
+// Dynamic shared memory: B * (K + Q_PAD) * 2 + MATS * 8 * 16 * 8 * 4 + 8 * 4 bytes.
+template <int KIND, int K, bool NORM, int EPI>
+__global__ void __launch_bounds__(Q_WARPS * 32) gemv_q(
+        const unsigned char* q, const unsigned char* qh, const void* scale, const unsigned char* meta,
+        const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
+        const __half* __restrict__ res, __half* __restrict__ out, int N, int B) {
+    using F = QFormat<KIND, K>;
+    const Planes p{q, qh, scale, meta};
+    static_assert(K % F::UNIT == 0 && (KIND < Q4_K || K % 256 == 0), "K must hold whole blocks");
+    constexpr int U = K / F::UNIT;                      // units per row
+    constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
+    constexpr int XS = K + Q_PAD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __half* xs = reinterpret_cast<__half*>(smem);                                  // [B][XS], permuted
+    float* part = reinterpret_cast<float*>(smem + ((B * XS * 2 + 15) / 16) * 16);  // [MATS][WARPS][16][8]
+    float* inv = part + MATS * Q_WARPS * 16 * 8;                                   // [8]
+    pdl_launch_dependents();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    size_t rows[MATS][2];  // this thread's rows g and g + 8 (past N: row 0, results dropped)
+#pragma unroll
+    for (int m = 0; m < MATS; m++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = row0 + g + 8 * h;
+            rows[m][h] = (size_t)m * N + (r < N ? r : 0);
+        }
+    // the first unit's weights are loaded before waiting for X. A thread past the row's last
+    // unit (K not a multiple of 128) holds zero weights and feeds zero inputs: every thread
+    // of a warp must take part in each mma
+    typename F::Unit cur[MATS][2] = {}, nxt[MATS][2] = {};
+    if (warp * 4 + t < U) {
+#pragma unroll
+        for (int m = 0; m < MATS; m++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) F::load(cur[m][h], p, rows[m][h], warp * 4 + t);
+    }
+    pdl_wait();
+    // stage X, permuted: every 4 consecutive inputs feed one mma's 4 slots, in slot order
+    // (0, 2, 1, 3); dst_group says where. 8-byte loads, all of a thread's issued at once.
+    for (int b = 0; b < B; b++) {
+        const uint2* xg = reinterpret_cast<const uint2*>(X + (size_t)b * K);
+#pragma unroll
+        for (int it = 0; it < (K / 4 + Q_WARPS * 32 - 1) / (Q_WARPS * 32); it++) {
+            const int i = it * Q_WARPS * 32 + threadIdx.x;
+            if (i >= K / 4) break;
+            uint2 v = __ldcg(xg + i);
+            if (NORM) {
+                const uint2 nw = reinterpret_cast<const uint2*>(norm_w)[i];
+                __half2* v2 = reinterpret_cast<__half2*>(&v);
+                const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
+                    v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
+                }
+            }
+            // (x0, x1, x2, x3) -> (x0, x2, x1, x3)
+            const uint2 perm = make_uint2(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632));
+            *reinterpret_cast<uint2*>(xs + b * XS + F::dst_group(i)) = perm;
+        }
+    }
+    if (NORM && warp < B) {  // token `warp`'s sum of squares, in gemv_rows's order
+        float ss = 0.f;
+        const uint4* xv = reinterpret_cast<const uint4*>(X + (size_t)warp * K);
+        for (int i = lane; i < K / 8; i += 32) {
+            const uint4 v = __ldcg(xv + i);
+            const __half2* v2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __half22float2(v2[j]);
+                ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+            }
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) inv[warp] = 1.f / sqrtf(ss / K + eps);
+    }
+    __syncthreads();
+    float acc[MATS][4];
+#pragma unroll
+    for (int m = 0; m < MATS; m++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
+    const bool has_token = g < B;
+#pragma unroll 1
+    for (int ub = warp * 4; ub < U; ub += Q_WARPS * 4) {  // the warp's 4 units, then 32 further on
+        const int u = ub + t, un = u + Q_WARPS * 4;
+        if (un < U) {
+#pragma unroll
+            for (int m = 0; m < MATS; m++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) F::load(nxt[m][h], p, rows[m][h], un);
+        }
+        const bool feeds = has_token && u < U;
+        const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + u * F::UNIT);
+#pragma unroll
+        for (int j = 0; j < F::MMAS; j++) {
+            const uint2 b = feeds ? xb[j] : make_uint2(0, 0);
+#pragma unroll
+            for (int m = 0; m < MATS; m++) {
+                unsigned a0, a1, a2, a3;
+                F::weights(cur[m][0], j, a0, a2);
+                F::weights(cur[m][1], j, a1, a3);
+                mma_16816(acc[m], a0, a1, a2, a3, b.x, b.y);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MATS; m++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) cur[m][h] = un < U ? nxt[m][h] : typename F::Unit{};
+    }
+    // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
+#pragma unroll
+    for (int m = 0; m < MATS; m++) {
+        float* q = part + ((m * Q_WARPS + warp) * 16) * 8 + 2 * t;
+        q[g * 8] = acc[m][0];
+        q[g * 8 + 1] = acc[m][1];
+        q[(g + 8) * 8] = acc[m][2];
+        q[(g + 8) * 8 + 1] = acc[m][3];
+    }
+    __syncthreads();
+    if (threadIdx.x < 16 * 8) {
+        const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = row0 + r;
+        if (b >= B || n_out >= N) return;
+        float y = 0.f, v = 0.f;
+#pragma unroll
+        for (int w = 0; w < Q_WARPS; w++) {
+            y += part[(w * 16 + r) * 8 + b];
+            if (EPI == EPI_SWIGLU) v += part[((Q_WARPS + w) * 16 + r) * 8 + b];
+        }
+        if (NORM) { y *= inv[b]; v *= inv[b]; }
+        epilogue<EPI>(y, v, res, out, (size_t)b * N + n_out);
+    }
+}
+
+// The same weights expanded to fp16, W[n, k] for a prompt's matmul (cuBLAS): one thread per
+// unit of one row, weights rebuilt as gemv_q rebuilds them.  out: [N, K]
+template <int KIND, int K>
+__global__ void dequantize_q(const unsigned char* q, const unsigned char* qh, const void* scale,
+                             const unsigned char* meta, __half* __restrict__ out, int N) {
+    using F = QFormat<KIND, K>;
+    const Planes p{q, qh, scale, meta};
+    constexpr int U = K / F::UNIT;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * U) return;
+    const size_t row = i / U;
+    const int u = i % U;
+    typename F::Unit x;
+    F::load(x, p, row, u);
+    __half* o = out + row * K;
+#pragma unroll
+    for (int j = 0; j < F::MMAS; j++) {  // slots (0, 2, 1, 3) hold weights k, k + 1, k + 2, k + 3
+        unsigned a0, a2;
+        F::weights(x, j, a0, a2);
+        *reinterpret_cast<uint2*>(o + F::src(u, j, 0)) = make_uint2(__byte_perm(a0, a2, 0x5410), __byte_perm(a0, a2, 0x7632));
+    }
+}
