@@ -264,6 +264,46 @@ def test_a_tight_budget_evicts_and_still_gives_the_cold_tokens(model):
     assert_no_pins(prefix)
 
 
+class RowsBatch(ReadableBatch):
+    """As the GPU's batched step holds its caches: rows of one preallocated cache, taken and
+    given back, and at most `max_rows` rows per step (a prompt is prefilled in chunks)."""
+
+    max_rows = 6
+
+    def __init__(self, model, max_batch, capacity):
+        super().__init__(model, capacity)
+        self.pool = model.new_cache(capacity, batch=max_batch)
+        self.free = list(range(max_batch))
+
+    def new_cache(self, positions):
+        return self.pool.row(self.free.pop(0))
+
+    def release(self, cache):
+        self.free.append(cache.pool_row)
+
+
+class RowsStep(ReadableStep):
+    def batch(self, max_batch, capacity):
+        self.rows = RowsBatch(self.model, max_batch, capacity)
+        return self.rows
+
+
+def test_rows_of_one_cache_and_prompts_in_chunks(model):
+    """Prefixes copied into rows of a preallocated cache (views, as on the GPU), prompts
+    prefilled a few rows per step, rows reused by later requests: the cold tokens."""
+    prompts = [SYSTEM + q for q in QUESTIONS] * 2
+    params = PARAMS * 2
+    prefix = PrefixCache.for_model(model, 1 << 20)
+    step = RowsStep(model)
+    warm, _ = run(step, prompts, params, prefix, max_batch=3)
+    cold, _ = run(RowsStep(model), prompts, params, max_batch=3)
+    for w, c in zip(warm, cold):
+        assert w[-1].token_ids == c[-1].token_ids
+    assert prefix.hit_tokens == 2 * BLOCK * (len(prompts) - 1)
+    assert sorted(step.rows.free) == [0, 1, 2]
+    assert_no_pins(prefix)
+
+
 def test_a_failure_while_loading_a_prefix_fails_that_request_alone(model):
     """The third request's cache breaks as the prefix is copied into it (after the copy, as
     the position moves): that request fails, the others give their cold tokens, and the

@@ -14,7 +14,9 @@
 - A full server says so at once (503) instead of queueing without bound.
 - A request for several choices (`n`, a list of prompts) is one scheduler request per
   choice, all submitted together: they decode side by side in the batch, and their events,
-  tagged with the choice's index, meet in one queue.
+  tagged with the choice's index, meet in one queue. With the prefix cache (`--prefix-cache-mb`,
+  tinyllm/prefix.py) the first choice computes the prompt, and the others, held back in the
+  queue until then, copy its keys and values.
 """
 from __future__ import annotations
 

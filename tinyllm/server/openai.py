@@ -18,7 +18,8 @@ Sampling defaults are the CLI's: temperature 0 (greedy) unless the request sets 
 What each field does (anything else is refused with a 400 naming it, never ignored):
 - `n`: n independent choices per prompt; with a `seed`, choice i samples with seed + i, so
   each choice is the answer a request with that seed alone would get. Each choice is its
-  own sequence in the batch and prefills the prompt itself.
+  own sequence in the batch; with the prefix cache (tinyllm/prefix.py) the first computes
+  the prompt and the others copy its whole blocks.
 - `prompt` (completions) may be a list of prompts: choices come prompt by prompt, n each
   (choice index = prompt index x n + i), as OpenAI numbers them.
 - `logprobs` (completions: an integer N; chat: true, with `top_logprobs` N) gives each
