@@ -336,6 +336,38 @@ def test_a_failure_while_loading_a_prefix_fails_that_request_alone(model):
     assert not sched.running
 
 
+def test_a_failure_while_storing_or_a_cancel_ends_that_request_alone(model):
+    class Faulty(PrefixCache):
+        def store(self, ids, cache):
+            if ids == prompts[1]:
+                raise MemoryError("no room on the device")
+            return super().store(ids, cache)
+
+    prompts = [SYSTEM + q for q in QUESTIONS[:4]]
+    prefix = Faulty.for_model(model, 1 << 20)
+    params = [SamplingParams()] * 4
+    sched = Scheduler(ReadableStep(model), IdsTokenizer(), max_batch=4, max_queue=4, max_context=160,
+                      prefix_cache=prefix)
+    events = [[] for _ in prompts]
+    requests = [Request(ids, p, StopRules(max_new_tokens=8, eos_ids=()), emit=ev.append)
+                for ids, p, ev in zip(prompts, params, events)]
+    for r in requests:
+        sched.submit(r)
+    sched.run_once()  # the first prompt is prefilled and stored; the others wait for it
+    sched.run_once()  # they join with its blocks; the second fails as its blocks are stored
+    sched.cancel(requests[2])
+    for _ in range(20):
+        sched.run_once()
+    cold, _ = run(ReadableStep(model), prompts, params, budget=8)
+    assert isinstance(events[1][-1], Failed) and "no room on the device" in events[1][-1].message
+    assert events[2][-1].reason == "cancelled"
+    for i in (0, 3):
+        assert events[i][-1].token_ids == cold[i][-1].token_ids
+    assert prefix.hit_tokens == 3 * 2 * BLOCK
+    assert_no_pins(prefix)
+    assert not sched.running and not sched.waiting
+
+
 def test_metrics_report_the_prefix_cache(model):
     pytest.importorskip("prometheus_client")
     from tinyllm.server.metrics import Metrics
