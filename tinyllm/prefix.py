@@ -116,7 +116,8 @@ class PrefixCache:
         usable = len(ids) - 1
         for key, start in zip(block_hashes(ids, self.block), range(0, usable, self.block)):
             b = self.blocks.get(key)
-            if b is None or b.tokens != tuple(ids[start:start + self.block]):
+            if b is None or b.tokens != tuple(ids[start:start + self.block]) or b.parent is not (
+                    blocks[-1] if blocks else None):  # (a hash collision)
                 break
             blocks.append(b)
         n = min(len(blocks) * self.block, max(usable, 0))
@@ -166,8 +167,8 @@ class PrefixCache:
         block that does not fit the budget: a later block is reachable only through it."""
         if self.budget < self.block_bytes:
             return 0
-        held = min(len(ids), cache.length) // self.block
-        keys = block_hashes(ids[:held * self.block], self.block)
+        whole = min(len(ids), cache.length) // self.block  # blocks of ids whose K/V the cache holds
+        keys = block_hashes(ids[:whole * self.block], self.block)
         parent, new = None, []  # new: (index, key) of the blocks to make, all after the held ones
         for i, key in enumerate(keys):
             b = self.blocks.get(key)
@@ -182,7 +183,7 @@ class PrefixCache:
             return 0
         first = new[0][0] * self.block
         # every new position of every layer in one array, then a block at a time out of it
-        kv = self.xp.stack([a[0, :, first:held * self.block] for a in cache.k + cache.v])  # [2L, K, n, E]
+        kv = self.xp.stack([a[0, :, first:whole * self.block] for a in cache.k + cache.v])  # [2L, K, n, E]
         made = 0
         for i, key in new:
             if parent is not None:
