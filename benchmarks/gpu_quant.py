@@ -2,13 +2,16 @@
 are (quant.cu) against the same shape in fp16, on random weights of real model shapes.
 
     python benchmarks/gpu_quant.py --shapes tinyllama-1.1b llama-3-8b --kinds fp16 q8_0 q4_k q4_0
+    python benchmarks/gpu_quant.py --shapes llama-3-8b --kinds fp16 q8_0 q4_k --gpt-fast fp16 int8 int4
 
 Bandwidth does not depend on the values, so every linear weight (the LM head included) is
 drawn as random blocks of one kind; the embedding table stays fp16 (a decode step reads one
 row of it). Per shape and kind: decode tok/s (graph-captured, 256 tokens after a 16-token
 prompt, median of repeats), GPU time per step, bytes a step reads and their fraction of the
 copy bandwidth measured in the same run, and the 512-token prefill (weights rebuilt in fp16
-by a kernel, then cuBLAS). Results go to JSON (--out) and a Markdown table on stdout.
+by a kernel, then cuBLAS). With --gpt-fast, gpt-fast's batch-1 decode of the same shape
+(benchmarks/gpt_fast_peer.py: fp16, its int8 and int4 weight-only modes) runs after tinyllm's
+rows, in the same process. Results go to JSON (--out) and a Markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -84,13 +87,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--kinds", nargs="+", default=["fp16", "q8_0", "q4_k"], choices=KINDS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--gpt-fast", nargs="*", default=[], choices=["fp16", "int8", "int4"],
+                    help="gpt-fast modes to run on each shape after tinyllm's (needs .gptfast/)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     props = cp.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "device": name,
               "commit": git_commit(), "command": "python benchmarks/gpu_quant.py " + " ".join(argv or sys.argv[1:]),
-              "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "rows": []}
+              "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "rows": [], "gpt_fast": {}}
     for shape in args.shapes:
         for kind in args.kinds:
             print(f"[{shape} {kind}] building", flush=True)
@@ -110,6 +115,11 @@ def main(argv=None) -> dict:
             result["rows"].append(row)
             del decoder, model
             cp.get_default_memory_pool().free_all_blocks()
+        if args.gpt_fast:
+            from benchmarks.gpt_fast_peer import run_peer
+
+            result["gpt_fast"][shape] = run_peer(shape, args.gpt_fast, repeats=args.repeats)
+            cp.get_default_memory_pool().free_all_blocks()
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(markdown(result))
@@ -125,6 +135,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['shape']} | {r['kind']} | {r['weights_GB']:.2f} | {r['decode_tok_s']:.0f} | "
                      f"{r['gpu_step_us']:.0f} | {r['bytes_per_step'] / 1e6:.0f} | {100 * r['bandwidth_fraction']:.0f}% | "
                      f"{r['limit_tok_s']:.0f} | {r.get('ttft_ms', float('nan')):.1f} |")
+    for shape, peer in result.get("gpt_fast", {}).items():
+        for mode, r in peer["modes"].items():
+            figure = f"{r['decode_tok_s']:.0f} tok/s" if "decode_tok_s" in r else f"error: {r.get('error')}"
+            lines.append(f"\ngpt-fast {shape} {mode}: {figure}")
     return "\n".join(lines)
 
 

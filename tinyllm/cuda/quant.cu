@@ -238,16 +238,31 @@ __global__ void __launch_bounds__(Q_WARPS * 32) gemv_q(
             const int r = row0 + g + 8 * h;
             rows[m][h] = (size_t)m * N + (r < N ? r : 0);
         }
-    // the first unit's weights are loaded before waiting for X. A thread past the row's last
-    // unit (K not a multiple of 128) holds zero weights and feeds zero inputs: every thread
-    // of a warp must take part in each mma
-    typename F::Unit cur[MATS][2] = {}, nxt[MATS][2] = {};
-    if (warp * 4 + t < U) {
+    // A thread's units: u = 4 * warp + t + 32 * i, for step i < STEPS, taken in rounds of P
+    // steps whose loads all issue before any arithmetic (as gemv's do: the memory system
+    // needs many loads in flight), P as large as ~96 registers of weights allow. The first
+    // round's loads also overlap the wait for X. A thread past the row's last unit (K not a
+    // multiple of 128) holds zero weights and feeds zero inputs: every thread of a warp
+    // takes part in each mma.
+    constexpr int STEPS = (U + Q_WARPS * 4 - 1) / (Q_WARPS * 4);
+    constexpr int UNIT_REGS = sizeof(typename F::Unit) / 4;
+    constexpr int FIT = 96 / (UNIT_REGS * 2 * MATS);
+    constexpr int P = FIT < 1 ? 1 : (FIT > STEPS ? STEPS : FIT);
+    typename F::Unit w[P][MATS][2];
+    auto load_round = [&](int first) {
 #pragma unroll
-        for (int m = 0; m < MATS; m++)
+        for (int i = 0; i < P; i++) {
+            const int u = warp * 4 + t + Q_WARPS * 4 * (first + i);
 #pragma unroll
-            for (int h = 0; h < 2; h++) F::load(cur[m][h], p, rows[m][h], warp * 4 + t);
-    }
+            for (int m = 0; m < MATS; m++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    if (u < U) F::load(w[i][m][h], p, rows[m][h], u);
+                    else w[i][m][h] = typename F::Unit{};
+                }
+        }
+    };
+    load_round(0);
     pdl_wait();
     // stage X, permuted: every 4 consecutive inputs feed one mma's 4 slots, in slot order
     // (0, 2, 1, 3); dst_group says where. 8-byte loads, all of a thread's issued at once.
@@ -296,31 +311,26 @@ __global__ void __launch_bounds__(Q_WARPS * 32) gemv_q(
         for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
     const bool has_token = g < B;
 #pragma unroll 1
-    for (int ub = warp * 4; ub < U; ub += Q_WARPS * 4) {  // the warp's 4 units, then 32 further on
-        const int u = ub + t, un = u + Q_WARPS * 4;
-        if (un < U) {
+    for (int first = 0; first < STEPS; first += P) {
+        if (first) load_round(first);
 #pragma unroll
-            for (int m = 0; m < MATS; m++)
+        for (int i = 0; i < P; i++) {
+            const int ub = warp * 4 + Q_WARPS * 4 * (first + i), u = ub + t;
+            if (ub >= U) break;  // (the same for the whole warp)
+            const bool feeds = has_token && u < U;
+            const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + u * F::UNIT);
 #pragma unroll
-                for (int h = 0; h < 2; h++) F::load(nxt[m][h], p, rows[m][h], un);
-        }
-        const bool feeds = has_token && u < U;
-        const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + u * F::UNIT);
+            for (int j = 0; j < F::MMAS; j++) {
+                const uint2 b = feeds ? xb[j] : make_uint2(0, 0);
 #pragma unroll
-        for (int j = 0; j < F::MMAS; j++) {
-            const uint2 b = feeds ? xb[j] : make_uint2(0, 0);
-#pragma unroll
-            for (int m = 0; m < MATS; m++) {
-                unsigned a0, a1, a2, a3;
-                F::weights(cur[m][0], j, a0, a2);
-                F::weights(cur[m][1], j, a1, a3);
-                mma_16816(acc[m], a0, a1, a2, a3, b.x, b.y);
+                for (int m = 0; m < MATS; m++) {
+                    unsigned a0, a1, a2, a3;
+                    F::weights(w[i][m][0], j, a0, a2);
+                    F::weights(w[i][m][1], j, a1, a3);
+                    mma_16816(acc[m], a0, a1, a2, a3, b.x, b.y);
+                }
             }
         }
-#pragma unroll
-        for (int m = 0; m < MATS; m++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) cur[m][h] = un < U ? nxt[m][h] : typename F::Unit{};
     }
     // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
 #pragma unroll
