@@ -206,10 +206,6 @@ template <int K> struct QFormat<Q6_K, K> {
 
 // ---- the kernel -------------------------------------------------------------------------
 constexpr int Q_WARPS = 8, Q_PAD = 8;  // warps per block; halves of padding per staged X row
-// Blocks share an SM, so that while one waits for its weights another computes: three of
-// 256 threads each (two for gate|up, whose two matrices need more registers), with
-// Q_REG_WEIGHTS registers of a thread holding a round's weights.
-constexpr int Q_REG_WEIGHTS = 40;
 
 // Y[b, n] = sum_k W[n, k] X[b, k] for B <= 8 tokens, W block-quantized, with gemv's
 // RMSNorm prologue (NORM: X is staged as fp16(x * norm_w) and the sums are scaled by each
@@ -217,7 +213,7 @@ constexpr int Q_REG_WEIGHTS = 40;
 //   planes of W: [N, ...] ([2N, ...] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
 // Dynamic shared memory: B * (K + Q_PAD) * 2 + MATS * 8 * 16 * 8 * 4 + 8 * 4 bytes.
 template <int KIND, int K, bool NORM, int EPI>
-__global__ void __launch_bounds__(Q_WARPS * 32, EPI == EPI_SWIGLU ? 2 : 3) gemv_q(
+__global__ void __launch_bounds__(Q_WARPS * 32) gemv_q(
         const unsigned char* q, const unsigned char* qh, const void* scale, const unsigned char* meta,
         const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
         const __half* __restrict__ res, __half* __restrict__ out, int N, int B) {
@@ -244,13 +240,13 @@ __global__ void __launch_bounds__(Q_WARPS * 32, EPI == EPI_SWIGLU ? 2 : 3) gemv_
         }
     // A thread's units: u = 4 * warp + t + 32 * i, for step i < STEPS, taken in rounds of P
     // steps whose loads all issue before any arithmetic (as gemv's do: the memory system
-    // needs many loads in flight), P as large as Q_REG_WEIGHTS registers allow. The first
+    // needs many loads in flight), P as large as ~96 registers of weights allow. The first
     // round's loads also overlap the wait for X. A thread past the row's last unit (K not a
     // multiple of 128) holds zero weights and feeds zero inputs: every thread of a warp
     // takes part in each mma.
     constexpr int STEPS = (U + Q_WARPS * 4 - 1) / (Q_WARPS * 4);
     constexpr int UNIT_REGS = sizeof(typename F::Unit) / 4;
-    constexpr int FIT = Q_REG_WEIGHTS / (UNIT_REGS * 2 * MATS);
+    constexpr int FIT = 96 / (UNIT_REGS * 2 * MATS);
     constexpr int P = FIT < 1 ? 1 : (FIT > STEPS ? STEPS : FIT);
     typename F::Unit w[P][MATS][2];
     auto load_round = [&](int first) {
@@ -308,13 +304,11 @@ __global__ void __launch_bounds__(Q_WARPS * 32, EPI == EPI_SWIGLU ? 2 : 3) gemv_
         if (lane == 0) inv[warp] = 1.f / sqrtf(ss / K + eps);
     }
     __syncthreads();
-    // two accumulators per matrix (even and odd mmas): two dependency chains for the tensor
-    // cores instead of one, added at the end in a fixed order
-    float acc[MATS][2][4];
+    float acc[MATS][4];
 #pragma unroll
     for (int m = 0; m < MATS; m++)
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[m][i / 4][i % 4] = 0.f;
+        for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
     const bool has_token = g < B;
 #pragma unroll 1
     for (int first = 0; first < STEPS; first += P) {
@@ -333,7 +327,7 @@ __global__ void __launch_bounds__(Q_WARPS * 32, EPI == EPI_SWIGLU ? 2 : 3) gemv_
                     unsigned a0, a1, a2, a3;
                     F::weights(w[i][m][0], j, a0, a2);
                     F::weights(w[i][m][1], j, a1, a3);
-                    mma_16816(acc[m][j & 1], a0, a1, a2, a3, b.x, b.y);
+                    mma_16816(acc[m], a0, a1, a2, a3, b.x, b.y);
                 }
             }
         }
@@ -342,10 +336,10 @@ __global__ void __launch_bounds__(Q_WARPS * 32, EPI == EPI_SWIGLU ? 2 : 3) gemv_
 #pragma unroll
     for (int m = 0; m < MATS; m++) {
         float* q = part + ((m * Q_WARPS + warp) * 16) * 8 + 2 * t;
-        q[g * 8] = acc[m][0][0] + acc[m][1][0];
-        q[g * 8 + 1] = acc[m][0][1] + acc[m][1][1];
-        q[(g + 8) * 8] = acc[m][0][2] + acc[m][1][2];
-        q[(g + 8) * 8 + 1] = acc[m][0][3] + acc[m][1][3];
+        q[g * 8] = acc[m][0];
+        q[g * 8 + 1] = acc[m][1];
+        q[(g + 8) * 8] = acc[m][2];
+        q[(g + 8) * 8 + 1] = acc[m][3];
     }
     __syncthreads();
     if (threadIdx.x < 16 * 8) {
