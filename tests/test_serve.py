@@ -281,6 +281,10 @@ def test_16_concurrent_greedy_requests_equal_their_alone_answers(server, client,
     steps = metric(text, "tinyllm_batch_size_count") - steps_before
     assert 0 < steps < len(PROMPTS) * (max_tokens - 1) / 2
     assert metric(text, "tinyllm_batch_size_bucket", 'le="1.0"') < metric(text, "tinyllm_batch_size_count")
+    # every step's round is split into host time and model time
+    assert metric(text, "tinyllm_step_host_seconds_count") == metric(text, "tinyllm_batch_size_count")
+    assert metric(text, "tinyllm_step_model_seconds_count") == metric(text, "tinyllm_batch_size_count")
+    assert metric(text, "tinyllm_step_model_seconds_sum") > 0
 
 
 def test_scheduler_sequences_join_and_leave_at_step_boundaries(llm):
@@ -294,9 +298,13 @@ def test_scheduler_sequences_join_and_leave_at_step_boundaries(llm):
     class Steps(Observer):
         def __init__(self):
             self.sizes = []  # batch size of every decode step
+            self.times = []  # (host, model) seconds of every round that ran a step
 
         def step(self, batch_size):
             self.sizes.append(batch_size)
+
+        def step_time(self, host, model):
+            self.times.append((host, model))
 
     steps = Steps()
     sched = Scheduler(llm.model, llm.tokenizer, max_batch=4, max_queue=0, observer=steps)
@@ -322,6 +330,9 @@ def test_scheduler_sequences_join_and_leave_at_step_boundaries(llm):
     while sched.running or sched.waiting:
         sched.run_once()                  # D leaves at the boundary; C (2 tokens), A, then B finish
     assert steps.sizes == [1, 2, 4, 3, 2, 2, 1]
+    # each round's time, split: the model's forward passes, and the host's share around them
+    assert len(steps.times) == len(steps.sizes)
+    assert all(host >= 0 and model > 0 for host, model in steps.times)
 
     def alone(prompt, n):  # greedy_alone without EOS: the same fixed lengths
         model = llm.model

@@ -131,6 +131,8 @@ class Observer:
     def first_token(self, seconds: float) -> None: ...   # time from arrival to the first token
     def token_gap(self, seconds: float) -> None: ...     # time between two tokens of one sequence
     def step(self, batch_size: int) -> None: ...         # one decode step ran for this many sequences
+    def step_time(self, host: float, model: float) -> None: ...  # one scheduler round's seconds: on the
+    # host (admission, inputs, host sampling, detokenizing, events) and in or waiting for the model
     def prompt(self, reused: int, computed: int) -> None: ...  # a sequence joined: its prompt tokens
     # copied from the prefix cache (prefix.py), and those left to compute
     def finished(self, event: Finished) -> None: ...
@@ -285,6 +287,7 @@ class Scheduler:
     def run_once(self) -> None:
         """One step boundary: cancelled sequences leave, waiting ones join, one decode step.
         (The thread calls this in a loop; tests call it directly to control the timing.)"""
+        began = time.perf_counter()
         self._drop_cancelled()
         self._admit()
         if self.running:
@@ -294,6 +297,11 @@ class Scheduler:
                 for seq in self.running:
                     self._fail(seq, e)
                 self.running = []
+                return
+            # where a round's time goes: if the host's share outgrows the model's, more rows per
+            # step cannot help; only less host work per token can
+            model = self.rows.model_seconds
+            self.observer.step_time(max(0.0, time.perf_counter() - began - model), model)
 
     def _admit(self) -> None:
         """Waiting requests join while the batch has room; their prompts are prefilled by the

@@ -17,6 +17,8 @@ its position (`KVCache.advance`); nothing else moves it.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .backend import to_numpy
@@ -80,6 +82,7 @@ class ReadableBatch:
         self.model = model
         self.readable = ReadableStep(model)
         self.capacity = capacity  # the most positions a sequence may hold
+        self.model_seconds = 0.0  # of the last step, the time inside the model's forward passes
 
     def enter_thread(self) -> None:
         """Called once by the thread that will run the steps (the GPU's binds its stream)."""
@@ -100,8 +103,11 @@ class ReadableBatch:
         model's forward pass (as `ReadableStep.prefill`), its last row sampled."""
         n_decode = len(caches) if n_decode is None else n_decode
         out: list = [None] * len(caches)
+        self.model_seconds = 0.0
         if n_decode:
+            began = time.perf_counter()
             logits = to_numpy(self.model.decode_batch(tokens[:n_decode], caches[:n_decode]))  # [B, V]
+            self.model_seconds += time.perf_counter() - began
             out[:n_decode] = sample_rows(logits, samplers[:n_decode], histories[:n_decode])
         start = n_decode
         while start < len(caches):
@@ -110,7 +116,9 @@ class ReadableBatch:
                 end += 1
             last = end - 1
             try:
+                began = time.perf_counter()
                 logits = self.readable.prefill(list(tokens[start:end]), caches[start])
+                self.model_seconds += time.perf_counter() - began
                 if samplers[last] is not None:
                     out[last] = sample_rows([logits], [samplers[last]], [histories[last]])[0]
             except Exception as e:  # this prompt alone fails

@@ -105,6 +105,7 @@ class BatchDecoder:
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
         self._slot = 0         # which host copy the last queued step used
         self._ahead = None     # the step queued ahead by `step` (see there)
+        self.wait_seconds = 0.0  # of the last step, the host's wait for the device
         self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
         # One graph per bucket of batch sizes; a step of B sequences runs the smallest bucket
         # that holds B, its extra rows padding (they compute on the spare row and are dropped).
@@ -283,7 +284,9 @@ class BatchDecoder:
             nslot = self._slot = 1 - slot
             drawn = self._write_params(nslot, samplers)
             following = _Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers)
-        event.synchronize()
+        began = time.perf_counter()
+        event.synchronize()  # the host's one wait for the device: what the GPU did not hide
+        self.wait_seconds = time.perf_counter() - began
         for cache in distinct:
             cache.advance(counts[id(cache)])
         out = [int(i) for i in np.frombuffer(self._chosen_host[slot], dtype=np.int64, count=b)]

@@ -83,6 +83,13 @@ class CudaBatch:
     def max_rows(self) -> int:
         return self.decoder.max_batch  # decode rows and prompt chunks together
 
+    @property
+    def model_seconds(self) -> float:
+        """Of the last step, the time the host waited for the GPU's replay. With the next step
+        queued ahead, the GPU works while the host handles tokens: a wait near zero means the
+        host, not the GPU, set the pace."""
+        return self.decoder.wait_seconds
+
     def step(self, tokens, caches, samplers, histories, n_decode: int | None = None) -> list:
         """One replay for every row (a prompt's rows share their cache: see BatchDecoder.step);
         -> per row the next id, that row's error, or None where the row has no sampler."""

@@ -2,7 +2,7 @@
 
 Counters only go up (requests by endpoint and status, generations by finish reason,
 tokens); histograms count observations into buckets (time to first token, time between
-tokens, sequences per decode step); gauges are read when scraped (queue depth, running
+tokens, sequences per decode step, a step's host and model seconds); gauges are read when scraped (queue depth, running
 sequences). The scheduler thread reports through the `Observer` interface, the HTTP side
 counts requests; prometheus_client is thread-safe, so both write without a lock.
 
@@ -39,6 +39,13 @@ class Metrics(Observer):
                               buckets=(.005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56, 5), registry=r)
         self.batch = Histogram("tinyllm_batch_size", "Sequences in each decode step",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        step_buckets = (.0005, .001, .002, .004, .008, .016, .032, .064, .128, .256, 1)
+        self.step_host = Histogram("tinyllm_step_host_seconds", "Per scheduler round with a step: time on the "
+                                   "host (admission, inputs, host sampling, detokenizing, events)",
+                                   buckets=step_buckets, registry=r)
+        self.step_model = Histogram("tinyllm_step_model_seconds", "Per scheduler round with a step: time in the "
+                                    "model's forward passes (CPU) or waiting for the GPU's step (GPU)",
+                                    buckets=step_buckets, registry=r)
         Gauge("tinyllm_queue_depth", "Requests waiting to join the batch",
               registry=r).set_function(lambda: scheduler.queue_depth)
         Gauge("tinyllm_running_requests", "Sequences in the running batch",
@@ -58,6 +65,10 @@ class Metrics(Observer):
 
     def token_gap(self, seconds):
         self.tpot.observe(seconds)
+
+    def step_time(self, host, model):
+        self.step_host.observe(host)
+        self.step_model.observe(model)
 
     def step(self, batch_size):
         self.batch.observe(batch_size)
