@@ -281,7 +281,13 @@ def test_16_concurrent_greedy_requests_equal_their_alone_answers(server, client,
     steps = metric(text, "tinyllm_batch_size_count") - steps_before
     assert 0 < steps < len(PROMPTS) * (max_tokens - 1) / 2
     assert metric(text, "tinyllm_batch_size_bucket", 'le="1.0"') < metric(text, "tinyllm_batch_size_count")
-    # every step's round is split into host time and model time
+    # every step's round is split into host time and model time (the round that emitted the
+    # last token records its time just after: wait for that)
+    deadline = time.monotonic() + 5
+    while (metric(text, "tinyllm_step_host_seconds_count") != metric(text, "tinyllm_batch_size_count")
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+        text = metrics(server)
     assert metric(text, "tinyllm_step_host_seconds_count") == metric(text, "tinyllm_batch_size_count")
     assert metric(text, "tinyllm_step_model_seconds_count") == metric(text, "tinyllm_batch_size_count")
     assert metric(text, "tinyllm_step_model_seconds_sum") > 0
