@@ -229,3 +229,13 @@ def write_outputs(out_dir: str | Path, name: str, result: dict, markdown: str) -
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def leading_matches(a: list[int], b: list[int]) -> int:
+    """How many tokens two generations share before they first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (chat_prompt_ids, fmt, header_markdown, load_tokenizer, machine_info, markdown_table,
-                     peak_rss_mib, prompt_ids, publish, summarize, thread_env)
+from .common import (chat_prompt_ids, fmt, header_markdown, leading_matches, load_tokenizer, machine_info,
+                     markdown_table, peak_rss_mib, prompt_ids, publish, summarize, thread_env)
 
 ENGINES = ("tinyllm", "transformers", "llama.cpp")
 LLAMA_CPP_INSTALL = "pip install llama-cpp-python   # builds llama.cpp from source: a few minutes"
@@ -291,15 +291,6 @@ def compute_ratios(engines: dict) -> dict:
     return ratios
 
 
-def same_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def run(args) -> dict:
     machine = machine_info(args.threads)  # before the workers: its load average is the starting one
     model = Path(args.model) if args.model else None
@@ -344,7 +335,7 @@ def run(args) -> dict:
         result["gemv_ceiling"] = gemv_summary(runs["numpy-gemv"], result["engines"].get("tinyllm"))
     tiny = result["engines"].get("tinyllm", {})
     result["greedy_agreement"] = {
-        e: same_prefix(tiny.get("generated", []), v.get("generated", []))
+        e: leading_matches(tiny.get("generated", []), v.get("generated", []))
         for e, v in result["engines"].items() if e != "tinyllm" and v.get("generated") and tiny.get("generated")}
     result["targets"] = targets(result)
     return result

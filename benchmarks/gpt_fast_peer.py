@@ -73,6 +73,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import leading_matches  # noqa: E402
 from benchmarks.fetch_gpt_fast import DEFAULT_DEST as GPT_FAST_DIR  # noqa: E402
 from benchmarks.fetch_gpt_fast import FILES, sha256  # noqa: E402
 from benchmarks.gpu_models import ALL_SHAPES, as_torch, prompt_ids, random_weights  # noqa: E402
@@ -350,15 +351,6 @@ def tinyllm_greedy(model: Model, ids: np.ndarray, new_tokens: int) -> list[int]:
     for _ in range(new_tokens):
         tokens.append(int(np.argmax(to_numpy(model.forward(np.array([[tokens[-1]]]), cache)[0, -1]))))
     return tokens
-
-
-def leading_matches(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def run_mode(gf, model: Model, mode: str, new_tokens: int, repeats: int, reference_tokens=None,

@@ -17,7 +17,6 @@ that over its layers: logits within ~3e-2 (relative, L2) of an fp32 reference.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,27 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_gpu import gpu_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.gpu_models
 
 pytestmark = pytest.mark.gpu
 
 
-def _gpu_reason():
-    if importlib.util.find_spec("cupy") is None:
-        return "needs CuPy and an NVIDIA GPU: CuPy is not installed (pip install 'tinyllm[cuda13]')"
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            return "needs an NVIDIA GPU: none is visible"
-    except Exception as e:
-        return f"needs an NVIDIA GPU: {type(e).__name__}: {e}"
-    return None
-
-
-if _gpu_reason():
-    pytest.skip(_gpu_reason(), allow_module_level=True)
+if gpu_reason():
+    pytest.skip(gpu_reason(), allow_module_level=True)
 
 import cupy as cp  # noqa: E402
 

@@ -9,33 +9,20 @@ those the request would compute itself, and everything after them follows bit fo
 Marked `gpu`: skipped, saying why, where CuPy or a GPU is missing."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_gpu import gpu_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.gpu_models
 
 pytestmark = pytest.mark.gpu
 
 
-def _gpu_reason():
-    if importlib.util.find_spec("cupy") is None:
-        return "needs CuPy and an NVIDIA GPU: CuPy is not installed (pip install 'tinyllm[cuda13]')"
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            return "needs an NVIDIA GPU: none is visible"
-    except Exception as e:
-        return f"needs an NVIDIA GPU: {type(e).__name__}: {e}"
-    return None
-
-
-if _gpu_reason():
-    pytest.skip(_gpu_reason(), allow_module_level=True)
+if gpu_reason():
+    pytest.skip(gpu_reason(), allow_module_level=True)
 
 import cupy as cp  # noqa: E402
 
