@@ -61,6 +61,42 @@ def make_hf_model(seed: int = 0, **overrides):
     return model
 
 
+def tiny_checkpoint_dir(path: Path, *, seed: int = 0, eos: bool = True, bos_first: bool = False,
+                        chat_template: str | None = None, tokenizer_class: str | None = None, **overrides):
+    """Write a tiny random Llama as a Hugging Face directory with a trained tokenizer:
+    model.safetensors + config.json, tokenizer.json, tokenizer_config.json.
+
+    `seed` and `overrides` go to `make_hf_model`; the vocabulary is the tokenizer's.
+    `eos=False` leaves out the end-of-sequence token in both config.json and
+    tokenizer_config.json, so that generation runs for as many tokens as asked.
+    `bos_first` makes the tokenizer itself prepend `<s>` (as Llama 2's does), for the tests
+    that check who adds BOS. `tokenizer_class` names the class transformers' AutoTokenizer
+    builds, for the tests that read the directory with it as well.
+    Returns (transformers' model, the `tokenizers.Tokenizer`), the references for the files."""
+    import json
+
+    from helpers_generate import SentencePieceStyle
+    from tokenizers import processors
+
+    tk = SentencePieceStyle.llama2()
+    if bos_first:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if not eos:
+        overrides["eos_token_id"] = None
+    model = make_hf_model(seed, vocab_size=tk.get_vocab_size(), **overrides)
+    model.save_pretrained(path)
+    tk.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<s>"}
+    if eos:
+        config["eos_token"] = "</s>"
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    if tokenizer_class is not None:
+        config["tokenizer_class"] = tokenizer_class
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return model, tk
+
+
 def hf_logits(model, ids) -> np.ndarray:
     """Reference logits for every position of a full (uncached) forward.  [T, V]"""
     with torch.no_grad():

@@ -22,16 +22,11 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A tiny random Llama with a tokenizer and a chat template, and transformers' tokenizer of it."""
-    from conftest import make_hf_model
-    from helpers_generate import SentencePieceStyle
+    from conftest import tiny_checkpoint_dir
     from transformers import AutoTokenizer
 
     d = tmp_path_factory.mktemp("tiny_chat_model")
-    tk = SentencePieceStyle.llama2()
-    make_hf_model(vocab_size=tk.get_vocab_size()).save_pretrained(d)
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    tiny_checkpoint_dir(d, chat_template=TEMPLATE, tokenizer_class="PreTrainedTokenizerFast")
     return d, AutoTokenizer.from_pretrained(d)
 
 

@@ -159,16 +159,10 @@ def test_stop_flag_understands_backslash_escapes():
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
     """A tiny random Llama saved as a Hugging Face directory, with a tokenizer but no chat template."""
-    from conftest import make_hf_model
-    from helpers_generate import SentencePieceStyle
-    from tokenizers import processors
+    from conftest import tiny_checkpoint_dir
 
     d = tmp_path_factory.mktemp("tiny_hf_model")
-    tk = SentencePieceStyle.llama2()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # BOS first
-    make_hf_model(vocab_size=tk.get_vocab_size()).save_pretrained(d)
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    _, tk = tiny_checkpoint_dir(d, bos_first=True)
     return d, tk
 
 

@@ -43,15 +43,10 @@ def hub_cache(tmp_path_factory):
     """A hub cache holding `tiny-org/tiny-llama` (safetensors + tokenizer, and a PyTorch .bin
     that must not be needed) and `tiny-org/tiny-gguf` (one GGUF); plus the same safetensors
     checkpoint as a plain directory, to compare with."""
-    from conftest import make_hf_model, write_gguf
-    from helpers_generate import SentencePieceStyle
+    from conftest import make_hf_model, tiny_checkpoint_dir, write_gguf
 
     local = tmp_path_factory.mktemp("local_model")
-    tk = SentencePieceStyle.llama2()
-    model = make_hf_model(vocab_size=tk.get_vocab_size())
-    model.save_pretrained(local)
-    tk.save(str(local / "tokenizer.json"))
-    (local / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tiny_checkpoint_dir(local)
     gguf_path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     gguf_tensors = write_gguf(make_hf_model(seed=1), gguf_path)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_tiny, make_hf_model, write_gguf
+from conftest import load_tiny, make_hf_model, tiny_checkpoint_dir, write_gguf
 from tinyllm.perplexity import main, perplexity, windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,16 +147,8 @@ def test_perplexity_on_the_gpu_equals_transformers(tiny, dtype, rel):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama as a Hugging Face directory with a tokenizer that adds BOS."""
-    from helpers_generate import SentencePieceStyle
-    from tokenizers import processors
-
     d = tmp_path_factory.mktemp("ppl_hf")
-    tk = SentencePieceStyle.llama2()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    hf = make_hf_model(seed=4, vocab_size=tk.get_vocab_size())
-    hf.save_pretrained(d)
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    hf, tk = tiny_checkpoint_dir(d, seed=4, bos_first=True)
     return d, tk, hf
 
 

@@ -194,14 +194,10 @@ def http_serving(app):
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama (context 1024) with a trained tokenizer and a chat template, and no
     end-of-sequence token, so that a request runs for as many tokens as it asks."""
-    from conftest import make_hf_model
-    from helpers_generate import SentencePieceStyle
+    from conftest import tiny_checkpoint_dir
 
     d = tmp_path_factory.mktemp("tiny_replicas_model")
-    tk = SentencePieceStyle.llama2()
-    make_hf_model(vocab_size=tk.get_vocab_size(), max_position_embeddings=1024, eos_token_id=None).save_pretrained(d)
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": TEMPLATE}))
+    tiny_checkpoint_dir(d, eos=False, chat_template=TEMPLATE, max_position_embeddings=1024)
     return d
 
 

@@ -38,15 +38,10 @@ TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% e
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama (context 256) with a trained tokenizer and a chat template."""
-    from conftest import make_hf_model
-    from helpers_generate import SentencePieceStyle
+    from conftest import tiny_checkpoint_dir
 
     d = tmp_path_factory.mktemp("tiny_serve_model")
-    tk = SentencePieceStyle.llama2()
-    make_hf_model(vocab_size=tk.get_vocab_size()).save_pretrained(d)
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                        "chat_template": TEMPLATE}))
+    tiny_checkpoint_dir(d, chat_template=TEMPLATE)
     return tinyllm.load(d)
 
 

@@ -59,15 +59,10 @@ def serve(llm, name):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """The openai client of a server for a tiny random Llama whose EOS is `</s>` (id 2)."""
-    from conftest import make_hf_model
-    from helpers_generate import SentencePieceStyle
+    from conftest import tiny_checkpoint_dir
 
     d = tmp_path_factory.mktemp("tiny_json_model")
-    tk = SentencePieceStyle.llama2()
-    make_hf_model(vocab_size=tk.get_vocab_size(), eos_token_id=2).save_pretrained(d)
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                         "chat_template": TEMPLATE}))
+    tiny_checkpoint_dir(d, chat_template=TEMPLATE, eos_token_id=2)
     with serve(tinyllm.load(d), "tiny") as c:
         yield c
 

@@ -8,7 +8,6 @@ trained tokenizer; every expected log-probability and token comes from `transfor
 logits for the same ids (log-softmax, argmax, the inverse-CDF draw written here)."""
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -35,15 +34,10 @@ MESSAGES = [{"role": "user", "content": "a baker had"}]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(tinyllm's LLM, transformers' model) of one tiny random Llama with a trained tokenizer."""
-    from conftest import make_hf_model
-    from helpers_generate import SentencePieceStyle
+    from conftest import tiny_checkpoint_dir
 
     d = tmp_path_factory.mktemp("tiny_openai_model")
-    tk = SentencePieceStyle.llama2()
-    hf = make_hf_model(vocab_size=tk.get_vocab_size(), eos_token_id=None)
-    hf.save_pretrained(d)
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": TEMPLATE}))
+    hf, _ = tiny_checkpoint_dir(d, eos=False, chat_template=TEMPLATE)
     return tinyllm.load(d), hf
 
 
