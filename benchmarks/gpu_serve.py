@@ -3,6 +3,7 @@
     python benchmarks/gpu_serve.py                         # TinyLlama-1.1B's shape on cuda, 1 / 4 / 8 / 16 streams
     python benchmarks/gpu_serve.py --streams 1 16 --max-tokens 64 --repeats 3 --out DIR
     python benchmarks/gpu_serve.py --device cpu --n-layers 2 --streams 1 4 --max-tokens 16 --repeats 1
+    python benchmarks/gpu_serve.py --shape llama-3-8b --shared-prefix 500 --streams 16 64 --max-tokens 64
 
 What it shows: continuous batching on the GPU. A decode step of one sequence reads every
 weight once, and at batch size 1 reading the weights *is* the step; 16 sequences share each
@@ -13,8 +14,9 @@ until the host (scheduler, sampler, detokenizer, HTTP) cannot keep up with the G
 What runs: the same `tinyllm.serve.Server` that `python -m tinyllm.serve` runs, started in
 this process and served by uvicorn from a background thread on 127.0.0.1 (a free port).
 The GPU machine gets no checkpoint, so the model is built here:
-- weights: random fp16 of a real model's shape (benchmarks/gpu_models.py). Speed depends
-  on shapes, not on values, so these time the real work. On cuda the fast path is on
+- weights: random fp16 of a real model's shape (benchmarks/gpu_models.py; --shape takes
+  its SHAPES and its Llama 3 shapes). Speed depends on shapes, not on values, so these
+  time the real work. On cuda the fast path is on
   (`CudaStep`), and the server's scheduler then decodes the whole batch as one
   replayed CUDA graph per batch size (tinyllm/cuda/batch.py).
 - tokenizer: a word-level vocabulary of the model's size (the words of the benchmark's
@@ -32,6 +34,23 @@ The client threads run in a child process (--clients process, the default): in t
 process they would take turns for Python's global interpreter lock with the event loop and
 the scheduler thread, and the server would look slower than it is. After a warm-up, the
 counts take turns (1, 4, 8, 16, 1, 4, ...) --repeats times; the table shows medians.
+The server keeps its prefix cache (--prefix-cache-mb, default the server's own), as
+`python -m tinyllm.serve` does; --engine instant keeps no keys and values, so its server runs
+without one.
+
+Shared prefix (--shared-prefix N): the burst a prefix cache is for. Every request of a run
+begins with the same system prompt of N tokens (BOS included) and ends with a question of
+its own (QUESTION_TOKENS tokens); all of a run's requests are sent at the same moment. The
+scenario runs twice in one script run, on two servers over the same model: with the prefix
+cache (--prefix-cache-mb) and without it (0). Each run sends a system prompt that no earlier
+run sent, so every run starts cold and the best a server can do is compute it once. Beside
+TTFT (median and p90 over the streams) and total tok/s, the table shows the server's own
+counters tinyllm_prefix_cache_hit_tokens_total and tinyllm_prefix_cache_miss_tokens_total
+(GET /metrics, read before and after each run): with the cache the hits should be (streams
+- 1) x the system prompt's whole blocks of prefix.BLOCK tokens, i.e. the system prompt
+computed once; without it every prompt token is a miss. This scenario does not run the
+transformers peer: its batch generate shares nothing between the prompts of a batch, which
+is what the cache-off server already measures with tinyllm's own engine.
 
 Packages: numpy, tokenizers, starlette, uvicorn, prometheus_client (and cupy on cuda). The
 script checks them first and exits with status 2, naming the missing ones.
@@ -40,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import importlib.util
 import os
 import shlex
@@ -95,6 +115,57 @@ def word_tokenizer(vocab_size: int):
                      source=f"word-level vocabulary of {vocab_size} (built by benchmarks/gpu_serve.py)")
 
 
+def passage_pieces() -> list[str]:
+    """The passage's words and punctuation marks, in order: one token each in `word_tokenizer`."""
+    from tokenizers import pre_tokenizers
+
+    from benchmarks.common import PASSAGE
+
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(PASSAGE)]
+
+
+QUESTION_TOKENS = 16  # each request's own tokens after the shared system prompt
+
+
+def shared_prefix_prompts(tokenizer, n_prefix: int, n_streams: int, run: int) -> list[str]:
+    """n_streams prompts: one system prompt of n_prefix tokens (BOS included), then a question
+    of QUESTION_TOKENS tokens per request. The system prompt is the passage's pieces cycled from
+    piece `run`, so each run's differs from its first block on (nothing of it is cached before
+    the run); the questions start at different pieces, so no two share the block that follows
+    the system prompt."""
+    pieces = passage_pieces()
+
+    def cycled(start, n):
+        return " ".join(pieces[(start + i) % len(pieces)] for i in range(n))
+
+    system = cycled(run, n_prefix - 1)  # BOS is the n_prefix-th token
+    if len(tokenizer.encode(system)) != n_prefix:
+        raise SystemExit(f"gpu_serve: the system prompt encodes to {len(tokenizer.encode(system))} tokens, "
+                         f"not {n_prefix}")
+    return [f"{system} {cycled(7 * i + len(pieces) // 2, QUESTION_TOKENS)}" for i in range(n_streams)]
+
+
+PREFIX_COUNTERS = {"hit": "tinyllm_prefix_cache_hit_tokens_total", "miss": "tinyllm_prefix_cache_miss_tokens_total"}
+
+
+def prefix_counters(port: int) -> dict:
+    """The server's prefix-cache token counters, from its Prometheus text at GET /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise SystemExit(f"gpu_serve: GET /metrics answered {resp.status}")
+    values = dict(line.split(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
+    missing = [name for name in PREFIX_COUNTERS.values() if name not in values]
+    if missing:
+        raise SystemExit(f"gpu_serve: /metrics has no {', '.join(missing)}")
+    return {key: int(float(values[name])) for key, name in PREFIX_COUNTERS.items()}
+
+
 def _instant_step(model):
     from tinyllm.step import DecodeStep
 
@@ -118,6 +189,7 @@ def _instant_step(model):
 
 class _InstantBatch:
     max_rows = 64
+    model_seconds = 0.0  # the scheduler's split of a round into host and model time: all host here
 
     def __init__(self, model, capacity: int):
         import numpy as np
@@ -174,7 +246,7 @@ def build_llm(args):
 
 # ---- the server, in this process ---------------------------------------------------------------
 
-def start_server(llm, args):
+def start_server(llm, args, prefix_cache_mb: float):
     """tinyllm's Server (warmed up) behind uvicorn in a background thread; (server, http, thread, port, seconds)."""
     import uvicorn
 
@@ -182,7 +254,8 @@ def start_server(llm, args):
     from tinyllm.serve import Server
 
     start = time.perf_counter()
-    server = Server(llm, f"random-{args.shape}", max_batch=args.max_batch, max_context=args.max_context)
+    server = Server(llm, f"random-{args.shape}", max_batch=args.max_batch, max_context=args.max_context,
+                    prefix_cache_mb=prefix_cache_mb)
     server.start(warm_up=True)  # on the GPU: batched graphs captured, first-call costs paid
     warm_s = time.perf_counter() - start
     port = free_port()
@@ -220,12 +293,12 @@ class Clients:
             # spawn: a fresh interpreter, nothing of this process's GPU state or threads
             self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def run(self, port: int, n_streams: int, max_tokens: int) -> dict:
+    def run(self, port: int, n_streams: int, max_tokens: int, texts: list[str] | None = None) -> dict:
         from benchmarks.serve_load import load_run
 
         if self.pool is None:
-            return load_run(port, n_streams, max_tokens)
-        return self.pool.submit(load_run, port, n_streams, max_tokens).result()
+            return load_run(port, n_streams, max_tokens, texts)
+        return self.pool.submit(load_run, port, n_streams, max_tokens, texts).result()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -281,80 +354,77 @@ def device_name(device: str) -> str:
     return f"{cpu_model()} ({os.cpu_count()} cores, NumPy)"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/gpu_serve.py", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (to try the script without a GPU)")
-    p.add_argument("--shape", default="tinyllama-1.1b",
-                   help="a shape of benchmarks/gpu_models.py (default tinyllama-1.1b)")
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16],
-                   help="concurrent streams (default 1 4 8 16)")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per stream (default 128)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per stream count (default 2)")
-    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16)")
-    p.add_argument("--max-context", type=int, default=None, help="the server's --max-context (default: the shape's)")
-    p.add_argument("--n-layers", type=int, default=None, help="override the shape's layer count (a small test model)")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the shape's vocabulary size")
-    p.add_argument("--clients", choices=("process", "thread"), default="process",
-                   help="where the client threads run: a child process (default) or this process")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON and markdown")
-    p.add_argument("--engine", choices=("model", "instant"), default="model",
-                   help="instant: a stand-in step that does no model work, to measure the host's ceiling")
-    p.add_argument("--peer", action="store_true",
-                   help="also run transformers' static-cache batch generate of B prompts for each stream count B")
-    args = p.parse_args(argv)
+# ---- the runs -----------------------------------------------------------------------------------
 
-    missing = missing_packages(args.device)
-    if missing:
-        print(f"gpu_serve: missing Python packages: {', '.join(missing)} (install them, or carry them as wheels)",
-              file=sys.stderr)
-        return 2
-    from benchmarks.common import fmt, git_commit, markdown_table, write_outputs
-    from benchmarks.gpu_models import SHAPES
+def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None, longest_prompt: int | None = None,
+            label: str = "") -> dict:
+    """One server (a prefix cache of `prefix_cache_mb`; 0: none), warmed up, then --repeats
+    rounds over the stream counts. texts_for(n, run) gives the prompts of a run of n streams
+    (None: serve_load's); longest_prompt (tokens), when given, must fit the server's context
+    with --max-tokens. Each run records the prefix-cache counters' change over it."""
+    server, http, thread, port, warm_s = start_server(llm, args, prefix_cache_mb)
+    batched_graphs = False
+    if llm.model.device.is_cuda and args.engine == "model":
+        from tinyllm.cuda.step import CudaBatch  # (CudaStep gives a ReadableBatch where no graphs fit the model)
 
-    if args.shape not in SHAPES:
-        print(f"gpu_serve: --shape: expected one of {', '.join(SHAPES)}, got {args.shape!r}", file=sys.stderr)
-        return 2
-    if min(args.streams) < 1 or args.max_tokens < 1 or args.repeats < 1:
-        print("gpu_serve: --streams, --max-tokens and --repeats must be >= 1", file=sys.stderr)
-        return 2
-
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": device_name(args.device), "commit": git_commit(),
-            "command": " ".join(["python", "benchmarks/gpu_serve.py"] + [shlex.quote(a) for a in sys.argv[1:]])}
-    print(f"gpu_serve: {info['device']}, commit {info['commit']}", file=sys.stderr, flush=True)
-
-    llm, build_s, fast = build_llm(args)
-    c = llm.config
-    print(f"gpu_serve: random {args.shape} ({c.n_layers} layers, vocabulary {c.vocab_size}) built in {build_s:.1f} s"
-          f"{', fast path on' if fast else ''}", file=sys.stderr, flush=True)
-    server, http, thread, port, warm_s = start_server(llm, args)
-    batched_graphs = getattr(server.scheduler, "rows", None) is not None
-    print(f"gpu_serve: server warmed up in {warm_s:.1f} s (batched CUDA graphs: {'yes' if batched_graphs else 'no'}), "
-          f"port {port}", file=sys.stderr, flush=True)
-
-    clients = Clients(args.clients)
+        batched_graphs = isinstance(server.scheduler.rows, CudaBatch)
+    print(f"gpu_serve: server{label} warmed up in {warm_s:.1f} s (batched CUDA graphs: "
+          f"{'yes' if batched_graphs else 'no'}), port {port}", file=sys.stderr, flush=True)
+    texts_for = texts_for or (lambda n, run: None)
     runs: dict[int, list[dict]] = {}
     try:
-        clients.run(port, max(args.streams), 8)  # warm-up: the client process, every batch size up to the largest
+        if longest_prompt is not None and longest_prompt + args.max_tokens > server.max_context:
+            raise SystemExit(f"gpu_serve: prompts of {longest_prompt} tokens and --max-tokens {args.max_tokens} "
+                             f"do not fit the server's context of {server.max_context} tokens")
+        run = 0  # every run's prompts are texts_for(n, run) with a run index of its own
+        # warm-up: the client process, every batch size up to the largest
+        clients.run(port, max(args.streams), 8, texts_for(max(args.streams), run))
         for repeat in range(args.repeats):  # counts take turns, so a noisy moment hits them alike
             for n in args.streams:
-                r = clients.run(port, n, args.max_tokens)
+                run += 1
+                before = prefix_counters(port)
+                r = clients.run(port, n, args.max_tokens, texts_for(n, run))
+                after = prefix_counters(port)
+                r |= {f"prefix_{key}_tokens": after[key] - before[key] for key in PREFIX_COUNTERS}
                 r["exact"] = r["tokens"] == n * args.max_tokens  # every request made max_tokens tokens
                 runs.setdefault(n, []).append(r)
-                print(f"repeat {repeat + 1}: {n:3d} streams, {r['total_tok_s']:8.1f} tok/s total, "
-                      f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}",
+                print(f"repeat {repeat + 1}{label}: {n:3d} streams, {r['total_tok_s']:8.1f} tok/s total, "
+                      f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}, "
+                      f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens",
                       file=sys.stderr, flush=True)
     finally:
-        clients.close()
         stop_server(server, http, thread)
+    return {"prefix_cache_mb": prefix_cache_mb, "warm_up_s": warm_s, "batched_graphs": batched_graphs,
+            "max_context": server.max_context, "runs": runs}
+
+
+def median_of(runs: list[dict], key: str):
+    values = [r[key] for r in runs if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def model_markdown(llm, args, fast: bool) -> str:
+    c = llm.config
+    dtype = "fp16" if llm.model.device.is_cuda else "fp32"
+    return (f"Model: random {dtype} weights of {args.shape}'s shape ({c.n_layers} layers, dim {c.dim}, "
+            f"vocabulary {c.vocab_size}), a word-level tokenizer without EOS (every request generates "
+            f"`max_tokens`). Server: tinyllm.serve.Server in process (uvicorn thread), --max-batch {args.max_batch}, "
+            f"fast path {'on' if fast else 'off'}")
+
+
+def plain_report(llm, args, fast: bool, measured: dict, peer: dict) -> tuple[str, dict]:
+    """The stream-count table (markdown) and its JSON fields."""
+    from benchmarks.common import fmt, markdown_table
+
+    runs, batched_graphs, warm_s = measured["runs"], measured["batched_graphs"], measured["warm_up_s"]
 
     def med(n, key):
-        values = [r[key] for r in runs[n] if r[key] is not None]
-        return statistics.median(values) if values else None
+        return median_of(runs[n], key)
 
-    peer = transformers_batch(llm, args.streams, args.max_tokens) if args.peer and fast else {}
+    mb = measured["prefix_cache_mb"]
+    cache = (f"prefix cache {fmt(mb)} MB (the runs repeat their prompts, so from the warm-up on each prompt's "
+             f"first block is copied)" if mb else "prefix cache off")
     first = args.streams[0]
-    all_exact = all(r["exact"] for rs in runs.values() for r in rs)
     rows = []
     for n in args.streams:
         tokens = ", ".join(str(r["tokens"]) for r in runs[n])
@@ -368,26 +438,189 @@ def main(argv=None) -> int:
                             "tok/s per stream (median)", "TTFT s (median)",
                             "transformers batch generate, tok/s", "tinyllm / transformers",
                             "tokens generated per run"], rows)
-    dtype = "fp16" if llm.model.device.is_cuda else "fp32"
     markdown = (
-        f"Measured {info['date']} on {info['device']}, commit `{info['commit']}`.\n\n"
-        f"Command: `{info['command']}`\n\n"
-        f"Model: random {dtype} weights of {args.shape}'s shape ({c.n_layers} layers, dim {c.dim}, "
-        f"vocabulary {c.vocab_size}), a word-level tokenizer without EOS (every request generates "
-        f"`max_tokens`). Server: tinyllm.serve.Server in process (uvicorn thread), --max-batch {args.max_batch}, "
-        f"fast path {'on' if fast else 'off'}, batched CUDA graphs {'yes' if batched_graphs else 'no'}; "
+        f"{model_markdown(llm, args, fast)}, batched CUDA graphs {'yes' if batched_graphs else 'no'}, {cache}; "
         f"warmed up in {warm_s:.1f} s. Clients: threads in {'a child' if args.clients == 'process' else 'the server'} "
         f"process, {args.max_tokens} greedy tokens per stream, prompts of ~45 tokens, "
         f"{args.repeats} run{'s' if args.repeats > 1 else ''} per stream count (medians).\n\n{table}\n")
+    result = {"batched_graphs": batched_graphs, "warm_up_s": warm_s, "prefix_cache_mb": measured["prefix_cache_mb"],
+              "runs": {str(k): v for k, v in runs.items()},
+              "transformers_batch_generate": {str(k): v for k, v in peer.items()}}
+    return markdown, result
+
+
+def shared_prefix_report(llm, args, fast: bool, servers: dict) -> tuple[str, dict]:
+    """The shared-prefix tables, prefix cache on against off (markdown), and their JSON fields."""
+    from benchmarks.common import fmt, markdown_table
+    from tinyllm.prefix import BLOCK
+
+    whole = args.shared_prefix // BLOCK * BLOCK  # the system prompt's tokens in whole blocks: what can be reused
+
+    def computed(n, r):  # times the system prompt's whole blocks were computed in run r
+        return n - r["prefix_hit_tokens"] / whole if whole else None
+
+    rows, once = [], True
+    for label, measured in servers.items():
+        for n in args.streams:
+            runs = measured["runs"][n]
+            times = [computed(n, r) for r in runs]
+            if label == "on" and whole and any(t != 1 for t in times):
+                once = False
+            tokens = ", ".join(str(r["tokens"]) for r in runs)
+            rows.append([f"{label} ({fmt(measured['prefix_cache_mb'])} MB)" if label == "on" else "off", n,
+                         fmt(median_of(runs, "total_tok_s")), fmt(median_of(runs, "ttft_s")),
+                         fmt(median_of(runs, "ttft_p90_s")), fmt(median_of(runs, "stream_tok_s")),
+                         ", ".join(str(r["prefix_hit_tokens"]) for r in runs),
+                         ", ".join(str(r["prefix_miss_tokens"]) for r in runs),
+                         ", ".join(fmt(t, 2) for t in times),
+                         f"{tokens} ({'= ' if all(r['exact'] for r in runs) else '!= '}{n} x {args.max_tokens})"])
+    table = markdown_table(["prefix cache", "streams", "total tok/s (median)", "TTFT s (median)",
+                            "TTFT s p90 (median of runs)", "tok/s per stream (median)",
+                            "hit tokens per run", "missed tokens per run", "system prompt computed, times per run",
+                            "tokens generated per run"], rows)
+    on, off = servers["on"]["runs"], servers["off"]["runs"]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    compare = markdown_table(
+        ["streams", "TTFT median, off / on", "TTFT p90, off / on", "total tok/s, on / off"],
+        [[n, ratio(median_of(off[n], "ttft_s"), median_of(on[n], "ttft_s")),
+          ratio(median_of(off[n], "ttft_p90_s"), median_of(on[n], "ttft_p90_s")),
+          ratio(median_of(on[n], "total_tok_s"), median_of(off[n], "total_tok_s"))] for n in args.streams])
+    markdown = (
+        f"{model_markdown(llm, args, fast)}, batched CUDA graphs "
+        f"{'yes' if servers['on']['batched_graphs'] else 'no'}; two servers in turn over the same model, prefix "
+        f"cache on (--prefix-cache-mb {fmt(servers['on']['prefix_cache_mb'])}, warmed up in "
+        f"{servers['on']['warm_up_s']:.1f} s) and off (0, warmed up in {servers['off']['warm_up_s']:.1f} s). "
+        f"Clients: threads in {'a child' if args.clients == 'process' else 'the server'} process; every request "
+        f"of a run is sent at once and is one system prompt of {args.shared_prefix} tokens (BOS included; "
+        f"{whole // BLOCK} whole blocks of {BLOCK}, {whole} tokens reusable) and a question of its own of "
+        f"{QUESTION_TOKENS} tokens; each run has a system prompt no earlier run sent. {args.max_tokens} greedy "
+        f"tokens per stream, {args.repeats} run{'s' if args.repeats > 1 else ''} per stream count (medians). "
+        f"Hit and missed tokens: the server's tinyllm_prefix_cache_hit_tokens_total and "
+        f"tinyllm_prefix_cache_miss_tokens_total (/metrics) after a run minus before it; system prompt computed = "
+        f"streams - hit tokens / {whole}, 1 when the burst computed it once.\n\n{table}\n\n{compare}\n")
+    if not once:
+        markdown += ("\n**Note**: with the prefix cache on, some run computed the system prompt more than once "
+                     "(a budget too small for it, or requests that did not wait for its blocks).\n")
+    result = {"shared_prefix": {"tokens": args.shared_prefix, "question_tokens": QUESTION_TOKENS, "block": BLOCK,
+                                "reusable_tokens": whole, "computed_once_with_cache": once},
+              "servers": {label: {**m, "runs": {str(k): v for k, v in m["runs"].items()}}
+                          for label, m in servers.items()}}
+    return markdown, result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_serve.py", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (to try the script without a GPU)")
+    p.add_argument("--shape", default="tinyllama-1.1b",
+                   help="a shape of benchmarks/gpu_models.py, Llama 3's included (default tinyllama-1.1b)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16],
+                   help="concurrent streams (default 1 4 8 16)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per stream (default 128)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per stream count (default 2)")
+    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16)")
+    p.add_argument("--max-context", type=int, default=None, help="the server's --max-context (default: the shape's)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
+                   help="the server's --prefix-cache-mb (default: the server's own); with --shared-prefix, the "
+                   "budget of the cache-on server")
+    p.add_argument("--shared-prefix", type=int, default=None, metavar="N",
+                   help="the shared-prefix scenario: every request begins with one N-token system prompt; run "
+                   "with the prefix cache and without it (see the docstring)")
+    p.add_argument("--n-layers", type=int, default=None, help="override the shape's layer count (a small test model)")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the shape's vocabulary size")
+    p.add_argument("--clients", choices=("process", "thread"), default="process",
+                   help="where the client threads run: a child process (default) or this process")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON and markdown")
+    p.add_argument("--engine", choices=("model", "instant"), default="model",
+                   help="instant: a stand-in step that does no model work, to measure the host's ceiling")
+    p.add_argument("--peer", action="store_true",
+                   help="also run transformers' static-cache batch generate of B prompts for each stream count B "
+                   "(not with --shared-prefix)")
+    args = p.parse_args(argv)
+
+    missing = missing_packages(args.device)
+    if missing:
+        print(f"gpu_serve: missing Python packages: {', '.join(missing)} (install them, or carry them as wheels)",
+              file=sys.stderr)
+        return 2
+    from benchmarks.common import git_commit, write_outputs
+    from benchmarks.gpu_models import ALL_SHAPES
+    from tinyllm.prefix import BUDGET_MB
+
+    if args.shape not in ALL_SHAPES:
+        print(f"gpu_serve: --shape: expected one of {', '.join(ALL_SHAPES)}, got {args.shape!r}", file=sys.stderr)
+        return 2
+    if min(args.streams) < 1 or args.max_tokens < 1 or args.repeats < 1:
+        print("gpu_serve: --streams, --max-tokens and --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.prefix_cache_mb is not None and not args.prefix_cache_mb >= 0:
+        print(f"gpu_serve: --prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}", file=sys.stderr)
+        return 2
+    prefix_mb = BUDGET_MB if args.prefix_cache_mb is None else args.prefix_cache_mb
+    if args.shared_prefix is not None:
+        problem = None
+        if args.shared_prefix < 2:
+            problem = f"must be >= 2 (BOS and one word), got {args.shared_prefix}"
+        elif args.engine == "instant":
+            problem = "needs --engine model: the instant stand-in keeps no keys and values to reuse"
+        elif prefix_mb == 0:
+            problem = "compares the prefix cache with none: --prefix-cache-mb must be > 0"
+        if problem:
+            print(f"gpu_serve: --shared-prefix: {problem}", file=sys.stderr)
+            return 2
+        if args.peer:
+            print("gpu_serve: --peer is not run with --shared-prefix (see the docstring)", file=sys.stderr)
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": device_name(args.device), "commit": git_commit(),
+            "command": " ".join(["python", "benchmarks/gpu_serve.py"] + [shlex.quote(a) for a in sys.argv[1:]])}
+    print(f"gpu_serve: {info['device']}, commit {info['commit']}", file=sys.stderr, flush=True)
+
+    llm, build_s, fast = build_llm(args)
+    c = llm.config
+    print(f"gpu_serve: random {args.shape} ({c.n_layers} layers, vocabulary {c.vocab_size}) built in {build_s:.1f} s"
+          f"{', fast path on' if fast else ''}", file=sys.stderr, flush=True)
+
+    clients = Clients(args.clients)
+    try:
+        if args.shared_prefix is not None:
+            def texts_for(n, run):
+                return shared_prefix_prompts(llm.tokenizer, args.shared_prefix, n, run)
+
+            longest = args.shared_prefix + QUESTION_TOKENS
+            # the same prompts, run for run, on both servers: each server's cache starts empty
+            servers = {"on": measure(llm, args, clients, prefix_mb, texts_for, longest, " (prefix cache on)"),
+                       "off": measure(llm, args, clients, 0, texts_for, longest, " (prefix cache off)")}
+        else:
+            # the instant stand-in's caches hold positions only: nothing a prefix cache could copy
+            measured = measure(llm, args, clients, 0 if args.engine == "instant" else prefix_mb)
+    finally:
+        clients.close()
+
+    dtype = "fp16" if llm.model.device.is_cuda else "fp32"
+    header = (f"Measured {info['date']} on {info['device']}, commit `{info['commit']}`.\n\n"
+              f"Command: `{info['command']}`\n\n")
+    common = {**info, "settings": vars(args), "model": {k: getattr(c, k) for k in ALL_SHAPES[args.shape]} | {
+                  "n_layers": c.n_layers, "vocab_size": c.vocab_size, "dtype": dtype},
+              "fast_path": fast, "build_s": build_s}
+    if args.shared_prefix is not None:
+        body, fields = shared_prefix_report(llm, args, fast, servers)
+        all_runs = [r for m in servers.values() for rs in m["runs"].values() for r in rs]
+        name = "gpu_serve_shared_prefix"
+    else:
+        peer = transformers_batch(llm, args.streams, args.max_tokens) if args.peer and fast else {}
+        body, fields = plain_report(llm, args, fast, measured, peer)
+        all_runs = [r for rs in measured["runs"].values() for r in rs]
+        name = "gpu_serve"
+    all_exact = all(r["exact"] for r in all_runs)
+    markdown = header + body
     if not all_exact:
         markdown += "\n**Warning**: some requests did not generate exactly max_tokens tokens.\n"
-    result = {**info, "settings": vars(args), "model": {k: getattr(c, k) for k in SHAPES[args.shape]} | {
-                  "n_layers": c.n_layers, "vocab_size": c.vocab_size, "dtype": dtype},
-              "fast_path": fast, "batched_graphs": batched_graphs, "build_s": build_s, "warm_up_s": warm_s,
-              "all_requests_max_tokens": all_exact, "runs": {str(k): v for k, v in runs.items()},
-              "transformers_batch_generate": {str(k): v for k, v in peer.items()}}
-    name = "gpu_serve" if args.device.startswith("cuda") else "gpu_serve_cpu"
-    json_path, md_path = write_outputs(args.out, name, result, markdown)
+    result = {**common, "all_requests_max_tokens": all_exact, **fields}
+    json_path, md_path = write_outputs(args.out, name if args.device.startswith("cuda") else f"{name}_cpu",
+                                       result, markdown)
     print(markdown)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0 if all_exact else 1

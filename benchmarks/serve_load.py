@@ -15,6 +15,7 @@ same moment (distinct prompts, greedy, `max_tokens` each) and read them to the e
     total tok/s       generated tokens of all streams / wall time from the first request to the last [DONE]
     stream tok/s      one stream's (tokens - 1) / (its last token - its first token), median over streams
     ttft_s            time from sending a request to its first text, median over streams
+                      (ttft_p90_s: the 90th percentile)
 Generated tokens are the server's own `usage.completion_tokens`. After a warm-up, the counts
 take turns (1, 4, 16, 1, 4, 16, ...) --repeats times; the tables show medians.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import socket
 import statistics
@@ -112,11 +114,20 @@ def stream_once(port: int, prompt: str, max_tokens: int, start_gate: threading.B
     return {"sent": sent, "first": first, "last": last, "done": done, "tokens": tokens}
 
 
-def load_run(port: int, n_streams: int, max_tokens: int) -> dict:
-    """n_streams streams started together; figures of this one run."""
+def percentile(values, q: float):
+    """The nearest-rank q-th percentile (q in [0, 100]) of a non-empty sequence."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
+
+def load_run(port: int, n_streams: int, max_tokens: int, texts: list[str] | None = None) -> dict:
+    """n_streams streams started together (prompts: `texts`, default `prompts(n_streams)`);
+    figures of this one run."""
+    texts = prompts(n_streams) if texts is None else texts
+    if len(texts) != n_streams:
+        raise ValueError(f"load_run: {n_streams} streams need {n_streams} prompts, got {len(texts)}")
     gate = threading.Barrier(n_streams)
     results: list[dict] = [None] * n_streams
-    texts = prompts(n_streams)
 
     def worker(i):
         results[i] = stream_once(port, texts[i], max_tokens, gate)
@@ -131,9 +142,11 @@ def load_run(port: int, n_streams: int, max_tokens: int) -> dict:
     tokens = sum(r["tokens"] for r in results)
     per_stream = [(r["tokens"] - 1) / (r["last"] - r["first"]) for r in results
                   if r["tokens"] > 1 and r["last"] > r["first"]]
+    ttfts = [r["first"] - r["sent"] for r in results if r["first"]]
     return {"tokens": tokens, "wall_s": end - start, "total_tok_s": tokens / (end - start),
             "stream_tok_s": statistics.median(per_stream) if per_stream else None,
-            "ttft_s": statistics.median(r["first"] - r["sent"] for r in results if r["first"])}
+            "ttft_s": statistics.median(ttfts) if ttfts else None,
+            "ttft_p90_s": percentile(ttfts, 90) if ttfts else None}
 
 
 def engine_ceiling(model_path, batch_sizes, repeats: int, steps: int = 8) -> dict:

@@ -122,3 +122,39 @@ def test_scaling_writes_both_curves_and_a_plot(tiny_model, tmp_path):
         assert result["plot"] is None  # the JSON and the table are written all the same
     else:
         assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_gpu_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    for name in ("tokenizers", "starlette", "uvicorn", "prometheus_client"):
+        pytest.importorskip(name)
+    return subprocess.run([sys.executable, "benchmarks/gpu_serve.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_gpu_serve_shared_prefix_on_the_cpu(tmp_path):
+    """The shared-prefix scenario's plumbing (prompts, the servers with and without a prefix
+    cache, the /metrics counters, the report) on a 2-layer random model on the CPU."""
+    proc = run_gpu_serve("--device", "cpu", "--shape", "smollm2-135m", "--n-layers", "2", "--vocab-size", "512",
+                         "--shared-prefix", "80", "--streams", "3", "--max-tokens", "3", "--repeats", "1",
+                         "--clients", "thread", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_serve_shared_prefix_cpu.json").read_text())
+    assert result["shared_prefix"] == {"tokens": 80, "question_tokens": 16, "block": 32, "reusable_tokens": 64,
+                                       "computed_once_with_cache": True}
+    (on,), (off,) = result["servers"]["on"]["runs"]["3"], result["servers"]["off"]["runs"]["3"]
+    prompt_tokens = 3 * (80 + 16)
+    # the system prompt's two whole blocks are computed by one request and copied by the other two
+    assert on["prefix_hit_tokens"] == 2 * 64 and on["prefix_miss_tokens"] == prompt_tokens - 2 * 64
+    assert off["prefix_hit_tokens"] == 0 and off["prefix_miss_tokens"] == prompt_tokens
+    assert result["servers"]["off"]["prefix_cache_mb"] == 0 < result["servers"]["on"]["prefix_cache_mb"]
+    for r in (on, off):
+        assert r["exact"] and r["tokens"] == 9 and r["ttft_p90_s"] >= r["ttft_s"] > 0
+    md = (tmp_path / "gpu_serve_shared_prefix_cpu.md").read_text()
+    assert "| on (256 MB) | 3 |" in md and "| off | 3 |" in md and "TTFT median, off / on" in md
+
+
+def test_gpu_serve_refuses_what_it_cannot_run(tmp_path):
+    proc = run_gpu_serve("--device", "cpu", "--shape", "llama-2-7b", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "llama-3.2-1b, llama-3-8b, got 'llama-2-7b'" in proc.stderr
+    proc = run_gpu_serve("--device", "cpu", "--engine", "instant", "--shared-prefix", "64", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--shared-prefix: needs --engine model" in proc.stderr
