@@ -163,6 +163,24 @@ def test_gemv_kernel(shape, case, record):
     assert e_np < 2e-3 and e_t < 3e-3
 
 
+@pytest.mark.parametrize("k, epi", [(6152, K.EPI_STORE), (6152, K.EPI_RESIDUAL), (3080, K.EPI_SWIGLU),
+                                    (16384, K.EPI_SWIGLU)])
+def test_gemv_rows_split_over_warps(k, epi):
+    """Rows too long for one warp's registers are split over S warps (GemvSplit), also when S
+    does not divide the row (its last part is shorter): every weight counts."""
+    assert K.gemv_split(k, epi) > 1
+    n = 24
+    w = randn(2 * n if epi == K.EPI_SWIGLU else n, k, scale=1 / math.sqrt(k))
+    x, res = randn(k, scale=2.0), randn(n)
+    w[:, -8:] = 0.5  # the last 16-byte vector of each row: a part that skipped it would miss its share
+    out = cp.full(n, np.nan, dtype=np.float16)
+    K.gemv(cp.asarray(w), cp.asarray(x), out, epilogue=epi, residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
+    y = w.astype(np.float64) @ x.astype(np.float64)
+    ref = (np_ops.add(res, y.astype(np.float16)) if epi == K.EPI_RESIDUAL else
+           np_ops.swiglu(y.astype(np.float16)) if epi == K.EPI_SWIGLU else y)
+    assert rel_err(out.get(), ref) < 2e-3
+
+
 def _attention_inputs(shape, length, capacity):
     d, h, kv, e, f, v = KERNEL_SHAPES[shape]
     c = shape_config("tinyllama-1.1b", dim=h * e, n_heads=h, n_kv_heads=kv, max_seq_len=4096)

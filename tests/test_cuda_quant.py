@@ -148,6 +148,22 @@ def test_gemv_q_kernel(shape, case, kind, rows):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [100, 32001])
+def test_gemv_q_rows_past_the_last_tile(kind, n):
+    """N not a multiple of the block's 16 rows (a vocabulary of 32001): the last tile's rows
+    past N are computed and dropped, every row below N is written and right."""
+    k = 2048
+    w = matrix(kind, n, k, seed=4)
+    x = (rng.standard_normal((9, k)) * 2).astype(np.float16)
+    out = cp.full((9, 1, n), np.nan, dtype=np.float16)
+    K.gemv_q(w, cp.asarray(x)[:, None], out)
+    out = out.get()[:, 0]
+    ref = x.astype(np.float64) @ w.dequantize(np.float32).get().astype(np.float64).T
+    assert np.isfinite(out).all(), "some outputs were not written"
+    assert max(rel_err(o, r) for o, r in zip(out, ref)) < 3e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_gemv_q_rows_independent(kind):
     """A token's result, bit for bit, whatever the tokens beside it and however many."""
     n, k = 320, 2048

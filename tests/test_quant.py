@@ -257,12 +257,28 @@ def check_default_model(dense, kept):
 
 
 # ---- errors -----------------------------------------------------------------------------------------
-def corrupt_half(src: Path, dst: Path, tensor: str, byte: int) -> None:
-    """Write src to dst with the float16 at `byte` of `tensor`'s first block set to NaN."""
+def corrupt_half(src: Path, dst: Path, tensor: str, byte: int, value: float = np.nan) -> None:
+    """Write src to dst with the float16 at `byte` of `tensor`'s first block set to `value`."""
     data = bytearray(src.read_bytes())
     t = next(t for t in open_gguf(src).tensors if t.name == tensor)
-    data[t.data_offset + byte:t.data_offset + byte + 2] = struct.pack("<e", np.nan)
+    data[t.data_offset + byte:t.data_offset + byte + 2] = struct.pack("<e", value)
     dst.write_bytes(bytes(data))
+
+
+def test_blocks_that_overflow_float16_are_refused_naming_the_tensor(tmp_path):
+    """A Q8_0 block with d = 30000: finite scales, but its weights (d * q, |q| up to 127)
+    pass float16's largest value; kept in float16 they are refused as the dense path
+    refuses them, in float32 they load."""
+    src, path = tmp_path / "q8.gguf", tmp_path / "big.gguf"
+    write_gguf(make_hf_model(seed=8), src, Q.Q8_0)
+    corrupt_half(src, path, "blk.0.attn_k.weight", 0, 30000.0)
+    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.k_proj.weight' holds values too large "
+                                              "for float16"):
+        assemble_weights(read_checkpoint(path, keep_quantized=True), np.float16, CPU)
+    with pytest.raises(CheckpointError, match="too large for float16"):
+        assemble_weights(read_checkpoint(path), np.float16, CPU)
+    weights = assemble_weights(read_checkpoint(path, keep_quantized=True), np.float32, CPU)
+    assert weights.layers[0].wqkv.max_abs_bound() >= 30000 * 127
 
 
 @pytest.mark.parametrize("source, tensor, byte, hf_name", [

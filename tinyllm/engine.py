@@ -194,15 +194,17 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
     weights = assemble_weights(ckpt, dtype, device, lambda f: report(read + (assembled - read) * f))
     report(assembled)
     model = Model(ckpt.config, weights, device)
-    if device.is_cuda:
-        # CuPy compiles each elementwise kernel on first use: run a tiny prefill now so that
-        # the first request does not pay for it (the fast path warms its decode step itself).
-        model.forward(np.zeros((1, 2), dtype=np.int64), model.new_cache(8))
-        device.synchronize()
     step = ReadableStep(model)
     if fast_path and device.is_cuda and model.dtype == np.float16:
         from .cuda import CudaStep
 
         step = CudaStep(model)
+    if device.is_cuda:
+        # CuPy compiles each elementwise kernel on first use: run a tiny prefill now so that
+        # the first request does not pay for it (the fast path warms its decode step itself).
+        # Through the chosen step: on block-quantized weights the readable forward pass would
+        # expand every matrix into temporaries several times the blocks' size.
+        step.prefill([0, 0], model.new_cache(8))
+        device.synchronize()
     report(1.0)
     return LLM(model, tokenizer, ckpt.path, time.perf_counter() - start, step)

@@ -213,7 +213,7 @@ def run(args) -> int:
     llm = tinyllm.load(args.model, **{**load_options(args), "fast_path": False})
     ids = llm.tokenizer.encode(text)
     start = time.perf_counter()
-    result = perplexity(llm.model, ids, args.context, stride, Progress(not args.quiet))
+    result = perplexity(llm.step.prompt_model, ids, args.context, stride, Progress(not args.quiet))
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps({"file": str(path), "model": str(llm.path), "device": args.device,

@@ -195,6 +195,26 @@ class QuantizedMatrix:
             halves = self.planes["scale"]
         return bool(xp.isfinite(halves).all())
 
+    def max_abs_bound(self) -> float:
+        """An upper bound on |weight| over the matrix, from each block's scales and the largest
+        integer its format holds, in float32 (no expansion): below float16's largest value
+        (65504), every weight rebuilt in float16 is finite."""
+        xp = array_module(self.planes["q"])
+        f32 = xp.float32
+        if self.kind == "q8_0":
+            bound = xp.abs(self.planes["scale"].astype(f32)) * 128
+        elif self.kind == "q4_0":
+            bound = xp.abs(self.planes["scale"].astype(f32)) * 8
+        elif self.kind == "q4_1":
+            dm = xp.abs(self.planes["scale"].astype(f32))                        # [N, K/32, 2]
+            bound = dm[:, :, 0] * 15 + dm[:, :, 1]
+        elif self.kind == "q4_k":
+            dd = xp.abs(self._d_dmin(xp).astype(f32))                            # [N, S, 2]
+            bound = (dd[:, :, 0] * 15 + dd[:, :, 1]) * 63
+        else:  # q6_k
+            bound = xp.abs(self.planes["scale"].astype(f32)) * 128 * 32
+        return float(bound.max()) if bound.size else 0.0
+
     # ---- the readable expansion: the reference for every fast kernel ---------------------------
     def dequantize(self, dtype=None):
         """The matrix [N, K] in `dtype` (default: the compute dtype), computed in float32 with

@@ -43,14 +43,22 @@ class DecodeStep:
     name = "a decode step"
     max_batch: int | None = None  # the most sequences one batched step takes (None: no limit)
 
+    @property
+    def prompt_model(self):
+        """The model as this step runs a prompt (every position's logits): for scoring text.
+        A fast path gives its own (on the GPU, block-quantized weights are rebuilt by a kernel
+        where the readable path would expand each matrix with array calls)."""
+        return self.model
+
     def prompt_logits(self, ids: list[int], chunk: int = 256):
         """float32 logits [t, V] (host) of every prompt position, `chunk` positions at a time,
-        from the readable forward pass in a cache of their own: row t scores token t + 1.
+        from `prompt_model`'s forward pass in a cache of its own: row t scores token t + 1.
         For scoring a prompt (its log-probabilities), not for generating."""
-        cache = self.model.new_cache(len(ids))
+        model = self.prompt_model
+        cache = model.new_cache(len(ids))
         for start in range(0, len(ids), chunk):
             block = np.asarray([ids[start:start + chunk]], dtype=np.int64)
-            yield to_numpy(self.model.forward(block, cache, last_only=False))[0]
+            yield to_numpy(model.forward(block, cache, last_only=False))[0]
 
 
 class ReadableStep(DecodeStep):

@@ -276,17 +276,22 @@ class BatchDecoder:
             event = self._launch(b, slot, "tokens", self.prompt_graphs if shared else self.graphs)
         on_host = [i for i, s in enumerate(samplers) if s is not None and not CudaDecoder.supports(s.params)]
         rows = None
+        # the host waits for the device twice at most: in the copy of host-sampled rows (it
+        # ends with the replay), and on the event; together, what the GPU did not hide
+        self.wait_seconds = 0.0
         if on_host:  # the logits of the penalised rows, before anything else overwrites them
+            began = time.perf_counter()
             with self.stream:
                 rows = self.logits(b)[np.asarray(on_host)].get(stream=self.stream)
+            self.wait_seconds += time.perf_counter() - began
         following = None
         if queue_next and not shared and not on_host and all(c.length + 2 <= c.capacity for c in caches):
             nslot = self._slot = 1 - slot
             drawn = self._write_params(nslot, samplers)
             following = _Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers)
         began = time.perf_counter()
-        event.synchronize()  # the host's one wait for the device: what the GPU did not hide
-        self.wait_seconds = time.perf_counter() - began
+        event.synchronize()
+        self.wait_seconds += time.perf_counter() - began
         for cache in distinct:
             cache.advance(counts[id(cache)])
         out = [int(i) for i in np.frombuffer(self._chosen_host[slot], dtype=np.int64, count=b)]

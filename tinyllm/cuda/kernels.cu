@@ -166,14 +166,16 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: ); }
 
 // ---------------------------------------------------------------------------------------
-// GEMV with fp32 accumulation: y[n] = sum_k W[n, k] * h[k].  One warp per output row;
-// each lane issues all its 16-byte weight loads before anything else (K is a
-// compile-time constant, so the loop unrolls and the loads stay in registers).
+// GEMV with fp32 accumulation: y[n] = sum_k W[n, k] * h[k].  One warp per output row (or
+// S warps, for rows too long for one warp's registers: GemvSplit); each lane issues all its
+// 16-byte weight loads before anything else (K is a compile-time constant, so the loop
+// unrolls and the loads stay in registers).
 //
 //   NORM:  h = rms_norm(x) * norm_w, fused: y = inv_rms * sum_k W[n, k] * (x[k] * norm_w[k]),
 //          where each warp gets sum(x^2) from the x values it reads anyway: no extra
-//          pass, no block-wide reduction (h is never rounded to fp16 here, unlike the
-//          readable path: the results differ by fp16 rounding, ~1e-3 relative)
+//          pass (a split row's warps add theirs with their partial sums; h is never
+//          rounded to fp16 here, unlike the readable path: the results differ by fp16
+//          rounding, ~1e-3 relative)
 //   EPI 0: out[n] = fp16(y[n])
 //   EPI 1: out[n] = res[n] + fp16(y[n])                    (the residual connection)
 //   EPI 2: rows n and n + N: out[n] = silu(fp16(y[n])) * fp16(y[n + N])   (gate | up)
@@ -194,15 +196,16 @@ __device__ __forceinline__ void epilogue(float y, float u, const __half* __restr
 // A lane holds its share of a weight row in registers (the loads issue before any
 // arithmetic). Past 24 16-byte vectors per lane (96 registers), ptxas spills them to local
 // memory, which costs more than splitting the row: then S warps share a row, each over
-// a contiguous part of K, and their sums meet in shared memory (fixed order: the bits
-// depend on K only). S = 1 for every row that fits.
+// a contiguous part of K (the last part shorter when S does not divide the row), and their
+// sums meet in shared memory (fixed order: the bits depend on K only). S = 1 for every row
+// that fits.
 template <int K, int EPI>
 struct GemvSplit {
     static constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
     static constexpr int NV = K / 8;                 // 16-byte vectors in a row
-    static constexpr bool fits(int s) { return NV % s == 0 && ((NV / s + 31) / 32) * MATS <= 24; }
+    static constexpr bool fits(int s) { return (((NV + s - 1) / s + 31) / 32) * MATS <= 24; }
     static constexpr int S = fits(1) ? 1 : fits(2) ? 2 : fits(4) ? 4 : 8;
-    static constexpr int NVP = NV / S;               // vectors per warp's part of the row
+    static constexpr int NVP = (NV + S - 1) / S;     // vectors per warp's part of the row (at most)
     static constexpr int PER_LANE = (NVP + 31) / 32;
 };
 
@@ -211,13 +214,14 @@ struct Row {  // one lane's share of (a part of) a weight row, held in registers
     uint4 v[N];
 };
 
-template <int NVP, int PER_LANE>
-__device__ __forceinline__ void load_row(Row<PER_LANE>& r, const __half* __restrict__ wpart, int lane) {
+// vectors [0, n) of a part (n = NVP, or fewer for the last part of a split row)
+template <int PER_LANE>
+__device__ __forceinline__ void load_row(Row<PER_LANE>& r, const __half* __restrict__ wpart, int n, int lane) {
     const uint4* w = reinterpret_cast<const uint4*>(wpart);
 #pragma unroll
     for (int i = 0; i < PER_LANE; i++) {
         const int c = i * 32 + lane;
-        if (c < NVP) r.v[i] = load_stream(w + c);
+        if (c < n) r.v[i] = load_stream(w + c);
     }
 }
 
@@ -237,18 +241,19 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
                                              const __half* __restrict__ res, __half* __restrict__ out, int N) {
     static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
     using P = GemvSplit<K, EPI>;
-    constexpr int S = P::S, NVP = P::NVP, PER_LANE = P::PER_LANE;
+    constexpr int S = P::S, NV = P::NV, NVP = P::NVP, PER_LANE = P::PER_LANE;
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * ((blockDim.x >> 5) / S) + warp / S;
     const int first = (warp % S) * NVP;   // this warp's first vector of the row
+    const int n_here = NV - first < NVP ? NV - first : NVP;  // and how many it takes
     const bool active = row < N;
     // a split row's warps all reach the barrier below: rows past N load row N - 1 (dropped)
     const size_t lrow = active ? row : N - 1;
     Row<PER_LANE> wa, wb;
     if (active || S > 1) {
-        load_row<NVP, PER_LANE>(wa, W + lrow * K + first * 8, lane);
-        if (EPI == EPI_SWIGLU) load_row<NVP, PER_LANE>(wb, W + (lrow + N) * K + first * 8, lane);
+        load_row<PER_LANE>(wa, W + lrow * K + first * 8, n_here, lane);
+        if (EPI == EPI_SWIGLU) load_row<PER_LANE>(wb, W + (lrow + N) * K + first * 8, n_here, lane);
     }
     // the "memory" clobber in pdl_wait keeps every activation load behind the weight loads
     pdl_wait();
@@ -256,7 +261,7 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
     // L2-only loads (ld.global.cg): an L1 line cached before this kernel may be stale when
     // kernels overlap, and every warp of the block reads all of x
     __shared__ __align__(16) __half xs[K];
-    for (int i = threadIdx.x; i < P::NV; i += blockDim.x)
+    for (int i = threadIdx.x; i < NV; i += blockDim.x)
         reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(x) + i);
     __syncthreads();
     // (the branch keeps ptxas from sinking the weight loads to their first use)
@@ -267,7 +272,7 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
 #pragma unroll
     for (int i = 0; i < PER_LANE; i++) {
         const int c = i * 32 + lane;
-        if (c < NVP) {
+        if (c < n_here) {
             const uint4 xr = xv[c];
             const __half2* x2 = reinterpret_cast<const __half2*>(&xr);
             float h[8];

@@ -22,7 +22,7 @@ import numpy as np
 # one module: the quantized kernels (quant.cu) use kernels.cu's helpers and epilogues
 SOURCE = "\n".join((Path(__file__).with_name(f)).read_text() for f in ("kernels.cu", "quant.cu"))
 OPTIONS = ("--std=c++17",)
-GEMV_WARPS = 8           # rows per block: one warp per row
+GEMV_WARPS = 8           # warps per block of gemv: 8 rows, or 8 / S for rows split over S warps
 
 def attention_chunk(head_dim: int) -> int:
     """Positions per attention block (CHUNK in kernels.cu): its values must fit in shared memory."""
@@ -201,7 +201,7 @@ def gemv_split(k: int, epilogue: int) -> int:
     """Warps that share one output row of `gemv` (GemvSplit in kernels.cu): 1 unless a lane's
     share of the row would pass 24 16-byte vectors, which ptxas would spill."""
     mats, nv = (2 if epilogue == EPI_SWIGLU else 1), k // 8
-    return next(s for s in (1, 2, 4, 8) if s == 8 or (nv % s == 0 and (nv // s + 31) // 32 * mats <= 24))
+    return next(s for s in (1, 2, 4, 8) if s == 8 or ((nv + s - 1) // s + 31) // 32 * mats <= 24)
 
 
 def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):

@@ -34,6 +34,10 @@ class CudaStep(DecodeStep):
         self.max_batch = most or None  # 0: no batched graphs for this model, the eager batched step serves
         self.batch_decoder: BatchDecoder | None = None  # made by the first batch() that needs it
 
+    @property
+    def prompt_model(self):
+        return self.decoder.eager
+
     def prefill(self, ids: list[int], cache: KVCache) -> np.ndarray:
         return to_numpy(self.decoder.eager.forward(np.asarray([ids], dtype=np.int64), cache))[0, -1]
 

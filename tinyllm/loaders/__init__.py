@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import Device
+from ..backend import Device, to_numpy
 from ..config import Config
 from ..errors import CheckpointError, CheckpointNotFoundError, DeviceError, one_line
 from ..model import LayerWeights, Weights
@@ -251,6 +251,8 @@ def assemble_weights(ckpt: Checkpoint, dtype, device: Device, progress=None) -> 
             for name, a in zip(names, arrays):  # the blocks are never expanded: their scales are checked
                 if not a.scales_finite():
                     raise CheckpointError(f"{ckpt.path}: tensor {name!r} holds non-finite values (NaN or inf)")
+                if np.dtype(dtype) == np.float16 and a.max_abs_bound() > np.finfo(np.float16).max:
+                    _check_fp16_range(ckpt.path, name, a)
             return upload(QuantizedMatrix.concat(arrays))
         arrays = [a.dequantize(np.float32) if isinstance(a, QuantizedMatrix) else a for a in arrays]
         host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
@@ -311,6 +313,15 @@ def device_bytes(ckpt: Checkpoint, dtype) -> int:
     if isinstance(embed, QuantizedMatrix):  # the tied LM head's blocks, beside the dense table
         total += embed.nbytes
     return total
+
+
+def _check_fp16_range(path: Path, name: str, a) -> None:
+    """The bound from the scales says a weight could overflow float16: expand the blocks (this
+    rare case only) to see whether one does, and refuse the file by name if so."""
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.asarray(to_numpy(a.dequantize(np.float32)), dtype=np.float16)).all():
+            raise CheckpointError(f"{path}: tensor {name!r} holds values too large for float16 "
+                                  "(try --quantized dequantize --dtype float32)")
 
 
 def _non_finite(path: Path, names, arrays, dtype) -> CheckpointError:
