@@ -4,6 +4,8 @@ eviction within a byte budget; and the scheduler with a shared system prompt, wh
 give the tokens of cold runs while computing the shared prompt once."""
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -137,6 +139,68 @@ def test_bytes_stay_within_the_budget_over_many_distinct_prompts():
     assert len(prefix) == 0 and prefix.bytes == 0
     small = PrefixCache(CFG, np, np.float32, budget_bytes=prefix.block_bytes - 1)  # not one block fits
     assert small.store(tokens(100), filled_cache(tokens(100))) == 0 and small.bytes == 0
+
+
+def test_a_chain_is_held_only_if_it_fits_beside_the_pinned_blocks():
+    prefix = PrefixCache(CFG, np, np.float32, budget_bytes=0)
+    prefix.budget = 3 * prefix.block_bytes
+    a, b = tokens(64), tokens(96, start=20)
+    prefix.store(a, filled_cache(a))
+    keys = block_hashes(b)
+    assert prefix.can_hold(keys) and not prefix.can_hold(keys + block_hashes(tokens(32, start=30)))
+    n, pinned = prefix.match(a + [1])  # a's two blocks cannot be evicted until they are loaded
+    assert n == 64 and prefix.can_hold(keys[:1]) and not prefix.can_hold(keys[:2])
+    assert prefix.can_hold(block_hashes(a + tokens(32, start=30)))  # a's own chain: its blocks are counted once
+    prefix.release(pinned)
+    assert prefix.can_hold(keys) and not prefix.pinned
+    assert not PrefixCache(CFG, np, np.float32, budget_bytes=prefix.block_bytes - 1).can_hold(keys[:1])
+
+
+def traced(f) -> tuple[int, int]:
+    """Run f -> (the most bytes it had allocated at once, the bytes still allocated after it),
+    counting NumPy's arrays (NumPy reports its allocations to tracemalloc)."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        f()
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        if started:
+            tracemalloc.stop()
+    return peak - before, after - before
+
+
+def test_store_and_load_copy_a_block_at_a_time():
+    """However long the prompt, storing and loading it take no temporary larger than a block:
+    room is made before a block is allocated, and each block is copied straight between the
+    cache's layers and its own array. (Wider than CFG, so that a block outweighs the Python
+    objects a prompt's ids and hashes take.)"""
+    wide = Config(dim=64, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=64, vocab_size=100, max_seq_len=2048,
+                  rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, source="test")
+    ids = tokens(40 * BLOCK)
+    cache = KVCache(wide, len(ids), np.float32)
+    rng = np.random.default_rng(0)
+    for a in cache.k + cache.v:
+        a[...] = rng.standard_normal(a.shape)
+    cache.advance(len(ids))
+    one = PrefixCache(wide, np, np.float32, budget_bytes=0)
+    block = one.budget = one.block_bytes  # room for the first block alone
+    peak, kept = traced(lambda: one.store(ids, cache))
+    assert len(one) == 1 and kept >= block and peak <= 1.25 * block
+    prefix = PrefixCache(wide, np, np.float32, budget_bytes=1 << 30)
+    peak, kept = traced(lambda: prefix.store(ids, cache))
+    assert len(prefix) == 40 and kept >= 40 * block and peak - kept <= block // 4
+    into = KVCache(wide, len(ids), np.float32)
+    n, blocks = prefix.match(ids)
+    peak, _ = traced(lambda: prefix.load(blocks, into, n))
+    assert n == len(ids) - 1 and peak <= block // 4
+    for got, want in zip(into.k + into.v, cache.k + cache.v):
+        np.testing.assert_array_equal(got[0, :, :n], want[0, :, :n])
+        assert not got[0, :, n:].any()
+    assert_no_pins(prefix)
 
 
 def test_a_block_in_the_cache_dtype_and_layout():
@@ -336,15 +400,28 @@ def test_a_failure_while_loading_a_prefix_fails_that_request_alone(model):
     assert not sched.running
 
 
-def test_a_failure_while_storing_or_a_cancel_ends_that_request_alone(model):
-    class Faulty(PrefixCache):
-        def store(self, ids, cache):
-            if ids == prompts[1]:
-                raise MemoryError("no room on the device")
-            return super().store(ids, cache)
+class FailingNumPy:
+    """NumPy, except that the allocations (`empty`) numbered in `failing` raise MemoryError."""
 
+    def __init__(self, failing):
+        self.failing, self.calls = set(failing), 0
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def empty(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.failing:
+            raise MemoryError("no room on the device")
+        return np.empty(*args, **kwargs)
+
+
+def test_a_failure_while_storing_skips_the_block_and_a_cancel_ends_that_request_alone(model):
+    """The first prompt's second block cannot be allocated: it is not stored, and the request
+    whose prompt it is goes on with its cold tokens. The next request copies the first block
+    and computes (and stores) the second; the last two wait for it and copy both."""
     prompts = [SYSTEM + q for q in QUESTIONS[:4]]
-    prefix = Faulty.for_model(model, 1 << 20)
+    prefix = PrefixCache(model.config, FailingNumPy({2}), model.dtype, 1 << 20)
     params = [SamplingParams()] * 4
     sched = Scheduler(ReadableStep(model), IdsTokenizer(), max_batch=4, max_queue=4, max_context=160,
                       prefix_cache=prefix)
@@ -353,19 +430,37 @@ def test_a_failure_while_storing_or_a_cancel_ends_that_request_alone(model):
                 for ids, p, ev in zip(prompts, params, events)]
     for r in requests:
         sched.submit(r)
-    sched.run_once()  # the first prompt is prefilled and stored; the others wait for it
-    sched.run_once()  # they join with its blocks; the second fails as its blocks are stored
+    sched.run_once()  # the first prompt is prefilled; its first block is stored, its second fails
+    assert prefix.stored == 1 and prefix.store_failures == 1 and len(sched.running) == 1
+    sched.run_once()  # the second joins with the first block; the others wait for its second
+    assert prefix.stored == 2 and [len(e) for e in events] == [2, 1, 0, 0]
+    sched.run_once()  # they join with both
     sched.cancel(requests[2])
     for _ in range(20):
         sched.run_once()
     cold, _ = run(ReadableStep(model), prompts, params, budget=8)
-    assert isinstance(events[1][-1], Failed) and "no room on the device" in events[1][-1].message
     assert events[2][-1].reason == "cancelled"
-    for i in (0, 3):
+    for i in (0, 1, 3):
+        assert not any(isinstance(e, Failed) for e in events[i])
         assert events[i][-1].token_ids == cold[i][-1].token_ids
-    assert prefix.hit_tokens == 3 * 2 * BLOCK
+    assert prefix.hit_tokens == BLOCK + 2 * 2 * BLOCK
+    assert prefix.stored == 2 and prefix.store_failures == 1 and prefix.bytes == 2 * prefix.block_bytes
     assert_no_pins(prefix)
+    assert not prefix.pinned
     assert not sched.running and not sched.waiting
+
+
+def test_a_budget_too_small_for_a_block_holds_no_request_back(model):
+    """Waiting for a block that the cache cannot keep would be waiting for nothing: the
+    requests take the steps they take without a cache, and give its tokens."""
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    cold, cold_sched = run(ReadableStep(model), prompts, PARAMS)
+    for budget in (1, PrefixCache.for_model(model, 0).block_bytes - 1):
+        prefix = PrefixCache.for_model(model, budget)
+        warm, sched = run(ReadableStep(model), prompts, PARAMS, prefix)
+        assert sched.steps <= cold_sched.steps
+        assert [e[-1].token_ids for e in warm] == [e[-1].token_ids for e in cold]
+        assert len(prefix) == 0 and prefix.hit_tokens == 0
 
 
 def test_metrics_report_the_prefix_cache(model):
@@ -393,6 +488,7 @@ def test_metrics_report_the_prefix_cache(model):
     assert value("tinyllm_prefix_cache_budget_bytes") == 1 << 20
     assert value("tinyllm_prefix_cache_stored_blocks_total") == 2
     assert value("tinyllm_prefix_cache_evicted_blocks_total") == 0
+    assert value("tinyllm_prefix_cache_store_failures_total") == 0
     holder.prefix = None
     assert "tinyllm_prefix_cache_blocks 0.0" in Metrics(holder).text().decode()
 
@@ -406,3 +502,18 @@ def test_the_server_flag():
     assert parse_args(["-m", "x", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
     with pytest.raises(UsageError, match=r"^--prefix-cache-mb: must be >= 0, got -1.0$"):
         check_args(parse_args(["-m", "x", "--prefix-cache-mb", "-1"]))
+
+
+def test_the_server_refuses_a_budget_under_one_block():
+    pytest.importorskip("uvicorn")
+    from tinyllm.cli import UsageError
+    from tinyllm.server.main import check_prefix_cache_mb
+
+    class Model:  # CFG in float32: a block is 2 * 2 layers * 2 heads * 32 positions * 8 * 4 bytes = 8 KiB
+        config, dtype = CFG, np.float32
+
+    with pytest.raises(UsageError, match=r"^--prefix-cache-mb: 0\.005 holds no block of this model's keys and "
+                                         r"values; give at least 0\.008 \(one block of 32 tokens\), or 0 for off$"):
+        check_prefix_cache_mb(0.005, Model)
+    for mb in (0, 0.008, 8 / 1024, 256):
+        check_prefix_cache_mb(mb, Model)

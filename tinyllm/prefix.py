@@ -21,6 +21,14 @@ layers' keys, then their values) in the KV cache's dtype and on its device.
                           advances it (KVCache.advance is what moves a position); unpins
     store(ids, cache)  once a prompt is in a cache: its whole blocks not yet held become
                           blocks, evicting least recently used ones to stay in the budget
+    can_hold(keys)     whether a chain of blocks could be held at once (the scheduler holds a
+                          request back for a block only if it can)
+
+Both copies go a block at a time, straight between a block and the cache's layers: the
+temporaries of one copy never exceed one block, however long the prompt, and room is made
+before a block is allocated, so the budget bounds the memory the cache takes. Storing only
+saves later prompts work: a block that cannot be allocated or copied (the device out of
+memory) is not stored, and counted, and the request whose prompt it came from goes on.
 
 Reference counts protect what is still needed: a block is pinned by each sequence between
 match and load (its K/V are about to be copied) and by each child block (a child is found
@@ -41,9 +49,9 @@ import numpy as np
 
 # Tokens per block: the unit of matching, hashing and storage. A prompt that leaves a
 # shared prefix mid-block reuses nothing of that block, so smaller blocks reuse more; each
-# block costs a hash, an array and a copy (on the GPU a few microseconds of host time each),
-# so larger blocks cost less per token. 32 keeps both small: at most 31 tokens of a prefix
-# go unused, and a prompt of a few thousand tokens is about a hundred blocks.
+# block costs a hash, an array and a copy per layer (on the GPU a few microseconds of host
+# time each), so larger blocks cost less per token. 32 keeps both small: at most 31 tokens of
+# a prefix go unused, and a prompt of a few thousand tokens is about a hundred blocks.
 BLOCK = 32
 
 # The server's default budget (`--prefix-cache-mb`): a few thousand tokens of a small model's
@@ -51,6 +59,11 @@ BLOCK = 32
 BUDGET_MB = 256
 
 _ROOT = b"tinyllm-prefix"  # the parent hash of a prompt's first block
+
+
+def block_bytes(config, dtype, block: int = BLOCK) -> int:
+    """The bytes of one block: the keys and values of `block` positions, all layers."""
+    return 2 * config.n_layers * config.n_kv_heads * block * config.head_dim * np.dtype(dtype).itemsize
 
 
 def block_hashes(ids, block: int = BLOCK) -> list[bytes]:
@@ -90,15 +103,19 @@ class PrefixCache:
         self.config, self.xp, self.dtype = config, xp, dtype
         self.budget = int(budget_bytes)
         self.block = block
-        self.block_bytes = 2 * config.n_layers * config.n_kv_heads * block * config.head_dim * np.dtype(dtype).itemsize
+        self.block_bytes = block_bytes(config, dtype, block)
         self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()  # least recently used first
         self.bytes = 0
+        # the keys of the blocks sequences pin between match and load, with how many pins each;
+        # a matched run begins at a prompt's first block, so a pinned block's ancestors are here too
+        self.pinned: collections.Counter[bytes] = collections.Counter()
         # counters (only ever go up)
         self.lookups = 0        # prompts looked up
         self.hit_tokens = 0     # prompt tokens copied from blocks
         self.miss_tokens = 0    # prompt tokens left to compute
         self.stored = 0         # blocks made
         self.evicted = 0        # blocks dropped for room
+        self.store_failures = 0  # blocks not stored because allocating or copying one failed
 
     @classmethod
     def for_model(cls, model, budget_bytes: int, block: int = BLOCK) -> "PrefixCache":
@@ -124,6 +141,7 @@ class PrefixCache:
         blocks = blocks[:(n + self.block - 1) // self.block]
         for b in blocks:
             b.refs += 1
+            self.pinned[b.key] += 1
             self.blocks.move_to_end(b.key)  # a parent before its child: leaves stay the more recent
         self.lookups += 1
         self.hit_tokens += n
@@ -142,9 +160,10 @@ class PrefixCache:
             if n == 0:
                 return
             cache.check_room(n)
-            kv = self.xp.concatenate([b.kv for b in blocks], axis=2)  # [2L, K, n_blocks * BLOCK, E]
-            for i, dest in enumerate(cache.k + cache.v):               # dest: [1, K, S_max, E]
-                dest[0, :, :n] = kv[i, :, :n]
+            for start, b in zip(range(0, n, self.block), blocks):
+                m = min(self.block, n - start)  # the last block may be copied in part
+                for i, dest in enumerate(cache.k + cache.v):  # dest: [1, K, S_max, E], b.kv: [2L, K, BLOCK, E]
+                    dest[0, :, start:start + m] = b.kv[i, :, :m]
             cache.advance(n)
         finally:
             self.release(blocks)
@@ -153,6 +172,9 @@ class PrefixCache:
         """Unpin matched blocks (load does this itself)."""
         for b in blocks:
             b.refs -= 1
+            self.pinned[b.key] -= 1
+            if not self.pinned[b.key]:
+                del self.pinned[b.key]
 
     def reuse(self, ids, cache) -> int:
         """match + load: copy the longest held prefix of `ids` into an empty cache -> its length."""
@@ -164,28 +186,24 @@ class PrefixCache:
     def store(self, ids, cache) -> int:
         """Keep the whole blocks of `ids` that `cache` holds (its positions [0, length) are the
         K/V of ids[:length]) and that are not held yet. -> the blocks made. Stops at the first
-        block that does not fit the budget: a later block is reachable only through it."""
+        block that does not fit the budget, or that cannot be allocated or copied (counted in
+        store_failures, never raised): a later block is reachable only through it."""
         if self.budget < self.block_bytes:
             return 0
         whole = min(len(ids), cache.length) // self.block  # blocks of ids whose K/V the cache holds
         keys = block_hashes(ids[:whole * self.block], self.block)
-        parent, new = None, []  # new: (index, key) of the blocks to make, all after the held ones
+        parent, first = None, len(keys)  # first: the index of the first block to make
         for i, key in enumerate(keys):
             b = self.blocks.get(key)
             if b is None:
-                new = list(enumerate(keys))[i:]
+                first = i
                 break
             if b.tokens != tuple(ids[i * self.block:(i + 1) * self.block]) or b.parent is not parent:
                 return 0  # a hash collision: keep what is held, add nothing after it
             self.blocks.move_to_end(key)
             parent = b
-        if not new:
-            return 0
-        first = new[0][0] * self.block
-        # every new position of every layer in one array, then a block at a time out of it
-        kv = self.xp.stack([a[0, :, first:whole * self.block] for a in cache.k + cache.v])  # [2L, K, n, E]
         made = 0
-        for i, key in new:
+        for i in range(first, len(keys)):
             if parent is not None:
                 parent.refs += 1  # held while it is evicted for room: it is this block's parent
             try:
@@ -195,17 +213,34 @@ class PrefixCache:
                     parent.refs -= 1
             if not room:
                 break
-            start = i * self.block - first
-            b = Block(key, tuple(ids[i * self.block:(i + 1) * self.block]), parent,
-                      self.xp.ascontiguousarray(kv[:, :, start:start + self.block]))  # [2L, K, BLOCK, E]
+            try:
+                kv = self._copy_block(cache, i * self.block)
+            except Exception:  # out of memory, most likely: the request goes on without this block
+                self.store_failures += 1
+                break
+            b = Block(keys[i], tuple(ids[i * self.block:(i + 1) * self.block]), parent, kv)
             if parent is not None:
                 parent.refs += 1
-            self.blocks[key] = b
+            self.blocks[b.key] = b
             self.bytes += b.nbytes
             self.stored += 1
             made += 1
             parent = b
         return made
+
+    def _copy_block(self, cache, start: int):
+        """A new block's array holding positions [start, start + BLOCK) of every layer of `cache`."""
+        c = self.config
+        kv = self.xp.empty((2 * c.n_layers, c.n_kv_heads, self.block, c.head_dim), self.dtype)  # [2L, K, BLOCK, E]
+        for i, src in enumerate(cache.k + cache.v):  # src: [1, K, S_max, E]
+            kv[i] = src[0, :, start:start + self.block]
+        return kv
+
+    def can_hold(self, keys) -> bool:
+        """Whether the blocks named by `keys`, a chain from a prompt's first block, could all be
+        held at once: a block is made while its ancestors are held, and beside the blocks that
+        sequences pin, which cannot be evicted."""
+        return len(set(keys) | self.pinned.keys()) * self.block_bytes <= self.budget
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict least recently used blocks that nothing holds until `nbytes` more fit the

@@ -37,9 +37,10 @@ size, and the next tokens are chosen on the device.
 Prefix reuse (prefix.py): with a `PrefixCache`, a sequence that joins first copies the
 keys and values of the longest cached beginning of its prompt into its cache, and only the
 rest is pending; once its prompt is prefilled, the prompt's whole blocks are stored for the
-requests after it. A request whose prompt continues a prefix that a running sequence is
-still prefilling waits for it in the queue (a burst of requests with one system prompt
-computes that prompt once, not once per request).
+requests after it (a block that cannot be stored is skipped: storing never fails a request).
+A request whose prompt continues a prefix that a running sequence is still prefilling waits
+for it in the queue, if the cache has room for it (a burst of requests with one system
+prompt computes that prompt once, not once per request).
 
 What a token means is generate.py's, reused unchanged: each request's `TokenStream` is fed
 its ids (stop strings, end-of-sequence ids, token budget, streaming detokenizer, penalties'
@@ -333,7 +334,9 @@ class Scheduler:
     def _next_request(self) -> Request | None:
         """The first waiting request that need not wait for a prefix: one waits while the next
         block of its prompt that the prefix cache lacks is being prefilled by a running
-        sequence, which stores it when its prompt is done. (Called with the lock held.)"""
+        sequence, which stores it when its prompt is done, and only if the cache can hold that
+        block (a budget too small for it would make the request wait for nothing). (Called with
+        the lock held.)"""
         if self.prefix is None or not self.waiting:
             return self.waiting[0] if self.waiting else None
         coming = {key for seq in self.running if seq.pending for key in seq.prefix_keys}
@@ -345,8 +348,8 @@ class Scheduler:
                 except Exception:  # a bad prompt: it fails when it joins, not here
                     keys = []
                 self._keys[request] = keys
-            missing = next((key for key in keys if key not in self.prefix.blocks), None)
-            if missing is None or missing not in coming:
+            missing = next((i for i, key in enumerate(keys) if key not in self.prefix.blocks), None)
+            if missing is None or keys[missing] not in coming or not self.prefix.can_hold(keys[:missing + 1]):
                 return request
         return None
 

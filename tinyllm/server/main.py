@@ -14,13 +14,14 @@ TLS: `--ssl-certfile` and `--ssl-keyfile`, handed to uvicorn.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from ..cli import ArgumentParser, UsageError, add_debug_flag, add_model_flags, load_options, run_main
-from ..prefix import BUDGET_MB
+from ..prefix import BLOCK, BUDGET_MB, block_bytes
 
 PROG = "python -m tinyllm.serve"
 API_KEY_ENV = "TINYLLM_API_KEY"
@@ -99,6 +100,14 @@ def check_args(args) -> None:
         raise UsageError(f"--prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}")
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise UsageError("--ssl-certfile and --ssl-keyfile go together")
+
+
+def check_prefix_cache_mb(mb: float, model) -> None:
+    """--prefix-cache-mb against the loaded model: a budget under one block would keep nothing."""
+    need = block_bytes(model.config, model.dtype)
+    if 0 < mb and int(mb * 2**20) < need:  # as the server turns MB into its budget
+        raise UsageError(f"--prefix-cache-mb: {mb:g} holds no block of this model's keys and values; give at least "
+                         f"{math.ceil(need / 2**20 * 1000) / 1000:g} (one block of {BLOCK} tokens), or 0 for off")
 
 
 def api_key(args) -> str | None:
@@ -231,6 +240,7 @@ def serve(args) -> int:
     from .app import Server
 
     llm = tinyllm.load(args.model, **load_options(args))
+    check_prefix_cache_mb(args.prefix_cache_mb, llm.model)
     server = Server(llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
                     args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin,
                     prefix_cache_mb=args.prefix_cache_mb)

@@ -105,3 +105,6 @@ class PrefixCacheState:
                                   value=p.stored if p else 0)
         yield CounterMetricFamily("tinyllm_prefix_cache_evicted_blocks", "Blocks evicted from the prefix cache "
                                   "for room (least recently used first)", value=p.evicted if p else 0)
+        yield CounterMetricFamily("tinyllm_prefix_cache_store_failures", "Blocks that could not be stored in the prefix "
+                                  "cache (allocating or copying one failed: out of memory)",
+                                  value=p.store_failures if p else 0)
