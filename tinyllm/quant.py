@@ -264,3 +264,15 @@ class QuantizedMatrix:
         sc = xp.concatenate([first & 63, (third & 0xF) | ((first >> 6) << 4)], axis=-1)
         m = xp.concatenate([second & 63, (third >> 4) | ((second >> 6) << 4)], axis=-1)
         return sc, m
+
+
+def weight_formats(weights) -> dict:
+    """How a model holds its linear weights (the 4 stacked matrices of each layer and the LM
+    head): matrices per block kind kept, and per dense dtype. What `--quantized` did, in the
+    CLI's JSON."""
+    counts: dict = {}
+    for w in [m for layer in weights.layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)] + [
+            weights.output]:
+        key = w.kind if isinstance(w, QuantizedMatrix) else np.dtype(w.dtype).name
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

@@ -267,9 +267,12 @@ def memory_summary(memory: dict) -> str:
 
 
 def completion_json(llm, done, device: str) -> str:
+    from .quant import weight_formats
+
     out = {"text": done.text, "token_ids": done.token_ids, "prompt_ids": done.prompt_ids,
            "finish_reason": done.finish_reason, "stats": {**done.stats.as_dict(), **peak_memory(llm)},
-           "model": str(llm.path), "device": device, "load_s": round(llm.load_seconds, 3)}
+           "model": str(llm.path), "device": device, "load_s": round(llm.load_seconds, 3),
+           "linear_weights": weight_formats(llm.model.weights)}
     if done.logprobs is not None:
         from .logprobs import TokenText, as_dict
 
