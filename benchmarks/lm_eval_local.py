@@ -23,24 +23,18 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+from .serve_load import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 TASK_DIR = REPO / "tests" / "data" / "eval"
 TASK = "tinyllm_facts"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_tokenizer(gguf_path: Path, out_dir: Path) -> Path:
@@ -62,47 +56,6 @@ def post_json(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
         return resp.status, json.loads(data)
     except ValueError:
         return resp.status, {"raw": data[:200].decode("utf-8", "replace")}
-
-
-class Server:
-    """`python -m tinyllm.serve` on a free loopback port, one BLAS thread, until `stop()`."""
-
-    def __init__(self, model: str | None, log_path: Path, extra=()):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1/completions"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "tinyllm.serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "warning", *extra]
-        if model:
-            cmd += ["--model", str(model)]
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def model_id(base_url: str) -> str:
@@ -187,8 +140,7 @@ def main(argv=None) -> int:
     try:
         base_url = args.base_url
         if base_url is None:
-            server = Server(args.model, out / "serve.log")
-            server.wait_ready()
+            server = ServeProcess(out / "serve.log", model=args.model).wait_ready()
             base_url = server.base_url
         import transformers
 

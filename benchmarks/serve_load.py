@@ -54,16 +54,43 @@ def prompts(n: int) -> list[str]:
     return [" ".join(words[(7 * i) % len(words):][:40]) for i in range(n)]
 
 
+class ServeProcess:
+    """`python -m tinyllm.serve` on a free loopback port, `flags` added to its command line, its
+    output in `log_path`, BLAS limited to `threads`, until `stop()`: the server that the load,
+    lm-eval and replica benchmarks and the server tests start."""
+
+    def __init__(self, log_path: Path, flags=(), model=None, threads: int = 1):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1/completions"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        cmd = [sys.executable, "-m", "tinyllm.serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--log-level", "warning", *flags]
+        if model:
+            cmd += ["--model", str(model)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=thread_env(threads))
+
+    def wait_ready(self, timeout: float = 600) -> "ServeProcess":
+        wait_healthy(self.proc, self.port, "the server", f"see {self.log_path}", timeout=timeout)
+        return self
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM (the server's graceful shutdown), a kill after `timeout` s; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
 def start_server(model, threads: int, max_batch: int, log_path: Path):
-    port = free_port()
-    cmd = [sys.executable, "-m", "tinyllm.serve", "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", str(max_batch), "--log-level", "warning"]
-    if model:
-        cmd += ["--model", str(model)]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads))
-    wait_healthy(proc, port, "the server", f"see {log_path}")
-    return proc, port
+    """A ready server; -> (its process, its port)."""
+    server = ServeProcess(log_path, ["--max-batch", str(max_batch)], model, threads).wait_ready()
+    return server.proc, server.port
 
 
 def wait_healthy(proc, port: int, what: str, hint: str, ready=lambda body: True, timeout: float = 600) -> None:

@@ -36,15 +36,16 @@ if importlib.util.find_spec("lm_eval") is None:
 for _module in ("starlette", "uvicorn", "prometheus_client"):
     pytest.importorskip(_module, reason="the server needs it (pip install 'tinyllm[serve]')")
 
-from benchmarks.lm_eval_local import (Server, TASK, TASK_DIR, choice_logliks, echo_logprobs_missing,  # noqa: E402
+from benchmarks.lm_eval_local import (TASK, TASK_DIR, choice_logliks, echo_logprobs_missing,  # noqa: E402
                                       export_tokenizer, read_outputs, run_lm_eval)
+from benchmarks.serve_load import ServeProcess  # noqa: E402
 
 N_EXAMPLES = sum(1 for line in (TASK_DIR / "facts.jsonl").read_text().splitlines() if line.strip())
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(None, tmp_path_factory.mktemp("lm_eval_server") / "serve.log")
+    s = ServeProcess(tmp_path_factory.mktemp("lm_eval_server") / "serve.log")
     try:
         s.wait_ready()
         yield s

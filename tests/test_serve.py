@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +26,7 @@ pytest.importorskip("prometheus_client", reason="the server needs prometheus_cli
 
 import tinyllm  # noqa: E402
 
+from benchmarks.serve_load import ServeProcess  # noqa: E402
 from helpers_serve import http_request  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -47,62 +44,18 @@ PROMPTS = [
 
 # ---- the server and the reference model, once per module ------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def one_blas_thread() -> dict:
-    """The server's environment: one BLAS thread. The test process works while the server
-    waits and the other way round, and on a 2-core machine with other jobs two OpenBLAS
-    threads that wait for each other made steps up to 10x slower."""
-    env = dict(os.environ)
-    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
-
-
-class ServerProcess:
-    def __init__(self, tmp: Path):
-        self.port = free_port()
-        self.log_path = tmp / "serve.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tinyllm.serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--log-level", "warning",
-             "--shutdown-timeout", "20"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=one_blas_thread())
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                status, _ = request("GET", "/health", port=self.port, timeout=2)
-                if status == 200:
-                    return
-            except OSError:
-                pass  # the port opens only after warm-up
-            time.sleep(0.5)
-        pytest.fail(f"the server was not ready in {timeout} s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("serve"))
+    """The server in a subprocess with one BLAS thread (ServeProcess's default): the test process
+    works while the server waits and the other way round, and on a 2-core machine with other
+    jobs two OpenBLAS threads that wait for each other made steps up to 10x slower."""
+    srv = ServeProcess(tmp_path_factory.mktemp("serve") / "serve.log",
+                       ["--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--shutdown-timeout", "20"])
     try:
-        srv.wait_ready()
+        try:
+            srv.wait_ready(300)
+        except SystemExit as e:  # wait_healthy's one line, with the server's own output
+            pytest.fail(f"{e}:\n{srv.log_path.read_text()}")
         yield srv
     finally:
         srv.stop()
