@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_gpu import gpu_reason
 
 torch = pytest.importorskip("torch", reason="the reference stack (torch, transformers) is not installed")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -26,24 +27,11 @@ TINY = dict(
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip, with the reason, where CuPy or a GPU is missing."""
-    reason = _gpu_unavailable_reason()
+    reason = gpu_reason()
     if reason:
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
-
-
-def _gpu_unavailable_reason() -> str | None:
-    if importlib.util.find_spec("cupy") is None:
-        return "needs CuPy and an NVIDIA GPU: CuPy is not installed"
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            return "needs an NVIDIA GPU: none is visible"
-    except Exception as e:  # driver missing
-        return f"needs an NVIDIA GPU: {type(e).__name__}"
-    return None
 
 
 def make_hf_model(seed: int = 0, **overrides):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_gpu import gpu_reason
+from helpers_gpu import gemv_cases, gpu_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.gpu_models
 
@@ -113,13 +113,7 @@ def test_rms_norm_kernel(shape, record):
     assert rel_err(out, ref_t) < 1e-3
 
 
-GEMV_CASES = {  # name: (N, K, epilogue, norm)
-    "qkv": (lambda D, H, Kh, E, F, V: ((H + 2 * Kh) * E, D, K.EPI_STORE, True)),
-    "wo_residual": (lambda D, H, Kh, E, F, V: (D, H * E, K.EPI_RESIDUAL, False)),
-    "gate_up_swiglu": (lambda D, H, Kh, E, F, V: (F, D, K.EPI_SWIGLU, True)),
-    "down_residual": (lambda D, H, Kh, E, F, V: (D, F, K.EPI_RESIDUAL, False)),
-    "lm_head": (lambda D, H, Kh, E, F, V: (V, D, K.EPI_STORE, True)),
-}
+GEMV_CASES = gemv_cases()  # name: (N, K, epilogue, norm)
 
 
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
