@@ -344,6 +344,7 @@ def _q_shared(k: int, tokens: int, epilogue: int) -> int:
     return (tokens * (k + Q_PAD) * 2 + 15) // 16 * 16 + mats * Q_WARPS * 16 * 8 * 4 + 8 * 4
 
 
+@functools.lru_cache(maxsize=None)
 def q_tokens(k: int) -> int:
     """Tokens per gemv_q launch: up to 8, fewer where their staged inputs would not fit."""
     return next(b for b in range(Q_TOKENS, 0, -1) if b == 1 or _q_shared(k, b, EPI_SWIGLU) <= ROWS_SMEM)

@@ -29,6 +29,9 @@ A FastOps is made for one mode and keeps it:
                tensor-core GEMM over B tokens (`gemv_rows`, the same kernel whatever B, so a
                sequence gets the same bits at any batch size) and the attention reads each
                sequence's position and cache row from `positions` and `slots`.
+
+A block-quantized matrix (tinyllm/quant.py) takes `gemv_q` in every mode, for one token or B;
+a prompt's matmul by one runs on cuBLAS with the matrix rebuilt in fp16 by `dequantize_q`.
 """
 from __future__ import annotations
 
