@@ -217,7 +217,7 @@ class _InstantBatch:
             counts.setdefault(id(cache), [cache, 0])[1] += 1
         for cache, n in counts.values():
             cache.advance(n)
-        return [int(t) for t in self.rng.integers(3, self.model.config.vocab_size, len(caches))]
+        return self.rng.integers(3, self.model.config.vocab_size, len(caches)).tolist()
 
 
 def build_llm(args):

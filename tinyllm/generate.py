@@ -236,6 +236,9 @@ class TokenStream:
             # last character is unfinished: a cut one is dropped, not shown as U+FFFD
             self._pending += held.rstrip(REPLACEMENT) if cut else held
         text = self._pending
+        if not self.rules.stop:
+            self._pending = ""
+            return text, False
         hits = [i for i in (text.find(s) for s in self.rules.stop) if i >= 0]
         if hits:
             self._pending = ""

@@ -6,7 +6,11 @@
   and rendered through the chat template in a worker thread (`anyio.to_thread`), so that
   a large or slow request never stalls the loop, and `/health` answers at once whatever
   else arrives. The job goes to the scheduler; the scheduler sends back events (a piece
-  of text, the end) through `loop.call_soon_threadsafe`, and the loop writes them out.
+  of text, the end) through an `Outbox`, and the loop writes them out.
+- Per token, the host's work is the server's ceiling at many streams (the GPU step is shared
+  by all of them, the writes are not), so the way back is built to shrink per token when the
+  loop falls behind: the outbox wakes the loop once for a burst of events, not once per
+  token; a stream takes every event that waits for it and writes them in one send.
 - Streaming is Server-Sent Events: a `text/event-stream` response of `data: {json}` lines,
   one per piece of text, closed by `data: [DONE]`, the format OpenAI's clients read.
 - A client that goes away cancels its request: its sequence leaves the batch at the next
@@ -21,12 +25,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import sys
 import threading
 import time
 import uuid
+import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -77,6 +83,7 @@ class Server:
         self.ready = False
         self.logprobs = Logprobs(llm.tokenizer)
         self.fingerprint = fingerprint(llm)
+        self._outboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Outbox
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self, warm_up: bool = True) -> None:
@@ -165,13 +172,13 @@ class Server:
             job = await anyio.to_thread.run_sync(self.job, raw, kind)
             events: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
+            outbox = self._outboxes.get(loop)
+            if outbox is None:
+                outbox = self._outboxes[loop] = Outbox(loop)
 
             def emitter(index):
                 def emit(event):  # called from the scheduler thread
-                    try:
-                        loop.call_soon_threadsafe(events.put_nowait, (index, event))
-                    except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-                        pass
+                    outbox.post(events, (index, event))
                 return emit
 
             reqs = [Request(job.prompts[p], sampling, job.rules, emitter(i), prompt_logprobs=job.prompt_logprobs)
@@ -198,14 +205,14 @@ class Server:
         return await self._complete(request, reqs, choices, events, job, rid)
 
     # ---- answers -------------------------------------------------------------------------------
-    async def _next_event(self, events: asyncio.Queue, disconnect: asyncio.Future):
-        """The scheduler's next (choice index, event), or None when the client went away first."""
-        get = asyncio.ensure_future(events.get())
-        done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        if get in done:
-            return get.result()
-        get.cancel()
-        return None
+    async def _next_events(self, events: asyncio.Queue) -> list | None:
+        """Every (choice index, event) the scheduler has sent and this request has not taken:
+        at least one, waiting for it if need be; None when the client went away first
+        (`_watch_disconnect` puts None in the queue)."""
+        burst = [await events.get()]
+        while not events.empty():
+            burst.append(events.get_nowait())
+        return None if None in burst else burst
 
     def _cancel_unfinished(self, reqs, choices) -> None:
         for req, choice in zip(reqs, choices):
@@ -214,30 +221,30 @@ class Server:
 
     async def _complete(self, request, reqs, choices: list[Choice], events, job: Job, rid: str):
         """A non-streamed answer: wait for every choice's end, then one JSON body."""
-        disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
-        failed = item = None
+        disconnect = asyncio.ensure_future(_watch_disconnect(request, events))
+        failed = burst = None
         try:
-            while any(c.finished is None for c in choices):
-                item = await self._next_event(events, disconnect)
-                if item is None:
+            while failed is None and any(c.finished is None for c in choices):
+                burst = await self._next_events(events)
+                if burst is None:
                     break
-                index, event = item
-                choice = choices[index]
-                if isinstance(event, Failed):
-                    failed = event
-                    break
-                if isinstance(event, Finished):
-                    choice.finished = event
-                elif isinstance(event, PromptLogprobs):
-                    choice.prompt_logprobs = event.logprobs
-                else:
-                    choice.text.append(event.text)
-                    if event.logprob is not None:
-                        choice.logprobs.append(event.logprob)
+                for index, event in burst:
+                    choice = choices[index]
+                    if isinstance(event, Failed):
+                        failed = event
+                        break
+                    if isinstance(event, Finished):
+                        choice.finished = event
+                    elif isinstance(event, PromptLogprobs):
+                        choice.prompt_logprobs = event.logprobs
+                    else:
+                        choice.text.append(event.text)
+                        if event.logprob is not None:
+                            choice.logprobs.append(event.logprob)
         finally:
             disconnect.cancel()
             self._cancel_unfinished(reqs, choices)
-        if item is None:
+        if burst is None:
             return JSONResponse({}, status_code=499)  # nobody reads it
         if failed is not None:
             return JSONResponse(APIError(500, failed.message, type="server_error").body(), status_code=500)
@@ -250,31 +257,40 @@ class Server:
         then [DONE]. The status line is sent before the first event, so a failure after it is
         told as an error event: the client still reads a well-formed stream to its end."""
         chunks = Chunks(job, rid, self.model_id, self.fingerprint, self.logprobs)
-        disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+        disconnect = asyncio.ensure_future(_watch_disconnect(request, events))
         try:
+            opening = []
             for c in choices:
                 if chunks.chat:
-                    yield sse_line(chunks.text(None, first=True, index=c.index))
+                    opening.append(sse_line(chunks.text(None, first=True, index=c.index)))
                 elif job.echo and job.prompt_logprobs is None:  # else with the prompt's logprobs, below
-                    yield sse_line(chunks.text(job.prompt_texts[c.prompt], index=c.index))
-            while any(c.finished is None for c in choices):
-                item = await self._next_event(events, disconnect)
-                if item is None:  # the client disconnected
+                    opening.append(sse_line(chunks.text(job.prompt_texts[c.prompt], index=c.index)))
+            if opening:
+                yield "".join(opening)
+            failed = False
+            while not failed and any(c.finished is None for c in choices):
+                burst = await self._next_events(events)
+                if burst is None:  # the client disconnected
                     return
-                index, event = item
-                choice = choices[index]
-                if isinstance(event, Failed):
-                    yield sse_line(APIError(500, event.message, type="server_error").body())
-                    break
-                if isinstance(event, Finished):
-                    choice.finished = event
-                    yield sse_line(chunks.finish(event, job.return_token_ids, index))
-                elif isinstance(event, PromptLogprobs):
-                    yield sse_line(chunks.text(job.prompt_texts[choice.prompt], index=index, entries=event.logprobs,
-                                               ids=job.prompts[choice.prompt]))
-                elif event.text or event.logprob is not None:
-                    entries = None if event.logprob is None else [event.logprob]
-                    yield sse_line(chunks.text(event.text, index=index, entries=entries))
+                lines = []
+                for index, event in burst:
+                    choice = choices[index]
+                    if isinstance(event, Failed):
+                        lines.append(sse_line(APIError(500, event.message, type="server_error").body()))
+                        failed = True
+                        break
+                    if isinstance(event, Finished):
+                        choice.finished = event
+                        lines.append(sse_line(chunks.finish(event, job.return_token_ids, index)))
+                    elif isinstance(event, PromptLogprobs):
+                        lines.append(sse_line(chunks.text(job.prompt_texts[choice.prompt], index=index,
+                                                          entries=event.logprobs, ids=job.prompts[choice.prompt])))
+                    elif event.logprob is not None:
+                        lines.append(sse_line(chunks.text(event.text, index=index, entries=[event.logprob])))
+                    elif event.text:
+                        lines.append(chunks.piece(event.text, index))
+                if lines:
+                    yield "".join(lines)  # one send for the burst
             finished = [c.finished for c in choices]
             if all(finished):
                 note_tokens(request.scope, sum(len(ids) for ids in job.prompts),
@@ -301,9 +317,42 @@ def fingerprint(llm) -> str:
     return "fp_" + hashlib.sha256(what.encode()).hexdigest()[:12]
 
 
-async def _wait_for_disconnect(request) -> None:
-    """Returns when the client closes the connection (the body has been read already)."""
+async def _watch_disconnect(request, events: asyncio.Queue) -> None:
+    """Puts None in the request's event queue when the client closes the connection (the
+    body has been read already), so that one wait serves both."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            events.put_nowait(None)
             return
+
+
+class Outbox:
+    """Events from the scheduler thread to one event loop's queues, with one wake-up of the
+    loop per burst: `post` wakes the loop only when no delivery is already due, so a step's
+    events for many streams (posted while the scheduler holds the interpreter) cross
+    together, and the loop is not woken per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: collections.deque = collections.deque()
+        self._due = False
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        """(Any thread.) `queue.put_nowait(item)`, on the loop, soon."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._due:
+                return
+            self._due = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._due = self._items, collections.deque(), False
+        for queue, item in items:
+            queue.put_nowait(item)
