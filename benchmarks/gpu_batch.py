@@ -1,4 +1,4 @@
-"""Batched decode on the GPU: total tokens/s for B = 1, 2, 4, 8, 16 sequences per step.
+"""Batched decode on the GPU: total tokens/s for B = 1, 2, 4, 8, 16 (--batches) sequences per step.
 
 Three ways, on random fp16 weights of the real shapes (benchmarks/gpu_models.py):
 - fast batched: tinyllm/cuda/batch.py, what the server's scheduler runs on a GPU: one
@@ -9,8 +9,11 @@ Three ways, on random fp16 weights of the real shapes (benchmarks/gpu_models.py)
   the best a single stream gets, and the baseline of "B=8 / B=1";
 - readable: `Model.decode_batch` with cuBLAS matmuls and one attention call per sequence.
 Every sequence has its own prompt length (so its own position), 128 + 8b tokens for row b.
+Beside the fast batched tok/s (host round trips included), `replay ms` is the GPU's own time
+for one step of B rows: the captured graph replayed back to back, timed by CUDA events; where
+it is far below B / tok/s, the host round trip, not the GPU, sets the pace.
 
-    python benchmarks/gpu_batch.py [--out DIR] [--steps 128]
+    python benchmarks/gpu_batch.py [--out DIR] [--steps 128] [--batches 1 16 32 64] [--no-readable]
 """
 from __future__ import annotations
 
@@ -65,10 +68,25 @@ def batched_tok_s(model, batch, b: int, steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
             tokens = batch.step(tokens, caches)
-        return b * steps / (time.perf_counter() - start)
+        tok_s = b * steps / (time.perf_counter() - start)
+        return tok_s, replay_ms(batch, b, steps)
     finally:
         for cache in caches:
             batch.release(cache)
+
+
+def replay_ms(batch, b: int, steps: int) -> float:
+    """GPU milliseconds per replay of the graph that runs a step of b rows (the last step's
+    inputs, replayed back to back: the same work as a step, without the host between)."""
+    graph = batch.graphs[batch.bucket(b)][0]
+    start, end = batch.cp.cuda.Event(), batch.cp.cuda.Event()
+    graph.launch(batch.stream)
+    start.record(batch.stream)
+    for _ in range(steps):
+        graph.launch(batch.stream)
+    end.record(batch.stream)
+    end.synchronize()
+    return batch.cp.cuda.get_elapsed_time(start, end) / steps
 
 
 def main() -> int:
@@ -76,7 +94,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "smollm2-135m"])
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch sizes (default 1 2 4 8 16)")
+    ap.add_argument("--no-readable", action="store_true", help="skip the readable decode_batch (slow at large B)")
     args = ap.parse_args()
+    batches = sorted(set(args.batches))
+    if 1 not in batches:
+        batches = [1] + batches  # the baseline of the ratios
     from tinyllm.cuda import CudaDecoder
     from tinyllm.cuda.batch import BatchDecoder
 
@@ -85,24 +108,30 @@ def main() -> int:
         readable = random_model(name)
         decoder = CudaDecoder(readable)
         fast = decoder.eager  # the same weights computing with the fused kernels
-        batch = BatchDecoder(decoder, max_batch=max(BATCHES), capacity=1024)
+        batch = BatchDecoder(decoder, max_batch=max(batches), capacity=1024)
         r = {"capture_s": round(batch.capture_seconds, 2), "single": round(single_tok_s(fast, decoder, args.steps), 1)}
-        for b in BATCHES:
-            r[f"batched_{b}"] = round(batched_tok_s(fast, batch, b, args.steps), 1)
-            r[f"readable_{b}"] = round(readable_tok_s(readable, b), 1)
-            print(name, b, r[f"batched_{b}"], r[f"readable_{b}"], flush=True)
+        for b in batches:
+            tok_s, ms = batched_tok_s(fast, batch, b, args.steps)
+            r[f"batched_{b}"], r[f"replay_ms_{b}"] = round(tok_s, 1), round(ms, 3)
+            r[f"readable_{b}"] = None if args.no_readable else round(readable_tok_s(readable, b), 1)
+            print(name, b, r[f"batched_{b}"], r[f"replay_ms_{b}"], r[f"readable_{b}"], flush=True)
         results[name] = r
         del batch, decoder, fast, readable
-    head = "| shape | way | " + " | ".join(f"B={b}" for b in BATCHES) + " | B=8 / single B=1 | B=8 / B=1 (same way) |"
-    lines = [head, "|" + "---|" * (len(BATCHES) + 4)]
+    top = max(batches)
+    head = ("| shape | way | " + " | ".join(f"B={b}" for b in batches)
+            + f" | B={top} / single B=1 | B={top} / B=1 (same way) |")
+    lines = [head, "|" + "---|" * (len(batches) + 4)]
     for name, r in results.items():
-        fast = [r[f"batched_{b}"] for b in BATCHES]
-        lines.append(f"| {name} | fast batched | " + " | ".join(f"{v:.0f}" for v in fast)
-                     + f" | {r['batched_8'] / r['single']:.2f}x | {r['batched_8'] / r['batched_1']:.2f}x |")
-        lines.append(f"| {name} | fast single | {r['single']:.0f} |" + " |" * (len(BATCHES) - 1) + " | |")
-        slow = [r[f"readable_{b}"] for b in BATCHES]
-        lines.append(f"| {name} | readable | " + " | ".join(f"{v:.0f}" for v in slow)
-                     + f" | | {r['readable_8'] / r['readable_1']:.2f}x |")
+        fast = [r[f"batched_{b}"] for b in batches]
+        lines.append(f"| {name} | fast batched, tok/s | " + " | ".join(f"{v:.0f}" for v in fast)
+                     + f" | {r[f'batched_{top}'] / r['single']:.2f}x | {r[f'batched_{top}'] / r['batched_1']:.2f}x |")
+        lines.append(f"| {name} | fast batched, replay ms | " + " | ".join(f"{r[f'replay_ms_{b}']:.3f}" for b in batches)
+                     + " | | |")
+        lines.append(f"| {name} | fast single, tok/s | {r['single']:.0f} |" + " |" * (len(batches) - 1) + " | |")
+        if not args.no_readable:
+            slow = [r[f"readable_{b}"] for b in batches]
+            lines.append(f"| {name} | readable, tok/s | " + " | ".join(f"{v:.0f}" for v in slow)
+                         + f" | | {r[f'readable_{top}'] / r['readable_1']:.2f}x |")
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

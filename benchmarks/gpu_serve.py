@@ -146,10 +146,15 @@ def shared_prefix_prompts(tokenizer, n_prefix: int, n_streams: int, run: int) ->
 
 
 PREFIX_COUNTERS = {"hit": "tinyllm_prefix_cache_hit_tokens_total", "miss": "tinyllm_prefix_cache_miss_tokens_total"}
+# the scheduler's rounds with a step (Observer.step_time, step): how many, the seconds on the host and in
+# (or waiting for) the model, and the rows per step
+STEP_SERIES = {"steps": "tinyllm_step_host_seconds_count", "host_s": "tinyllm_step_host_seconds_sum",
+               "model_s": "tinyllm_step_model_seconds_sum", "rows": "tinyllm_batch_size_sum"}
 
 
-def prefix_counters(port: int) -> dict:
-    """The server's prefix-cache token counters, from its Prometheus text at GET /metrics."""
+def server_metrics(port: int) -> dict:
+    """The server's counters that a run is judged by (prefix cache tokens, step time split),
+    from its Prometheus text at GET /metrics."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request("GET", "/metrics")
@@ -160,10 +165,23 @@ def prefix_counters(port: int) -> dict:
     if resp.status != 200:
         raise SystemExit(f"gpu_serve: GET /metrics answered {resp.status}")
     values = dict(line.split(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
-    missing = [name for name in PREFIX_COUNTERS.values() if name not in values]
+    wanted = {**PREFIX_COUNTERS, **STEP_SERIES}
+    missing = [name for name in wanted.values() if name not in values]
     if missing:
         raise SystemExit(f"gpu_serve: /metrics has no {', '.join(missing)}")
-    return {key: int(float(values[name])) for key, name in PREFIX_COUNTERS.items()}
+    return {key: float(values[name]) for key, name in wanted.items()}
+
+
+def run_figures(before: dict, after: dict) -> dict:
+    """A run's share of the server's counters: prefix cache tokens, and per step the host's and
+    the model's milliseconds and the rows."""
+    d = {key: after[key] - before[key] for key in after}
+    steps = d["steps"]
+    out = {f"prefix_{key}_tokens": int(d[key]) for key in PREFIX_COUNTERS}
+    out |= {"steps": int(steps), "host_ms_per_step": 1e3 * d["host_s"] / steps if steps else None,
+            "model_ms_per_step": 1e3 * d["model_s"] / steps if steps else None,
+            "rows_per_step": d["rows"] / steps if steps else None}
+    return out
 
 
 def _instant_step(model):
@@ -370,6 +388,8 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
         batched_graphs = isinstance(server.scheduler.rows, CudaBatch)
     print(f"gpu_serve: server{label} warmed up in {warm_s:.1f} s (batched CUDA graphs: "
           f"{'yes' if batched_graphs else 'no'}), port {port}", file=sys.stderr, flush=True)
+    from benchmarks.common import fmt
+
     texts_for = texts_for or (lambda n, run: None)
     runs: dict[int, list[dict]] = {}
     try:
@@ -382,15 +402,16 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
         for repeat in range(args.repeats):  # counts take turns, so a noisy moment hits them alike
             for n in args.streams:
                 run += 1
-                before = prefix_counters(port)
+                before = server_metrics(port)
                 r = clients.run(port, n, args.max_tokens, texts_for(n, run))
-                after = prefix_counters(port)
-                r |= {f"prefix_{key}_tokens": after[key] - before[key] for key in PREFIX_COUNTERS}
+                r |= run_figures(before, server_metrics(port))
                 r["exact"] = r["tokens"] == n * args.max_tokens  # every request made max_tokens tokens
                 runs.setdefault(n, []).append(r)
                 print(f"repeat {repeat + 1}{label}: {n:3d} streams, {r['total_tok_s']:8.1f} tok/s total, "
                       f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}, "
-                      f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens",
+                      f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens, "
+                      f"{r['steps']} steps: host {fmt(r['host_ms_per_step'], 3)} + model {fmt(r['model_ms_per_step'], 3)} "
+                      f"ms per step, {fmt(r['rows_per_step'], 1)} rows",
                       file=sys.stderr, flush=True)
     finally:
         stop_server(server, http, thread)
@@ -433,16 +454,22 @@ def plain_report(llm, args, fast: bool, measured: dict, peer: dict) -> tuple[str
         rows.append([n, fmt(med(n, "total_tok_s")), f"{med(n, 'total_tok_s') / med(first, 'total_tok_s'):.2f}x",
                      fmt(med(n, "stream_tok_s")), fmt(med(n, "ttft_s")),
                      fmt(theirs) if isinstance(theirs, float) else (theirs or "-"), ratio,
+                     fmt(med(n, "host_ms_per_step"), 3), fmt(med(n, "model_ms_per_step"), 3),
+                     fmt(med(n, "rows_per_step"), 1),
                      f"{tokens} ({'= ' if all(r['exact'] for r in runs[n]) else '!= '}{n} x {args.max_tokens})"])
     table = markdown_table(["streams", "total tok/s (median)", f"vs {first} stream{'s' if first > 1 else ''}",
                             "tok/s per stream (median)", "TTFT s (median)",
                             "transformers batch generate, tok/s", "tinyllm / transformers",
+                            "host ms per step", "model ms per step", "rows per step",
                             "tokens generated per run"], rows)
     markdown = (
         f"{model_markdown(llm, args, fast)}, batched CUDA graphs {'yes' if batched_graphs else 'no'}, {cache}; "
         f"warmed up in {warm_s:.1f} s. Clients: threads in {'a child' if args.clients == 'process' else 'the server'} "
         f"process, {args.max_tokens} greedy tokens per stream, prompts of ~45 tokens, "
-        f"{args.repeats} run{'s' if args.repeats > 1 else ''} per stream count (medians).\n\n{table}\n")
+        f"{args.repeats} run{'s' if args.repeats > 1 else ''} per stream count (medians). Host and model ms per "
+        f"step: the server's own split of its scheduler rounds over the run (tinyllm_step_host_seconds and "
+        f"tinyllm_step_model_seconds at /metrics: the model's share is the forward pass, or the wait for the GPU "
+        f"that the queued-ahead step did not hide); rows per step: tinyllm_batch_size.\n\n{table}\n")
     result = {"batched_graphs": batched_graphs, "warm_up_s": warm_s, "prefix_cache_mb": measured["prefix_cache_mb"],
               "runs": {str(k): v for k, v in runs.items()},
               "transformers_batch_generate": {str(k): v for k, v in peer.items()}}
