@@ -40,8 +40,11 @@ class KVCache:
         self.capacity = capacity  # S_max
         self._length = 0          # positions filled so far: moved only by advance() and trim()
         shape = (batch, config.n_kv_heads, capacity, config.head_dim)  # [B, K, S_max, E]
-        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        # one array for all of it, [2, L, B, K, S_max, E], so that a span of positions of every
+        # layer moves in one copy (prefix.py); each layer's k and v are views into it
+        self.kv = xp.zeros((2, config.n_layers) + shape, dtype=dtype)
+        self.k = [self.kv[0, layer] for layer in range(config.n_layers)]
+        self.v = [self.kv[1, layer] for layer in range(config.n_layers)]
         self.block_mask = _block_mask(min(capacity, PREFILL_CHUNK), xp)  # [T, T], shared by every cache
         self.pool, self.pool_row = None, 0  # set on the views that row() returns
 
@@ -53,6 +56,7 @@ class KVCache:
         (tinyllm/cuda/batch.py). Everything else treats the row as an ordinary cache."""
         view = KVCache.__new__(KVCache)
         view.capacity, view._length = self.capacity, 0
+        view.kv = self.kv[:, :, i:i + 1]       # [2, L, 1, K, S_max, E]
         view.k = [a[i:i + 1] for a in self.k]  # [1, K, S_max, E] views
         view.v = [a[i:i + 1] for a in self.v]
         view.block_mask = self.block_mask
@@ -100,4 +104,4 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)  # a row: its share only

@@ -49,7 +49,7 @@ import numpy as np
 
 # Tokens per block: the unit of matching, hashing and storage. A prompt that leaves a
 # shared prefix mid-block reuses nothing of that block, so smaller blocks reuse more; each
-# block costs a hash, an array and a copy per layer (on the GPU a few microseconds of host
+# block costs a hash, an array and one copy of all its layers (on the GPU a few microseconds of host
 # time each), so larger blocks cost less per token. 32 keeps both small: at most 31 tokens of
 # a prefix go unused, and a prompt of a few thousand tokens is about a hundred blocks.
 BLOCK = 32
@@ -160,10 +160,10 @@ class PrefixCache:
             if n == 0:
                 return
             cache.check_room(n)
+            dest = cache.kv[:, :, 0]  # [2, L, K, S_max, E]: every layer's keys and values, one array
             for start, b in zip(range(0, n, self.block), blocks):
                 m = min(self.block, n - start)  # the last block may be copied in part
-                for i, dest in enumerate(cache.k + cache.v):  # dest: [1, K, S_max, E], b.kv: [2L, K, BLOCK, E]
-                    dest[0, :, start:start + m] = b.kv[i, :, :m]
+                dest[:, :, :, start:start + m] = self._layers(b.kv)[:, :, :, :m]
             cache.advance(n)
         finally:
             self.release(blocks)
@@ -232,9 +232,12 @@ class PrefixCache:
         """A new block's array holding positions [start, start + BLOCK) of every layer of `cache`."""
         c = self.config
         kv = self.xp.empty((2 * c.n_layers, c.n_kv_heads, self.block, c.head_dim), self.dtype)  # [2L, K, BLOCK, E]
-        for i, src in enumerate(cache.k + cache.v):  # src: [1, K, S_max, E]
-            kv[i] = src[0, :, start:start + self.block]
+        self._layers(kv)[...] = cache.kv[:, :, 0, :, start:start + self.block]  # one copy for every layer
         return kv
+
+    def _layers(self, kv):
+        """A block's [2L, K, BLOCK, E] seen as [2, L, K, BLOCK, E], the cache's own order."""
+        return kv.reshape(2, self.config.n_layers, *kv.shape[1:])
 
     def can_hold(self, keys) -> bool:
         """Whether the blocks named by `keys`, a chain from a prompt's first block, could all be
