@@ -517,3 +517,17 @@ def test_the_server_refuses_a_budget_under_one_block():
         check_prefix_cache_mb(0.005, Model)
     for mb in (0, 0.008, 8 / 1024, 256):
         check_prefix_cache_mb(mb, Model)
+
+
+def test_load_into_a_row_of_a_batched_cache_writes_that_row_alone():
+    prefix = PrefixCache(CFG, np, np.float32, budget_bytes=1 << 20)
+    a = tokens(70)
+    want = filled_cache(a)
+    assert prefix.store(a, want) == 2
+    pool = KVCache(CFG, 128, np.float32, batch=3)
+    row = pool.row(1)
+    assert prefix.reuse(a, row) == 64
+    for layer in range(CFG.n_layers):
+        for arrays, wanted in ((pool.k, want.k), (pool.v, want.v)):
+            np.testing.assert_array_equal(arrays[layer][1, :, :64], wanted[layer][0, :, :64])
+            assert not arrays[layer][1, :, 64:].any() and not arrays[layer][[0, 2]].any()
