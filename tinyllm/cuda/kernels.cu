@@ -348,11 +348,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a
 constexpr int ROWS_WARPS = 8;   // warps per block of gemv_rows
 constexpr int ROWS_PAD = 32;    // halves of padding per staged X row
 constexpr int ROWS_SMEM = 200 * 1024;  // the dynamic shared memory a block may take (of 227 KB)
-// A block of one matrix (not EPI_SWIGLU) stages X in chunks that fit this much, so that two
-// blocks share an SM (228 KB, 1 KB of it reserved per block; their registers fit too): while
-// one waits for its loads the other issues. Chunks change when X is staged, not the order of
-// any addition, so the results do not depend on it.
-constexpr int ROWS_SMEM_PAIR = 112 * 1024;
 
 // K is staged in chunks of KC columns, KC a multiple of 8 warps x 64: as many whole rounds
 // of tiles as fit beside the partial sums, so that B tokens fit whatever K is.
@@ -364,8 +359,7 @@ struct RowsChunk {
     static constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
     static constexpr int PART = MATS * ROWS_WARPS * 16 * NT * 8 * 4 + NT * 8 * 4;
     static constexpr int ROUND = NT * 8 * ROWS_WARPS * 64 * 2;            // bytes of X per round of tiles
-    static constexpr int BUDGET = MATS == 1 ? ROWS_SMEM_PAIR : ROWS_SMEM;
-    static constexpr int FIT = (BUDGET - PART - NT * 8 * ROWS_PAD * 2) / ROUND;
+    static constexpr int FIT = (ROWS_SMEM - PART - NT * 8 * ROWS_PAD * 2) / ROUND;
     static constexpr int CT = FIT < 1 ? 1 : (FIT > PER_WARP ? PER_WARP : FIT);  // tiles per warp per chunk
     static constexpr int KC = CT * ROWS_WARPS * 64;                       // columns per chunk
     static constexpr int CHUNKS = (PER_WARP + CT - 1) / CT;

@@ -155,11 +155,7 @@ def _allow_shared(name: str, nbytes: int) -> None:
     """A kernel may use more than 48 KB of dynamic shared memory only once it has asked for it."""
     if _shared_allowed.get(name, 0) >= nbytes:
         return
-    fn = kernel(name)
-    fn.max_dynamic_shared_size_bytes = nbytes
-    # all of the SM's unified memory as shared memory: a block this large leaves little for
-    # L1 anyway, and two of gemv_rows' one-matrix blocks fit on an SM only then
-    fn.preferred_shared_memory_carveout = 100
+    kernel(name).max_dynamic_shared_size_bytes = nbytes
     _shared_allowed[name] = nbytes
 
 
@@ -260,7 +256,6 @@ def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows:
 # ---- B tokens at once (continuous batching) --------------------------------------------------
 ROWS_WARPS, ROWS_PAD = 8, 32  # as in kernels.cu
 ROWS_SMEM = 200 * 1024        # as in kernels.cu: the dynamic shared memory a block may take
-ROWS_SMEM_PAIR = 112 * 1024   # as in kernels.cu: a one-matrix block's budget, two blocks per SM
 MAX_ROWS = 64                 # tokens per gemv_rows call: up to eight 8-token tiles
 
 
@@ -287,8 +282,7 @@ def _rows_chunk(k: int, rows: int, epilogue: int) -> tuple[int, int]:
     mats = 2 if epilogue == EPI_SWIGLU else 1
     per_warp = (k // 64 + ROWS_WARPS - 1) // ROWS_WARPS
     part = mats * ROWS_WARPS * 16 * nt * 8 * 4 + nt * 8 * 4
-    budget = ROWS_SMEM_PAIR if mats == 1 else ROWS_SMEM
-    fit = (budget - part - nt * 8 * ROWS_PAD * 2) // (nt * 8 * ROWS_WARPS * 64 * 2)
+    fit = (ROWS_SMEM - part - nt * 8 * ROWS_PAD * 2) // (nt * 8 * ROWS_WARPS * 64 * 2)
     kc = max(1, min(fit, per_warp)) * ROWS_WARPS * 64
     return kc, nt * 8 * (kc + ROWS_PAD) * 2 + part
 
