@@ -55,8 +55,6 @@ from .openai import SSE_DONE, APIError, Choice, Chunks, Job, Logprobs, Validator
 
 log = logging.getLogger("tinyllm.server")
 
-SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the interpreter while another waits (see Server.start)
-
 
 class Server:
     """The model, its scheduler, the request validator and the Starlette app around them.
@@ -89,12 +87,6 @@ class Server:
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self, warm_up: bool = True) -> None:
-        # The scheduler thread lets go of the interpreter at every call into the GPU's runtime
-        # (a copy, a graph launch, a wait); the event loop then keeps it until it blocks or
-        # is made to yield, by default after 5 ms, which would make those calls cost up to
-        # 5 ms each in a busy server. A shorter interval bounds the wait.
-        if sys.getswitchinterval() > SWITCH_INTERVAL:
-            sys.setswitchinterval(SWITCH_INTERVAL)
         self.scheduler.start()
         if warm_up:
             self.warm_up()
