@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
     static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
     using C = RowsChunk<K, EPI, NT>;
     constexpr int TILES = C::TILES, PER_WARP = C::PER_WARP, CT = C::CT, KC = C::KC, MATS = C::MATS;
-    constexpr int G = (EPI == EPI_SWIGLU) ? 2 : 4;   // k tiles whose weights are in flight (the ring below)
+    constexpr int G = (EPI == EPI_SWIGLU) ? 2 : 4;   // k tiles whose weights are loaded before any mma
     constexpr int XS = KC + ROWS_PAD;                // staged row stride, halves
     extern __shared__ __align__(16) unsigned char smem[];
     __half* xs = reinterpret_cast<__half*>(smem);                                   // [NT*8][XS]
@@ -453,68 +453,64 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
 #pragma unroll
     for (int s = 0; s < NT; s++) ss[s] = 0.f;
 
-    // warp w takes tiles w, w + 8, ...: its j-th is tile j * 8 + w, in chunk j / CT.
-    // The weights of G tiles are always on their way: G register slots form a ring, and a
-    // slot is refilled with the tile G further on as soon as its mmas are issued, so the
-    // loads overlap the mmas of the tiles between (with many tokens those mmas take as long
-    // as the loads). The tiles, and so every accumulator's additions, keep their order.
-    auto tile_of = [&](int j) { return j * ROWS_WARPS + warp; };
-    auto load_tile = [&](uint4 (&slot)[MATS][2][2], int j) {
-#pragma unroll
-        for (int m = 0; m < MATS; m++)
-#pragma unroll
-            for (int h = 0; h < 2; h++)
-#pragma unroll
-                for (int p = 0; p < 2; p++)
-                    slot[m][h][p] = load_stream(reinterpret_cast<const uint4*>(wrow[m][h] + tile_of(j) * 64 + 32 * p));
-    };
+    // warp w takes tiles w, w + 8, ...: its j-th is tile j * 8 + w, in chunk j / CT
 #pragma unroll 1
     for (int c = 0; c < C::CHUNKS; c++) {
-        const int j_first = c * CT, j_end = (c + 1) * CT < PER_WARP ? (c + 1) * CT : PER_WARP;
-        uint4 wv[G][MATS][2][2];  // [slot][matrix][row g / g+8][k +0 / +32]
+        const int j_end = (c + 1) * CT < PER_WARP ? (c + 1) * CT : PER_WARP;
 #pragma unroll
-        for (int i = 0; i < G; i++)
-            if (j_first + i < j_end && tile_of(j_first + i) < TILES) load_tile(wv[i], j_first + i);
-        // this chunk's first weights are on their way: wait for X (the previous kernel wrote
-        // it; every warp's reads of the last chunk are done) and stage its columns
-        if (c == 0) pdl_wait();
-        else __syncthreads();
-        {
-            const int k0 = c * KC, cols = K - k0 < KC ? K - k0 : KC;
-            stage_rows<NORM, K, XS, NT>(X, norm_w, xs, ss, k0, cols, B, warp, lane);
-            if (NORM && c == C::CHUNKS - 1) {
-#pragma unroll
-                for (int s = 0; s < NT; s++) {
-                    const float total = warp_sum(ss[s]);
-                    if (lane == 0) inv[warp + ROWS_WARPS * s] = 1.f / sqrtf(total / K + eps);
-                }
-            }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int jj = 0; jj < CT; jj += G) {
+        for (int j0 = c * CT; j0 < j_end; j0 += G) {
+            uint4 wv[G][MATS][2][2];  // [tile][matrix][row g / g+8][k +0 / +32]
 #pragma unroll
             for (int i = 0; i < G; i++) {
-                const int j = j_first + jj + i;
-                if (jj + i >= CT || j >= j_end || tile_of(j) >= TILES) continue;
-                const int col = (tile_of(j) - j_first * ROWS_WARPS) * 64;  // within the chunk
+                const int tile = (j0 + i) * ROWS_WARPS + warp;
+                if (j0 + i < j_end && tile < TILES) {
 #pragma unroll
-                for (int n = 0; n < NT; n++) {
-                    const __half* xr = xs + (n * 8 + g) * XS + col + 8 * t;
-                    const uint4 xa = *reinterpret_cast<const uint4*>(xr);
-                    const uint4 xb = *reinterpret_cast<const uint4*>(xr + 32);
+                    for (int m = 0; m < MATS; m++)
 #pragma unroll
-                    for (int m = 0; m < MATS; m++) {
-                        const uint4 &lo = wv[i][m][0][0], &hi = wv[i][m][1][0];
-                        const uint4 &lo2 = wv[i][m][0][1], &hi2 = wv[i][m][1][1];
-                        // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
-                        mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
-                        mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
-                        mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xb.x, xb.y);
-                        mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xb.z, xb.w);
+                        for (int h = 0; h < 2; h++)
+#pragma unroll
+                            for (int p = 0; p < 2; p++)
+                                wv[i][m][h][p] = load_stream(reinterpret_cast<const uint4*>(wrow[m][h] + tile * 64 + 32 * p));
+                }
+            }
+            if (j0 == c * CT) {
+                // this chunk's first weights are on their way: wait for X (the previous kernel
+                // wrote it; every warp's reads of the last chunk are done) and stage its columns
+                if (c == 0) pdl_wait();
+                else __syncthreads();
+                const int k0 = c * KC, cols = K - k0 < KC ? K - k0 : KC;
+                stage_rows<NORM, K, XS, NT>(X, norm_w, xs, ss, k0, cols, B, warp, lane);
+                if (NORM && c == C::CHUNKS - 1) {
+#pragma unroll
+                    for (int s = 0; s < NT; s++) {
+                        const float total = warp_sum(ss[s]);
+                        if (lane == 0) inv[warp + ROWS_WARPS * s] = 1.f / sqrtf(total / K + eps);
                     }
                 }
-                if (jj + i + G < CT && j + G < j_end && tile_of(j + G) < TILES) load_tile(wv[i], j + G);
+                __syncthreads();
+            }
+#pragma unroll
+            for (int i = 0; i < G; i++) {
+                const int tile = (j0 + i) * ROWS_WARPS + warp;
+                if (j0 + i < j_end && tile < TILES) {
+                    const int col = (tile - c * CT * ROWS_WARPS) * 64;  // within the chunk
+#pragma unroll
+                    for (int n = 0; n < NT; n++) {
+                        const __half* xr = xs + (n * 8 + g) * XS + col + 8 * t;
+                        const uint4 xa = *reinterpret_cast<const uint4*>(xr);
+                        const uint4 xb = *reinterpret_cast<const uint4*>(xr + 32);
+#pragma unroll
+                        for (int m = 0; m < MATS; m++) {
+                            const uint4 &lo = wv[i][m][0][0], &hi = wv[i][m][1][0];
+                            const uint4 &lo2 = wv[i][m][0][1], &hi2 = wv[i][m][1][1];
+                            // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
+                            mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
+                            mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
+                            mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xb.x, xb.y);
+                            mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xb.z, xb.w);
+                        }
+                    }
+                }
             }
         }
     }
