@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import dataclasses
 
@@ -540,7 +539,8 @@ class Chunks:
         self.head = {"id": rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": int(time.time()), "model": model_id, "system_fingerprint": fingerprint}
         self.offsets: dict[int, int] = {}  # completions: each choice's text length so far (text_offset)
-        self._frames: dict[int, tuple[str, str]] = {}  # choice -> its piece line around the text's JSON
+        self._frames: dict[int, tuple[str, str] | None] = {}  # choice -> its piece line around the text's
+        # JSON; None: a frame that holds the marker itself, so its lines are encoded whole
 
     def text(self, text: str | None, finish: str | None = None, first: bool = False, token_ids=None,
              index: int = 0, entries=None, ids=None) -> dict:
@@ -567,16 +567,16 @@ class Chunks:
         """`sse_line(self.text(text, index=index))` for a piece of text without logprobs, the
         most common line of a stream: every such line of a choice is the same JSON around the
         text, so that frame is encoded once and only the text per piece."""
-        frame = self._frames.get(index)
-        if frame is None:
+        if index not in self._frames:
             marker = "\x00piece\x00"  # not in the frame (checked below: else the slow way)
             offsets = dict(self.offsets)
             whole = sse_line(self.text(marker, index=index))
             self.offsets = offsets  # the marker was never sent
             before, found, after = whole.partition(json.dumps(marker))
-            if not found or after.find(json.dumps(marker)) >= 0:
-                return sse_line(self.text(text, index=index))
-            frame = self._frames[index] = (before, after)
+            self._frames[index] = (before, after) if found and json.dumps(marker) not in after else None
+        frame = self._frames[index]
+        if frame is None:
+            return sse_line(self.text(text, index=index))
         if not self.chat:
             self.offsets[index] = self.offsets.get(index, 0) + len(text)
         return f"{frame[0]}{json.dumps(text, ensure_ascii=False)}{frame[1]}"
