@@ -230,8 +230,10 @@ def test_decode_attention_kernel(shape, length, record):
 @pytest.mark.parametrize("shape", ["tinyllama", "smollm2", "llama3-8b"])
 @pytest.mark.parametrize("case", list(GEMV_CASES))
 @pytest.mark.parametrize("rows", [1, 5, 8, 16, 33, 64])
-def test_gemv_rows_kernel(shape, case, rows, record):
-    """The tensor-core GEMM over B tokens against float64 NumPy and torch, every epilogue."""
+@pytest.mark.parametrize("kernel", ["gemv_rows", "gemm_rows"])
+def test_gemv_rows_kernel(shape, case, rows, kernel, record):
+    """Both tensor-core GEMMs over B tokens (whichever rows_kernel would pick for the shape)
+    against float64 NumPy and torch, every epilogue."""
     n, k, epi, norm = GEMV_CASES[case](*KERNEL_SHAPES[shape])
     if not K.gemv_rows_fits(n, k, rows):
         pytest.skip(f"K={k}: not whole 64-wide tiles, or {rows} rows of it exceed shared memory: "
@@ -240,10 +242,7 @@ def test_gemv_rows_kernel(shape, case, rows, record):
     x = randn(rows, k, scale=2.0)
     nw = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
     res = randn(rows, n)
-    out = cp.full((rows, n), np.nan, dtype=np.float16)
-    K.gemv_rows(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if norm else None, eps=1e-5,
-                residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
-    out = out.get()
+    out = _gemv_rows(w, x, epi, nw if norm else None, res, kernel)
     h = np_ops.rms_norm(x[:, None], nw, 1e-5)[:, 0] if norm else x                 # [B, K]
     y = h.astype(np.float64) @ w.astype(np.float64).T                               # [B, N or 2N]
     ref = (np_ops.add(res, y.astype(np.float16)) if epi == K.EPI_RESIDUAL else
@@ -257,6 +256,43 @@ def test_gemv_rows_kernel(shape, case, rows, record):
     e_t = max(rel_err(o, r) for o, r in zip(out, ref_t))
     record(rel_err_numpy=e_np, rel_err_torch=e_t)
     assert e_np < 2e-3 and e_t < 3e-3
+
+
+def _gemv_rows(w, x, epi, nw=None, res=None, kernel=None):
+    """A batched kernel (rows_kernel's choice, or `kernel`) on host arrays, with a poisoned
+    output and workspace; its counters must be zeros again after the launch (the next
+    launch relies on it)."""
+    n = w.shape[0] // 2 if epi == K.EPI_SWIGLU else w.shape[0]
+    rows, k = x.shape
+    out = cp.full((rows, n), np.nan, dtype=np.float16)
+    workspace = cp.full(max(K.tile_workspace(n, k, epi, rows), 1), np.nan, dtype=cp.float32)
+    counters = cp.zeros(-(-n // K.TILE_ROWS), dtype=cp.int32)
+    K.gemv_rows(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if nw is not None else None,
+                eps=1e-5, residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None,
+                workspace=workspace, counters=counters, kernel_name=kernel)
+    assert not counters.any(), "gemv_rows left its counters set"
+    return out.get()
+
+
+@pytest.mark.parametrize("shape", ["tinyllama", "llama3-8b"])
+@pytest.mark.parametrize("case", list(GEMV_CASES))
+@pytest.mark.parametrize("kernel", ["gemv_rows", "gemm_rows"])
+def test_gemv_rows_token_alone_or_in_any_batch(shape, case, kernel):
+    """A token's outputs are bit-identical whatever the other tokens of the launch and however
+    many there are (gemm_rows's K split comes from the matrix alone), also where K is split
+    over blocks."""
+    n, k, epi, norm = GEMV_CASES[case](*KERNEL_SHAPES[shape])
+    w = randn(2 * n if epi == K.EPI_SWIGLU else n, k, scale=1 / math.sqrt(k))
+    x = randn(64, k, scale=2.0)
+    nw = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16) if norm else None
+    res = randn(64, n)
+    full = _gemv_rows(w, x, epi, nw, res, kernel)
+    for b in (1, 3, 8, 9, 24, 48):
+        part = _gemv_rows(w, x[-b:], epi, nw, res[-b:], kernel)
+        np.testing.assert_array_equal(part, full[-b:], err_msg=f"the last {b} tokens alone")
+    others = randn(63, k, scale=5.0)
+    mixed = _gemv_rows(w, np.concatenate([x[:1], others]), epi, nw, np.concatenate([res[:1], randn(63, n)]), kernel)
+    np.testing.assert_array_equal(mixed[0], full[0])
 
 
 @pytest.mark.parametrize("shape", ["tinyllama", "smollm2"])

@@ -372,9 +372,10 @@ struct RowsChunk {
 // of X from L2, and with many tokens that is many round trips if loaded a vector at a time
 // through registers; so a lane first starts every copy of its vectors (cp.async: global ->
 // shared, no registers), waits once, and then normalizes its own vectors in place.
-__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
+// cp.async: global -> shared without registers; src_bytes = 0 writes 16 zero bytes
+__device__ __forceinline__ void copy_async16(void* dst, const void* src, int src_bytes = 16) {
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes));
 }
 
 template <bool NORM, int K, int XS, int NT>
@@ -539,6 +540,237 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
         if (NORM) { y *= inv[b]; u *= inv[b]; }
         epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// gemm_rows: the same product, fragments and epilogues, tiled the other way round, for big
+// matrices (kernels.py `rows_kernel` picks per matrix shape, never per B). gemv_rows gives
+// each block 16 rows and all of X, and its 8 warps wait for their weights between tiles;
+// at Llama-3-8B's sizes that leaves the tensor cores idle most of the time. Here a block
+// is 4 warps and 64 output rows (EPI_SWIGLU: 64 gate rows and the 64 matching up rows),
+// 16 per warp, over a range of K: the grid is (N / 64, S), and block
+// (i, s) takes columns [s * KS, (s + 1) * KS), 64 at a time: each 64-column tile of its
+// weights and of the B tokens' X is copied into shared memory with cp.async, TILE_STAGES
+// tiles ahead of the one being multiplied, so the memory system always has the next
+// tiles in flight while the tensor cores work (the 4 warps share the tokens' tiles).
+//
+// KS comes from the matrix's shape alone (rows_split in kernels.py), never from B: S
+// splits give the GPU enough blocks when N is small, and the order in which a row's sum
+// is added up, hence its bits, is the same at every batch size. With S > 1 each block
+// writes its fp32 partial sums to a workspace, and the last of the S blocks of a row tile
+// to finish (a counter in device memory says which) adds them in order s = 0, 1, ... and
+// runs the epilogue.
+//
+// NORM: X is multiplied by the norm weight as its fragments leave shared memory (rounded
+// to fp16: mma's input), and 1/rms is applied to the sums at the end; each token's sum of
+// squares is taken by one warp of the block from the same fragments, over the block's
+// range, the S ranges then added in order.
+//   W: [N, K] ([2N, K] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
+//   ws: fp32, S * MATS * B * N partial sums, then S * (N / 64) * B sums of squares;
+//   counters: N / 64 ints, zero between launches (the last block resets its own)
+constexpr int TILE_WARPS = 4;   // warps per block of gemm_rows, 16 output rows each
+constexpr int TILE_STAGES = 4;  // 64-column tiles of W and X in flight per block
+
+// A 64-column tile of 16 rows sits in shared memory in the order the warp reads it: chunk
+// (row g + 8h, columns 8(t + 4p) .. +7) at 16-byte slot ((h * 2 + p) * 8 + g) * 4 + t, so
+// each of the warp's four 16-byte loads reads 512 contiguous bytes (no bank conflicts).
+// The copy goes the other way round: thread i takes row i / 8, chunk i % 8 (8 threads read
+// a row's 128 bytes, coalesced).
+__device__ __forceinline__ int tile_slot(int row16, int chunk) {
+    return (((row16 >> 3) * 2 + (chunk >> 2)) * 8 + (row16 & 7)) * 4 + (chunk & 3);
+}
+
+// Columns [k0, k0 + 64) of `rows` rows of M (row stride K) into a tile set (16-row tiles one
+// after another); rows past `valid` read row 0 (weights: results dropped) or zeros (tokens)
+template <int K, int ROWS>
+__device__ __forceinline__ void copy_tile(uint4* dst, const __half* __restrict__ M, int first, int valid, int k0,
+                                          bool zeros) {
+#pragma unroll
+    for (int i = 0; i < (ROWS * 8 + TILE_WARPS * 32 - 1) / (TILE_WARPS * 32); i++) {
+        const int v = threadIdx.x + i * TILE_WARPS * 32, r = v >> 3, c = v & 7;
+        if (ROWS * 8 % (TILE_WARPS * 32) != 0 && v >= ROWS * 8) break;
+        const bool ok = first + r < valid;
+        copy_async16(dst + (r >> 4) * 128 + tile_slot(r & 15, c),
+                     M + (size_t)(ok ? first + r : 0) * K + k0 + c * 8, ok || !zeros ? 16 : 0);
+    }
+}
+
+__device__ __forceinline__ void hmul8(uint4& x, const uint4& w) {
+    __half2* x2 = reinterpret_cast<__half2*>(&x);
+    const __half2* w2 = reinterpret_cast<const __half2*>(&w);
+#pragma unroll
+    for (int j = 0; j < 4; j++) x2[j] = __hmul2(x2[j], w2[j]);
+}
+
+__device__ __forceinline__ float sumsq8(const uint4& x, float ss) {
+    const __half2* x2 = reinterpret_cast<const __half2*>(&x);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 f = __half22float2(x2[j]);
+        ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+    }
+    return ss;
+}
+
+template <int K, bool NORM, int EPI, int NT>
+__global__ void __launch_bounds__(TILE_WARPS * 32) gemm_rows(
+        const __half* __restrict__ W, const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
+        const __half* __restrict__ res, __half* __restrict__ out, int N, int B, int KS, float* __restrict__ ws,
+        int* __restrict__ counters) {
+    static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
+    constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
+    constexpr int WT = MATS * 64 * 8, XT = NT * 8 * 8;  // 16-byte chunks per stage: weights, tokens
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint4* stage = reinterpret_cast<uint4*>(smem);                              // [STAGES][WT + XT]
+    float* ss_all = reinterpret_cast<float*>(stage + TILE_STAGES * (WT + XT));   // [NT*8]
+    int* last = reinterpret_cast<int*>(ss_all + NT * 8);
+    pdl_launch_dependents();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int tile_row = blockIdx.x, split = blockIdx.y, S = gridDim.y;
+    const int k_begin = split * KS, k_end = K < k_begin + KS ? K : k_begin + KS;
+    const int tiles = (k_end - k_begin) / 64;
+    const int row0 = tile_row * 64 + warp * 16;
+    float acc[MATS][NT][4];
+#pragma unroll
+    for (int m = 0; m < MATS; m++)
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[m][n][i] = 0.f;
+    float ss[NT];  // this lane's share of token n*8+g's sum of squares (warp n % TILE_WARPS only)
+#pragma unroll
+    for (int n = 0; n < NT; n++) ss[n] = 0.f;
+
+    // The pipeline: tile j's weights and tokens go to stage j % STAGES, STAGES - 1 tiles ahead
+    // of the one being multiplied. The first tiles' weights are requested before waiting for
+    // the previous kernel (they are not its output); one commit group per tile (the first
+    // also holds the early weights), so "wait until at most STAGES - 2 groups are pending"
+    // means "tile j has landed".
+    auto copy_w = [&](int j) {
+#pragma unroll
+        for (int m = 0; m < MATS; m++)
+            copy_tile<K, 64>(stage + (j % TILE_STAGES) * (WT + XT) + m * 512, W + (size_t)m * N * K,
+                             tile_row * 64, N, k_begin + j * 64, false);
+    };
+    auto copy_x = [&](int j) {
+        copy_tile<K, NT * 8>(stage + (j % TILE_STAGES) * (WT + XT) + WT, X, 0, B, k_begin + j * 64, true);
+    };
+#pragma unroll
+    for (int j = 0; j < TILE_STAGES - 1; j++)
+        if (j < tiles) copy_w(j);
+    pdl_wait();  // X is the previous kernel's output
+#pragma unroll
+    for (int j = 0; j < TILE_STAGES - 1; j++) {
+        if (j < tiles) copy_x(j);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+#pragma unroll 1
+    for (int j = 0; j < tiles; j++) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(TILE_STAGES - 2) : "memory");
+        __syncthreads();  // tile j is in for every thread, and every warp is done with tile j - 1
+        const int ahead = j + TILE_STAGES - 1;  // into the stage tile j - 1 used
+        if (ahead < tiles) { copy_w(ahead); copy_x(ahead); }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        const uint4* ws_ = stage + (j % TILE_STAGES) * (WT + XT);
+        const uint4* wt = ws_ + warp * 128 + lane;   // this warp's 16 rows
+        const uint4* xt = ws_ + WT + lane;
+        uint4 na, nb;
+        if (NORM) {
+            const int col = k_begin + j * 64 + 8 * t;
+            na = *reinterpret_cast<const uint4*>(norm_w + col);
+            nb = *reinterpret_cast<const uint4*>(norm_w + col + 32);
+        }
+        uint4 wv[MATS][2][2];  // [matrix][row g / g+8][k +0 / +32]
+#pragma unroll
+        for (int m = 0; m < MATS; m++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int p = 0; p < 2; p++) wv[m][h][p] = wt[m * 512 + (h * 2 + p) * 32];
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            uint4 xa = xt[n * 64], xc = xt[n * 64 + 32];  // 64 slots per 8 tokens
+            if (NORM) {
+                if (n % TILE_WARPS == warp) ss[n] = sumsq8(xc, sumsq8(xa, ss[n]));
+                hmul8(xa, na);
+                hmul8(xc, nb);
+            }
+#pragma unroll
+            for (int m = 0; m < MATS; m++) {
+                const uint4 &lo = wv[m][0][0], &hi = wv[m][1][0], &lo2 = wv[m][0][1], &hi2 = wv[m][1][1];
+                // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
+                mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
+                mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
+                mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xc.x, xc.y);
+                mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xc.z, xc.w);
+            }
+        }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    // tokens' sums of squares over this block's columns: the 4 lanes of a token, in a fixed order
+    if (NORM) {
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            if (n % TILE_WARPS != warp) continue;
+            float v = ss[n];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (t == 0) ss_all[n * 8 + g] = v;
+        }
+        __syncthreads();
+    }
+    // accumulator layout: (row g, tokens 2t, 2t+1), (row g+8, the same tokens)
+    if (S == 1) {
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int b = n * 8 + 2 * t + (i & 1), r = row0 + g + 8 * (i >> 1);
+                if (b >= B || r >= N) continue;
+                float y = acc[0][n][i], u = (EPI == EPI_SWIGLU) ? acc[MATS - 1][n][i] : 0.f;
+                if (NORM) {
+                    const float inv = 1.f / sqrtf(ss_all[b] / K + eps);
+                    y *= inv; u *= inv;
+                }
+                epilogue<EPI>(y, u, res, out, (size_t)b * N + r);
+            }
+        return;
+    }
+    float* part = ws + (size_t)split * MATS * B * N;
+#pragma unroll
+    for (int m = 0; m < MATS; m++)
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int b = n * 8 + 2 * t + (i & 1), r = row0 + g + 8 * (i >> 1);
+                if (b < B && r < N) part[((size_t)m * B + b) * N + r] = acc[m][n][i];
+            }
+    float* sums = ws + (size_t)S * MATS * B * N + (size_t)tile_row * S * B;  // [S][B] of this row tile
+    if (NORM)
+        for (int b = threadIdx.x; b < B; b += TILE_WARPS * 32) sums[split * B + b] = ss_all[b];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) *last = atomicAdd(counters + tile_row, 1) == S - 1;
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < 64 * B; i += TILE_WARPS * 32) {
+        const int r = tile_row * 64 + i % 64, b = i / 64;
+        if (r >= N) continue;
+        float y = 0.f, u = 0.f, sq = 0.f;
+        for (int s = 0; s < S; s++) {
+            y += __ldcg(ws + ((size_t)s * MATS * B + b) * N + r);
+            if (EPI == EPI_SWIGLU) u += __ldcg(ws + ((size_t)(s * MATS + 1) * B + b) * N + r);
+            if (NORM) sq += __ldcg(sums + s * B + b);
+        }
+        if (NORM) {
+            const float inv = 1.f / sqrtf(sq / K + eps);
+            y *= inv; u *= inv;
+        }
+        epilogue<EPI>(y, u, res, out, (size_t)b * N + r);
+    }
+    if (threadIdx.x == 0) counters[tile_row] = 0;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -254,26 +254,48 @@ def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows:
 
 
 # ---- B tokens at once (continuous batching) --------------------------------------------------
+# Two tensor-core kernels compute out[b] = W @ x[b] for B <= 64 tokens (kernels.cu):
+# gemv_rows (16 rows per block, its 8 warps splitting K) and gemm_rows (64 rows per block,
+# weights and tokens pipelined through shared memory, K split over blocks). rows_kernel
+# picks one from the matrix's shape, never from B, so a token's bits do not depend on its
+# batch.
 ROWS_WARPS, ROWS_PAD = 8, 32  # as in kernels.cu
 ROWS_SMEM = 200 * 1024        # as in kernels.cu: the dynamic shared memory a block may take
-MAX_ROWS = 64                 # tokens per gemv_rows call: up to eight 8-token tiles
+MAX_ROWS = 64                 # tokens per call: up to eight 8-token tiles
+TILE_WARPS, TILE_STAGES = 4, 4  # as in kernels.cu (gemm_rows)
+TILE_ROWS = 16 * TILE_WARPS   # output rows per gemm_rows block
+# matrices at least this big (gate and up counted together) take gemm_rows: every matrix of
+# Llama-3-8B's shape but wo, and TinyLlama's LM head; TinyLlama's gate|up (23M) stays on
+# gemv_rows, where a one-row step was slower with it on gemm_rows (docs/benchmarks.md)
+TILE_MIN_WEIGHTS = 24_000_000
+TILE_MAX_BLOCKS = 384         # gemm_rows splits K while the blocks stay within this many
 
 
 def _tiles(rows: int) -> int:
-    """8-token tiles of a gemv_rows call (NT), rounded up to a power of two: a row's result does
-    not depend on NT, and fewer template instantiations are compiled."""
+    """8-token tiles of a call (NT), rounded up to a power of two: a row's result does not
+    depend on NT, and fewer template instantiations are compiled."""
     need = (rows + 7) // 8
     return next(nt for nt in (1, 2, 4, 8, 16) if nt >= need)
 
 
-def gemv_rows_name(k: int, norm: bool, epilogue: int, rows: int) -> str:
-    return f"gemv_rows<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
+def rows_kernel(n_out: int, k: int, epilogue: int) -> str:
+    """'gemm_rows' for big matrices, where gemv_rows leaves the tensor cores waiting for
+    weights (benchmarks/gpu_batch.py), else 'gemv_rows'."""
+    mats = 2 if epilogue == EPI_SWIGLU else 1
+    return "gemm_rows" if mats * n_out * k >= TILE_MIN_WEIGHTS else "gemv_rows"
+
+
+def gemv_rows_name(n_out: int, k: int, norm: bool, epilogue: int, rows: int) -> str:
+    """The instantiation that out = W @ x for B = rows tokens launches (per rows_kernel)."""
+    return f"{rows_kernel(n_out, k, epilogue)}<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
 
 
 def gemv_rows_fits(n_out: int, k: int, rows: int = MAX_ROWS) -> bool:
-    """Whether gemv_rows takes this shape: whole 64-wide k tiles, and one round of k tiles of
-    `rows` tokens beside the partial sums in shared memory (K itself is staged in chunks)."""
-    return k % 64 == 0 and rows <= MAX_ROWS and n_out > 0 and _rows_chunk(k, rows, EPI_SWIGLU)[1] <= ROWS_SMEM
+    """Whether a batched kernel takes this shape: whole 64-wide k tiles, at most MAX_ROWS
+    tokens, and (gemv_rows) one round of k tiles of `rows` tokens beside its partial sums
+    in shared memory (K itself is staged in chunks)."""
+    return (k % 64 == 0 and 1 <= rows <= MAX_ROWS and n_out > 0
+            and _rows_chunk(k, rows, EPI_SWIGLU)[1] <= ROWS_SMEM)
 
 
 def _rows_chunk(k: int, rows: int, epilogue: int) -> tuple[int, int]:
@@ -287,22 +309,62 @@ def _rows_chunk(k: int, rows: int, epilogue: int) -> tuple[int, int]:
     return kc, nt * 8 * (kc + ROWS_PAD) * 2 + part
 
 
-def _rows_shared(k: int, rows: int, epilogue: int) -> int:
-    return _rows_chunk(k, rows, epilogue)[1]
+def rows_split(n_out: int, k: int) -> int:
+    """KS, the columns of K one gemm_rows block takes, from the matrix's shape alone (so a
+    row's sum is added in the same order at every B): K is halved while the N / 64 row
+    tiles times the parts stay within TILE_MAX_BLOCKS and a part keeps 256 columns."""
+    tiles, splits = -(-n_out // TILE_ROWS), 1
+    while tiles * splits * 2 <= TILE_MAX_BLOCKS and k // (splits * 2) >= 256:
+        splits *= 2
+    return -(-k // splits // 64) * 64
 
 
-def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
+def tile_workspace(n_out: int, k: int, epilogue: int, rows: int = MAX_ROWS) -> int:
+    """fp32 values of workspace gemm_rows needs for this matrix: S partial sums per output
+    and S sums of squares per token and row tile (0 when K is not split)."""
+    splits = -(-k // rows_split(n_out, k))
+    mats = 2 if epilogue == EPI_SWIGLU else 1
+    return 0 if splits == 1 else splits * rows * (mats * n_out + -(-n_out // TILE_ROWS))
+
+
+def rows_workspace(n_out: int, k: int, epilogue: int, rows: int = MAX_ROWS) -> int:
+    """fp32 values of workspace this matrix's batched kernel needs."""
+    return tile_workspace(n_out, k, epilogue, rows) if rows_kernel(n_out, k, epilogue) == "gemm_rows" else 0
+
+
+def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None,
+              workspace=None, counters=None, kernel_name: str | None = None):
     """out[b] = W @ x[b] for B <= 64 tokens on the tensor cores, with gemv's prologue and epilogues.
 
-    w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out: [B, N]."""
+    w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out: [B, N]. workspace: fp32, at least
+    rows_workspace(N, K, epilogue, B) values; counters: int32, N / 64 zeros (both reused by
+    every launch on one stream; needed only where gemm_rows splits K). kernel_name
+    ('gemv_rows' or 'gemm_rows') overrides rows_kernel (tests run both on every shape)."""
     n_out, k = w.shape
     if epilogue == EPI_SWIGLU:
         n_out //= 2
     rows = x.size // k
     norm = norm_w is not None
-    launch(gemv_rows_name(k, norm, epilogue, rows), ((n_out + 15) // 16,), (32 * ROWS_WARPS,), (
-        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out,
-        np.int32(n_out), np.int32(rows)), pdl=True, shared=_rows_shared(k, rows, epilogue))
+    which = kernel_name or rows_kernel(n_out, k, epilogue)
+    name = f"{which}<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
+    common = (w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out,
+              np.int32(n_out), np.int32(rows))
+    if which == "gemv_rows":
+        launch(name, ((n_out + 15) // 16,), (32 * ROWS_WARPS,), common, pdl=True,
+               shared=_rows_chunk(k, rows, epilogue)[1])
+        return
+    ks = rows_split(n_out, k)
+    splits = -(-k // ks)
+    mats = 2 if epilogue == EPI_SWIGLU else 1
+    need = tile_workspace(n_out, k, epilogue, rows)
+    if need and (workspace is None or workspace.size < need or counters is None
+                 or counters.size < -(-n_out // TILE_ROWS)):
+        raise ValueError(f"gemm_rows: a {n_out}x{k} matrix splits K in {splits}: it needs a workspace "
+                         f"of {need} floats and {-(-n_out // TILE_ROWS)} counters")
+    shared = TILE_STAGES * (mats * TILE_ROWS + _tiles(rows) * 8) * 64 * 2 + _tiles(rows) * 8 * 4 + 16
+    launch(name, (-(-n_out // TILE_ROWS), splits), (32 * TILE_WARPS,), common + (
+        np.int32(ks), workspace if workspace is not None else x, counters if counters is not None else x),
+        pdl=True, shared=shared)
 
 
 def sample_rows(logits, params, w_scratch, tokens, chosen, pos, live=None):

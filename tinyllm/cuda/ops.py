@@ -66,6 +66,7 @@ class FastOps(Ops):
         self.positions = positions if positions is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self.slots = slots if slots is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self._scratch = {}                         # attention scratch by (cache capacity, rows)
+        self._rows_scratch = []                    # gemv_rows workspaces and counters, the last the largest
         e, r = c.head_dim, K.heads_per_block(c.n_rep)  # the attention kernel's shared memory must fit in 48 KB
         chunk = K.attention_chunk(e)
         shared = chunk * e * 2 + (r + 1) * e * 4 + r * chunk * 4 + (chunk // 32) * r * 4
@@ -97,13 +98,14 @@ class FastOps(Ops):
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
         c, names = self.config, []
+        qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
-            for k, norm, epi in [(c.dim, True, K.EPI_STORE), (c.dim, True, K.EPI_SWIGLU),
-                                 (c.n_heads * c.head_dim, False, K.EPI_RESIDUAL), (c.hidden_dim, False, K.EPI_RESIDUAL),
-                                 (c.dim, False, K.EPI_STORE), (c.dim, False, K.EPI_SWIGLU),
-                                 (c.n_heads * c.head_dim, False, K.EPI_STORE), (c.hidden_dim, False, K.EPI_STORE)]:
+            for n, k, norm, epi in [(qkv, c.dim, True, K.EPI_STORE), (c.vocab_size, c.dim, True, K.EPI_STORE),
+                                    (c.hidden_dim, c.dim, True, K.EPI_SWIGLU),
+                                    (c.dim, c.n_heads * c.head_dim, False, K.EPI_RESIDUAL),
+                                    (c.dim, c.hidden_dim, False, K.EPI_RESIDUAL)]:
                 if k % 64 == 0:
-                    names.append(K.gemv_rows_name(k, norm, epi, rows))
+                    names.append(K.gemv_rows_name(n, k, norm, epi, rows))
         return sorted(set(names))
 
     @staticmethod
@@ -137,7 +139,12 @@ class FastOps(Ops):
         n_out = w.shape[0] // 2 if epilogue == K.EPI_SWIGLU else w.shape[0]
         out = self.xp.empty((b, 1, n_out), dtype=np.float16)
         norm_w, eps = norm if norm is not None else (None, 0.0)
-        (K.gemv if single else K.gemv_rows)(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
+        if single:
+            K.gemv(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
+        else:
+            workspace, counters = self.rows_scratch(K.rows_workspace(n_out, k, epilogue), -(-n_out // K.TILE_ROWS))
+            K.gemv_rows(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual,
+                        workspace=workspace, counters=counters)
         self.stats["fused"] += 1
         return out
 
@@ -251,6 +258,23 @@ class FastOps(Ops):
             K.rope_rows(qk, cos, sin, out)
             return out
         return super().rope(qk, cos, sin)
+
+    def rows_scratch(self, values: int, tiles: int):
+        """A gemv_rows workspace of at least `values` floats and `tiles` zeroed counters, shared by
+        every launch of these ops (they run one after another on one stream). A larger one
+        replaces it when a call needs more; the old ones stay allocated, since captured
+        graphs hold their addresses."""
+        if not self._rows_scratch or self._rows_scratch[-1][0].size < values or self._rows_scratch[-1][1].size < tiles:
+            c = self.config
+            shapes = [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim, K.EPI_STORE),
+                      (c.dim, c.n_heads * c.head_dim, K.EPI_RESIDUAL), (c.hidden_dim, c.dim, K.EPI_SWIGLU),
+                      (c.dim, c.hidden_dim, K.EPI_RESIDUAL), (c.vocab_size, c.dim, K.EPI_STORE)]
+            values = max([values] + [K.rows_workspace(n, k, e) for n, k, e in shapes if k % 64 == 0])
+            tiles = max([tiles] + [-(-n // K.TILE_ROWS) for n, _, _ in shapes])
+            with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
+                self._rows_scratch.append((self.xp.empty(max(values, 1), dtype=np.float32),
+                                           self.xp.zeros(tiles, dtype=np.int32)))
+        return self._rows_scratch[-1]
 
     def scratch(self, capacity: int, rows: int = 1):
         """Attention scratch for a cache capacity and up to `rows` sequences; kept for the life of
