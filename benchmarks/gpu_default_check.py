@@ -1,6 +1,6 @@
 """The real default model on a GPU: greedy answers against the CPU's (not a test, a check).
 
-    python benchmarks/gpu_default_check.py --expect cpu.json [--model PATH] [--out gpu.json]
+    python benchmarks/gpu_default_check.py --expect cpu.json [--model PATH] [--quantized dequantize] [--out gpu.json]
     python benchmarks/gpu_default_check.py --device cpu --out cpu.json      # the expectation
 
 Six chat prompts, 32 greedy tokens each, through `LLM.generate` (one sequence: on a GPU the
@@ -36,11 +36,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_default_check.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="the checkpoint (default: the embedded default model)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--quantized", default="auto", choices=("auto", "keep", "dequantize"),
+                   help="keep the GGUF's blocks on the GPU (auto, keep) or expand them to fp16 (dequantize)")
     p.add_argument("--expect", type=Path, help="answers to compare with (this script's --out on the CPU)")
     p.add_argument("--out", type=Path, help="where to write this run's answers")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    llm = tinyllm.load(args.model, device=args.device)
+    llm = tinyllm.load(args.model, device=args.device, quantized=args.quantized)
     print(f"loaded on {args.device} in {time.perf_counter() - start:.1f} s, decode step: {llm.step.name}")
     got = answers(llm)
     if args.out:

@@ -319,3 +319,17 @@ def test_cors(guarded, plain):
     _, plain_port = plain  # off by default
     status, headers, _ = request(plain_port, "GET", "/v1/models", headers={"Origin": ORIGIN})
     assert status == 200 and "access-control-allow-origin" not in headers
+
+
+def test_warm_up_stores_then_loads_a_prefix_and_counts_nothing(tiny):
+    """With a prefix cache, the warm-up runs a prompt of two whole blocks twice: the second
+    copies its blocks back (on a GPU, CuPy compiles those copies then, not for the first
+    client); none of it reaches /metrics."""
+    server = Server(tiny, "tiny", max_batch=4, max_queue=16, default_max_tokens=4, prefix_cache_mb=1)
+    server.start()
+    try:
+        prefix = server.scheduler.prefix
+        assert prefix.stored == 2 and prefix.hit_tokens == 2 * prefix.block
+        assert b"tinyllm_prefix_cache_hit_tokens_total 0.0" in server.metrics.text()
+    finally:
+        server.stop()

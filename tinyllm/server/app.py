@@ -95,15 +95,29 @@ class Server:
 
     def warm_up(self, timeout: float = 600.0) -> None:
         """Two short requests through the scheduler (prefill, batched decode, sampling), so the
-        first client does not pay for first-call costs (on a GPU: kernel compilation)."""
+        first client does not pay for first-call costs (on a GPU: kernel compilation). With a
+        prefix cache, then one prompt of two whole blocks, twice in turn: the first stores
+        its blocks and the second loads them, so the first shared prompt after start does not
+        wait for those copies' first calls either (on a GPU, CuPy compiles them); the two
+        blocks stay cached like any other."""
         done = threading.Semaphore(0)
         rules = StopRules(max_new_tokens=4, eos_ids=())
-        for seed in (0, 1):
-            self.scheduler.submit(Request(self.llm.prompt_ids("Hello"), SamplingParams(temperature=1.0, seed=seed),
-                                          rules, lambda e: done.release() if isinstance(e, (Finished, Failed)) else None))
-        for _ in range(2):
-            if not done.acquire(timeout=timeout):
-                raise RuntimeError("warm-up did not finish")
+
+        def run(prompts) -> None:
+            for seed, ids in enumerate(prompts):
+                self.scheduler.submit(Request(ids, SamplingParams(temperature=1.0, seed=seed), rules,
+                                              lambda e: done.release() if isinstance(e, (Finished, Failed)) else None))
+            for _ in prompts:
+                if not done.acquire(timeout=timeout):
+                    raise RuntimeError("warm-up did not finish")
+
+        hello = self.llm.prompt_ids("Hello")
+        run([hello, hello])
+        prefix = self.scheduler.prefix
+        if prefix is not None:
+            ids = (list(hello) * (2 * prefix.block // max(len(hello), 1) + 2))[:2 * prefix.block + 1]
+            run([ids])
+            run([ids])
 
     def stop(self) -> None:
         self.ready = False
