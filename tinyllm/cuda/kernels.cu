@@ -345,6 +345,19 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// the mma accumulators [matrix][8-token tile][4] and the per-token sums of squares, zeroed
+template <int MATS, int NT>
+__device__ __forceinline__ void zero_sums(float (&acc)[MATS][NT][4], float (&ss)[NT]) {
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        ss[n] = 0.f;
+#pragma unroll
+        for (int m = 0; m < MATS; m++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[m][n][i] = 0.f;
+    }
+}
+
 constexpr int ROWS_WARPS = 8;   // warps per block of gemv_rows
 constexpr int ROWS_PAD = 32;    // halves of padding per staged X row
 constexpr int ROWS_SMEM = 200 * 1024;  // the dynamic shared memory a block may take (of 227 KB)
@@ -443,16 +456,8 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
             wrow[m][h] = W + ((size_t)m * N + (r < N ? r : 0)) * K + 8 * t;
         }
     }
-    float acc[MATS][NT][4];
-#pragma unroll
-    for (int m = 0; m < MATS; m++)
-#pragma unroll
-        for (int n = 0; n < NT; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[m][n][i] = 0.f;
-    float ss[NT];
-#pragma unroll
-    for (int s = 0; s < NT; s++) ss[s] = 0.f;
+    float acc[MATS][NT][4], ss[NT];
+    zero_sums(acc, ss);
 
     // warp w takes tiles w, w + 8, ...: its j-th is tile j * 8 + w, in chunk j / CT
 #pragma unroll 1
@@ -631,15 +636,8 @@ __global__ void __launch_bounds__(TILE_WARPS * 32) gemm_rows(
     const int tiles = (k_end - k_begin) / 64;
     const int row0 = tile_row * 64 + warp * 16;
     float acc[MATS][NT][4];
-#pragma unroll
-    for (int m = 0; m < MATS; m++)
-#pragma unroll
-        for (int n = 0; n < NT; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[m][n][i] = 0.f;
     float ss[NT];  // this lane's share of token n*8+g's sum of squares (warp n % TILE_WARPS only)
-#pragma unroll
-    for (int n = 0; n < NT; n++) ss[n] = 0.f;
+    zero_sums(acc, ss);
 
     // The pipeline: tile j's weights and tokens go to stage j % STAGES, STAGES - 1 tiles ahead
     // of the one being multiplied. The first tiles' weights are requested before waiting for
