@@ -333,3 +333,26 @@ def test_warm_up_stores_then_loads_a_prefix_and_counts_nothing(tiny):
         assert b"tinyllm_prefix_cache_hit_tokens_total 0.0" in server.metrics.text()
     finally:
         server.stop()
+
+
+def test_log_lines_follow_stderr_when_it_is_replaced(monkeypatch):
+    """The server's log handler writes to the stderr of the moment: a stream replaced (and the
+    old one closed) after configuration gets the lines, with no logging error per line (which
+    would cost every request a traceback)."""
+    import io
+
+    from tinyllm.server.main import configure_logging
+
+    logger = logging.getLogger("tinyllm")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    try:
+        configure_logging("info")
+        first.close()
+        later = io.StringIO()
+        monkeypatch.setattr("sys.stderr", later)
+        logging.getLogger("tinyllm.server.access").info("GET /health 200")
+        assert later.getvalue().rstrip().endswith("INFO tinyllm.server.access: GET /health 200")
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved

@@ -173,10 +173,27 @@ def header_timeout_protocol(seconds: float):
     return HeaderTimeoutH11
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever sys.stderr is when a line is written, not when it was configured:
+    where stderr is replaced later (a test harness's capture, a supervisor's redirect), lines
+    still reach the live stream instead of failing on a closed one, each with a traceback."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging(level: str) -> None:
     """tinyllm's own log lines (one per request, errors) on stderr at --log-level; uvicorn
     configures its own loggers from the same level."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("tinyllm")
     logger.handlers[:] = [handler]
