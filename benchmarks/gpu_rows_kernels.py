@@ -17,18 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import command_line, git_commit  # noqa: E402
-from benchmarks.gpu_models import ALL_SHAPES  # noqa: E402
+from benchmarks.gpu_models import ALL_SHAPES, shape_config  # noqa: E402
 
 
-def matrices(shape: dict) -> dict:
-    """role -> (N, K, epilogue, norm) of one decode step's GEMMs."""
-    from tinyllm.cuda import kernels as K
+def matrices(name: str) -> dict:
+    """role -> (N, K, epilogue, norm) of one decode step's GEMMs (FastOps's list)."""
+    from tinyllm.cuda.ops import step_gemms
 
-    d, h, kv, f, v = shape["dim"], shape["n_heads"], shape["n_kv_heads"], shape["hidden_dim"], shape["vocab_size"]
-    e = d // h
-    return {"qkv": ((h + 2 * kv) * e, d, K.EPI_STORE, True), "wo": (d, h * e, K.EPI_RESIDUAL, False),
-            "gate_up": (f, d, K.EPI_SWIGLU, True), "down": (d, f, K.EPI_RESIDUAL, False),
-            "lm_head": (v, d, K.EPI_STORE, True)}
+    roles = ("qkv", "lm_head", "gate_up", "wo", "down")
+    return {role: (n, k, epi, norm) for role, (n, k, norm, epi) in zip(roles, step_gemms(shape_config(name)))}
 
 
 def time_us(cp, fn, launches: int = 20, replays: int = 10) -> float:
@@ -63,14 +60,14 @@ def main() -> int:
     rng = cp.random.default_rng(0)
     rows, lines = [], ["| shape | matrix | N x K | picked | B | gemv_rows µs | gemm_rows µs |", "|---|---|---|---|---|---|---|"]
     for shape in args.shapes:
-        for role, (n, k, epi, norm) in matrices(ALL_SHAPES[shape]).items():
+        for role, (n, k, epi, norm) in matrices(shape).items():
             if k % 64:
                 continue
             mats = 2 if epi == K.EPI_SWIGLU else 1
             w = (rng.standard_normal((mats * n, k), dtype=cp.float32) / k ** 0.5).astype(cp.float16)
             nw = (1 + 0.1 * rng.standard_normal(k, dtype=cp.float32)).astype(cp.float16) if norm else None
             workspace = cp.empty(max(K.tile_workspace(n, k, epi, max(args.batches)), 1), cp.float32)
-            counters = cp.zeros(-(-n // K.TILE_ROWS), cp.int32)
+            counters = cp.zeros(K.row_tiles(n), cp.int32)
             for b in args.batches:
                 x = rng.standard_normal((b, k), dtype=cp.float32).astype(cp.float16)
                 res = rng.standard_normal((b, n), dtype=cp.float32).astype(cp.float16) if epi == K.EPI_RESIDUAL else None

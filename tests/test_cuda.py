@@ -267,7 +267,7 @@ def _gemv_rows(w, x, epi, nw=None, res=None, kernel=None):
     rows, k = x.shape
     out = cp.full((rows, n), np.nan, dtype=np.float16)
     workspace = cp.full(max(K.tile_workspace(n, k, epi, rows), 1), np.nan, dtype=cp.float32)
-    counters = cp.zeros(-(-n // K.TILE_ROWS), dtype=cp.int32)
+    counters = cp.zeros(K.row_tiles(n), dtype=cp.int32)
     K.gemv_rows(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if nw is not None else None,
                 eps=1e-5, residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None,
                 workspace=workspace, counters=counters, kernel_name=kernel)

@@ -309,11 +309,16 @@ def _rows_chunk(k: int, rows: int, epilogue: int) -> tuple[int, int]:
     return kc, nt * 8 * (kc + ROWS_PAD) * 2 + part
 
 
+def row_tiles(n_out: int) -> int:
+    """gemm_rows's blocks along N (64 output rows each), and the counters its K split uses."""
+    return -(-n_out // TILE_ROWS)
+
+
 def rows_split(n_out: int, k: int) -> int:
     """KS, the columns of K one gemm_rows block takes, from the matrix's shape alone (so a
     row's sum is added in the same order at every B): K is halved while the N / 64 row
     tiles times the parts stay within TILE_MAX_BLOCKS and a part keeps 256 columns."""
-    tiles, splits = -(-n_out // TILE_ROWS), 1
+    tiles, splits = row_tiles(n_out), 1
     while tiles * splits * 2 <= TILE_MAX_BLOCKS and k // (splits * 2) >= 256:
         splits *= 2
     return -(-k // splits // 64) * 64
@@ -324,7 +329,7 @@ def tile_workspace(n_out: int, k: int, epilogue: int, rows: int = MAX_ROWS) -> i
     and S sums of squares per token and row tile (0 when K is not split)."""
     splits = -(-k // rows_split(n_out, k))
     mats = 2 if epilogue == EPI_SWIGLU else 1
-    return 0 if splits == 1 else splits * rows * (mats * n_out + -(-n_out // TILE_ROWS))
+    return 0 if splits == 1 else splits * rows * (mats * n_out + row_tiles(n_out))
 
 
 def rows_workspace(n_out: int, k: int, epilogue: int, rows: int = MAX_ROWS) -> int:
@@ -358,11 +363,11 @@ def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float =
     mats = 2 if epilogue == EPI_SWIGLU else 1
     need = tile_workspace(n_out, k, epilogue, rows)
     if need and (workspace is None or workspace.size < need or counters is None
-                 or counters.size < -(-n_out // TILE_ROWS)):
+                 or counters.size < row_tiles(n_out)):
         raise ValueError(f"gemm_rows: a {n_out}x{k} matrix splits K in {splits}: it needs a workspace "
-                         f"of {need} floats and {-(-n_out // TILE_ROWS)} counters")
+                         f"of {need} floats and {row_tiles(n_out)} counters")
     shared = TILE_STAGES * (mats * TILE_ROWS + _tiles(rows) * 8) * 64 * 2 + _tiles(rows) * 8 * 4 + 16
-    launch(name, (-(-n_out // TILE_ROWS), splits), (32 * TILE_WARPS,), common + (
+    launch(name, (row_tiles(n_out), splits), (32 * TILE_WARPS,), common + (
         np.int32(ks), workspace if workspace is not None else x, counters if counters is not None else x),
         pdl=True, shared=shared)
 

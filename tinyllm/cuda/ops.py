@@ -97,13 +97,9 @@ class FastOps(Ops):
 
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
-        c, names = self.config, []
-        qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        names = []
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
-            for n, k, norm, epi in [(qkv, c.dim, True, K.EPI_STORE), (c.vocab_size, c.dim, True, K.EPI_STORE),
-                                    (c.hidden_dim, c.dim, True, K.EPI_SWIGLU),
-                                    (c.dim, c.n_heads * c.head_dim, False, K.EPI_RESIDUAL),
-                                    (c.dim, c.hidden_dim, False, K.EPI_RESIDUAL)]:
+            for n, k, norm, epi in step_gemms(self.config):
                 if k % 64 == 0:
                     names.append(K.gemv_rows_name(n, k, norm, epi, rows))
         return sorted(set(names))
@@ -142,7 +138,7 @@ class FastOps(Ops):
         if single:
             K.gemv(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
         else:
-            workspace, counters = self.rows_scratch(K.rows_workspace(n_out, k, epilogue), -(-n_out // K.TILE_ROWS))
+            workspace, counters = self.rows_scratch(K.rows_workspace(n_out, k, epilogue), K.row_tiles(n_out))
             K.gemv_rows(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual,
                         workspace=workspace, counters=counters)
         self.stats["fused"] += 1
@@ -265,12 +261,9 @@ class FastOps(Ops):
         replaces it when a call needs more; the old ones stay allocated, since captured
         graphs hold their addresses."""
         if not self._rows_scratch or self._rows_scratch[-1][0].size < values or self._rows_scratch[-1][1].size < tiles:
-            c = self.config
-            shapes = [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim, K.EPI_STORE),
-                      (c.dim, c.n_heads * c.head_dim, K.EPI_RESIDUAL), (c.hidden_dim, c.dim, K.EPI_SWIGLU),
-                      (c.dim, c.hidden_dim, K.EPI_RESIDUAL), (c.vocab_size, c.dim, K.EPI_STORE)]
-            values = max([values] + [K.rows_workspace(n, k, e) for n, k, e in shapes if k % 64 == 0])
-            tiles = max([tiles] + [-(-n // K.TILE_ROWS) for n, _, _ in shapes])
+            shapes = step_gemms(self.config)
+            values = max([values] + [K.rows_workspace(n, k, e) for n, k, _, e in shapes if k % 64 == 0])
+            tiles = max([tiles] + [K.row_tiles(n) for n, _, _, _ in shapes])
             with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
                 self._rows_scratch.append((self.xp.empty(max(values, 1), dtype=np.float32),
                                            self.xp.zeros(tiles, dtype=np.int32)))
@@ -285,6 +278,15 @@ class FastOps(Ops):
             with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
                 self._scratch[capacity, rows] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows)
         return self._scratch[capacity, rows]
+
+
+def step_gemms(config) -> list[tuple]:
+    """(N, K, norm folded in, epilogue) of each GEMM of a decode step: q|k|v, the LM head,
+    gate|up (N per matrix), wo and down."""
+    c = config
+    return [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim, True, K.EPI_STORE),
+            (c.vocab_size, c.dim, True, K.EPI_STORE), (c.hidden_dim, c.dim, True, K.EPI_SWIGLU),
+            (c.dim, c.n_heads * c.head_dim, False, K.EPI_RESIDUAL), (c.dim, c.hidden_dim, False, K.EPI_RESIDUAL)]
 
 
 def quantized_gemvs(weights) -> list[tuple]:
