@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
 //   W: [N, K] ([2N, K] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
 __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                           unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
                  "{%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -552,12 +552,14 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
 // matrices (kernels.py `rows_kernel` picks per matrix shape, never per B). gemv_rows gives
 // each block 16 rows and all of X, and its 8 warps wait for their weights between tiles;
 // at Llama-3-8B's sizes that leaves the tensor cores idle most of the time. Here a block
-// is 4 warps and 64 output rows (EPI_SWIGLU: 64 gate rows and the 64 matching up rows),
-// 16 per warp, over a range of K: the grid is (N / 64, S), and block
-// (i, s) takes columns [s * KS, (s + 1) * KS), 64 at a time: each 64-column tile of its
-// weights and of the B tokens' X is copied into shared memory with cp.async, TILE_STAGES
-// tiles ahead of the one being multiplied, so the memory system always has the next
-// tiles in flight while the tensor cores work (the 4 warps share the tokens' tiles).
+// is 64 output rows (EPI_SWIGLU: 64 gate rows and the 64 matching up rows) over a range of
+// K: the grid is (N / 64, S), and block (i, s) takes columns [s * KS, (s + 1) * KS), 64 at
+// a time: each 64-column tile of its weights and of the B tokens' X is copied into shared
+// memory with cp.async, TILE_STAGES tiles ahead of the one being multiplied, so the memory
+// system always has the next tiles in flight while the tensor cores work. Its 8 warps
+// split the tile's products: warp (group, half) multiplies 16 of the rows by half of the
+// 8-token tiles. Two warps per row group rather than one warp for all the tokens: a warp
+// waits between its mmas, and the SM needs more warps to issue from.
 //
 // KS comes from the matrix's shape alone (rows_split in kernels.py), never from B: S
 // splits give the GPU enough blocks when N is small, and the order in which a row's sum
@@ -573,7 +575,9 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
 //   W: [N, K] ([2N, K] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
 //   ws: fp32, S * MATS * B * N partial sums, then S * (N / 64) * B sums of squares;
 //   counters: N / 64 ints, zero between launches (the last block resets its own)
-constexpr int TILE_WARPS = 4;   // warps per block of gemm_rows, 16 output rows each
+constexpr int TILE_GROUPS = 4;  // gemm_rows: 16-row groups per block (64 output rows)
+constexpr int TILE_HALVES = 2;  // and the token tiles in halves: a warp per (group, half)
+constexpr int TILE_WARPS = TILE_GROUPS * TILE_HALVES;
 constexpr int TILE_STAGES = 4;  // 64-column tiles of W and X in flight per block
 
 // A 64-column tile of 16 rows sits in shared memory in the order the warp reads it: chunk
@@ -618,25 +622,27 @@ __device__ __forceinline__ float sumsq8(const uint4& x, float ss) {
 }
 
 template <int K, bool NORM, int EPI, int NT>
-__global__ void __launch_bounds__(TILE_WARPS * 32) gemm_rows(
+__global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
         const __half* __restrict__ W, const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
         const __half* __restrict__ res, __half* __restrict__ out, int N, int B, int KS, float* __restrict__ ws,
         int* __restrict__ counters) {
     static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
     constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
     constexpr int WT = MATS * 64 * 8, XT = NT * 8 * 8;  // 16-byte chunks per stage: weights, tokens
+    constexpr int NW = (NT + TILE_HALVES - 1) / TILE_HALVES;  // 8-token tiles per warp
     extern __shared__ __align__(16) unsigned char smem[];
     uint4* stage = reinterpret_cast<uint4*>(smem);                              // [STAGES][WT + XT]
     float* ss_all = reinterpret_cast<float*>(stage + TILE_STAGES * (WT + XT));   // [NT*8]
     int* last = reinterpret_cast<int*>(ss_all + NT * 8);
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wr = warp % TILE_GROUPS, n0 = (warp / TILE_GROUPS) * NW;  // rows 16 wr.., token tiles n0..
     const int tile_row = blockIdx.x, split = blockIdx.y, S = gridDim.y;
     const int k_begin = split * KS, k_end = K < k_begin + KS ? K : k_begin + KS;
     const int tiles = (k_end - k_begin) / 64;
-    const int row0 = tile_row * 64 + warp * 16;
-    float acc[MATS][NT][4];
-    float ss[NT];  // this lane's share of token n*8+g's sum of squares (warp n % TILE_WARPS only)
+    const int row0 = tile_row * 64 + wr * 16;
+    float acc[MATS][NW][4];
+    float ss[NW];  // this lane's share of token (n0+i)*8+g's sum of squares (warp wr == i % GROUPS only)
     zero_sums(acc, ss);
 
     // The pipeline: tile j's weights and tokens go to stage j % STAGES, STAGES - 1 tiles ahead
@@ -670,7 +676,7 @@ __global__ void __launch_bounds__(TILE_WARPS * 32) gemm_rows(
         if (ahead < tiles) { copy_w(ahead); copy_x(ahead); }
         asm volatile("cp.async.commit_group;" ::: "memory");
         const uint4* ws_ = stage + (j % TILE_STAGES) * (WT + XT);
-        const uint4* wt = ws_ + warp * 128 + lane;   // this warp's 16 rows
+        const uint4* wt = ws_ + wr * 128 + lane;   // this warp's 16 rows
         const uint4* xt = ws_ + WT + lane;
         uint4 na, nb;
         if (NORM) {
@@ -685,46 +691,57 @@ __global__ void __launch_bounds__(TILE_WARPS * 32) gemm_rows(
             for (int h = 0; h < 2; h++)
 #pragma unroll
                 for (int p = 0; p < 2; p++) wv[m][h][p] = wt[m * 512 + (h * 2 + p) * 32];
+        uint4 xv[NW][2];  // [token tile][k +0 / +32]
 #pragma unroll
-        for (int n = 0; n < NT; n++) {
-            uint4 xa = xt[n * 64], xc = xt[n * 64 + 32];  // 64 slots per 8 tokens
+        for (int i = 0; i < NW; i++) {
+            if (n0 + i >= NT) continue;
+            xv[i][0] = xt[(n0 + i) * 64];  // 64 slots per 8 tokens
+            xv[i][1] = xt[(n0 + i) * 64 + 32];
             if (NORM) {
-                if (n % TILE_WARPS == warp) ss[n] = sumsq8(xc, sumsq8(xa, ss[n]));
-                hmul8(xa, na);
-                hmul8(xc, nb);
-            }
-#pragma unroll
-            for (int m = 0; m < MATS; m++) {
-                const uint4 &lo = wv[m][0][0], &hi = wv[m][1][0], &lo2 = wv[m][0][1], &hi2 = wv[m][1][1];
-                // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
-                mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
-                mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
-                mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xc.x, xc.y);
-                mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xc.z, xc.w);
+                if (i % TILE_GROUPS == wr) ss[i] = sumsq8(xv[i][1], sumsq8(xv[i][0], ss[i]));
+                hmul8(xv[i][0], na);
+                hmul8(xv[i][1], nb);
             }
         }
+        // the four 16-wide k steps in order (each sum's order), and within a step every
+        // (matrix, token tile) product: independent mmas, issued back to back
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+#pragma unroll
+            for (int i = 0; i < NW; i++) {
+                if (n0 + i >= NT) continue;
+                const uint4& x = xv[i][q >> 1];
+                const unsigned b0 = (q & 1) ? x.z : x.x, b1 = (q & 1) ? x.w : x.y;
+#pragma unroll
+                for (int m = 0; m < MATS; m++) {
+                    // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
+                    const uint4 &lo = wv[m][0][q >> 1], &hi = wv[m][1][q >> 1];
+                    if (q & 1) mma_16816(acc[m][i], lo.z, hi.z, lo.w, hi.w, b0, b1);
+                    else mma_16816(acc[m][i], lo.x, hi.x, lo.y, hi.y, b0, b1);
+                }
+            }
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     // tokens' sums of squares over this block's columns: the 4 lanes of a token, in a fixed order
     if (NORM) {
 #pragma unroll
-        for (int n = 0; n < NT; n++) {
-            if (n % TILE_WARPS != warp) continue;
-            float v = ss[n];
+        for (int i = 0; i < NW; i++) {
+            if (i % TILE_GROUPS != wr || n0 + i >= NT) continue;
+            float v = ss[i];
             v += __shfl_xor_sync(0xffffffffu, v, 1);
             v += __shfl_xor_sync(0xffffffffu, v, 2);
-            if (t == 0) ss_all[n * 8 + g] = v;
+            if (t == 0) ss_all[(n0 + i) * 8 + g] = v;
         }
         __syncthreads();
     }
     // accumulator layout: (row g, tokens 2t, 2t+1), (row g+8, the same tokens)
     if (S == 1) {
 #pragma unroll
-        for (int n = 0; n < NT; n++)
+        for (int n = 0; n < NW; n++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const int b = n * 8 + 2 * t + (i & 1), r = row0 + g + 8 * (i >> 1);
-                if (b >= B || r >= N) continue;
+                const int b = (n0 + n) * 8 + 2 * t + (i & 1), r = row0 + g + 8 * (i >> 1);
+                if (n0 + n >= NT || b >= B || r >= N) continue;
                 float y = acc[0][n][i], u = (EPI == EPI_SWIGLU) ? acc[MATS - 1][n][i] : 0.f;
                 if (NORM) {
                     const float inv = 1.f / sqrtf(ss_all[b] / K + eps);
@@ -738,11 +755,11 @@ __global__ void __launch_bounds__(TILE_WARPS * 32) gemm_rows(
 #pragma unroll
     for (int m = 0; m < MATS; m++)
 #pragma unroll
-        for (int n = 0; n < NT; n++)
+        for (int n = 0; n < NW; n++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const int b = n * 8 + 2 * t + (i & 1), r = row0 + g + 8 * (i >> 1);
-                if (b < B && r < N) part[((size_t)m * B + b) * N + r] = acc[m][n][i];
+                const int b = (n0 + n) * 8 + 2 * t + (i & 1), r = row0 + g + 8 * (i >> 1);
+                if (n0 + n < NT && b < B && r < N) part[((size_t)m * B + b) * N + r] = acc[m][n][i];
             }
     float* sums = ws + (size_t)S * MATS * B * N + (size_t)tile_row * S * B;  // [S][B] of this row tile
     if (NORM)

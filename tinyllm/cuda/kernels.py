@@ -262,8 +262,9 @@ def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows:
 ROWS_WARPS, ROWS_PAD = 8, 32  # as in kernels.cu
 ROWS_SMEM = 200 * 1024        # as in kernels.cu: the dynamic shared memory a block may take
 MAX_ROWS = 64                 # tokens per call: up to eight 8-token tiles
-TILE_WARPS, TILE_STAGES = 4, 4  # as in kernels.cu (gemm_rows)
-TILE_ROWS = 16 * TILE_WARPS   # output rows per gemm_rows block
+TILE_GROUPS, TILE_HALVES, TILE_STAGES = 4, 2, 4  # as in kernels.cu (gemm_rows)
+TILE_WARPS = TILE_GROUPS * TILE_HALVES
+TILE_ROWS = 16 * TILE_GROUPS  # output rows per gemm_rows block
 # matrices at least this big (gate and up counted together) take gemm_rows: every matrix of
 # Llama-3-8B's shape but wo, and TinyLlama's LM head; TinyLlama's gate|up (23M) stays on
 # gemv_rows, where a one-row step was slower with it on gemm_rows (docs/benchmarks.md)
