@@ -298,10 +298,12 @@ def test_gemv_rows_token_alone_or_in_any_batch(shape, case, kernel):
     np.testing.assert_array_equal(mixed[0], full[0])
 
 
-@pytest.mark.parametrize("shape", ["tinyllama", "smollm2"])
+@pytest.mark.parametrize("shape", ["tinyllama", "smollm2", "llama3-8b"])
 def test_decode_attention_rows_kernel(shape, record):
     """Five sequences in one launch, each at its own length and in its own row of a batched
-    cache (rows out of order, one row unused): each equals the one-sequence NumPy reference."""
+    cache (rows out of order, one row unused): each equals the one-sequence NumPy reference,
+    with the batch's heads per block (rows_heads) and with one sequence's (heads_per_block),
+    and the two give the same bits."""
     lengths, slots, capacity = [1, 129, 300, 1000, 2048], [3, 0, 5, 1, 2], 2048
     d, h, kv, e, f, v = KERNEL_SHAPES[shape]
     c = shape_config("tinyllama-1.1b", dim=h * e, n_heads=h, n_kv_heads=kv, max_seq_len=4096)
@@ -319,20 +321,28 @@ def test_decode_attention_rows_kernel(shape, record):
         qk = np_ops.rope(qkv[b:b + 1, :, :h + kv], cos[pos:pos + 1], sin[pos:pos + 1]).astype(np.float32)
         refs.append((np_ops.attention(qk[:, :, :h], qk[:, :, h:], qkv[b:b + 1, :, h + kv:].astype(np.float32),
                                       ref_cache, 0, pos, scale)[0, 0], ref_cache))
-    gk, gv, gqkv = cp.asarray(pool.k[0]), cp.asarray(pool.v[0]), cp.asarray(qkv)
-    out = cp.full((len(lengths), h * e), np.nan, dtype=np.float16)
-    K.decode_attention(gqkv[:, :, :h], gqkv[:, :, h:h + kv], gqkv[:, :, h + kv:], cp.asarray(cos), cp.asarray(sin),
-                       cp.asarray([n - 1 for n in lengths], dtype=np.int32), gk, gv, scale, True,
-                       K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths)), out, c.n_rep,
-                       slots=cp.asarray(slots, dtype=np.int32), rows=len(lengths), row_stride=(h + 2 * kv) * e)
-    out, gk = out.get(), gk.get()
-    assert np.isfinite(out).all(), "some outputs were not written"
-    errs = [rel_err(o, r) for o, (r, _) in zip(out, refs)]
-    for (length, slot), (_, ref_cache) in zip(zip(lengths, slots), refs):
-        np.testing.assert_array_equal(gk[slot, :, length - 1].astype(np.float32), ref_cache.k[0][0, :, length - 1])
-    np.testing.assert_array_equal(gk[4], pool.k[0][4])  # the unused row
-    record(max_rel_err_numpy=max(errs))
-    assert max(errs) < 3e-3
+    gqkv = cp.asarray(qkv)
+    outs = {}
+    for heads in sorted({K.heads_per_block(c.n_rep), K.rows_heads(c.n_rep, e)}):
+        gk, gv = cp.asarray(pool.k[0]), cp.asarray(pool.v[0])
+        out = cp.full((len(lengths), h * e), np.nan, dtype=np.float16)
+        K.decode_attention(gqkv[:, :, :h], gqkv[:, :, h:h + kv], gqkv[:, :, h + kv:], cp.asarray(cos), cp.asarray(sin),
+                           cp.asarray([n - 1 for n in lengths], dtype=np.int32), gk, gv, scale, True,
+                           K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths), heads=heads), out, c.n_rep,
+                           slots=cp.asarray(slots, dtype=np.int32), rows=len(lengths), row_stride=(h + 2 * kv) * e,
+                           heads=heads)
+        out, gk = out.get(), gk.get()
+        assert np.isfinite(out).all(), f"some outputs were not written ({heads} heads per block)"
+        errs = [rel_err(o, r) for o, (r, _) in zip(out, refs)]
+        for (length, slot), (_, ref_cache) in zip(zip(lengths, slots), refs):
+            np.testing.assert_array_equal(gk[slot, :, length - 1].astype(np.float32), ref_cache.k[0][0, :, length - 1])
+        np.testing.assert_array_equal(gk[4], pool.k[0][4])  # the unused row
+        record(**{f"max_rel_err_numpy_{heads}_heads": max(errs)})
+        assert max(errs) < 3e-3, f"{heads} heads per block"
+        outs[heads] = out
+    first, *others = outs.values()
+    for other in others:
+        np.testing.assert_array_equal(other, first)
 
 
 def _device_sample(logits, params: SamplingParams, u: float) -> int:

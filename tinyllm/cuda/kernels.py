@@ -70,12 +70,32 @@ def gemv_name(k: int, norm: bool, epilogue: int) -> str:
 
 
 def heads_per_block(n_rep: int) -> int:
-    """Query heads per attention block: 2 when the group size is even, else 1."""
+    """Query heads per attention block for one sequence: 2 when the group size is even, else
+    1 (more, smaller blocks: one token's attention is latency-bound)."""
     return 2 if n_rep % 2 == 0 else 1
 
 
-def attention_name(head_dim: int, n_rep: int) -> str:
-    return f"decode_attention<{head_dim}, {heads_per_block(n_rep)}, {attention_chunk(head_dim)}>"
+def rows_heads(n_rep: int, head_dim: int) -> int:
+    """Query heads per attention block for the rows of a batch: the largest divisor of the
+    group size up to 8 whose block fits in shared memory. The sequences already give the
+    GPU blocks enough, so a block takes more of its KV head's query heads and reads the
+    cached keys and values once for all of them. A head's result does not depend on how
+    many heads share its block (each head's scores, softmax and sums are its own)."""
+    return max(r for r in range(1, min(n_rep, 8) + 1)
+               if n_rep % r == 0 and attention_shared(head_dim, r) <= ATTENTION_SMEM)
+
+
+ATTENTION_SMEM = 47 * 1024  # static shared memory of an attention block, at most (of 48 KB)
+
+
+def attention_shared(head_dim: int, heads: int) -> int:
+    """Bytes of shared memory of an attention block (kernels.cu decode_attention's arrays)."""
+    chunk = attention_chunk(head_dim)
+    return chunk * head_dim * 2 + (heads + 1) * head_dim * 4 + heads * chunk * 4 + (chunk // 32) * heads * 4
+
+
+def attention_name(head_dim: int, n_rep: int, heads: int | None = None) -> str:
+    return f"decode_attention<{head_dim}, {heads or heads_per_block(n_rep)}, {attention_chunk(head_dim)}>"
 
 
 # ---- launching, optionally with programmatic dependent launch (PDL) -----------------------
@@ -222,7 +242,7 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
                      scratch, out, n_rep: int, pdl: bool = True, *, slots, rows: int = 1, row_stride: int = 0,
-                     write_only: bool = False):
+                     write_only: bool = False, heads: int | None = None):
     """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E].
 
     `rows` sequences at once: sequence b's q, k_new, v_new start b * row_stride elements
@@ -230,23 +250,25 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     ([B_max, K, S_cap, E]), its output out[b]. One sequence: rows=1, slots=[0].
     Rows may share a cache row at consecutive positions (a prompt's tokens): `write_only`
     first writes every row's new k and v, then a second launch, not programmatic (its cache
-    loads come before its wait), attends."""
+    loads come before its wait), attends. heads: query heads per block (default
+    heads_per_block; the scratch must be made for the same number)."""
     n_kv, s_cap, e = k_cache.shape[-3:]
     part_o, part_ml, counters = scratch
     chunk = attention_chunk(e)
     n_chunks = (s_cap + chunk - 1) // chunk
-    groups = n_rep // heads_per_block(n_rep)
-    launch(attention_name(e, n_rep), (n_chunks, n_kv, groups * rows), (chunk,), (
+    groups = n_rep // (heads or heads_per_block(n_rep))
+    launch(attention_name(e, n_rep, heads), (n_chunks, n_kv, groups * rows), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
         np.int32((1 if rotate else 0) | (2 if write_only else 0)), np.int32(n_rep), part_o, part_ml, counters, out,
         slots, np.int64(row_stride), np.int64(n_kv * s_cap * e)), pdl=pdl)
 
 
-def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows: int = 1):
+def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows: int = 1,
+                      heads: int | None = None):
     """Per-chunk partial outputs and softmax stats, and one arrival counter per block group."""
     cp = _cupy()
     n_chunks = (capacity + attention_chunk(head_dim) - 1) // attention_chunk(head_dim)
-    rb = heads_per_block(n_rep)
+    rb = heads or heads_per_block(n_rep)
     groups = rows * n_kv * (n_rep // rb)
     return (cp.empty((groups, n_chunks, rb, head_dim), dtype=cp.float32),
             cp.empty((groups, n_chunks, rb, 2), dtype=cp.float32),

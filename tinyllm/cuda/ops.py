@@ -65,12 +65,11 @@ class FastOps(Ops):
         self.shared_rows = shared_rows  # batched rows may share a cache (a prompt's tokens, one per row)
         self.positions = positions if positions is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self.slots = slots if slots is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
-        self._scratch = {}                         # attention scratch by (cache capacity, rows)
+        self._scratch = {}                         # attention scratch by (cache capacity, rows, heads)
         self._rows_scratch = []                    # gemv_rows workspaces and counters, the last the largest
-        e, r = c.head_dim, K.heads_per_block(c.n_rep)  # the attention kernel's shared memory must fit in 48 KB
-        chunk = K.attention_chunk(e)
-        shared = chunk * e * 2 + (r + 1) * e * 4 + r * chunk * 4 + (chunk // 32) * r * 4
-        self.fused_attention = e in (64, 128) and shared <= 47 * 1024
+        e = c.head_dim  # the attention kernel's shared memory must fit in 48 KB
+        self.fused_attention = e in (64, 128) and K.attention_shared(e, K.heads_per_block(c.n_rep)) <= K.ATTENTION_SMEM
+        self.rows_heads = K.rows_heads(c.n_rep, e) if self.fused_attention else 1  # per block, batched rows
         self.stats = {"fused": 0, "rows_attention": 0}  # fused launches, batched attention launches
         self.quantized = tuple(quantized)  # (kind, K, norm, epilogue) of each block-quantized GEMV
 
@@ -97,7 +96,8 @@ class FastOps(Ops):
 
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
-        names = []
+        c = self.config
+        names = [K.attention_name(c.head_dim, c.n_rep, self.rows_heads)] if self.fused_attention else []
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
             for n, k, norm, epi in step_gemms(self.config):
                 if k % 64 == 0:
@@ -193,8 +193,8 @@ class FastOps(Ops):
             self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
         args = (q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
-                self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep)
-        rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2)
+                self.scratch(pool.capacity, K.MAX_ROWS, self.rows_heads), out, c.n_rep)
+        rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=self.rows_heads)
         if self.shared_rows:  # every row's k and v into the cache first, where later rows of its sequence read them
             K.decode_attention(*args, pdl=self.mode != "eager", write_only=True, **rows)
             K.decode_attention(*args, pdl=False, **rows)
@@ -269,15 +269,16 @@ class FastOps(Ops):
                                            self.xp.zeros(tiles, dtype=np.int32)))
         return self._rows_scratch[-1]
 
-    def scratch(self, capacity: int, rows: int = 1):
+    def scratch(self, capacity: int, rows: int = 1, heads: int | None = None):
         """Attention scratch for a cache capacity and up to `rows` sequences; kept for the life of
         these ops (graphs use it). Allocated from the default memory pool, never from a graph's
         private pool (which is freed with its graph, while the scratch is shared by all graphs)."""
-        if (capacity, rows) not in self._scratch:
+        key = capacity, rows, heads
+        if key not in self._scratch:
             c = self.config
             with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
-                self._scratch[capacity, rows] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows)
-        return self._scratch[capacity, rows]
+                self._scratch[key] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows, heads)
+        return self._scratch[key]
 
 
 def step_gemms(config) -> list[tuple]:
