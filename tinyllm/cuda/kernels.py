@@ -86,6 +86,7 @@ def rows_heads(n_rep: int, head_dim: int) -> int:
 
 
 ATTENTION_SMEM = 47 * 1024  # static shared memory of an attention block, at most (of 48 KB)
+ROWS_HEADS_MIN = 32  # rows of a batched step from which an attention block takes rows_heads heads
 
 
 def attention_shared(head_dim: int, heads: int) -> int:

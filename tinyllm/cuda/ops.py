@@ -69,7 +69,10 @@ class FastOps(Ops):
         self._rows_scratch = []                    # gemv_rows workspaces and counters, the last the largest
         e = c.head_dim  # the attention kernel's shared memory must fit in 48 KB
         self.fused_attention = e in (64, 128) and K.attention_shared(e, K.heads_per_block(c.n_rep)) <= K.ATTENTION_SMEM
-        self.rows_heads = K.rows_heads(c.n_rep, e) if self.fused_attention else 1  # per block, batched rows
+        # query heads per attention block for B rows: for few rows the GPU wants more, smaller
+        # blocks (one sequence's count); from ROWS_HEADS_MIN rows, each KV head's all at once.
+        # A head's bits are the same either way (tests/test_cuda.py), so B may choose.
+        self.rows_heads = K.rows_heads(c.n_rep, e) if self.fused_attention else 1
         self.stats = {"fused": 0, "rows_attention": 0}  # fused launches, batched attention launches
         self.quantized = tuple(quantized)  # (kind, K, norm, epilogue) of each block-quantized GEMV
 
@@ -97,7 +100,8 @@ class FastOps(Ops):
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
         c = self.config
-        names = [K.attention_name(c.head_dim, c.n_rep, self.rows_heads)] if self.fused_attention else []
+        names = [K.attention_name(c.head_dim, c.n_rep, h) for h in {self.rows_heads, K.heads_per_block(c.n_rep)}
+                 if self.fused_attention]
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
             for n, k, norm, epi in step_gemms(self.config):
                 if k % 64 == 0:
@@ -192,9 +196,10 @@ class FastOps(Ops):
         if self.mode == "eager":
             self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
+        heads = self.rows_heads if b >= K.ROWS_HEADS_MIN else K.heads_per_block(c.n_rep)
         args = (q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
-                self.scratch(pool.capacity, K.MAX_ROWS, self.rows_heads), out, c.n_rep)
-        rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=self.rows_heads)
+                self.scratch(pool.capacity, K.MAX_ROWS, heads), out, c.n_rep)
+        rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=heads)
         if self.shared_rows:  # every row's k and v into the cache first, where later rows of its sequence read them
             K.decode_attention(*args, pdl=self.mode != "eager", write_only=True, **rows)
             K.decode_attention(*args, pdl=False, **rows)
