@@ -28,6 +28,8 @@ How it measures (as benchmarks/serve_load.py, whose client functions it reuses):
 stream count C, C client threads open streamed completions at the same moment (distinct
 prompts of about 45 tokens, greedy, `max_tokens` each) and read them to the end.
     total tok/s       generated tokens of all streams / wall time from the first request to the last [DONE]
+    server CPU        this process's CPU time over the run (time.process_time) per generated token: the
+                      host's cost of a token (scheduler, event loop, HTTP), whatever the wall clock did
     stream tok/s      one stream's (tokens - 1) / (its last token - its first token), median over streams
     TTFT s            time from sending a request to its first text, median over streams
 The client threads run in a child process (--clients process, the default): in this
@@ -402,16 +404,19 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
         for repeat in range(args.repeats):  # counts take turns, so a noisy moment hits them alike
             for n in args.streams:
                 run += 1
-                before = server_metrics(port)
+                before, cpu = server_metrics(port), time.process_time()
                 r = clients.run(port, n, args.max_tokens, texts_for(n, run))
+                cpu = time.process_time() - cpu
                 r |= run_figures(before, server_metrics(port))
+                r["server_cpu_us_per_token"] = 1e6 * cpu / r["tokens"] if r["tokens"] else None
                 r["exact"] = r["tokens"] == n * args.max_tokens  # every request made max_tokens tokens
                 runs.setdefault(n, []).append(r)
                 print(f"repeat {repeat + 1}{label}: {n:3d} streams, {r['total_tok_s']:8.1f} tok/s total, "
                       f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}, "
                       f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens, "
                       f"{r['steps']} steps: host {fmt(r['host_ms_per_step'], 3)} + model {fmt(r['model_ms_per_step'], 3)} "
-                      f"ms per step, {fmt(r['rows_per_step'], 1)} rows",
+                      f"ms per step, {fmt(r['rows_per_step'], 1)} rows, "
+                      f"server CPU {fmt(r['server_cpu_us_per_token'], 3)} us per token",
                       file=sys.stderr, flush=True)
     finally:
         stop_server(server, http, thread)
@@ -455,13 +460,13 @@ def plain_report(llm, args, fast: bool, measured: dict, peer: dict) -> tuple[str
                      fmt(med(n, "stream_tok_s")), fmt(med(n, "ttft_s")),
                      fmt(theirs) if isinstance(theirs, float) else (theirs or "-"), ratio,
                      fmt(med(n, "host_ms_per_step"), 3), fmt(med(n, "model_ms_per_step"), 3),
-                     fmt(med(n, "rows_per_step"), 1),
+                     fmt(med(n, "rows_per_step"), 1), fmt(med(n, "server_cpu_us_per_token"), 3),
                      f"{tokens} ({'= ' if all(r['exact'] for r in runs[n]) else '!= '}{n} x {args.max_tokens})"])
     table = markdown_table(["streams", "total tok/s (median)", f"vs {first} stream{'s' if first > 1 else ''}",
                             "tok/s per stream (median)", "TTFT s (median)",
                             "transformers batch generate, tok/s", "tinyllm / transformers",
                             "host ms per step", "model ms per step", "rows per step",
-                            "tokens generated per run"], rows)
+                            "server CPU µs per token", "tokens generated per run"], rows)
     markdown = (
         f"{model_markdown(llm, args, fast)}, batched CUDA graphs {'yes' if batched_graphs else 'no'}, {cache}; "
         f"warmed up in {warm_s:.1f} s. Clients: threads in {'a child' if args.clients == 'process' else 'the server'} "
@@ -469,7 +474,9 @@ def plain_report(llm, args, fast: bool, measured: dict, peer: dict) -> tuple[str
         f"{args.repeats} run{'s' if args.repeats > 1 else ''} per stream count (medians). Host and model ms per "
         f"step: the server's own split of its scheduler rounds over the run (tinyllm_step_host_seconds and "
         f"tinyllm_step_model_seconds at /metrics: the model's share is the forward pass, or the wait for the GPU "
-        f"that the queued-ahead step did not hide); rows per step: tinyllm_batch_size.\n\n{table}\n")
+        f"that the queued-ahead step did not hide); rows per step: tinyllm_batch_size. Server CPU µs per token: "
+        f"this process's CPU time over a run (scheduler, event loop, HTTP; the clients run elsewhere, and on a GPU "
+        f"the wait for it may spin) per generated token.\n\n{table}\n")
     result = {"batched_graphs": batched_graphs, "warm_up_s": warm_s, "prefix_cache_mb": measured["prefix_cache_mb"],
               "runs": {str(k): v for k, v in runs.items()},
               "transformers_batch_generate": {str(k): v for k, v in peer.items()}}
