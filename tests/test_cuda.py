@@ -326,12 +326,13 @@ def test_decode_attention_rows_kernel(shape, record):
     for heads in sorted({K.heads_per_block(c.n_rep), K.rows_heads(c.n_rep, e)}):
         gk, gv = cp.asarray(pool.k[0]), cp.asarray(pool.v[0])
         out = cp.full((len(lengths), h * e), np.nan, dtype=np.float16)
+        scratch = K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths))
         K.decode_attention(gqkv[:, :, :h], gqkv[:, :, h:h + kv], gqkv[:, :, h + kv:], cp.asarray(cos), cp.asarray(sin),
                            cp.asarray([n - 1 for n in lengths], dtype=np.int32), gk, gv, scale, True,
-                           K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths), heads=heads), out, c.n_rep,
-                           slots=cp.asarray(slots, dtype=np.int32), rows=len(lengths), row_stride=(h + 2 * kv) * e,
-                           heads=heads)
+                           scratch, out, c.n_rep, slots=cp.asarray(slots, dtype=np.int32), rows=len(lengths),
+                           row_stride=(h + 2 * kv) * e, heads=heads)
         out, gk = out.get(), gk.get()
+        assert not scratch[2].any(), "the arrival counters must be back at zero for the next launch"
         assert np.isfinite(out).all(), f"some outputs were not written ({heads} heads per block)"
         errs = [rel_err(o, r) for o, (r, _) in zip(out, refs)]
         for (length, slot), (_, ref_cache) in zip(zip(lengths, slots), refs):

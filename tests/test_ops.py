@@ -146,3 +146,25 @@ def test_bf16_decoding_matches_torch(tmp_path):
     assert got["w"].dtype == np.float32
     np.testing.assert_array_equal(got["w"], t.float().numpy())
     np.testing.assert_array_equal(got["h"], t.half().numpy())
+
+
+@pytest.mark.parametrize("n_kv, n_rep, head_dim", [(4, 8, 64), (3, 3, 64), (8, 4, 128), (2, 1, 64), (8, 16, 128)])
+def test_attention_scratch_holds_every_block_of_any_heads_per_block(n_kv, n_rep, head_dim):
+    """The GPU attention's scratch (tinyllm/cuda/kernels.py) against the kernel's own indexing
+    (kernels.cu decode_attention): block group gi = (seq * n_kv + j) * groups + z of
+    groups = n_rep / R writes partials at ((gi * chunks + c) * R + r) * E + e and (..) * 2 + 1,
+    and counts arrivals at counters[gi]. One scratch must hold the largest index for every R
+    the batched step may launch (one sequence's count and the batch's, rows_heads)."""
+    from tinyllm.cuda import kernels as K
+
+    capacity, rows = 1000, 5
+    chunks = -(-capacity // K.attention_chunk(head_dim))
+    o, ml, counters = K.attention_scratch_sizes(n_kv, n_rep, head_dim, capacity, rows)
+    used = {K.heads_per_block(n_rep), K.rows_heads(n_rep, head_dim)}
+    assert all(n_rep % r == 0 and K.attention_shared(head_dim, r) <= K.ATTENTION_SMEM for r in used)
+    for r in used | {1}:
+        groups = n_rep // r
+        gi = ((rows - 1) * n_kv + n_kv - 1) * groups + groups - 1  # the last block group
+        assert gi < counters
+        assert ((gi * chunks + chunks - 1) * r + r - 1) * head_dim + head_dim - 1 < o
+        assert ((gi * chunks + chunks - 1) * r + r - 1) * 2 + 1 < ml

@@ -92,7 +92,7 @@ ROWS_HEADS_MIN = 32  # rows of a batched step from which an attention block take
 def attention_shared(head_dim: int, heads: int) -> int:
     """Bytes of shared memory of an attention block (kernels.cu decode_attention's arrays)."""
     chunk = attention_chunk(head_dim)
-    return chunk * head_dim * 2 + (heads + 1) * head_dim * 4 + heads * chunk * 4 + (chunk // 32) * heads * 4
+    return chunk * head_dim * 2 + (heads + 1) * head_dim * 4 + heads * chunk * 4 + (chunk // 32) * heads * 4 + 4
 
 
 def attention_name(head_dim: int, n_rep: int, heads: int | None = None) -> str:
@@ -252,28 +252,41 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     Rows may share a cache row at consecutive positions (a prompt's tokens): `write_only`
     first writes every row's new k and v, then a second launch, not programmatic (its cache
     loads come before its wait), attends. heads: query heads per block (default
-    heads_per_block; the scratch must be made for the same number)."""
+    heads_per_block); scratch: attention_scratch's, for this capacity and at least `rows` rows."""
     n_kv, s_cap, e = k_cache.shape[-3:]
     part_o, part_ml, counters = scratch
+    heads = heads or heads_per_block(n_rep)
+    if n_rep % heads:
+        raise ValueError(f"decode_attention: {heads} query heads per block do not divide the group of {n_rep}")
+    need = attention_scratch_sizes(n_kv, n_rep, e, s_cap, rows)
+    if any(have < want for have, want in zip((part_o.size, part_ml.size, counters.size), need)):
+        raise ValueError(f"decode_attention: the scratch holds {part_o.size}, {part_ml.size}, {counters.size} values; "
+                         f"{rows} rows of a {s_cap}-position cache need {need}")
     chunk = attention_chunk(e)
     n_chunks = (s_cap + chunk - 1) // chunk
-    groups = n_rep // (heads or heads_per_block(n_rep))
+    groups = n_rep // heads
     launch(attention_name(e, n_rep, heads), (n_chunks, n_kv, groups * rows), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
         np.int32((1 if rotate else 0) | (2 if write_only else 0)), np.int32(n_rep), part_o, part_ml, counters, out,
         slots, np.int64(row_stride), np.int64(n_kv * s_cap * e)), pdl=pdl)
 
 
-def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows: int = 1,
-                      heads: int | None = None):
-    """Per-chunk partial outputs and softmax stats, and one arrival counter per block group."""
-    cp = _cupy()
+def attention_scratch_sizes(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows: int = 1) -> tuple:
+    """Values of (partial outputs, softmax stats, arrival counters) for `rows` sequences, for
+    any number R of query heads per block that divides the group: the partials are per query
+    head and chunk (block groups x R = rows x n_kv x n_rep whatever R), and the counters, one
+    per block group, are the most at R = 1."""
     n_chunks = (capacity + attention_chunk(head_dim) - 1) // attention_chunk(head_dim)
-    rb = heads or heads_per_block(n_rep)
-    groups = rows * n_kv * (n_rep // rb)
-    return (cp.empty((groups, n_chunks, rb, head_dim), dtype=cp.float32),
-            cp.empty((groups, n_chunks, rb, 2), dtype=cp.float32),
-            cp.zeros(groups, dtype=cp.uint32))
+    heads = rows * n_kv * n_rep
+    return heads * n_chunks * head_dim, heads * n_chunks * 2, heads
+
+
+def attention_scratch(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows: int = 1):
+    """Per-chunk partial outputs and softmax stats, and one arrival counter per block group
+    (zero between launches), flat: one scratch serves every heads-per-block count."""
+    cp = _cupy()
+    o, ml, counters = attention_scratch_sizes(n_kv, n_rep, head_dim, capacity, rows)
+    return cp.empty(o, dtype=cp.float32), cp.empty(ml, dtype=cp.float32), cp.zeros(counters, dtype=cp.uint32)
 
 
 # ---- B tokens at once (continuous batching) --------------------------------------------------

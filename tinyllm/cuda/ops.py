@@ -65,7 +65,7 @@ class FastOps(Ops):
         self.shared_rows = shared_rows  # batched rows may share a cache (a prompt's tokens, one per row)
         self.positions = positions if positions is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
         self.slots = slots if slots is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
-        self._scratch = {}                         # attention scratch by (cache capacity, rows, heads)
+        self._scratch = {}                         # attention scratch by (cache capacity, rows)
         self._rows_scratch = []                    # gemv_rows workspaces and counters, the last the largest
         e = c.head_dim  # the attention kernel's shared memory must fit in 48 KB
         self.fused_attention = e in (64, 128) and K.attention_shared(e, K.heads_per_block(c.n_rep)) <= K.ATTENTION_SMEM
@@ -198,7 +198,7 @@ class FastOps(Ops):
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
         heads = self.rows_heads if b >= K.ROWS_HEADS_MIN else K.heads_per_block(c.n_rep)
         args = (q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
-                self.scratch(pool.capacity, K.MAX_ROWS, heads), out, c.n_rep)
+                self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep)
         rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=heads)
         if self.shared_rows:  # every row's k and v into the cache first, where later rows of its sequence read them
             K.decode_attention(*args, pdl=self.mode != "eager", write_only=True, **rows)
@@ -274,16 +274,15 @@ class FastOps(Ops):
                                            self.xp.zeros(tiles, dtype=np.int32)))
         return self._rows_scratch[-1]
 
-    def scratch(self, capacity: int, rows: int = 1, heads: int | None = None):
+    def scratch(self, capacity: int, rows: int = 1):
         """Attention scratch for a cache capacity and up to `rows` sequences; kept for the life of
         these ops (graphs use it). Allocated from the default memory pool, never from a graph's
         private pool (which is freed with its graph, while the scratch is shared by all graphs)."""
-        key = capacity, rows, heads
-        if key not in self._scratch:
+        if (capacity, rows) not in self._scratch:
             c = self.config
             with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
-                self._scratch[key] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows, heads)
-        return self._scratch[key]
+                self._scratch[capacity, rows] = K.attention_scratch(c.n_kv_heads, c.n_rep, c.head_dim, capacity, rows)
+        return self._scratch[capacity, rows]
 
 
 def step_gemms(config) -> list[tuple]:
