@@ -149,9 +149,10 @@ def shared_prefix_prompts(tokenizer, n_prefix: int, n_streams: int, run: int) ->
 
 PREFIX_COUNTERS = {"hit": "tinyllm_prefix_cache_hit_tokens_total", "miss": "tinyllm_prefix_cache_miss_tokens_total"}
 # the scheduler's rounds with a step (Observer.step_time, step): how many, the seconds on the host and in
-# (or waiting for) the model, and the rows per step
+# (or waiting for) the model, and the sequences per step (a sequence whose prompt chunk rides in a
+# step counts once, however many rows the chunk takes)
 STEP_SERIES = {"steps": "tinyllm_step_host_seconds_count", "host_s": "tinyllm_step_host_seconds_sum",
-               "model_s": "tinyllm_step_model_seconds_sum", "rows": "tinyllm_batch_size_sum"}
+               "model_s": "tinyllm_step_model_seconds_sum", "sequences": "tinyllm_batch_size_sum"}
 
 
 def server_metrics(port: int) -> dict:
@@ -182,7 +183,7 @@ def run_figures(before: dict, after: dict) -> dict:
     out = {f"prefix_{key}_tokens": int(d[key]) for key in PREFIX_COUNTERS}
     out |= {"steps": int(steps), "host_ms_per_step": 1e3 * d["host_s"] / steps if steps else None,
             "model_ms_per_step": 1e3 * d["model_s"] / steps if steps else None,
-            "rows_per_step": d["rows"] / steps if steps else None}
+            "sequences_per_step": d["sequences"] / steps if steps else None}
     return out
 
 
@@ -415,7 +416,7 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                       f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}, "
                       f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens, "
                       f"{r['steps']} steps: host {fmt(r['host_ms_per_step'], 3)} + model {fmt(r['model_ms_per_step'], 3)} "
-                      f"ms per step, {fmt(r['rows_per_step'], 1)} rows, "
+                      f"ms per step, {fmt(r['sequences_per_step'], 1)} sequences, "
                       f"server CPU {fmt(r['server_cpu_us_per_token'], 3)} us per token",
                       file=sys.stderr, flush=True)
     finally:
@@ -460,12 +461,12 @@ def plain_report(llm, args, fast: bool, measured: dict, peer: dict) -> tuple[str
                      fmt(med(n, "stream_tok_s")), fmt(med(n, "ttft_s")),
                      fmt(theirs) if isinstance(theirs, float) else (theirs or "-"), ratio,
                      fmt(med(n, "host_ms_per_step"), 3), fmt(med(n, "model_ms_per_step"), 3),
-                     fmt(med(n, "rows_per_step"), 1), fmt(med(n, "server_cpu_us_per_token"), 3),
+                     fmt(med(n, "sequences_per_step"), 1), fmt(med(n, "server_cpu_us_per_token"), 3),
                      f"{tokens} ({'= ' if all(r['exact'] for r in runs[n]) else '!= '}{n} x {args.max_tokens})"])
     table = markdown_table(["streams", "total tok/s (median)", f"vs {first} stream{'s' if first > 1 else ''}",
                             "tok/s per stream (median)", "TTFT s (median)",
                             "transformers batch generate, tok/s", "tinyllm / transformers",
-                            "host ms per step", "model ms per step", "rows per step",
+                            "host ms per step", "model ms per step", "sequences per step",
                             "server CPU µs per token", "tokens generated per run"], rows)
     markdown = (
         f"{model_markdown(llm, args, fast)}, batched CUDA graphs {'yes' if batched_graphs else 'no'}, {cache}; "
@@ -474,7 +475,8 @@ def plain_report(llm, args, fast: bool, measured: dict, peer: dict) -> tuple[str
         f"{args.repeats} run{'s' if args.repeats > 1 else ''} per stream count (medians). Host and model ms per "
         f"step: the server's own split of its scheduler rounds over the run (tinyllm_step_host_seconds and "
         f"tinyllm_step_model_seconds at /metrics: the model's share is the forward pass, or the wait for the GPU "
-        f"that the queued-ahead step did not hide); rows per step: tinyllm_batch_size. Server CPU µs per token: "
+        f"that the queued-ahead step did not hide); sequences per step: tinyllm_batch_size (a prompt chunk of many "
+        f"rows counts once). Server CPU µs per token: "
         f"this process's CPU time over a run (scheduler, event loop, HTTP; the clients run elsewhere, and on a GPU "
         f"the wait for it may spin) per generated token.\n\n{table}\n")
     result = {"batched_graphs": batched_graphs, "warm_up_s": warm_s, "prefix_cache_mb": measured["prefix_cache_mb"],
