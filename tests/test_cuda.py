@@ -323,7 +323,7 @@ def test_decode_attention_rows_kernel(shape, record):
                                       ref_cache, 0, pos, scale)[0, 0], ref_cache))
     gqkv = cp.asarray(qkv)
     outs = {}
-    for heads in sorted({K.heads_per_block(c.n_rep), K.rows_heads(c.n_rep, e)}):
+    for heads in sorted({K.heads_per_block(c.n_rep), K.rows_heads(c.n_rep, e, K.MAX_ROWS)}):
         gk, gv = cp.asarray(pool.k[0]), cp.asarray(pool.v[0])
         out = cp.full((len(lengths), h * e), np.nan, dtype=np.float16)
         scratch = K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths))

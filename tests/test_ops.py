@@ -160,7 +160,7 @@ def test_attention_scratch_holds_every_block_of_any_heads_per_block(n_kv, n_rep,
     capacity, rows = 1000, 5
     chunks = -(-capacity // K.attention_chunk(head_dim))
     o, ml, counters = K.attention_scratch_sizes(n_kv, n_rep, head_dim, capacity, rows)
-    used = {K.heads_per_block(n_rep), K.rows_heads(n_rep, head_dim)}
+    used = {K.heads_per_block(n_rep), K.rows_heads(n_rep, head_dim, K.MAX_ROWS)}
     assert all(n_rep % r == 0 and K.attention_shared(head_dim, r) <= K.ATTENTION_SMEM for r in used)
     for r in used | {1}:
         groups = n_rep // r

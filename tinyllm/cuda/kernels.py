@@ -75,18 +75,22 @@ def heads_per_block(n_rep: int) -> int:
     return 2 if n_rep % 2 == 0 else 1
 
 
-def rows_heads(n_rep: int, head_dim: int) -> int:
-    """Query heads per attention block for the rows of a batch: the largest divisor of the
-    group size up to 8 whose block fits in shared memory. The sequences already give the
-    GPU blocks enough, so a block takes more of its KV head's query heads and reads the
-    cached keys and values once for all of them. A head's result does not depend on how
-    many heads share its block (each head's scores, softmax and sums are its own)."""
+ATTENTION_SMEM = 47 * 1024  # static shared memory of an attention block, at most (of 48 KB)
+ROWS_HEADS_MIN = 32  # rows of a batched step from which an attention block takes a KV head's every query head
+
+
+def rows_heads(n_rep: int, head_dim: int, rows: int) -> int:
+    """Query heads per attention block for a batched step of `rows` rows. Below
+    ROWS_HEADS_MIN, one sequence's count (heads_per_block: the GPU wants more, smaller
+    blocks); from there the sequences give the GPU blocks enough, so a block takes the
+    largest divisor of the group size up to 8 whose block fits in shared memory, and reads
+    the cached keys and values once for all of them. A head's result does not depend on how
+    many heads share its block (each head's scores, softmax and sums are its own), so the
+    count may follow the batch."""
+    if rows < ROWS_HEADS_MIN:
+        return heads_per_block(n_rep)
     return max(r for r in range(1, min(n_rep, 8) + 1)
                if n_rep % r == 0 and attention_shared(head_dim, r) <= ATTENTION_SMEM)
-
-
-ATTENTION_SMEM = 47 * 1024  # static shared memory of an attention block, at most (of 48 KB)
-ROWS_HEADS_MIN = 32  # rows of a batched step from which an attention block takes rows_heads heads
 
 
 def attention_shared(head_dim: int, heads: int) -> int:

@@ -69,10 +69,6 @@ class FastOps(Ops):
         self._rows_scratch = []                    # gemv_rows workspaces and counters, the last the largest
         e = c.head_dim  # the attention kernel's shared memory must fit in 48 KB
         self.fused_attention = e in (64, 128) and K.attention_shared(e, K.heads_per_block(c.n_rep)) <= K.ATTENTION_SMEM
-        # query heads per attention block for B rows: for few rows the GPU wants more, smaller
-        # blocks (one sequence's count); from ROWS_HEADS_MIN rows, each KV head's all at once.
-        # A head's bits are the same either way (tests/test_cuda.py), so B may choose.
-        self.rows_heads = K.rows_heads(c.n_rep, e) if self.fused_attention else 1
         self.stats = {"fused": 0, "rows_attention": 0}  # fused launches, batched attention launches
         self.quantized = tuple(quantized)  # (kind, K, norm, epilogue) of each block-quantized GEMV
 
@@ -100,8 +96,8 @@ class FastOps(Ops):
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
         c = self.config
-        names = [K.attention_name(c.head_dim, c.n_rep, h) for h in {self.rows_heads, K.heads_per_block(c.n_rep)}
-                 if self.fused_attention]
+        names = [K.attention_name(c.head_dim, c.n_rep, K.rows_heads(c.n_rep, c.head_dim, b))
+                 for b in (1, K.MAX_ROWS) if self.fused_attention]  # the two counts a batch may take
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
             for n, k, norm, epi in step_gemms(self.config):
                 if k % 64 == 0:
@@ -196,7 +192,7 @@ class FastOps(Ops):
         if self.mode == "eager":
             self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
-        heads = self.rows_heads if b >= K.ROWS_HEADS_MIN else K.heads_per_block(c.n_rep)
+        heads = K.rows_heads(c.n_rep, c.head_dim, b)  # the bits do not depend on it (tests/test_cuda.py)
         args = (q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
                 self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep)
         rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=heads)
