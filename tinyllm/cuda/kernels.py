@@ -326,9 +326,11 @@ def rows_kernel(n_out: int, k: int, epilogue: int) -> str:
     return "gemm_rows" if mats * n_out * k >= TILE_MIN_WEIGHTS else "gemv_rows"
 
 
-def gemv_rows_name(n_out: int, k: int, norm: bool, epilogue: int, rows: int) -> str:
-    """The instantiation that out = W @ x for B = rows tokens launches (per rows_kernel)."""
-    return f"{rows_kernel(n_out, k, epilogue)}<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
+def gemv_rows_name(n_out: int, k: int, norm: bool, epilogue: int, rows: int, kernel: str | None = None) -> str:
+    """The instantiation that out = W @ x for B = rows tokens launches (kernel: 'gemv_rows' or
+    'gemm_rows'; default rows_kernel's pick)."""
+    which = kernel or rows_kernel(n_out, k, epilogue)
+    return f"{which}<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
 
 
 def gemv_rows_fits(n_out: int, k: int, rows: int = MAX_ROWS) -> bool:
@@ -392,7 +394,7 @@ def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float =
     rows = x.size // k
     norm = norm_w is not None
     which = kernel_name or rows_kernel(n_out, k, epilogue)
-    name = f"{which}<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
+    name = gemv_rows_name(n_out, k, norm, epilogue, rows, which)
     common = (w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out,
               np.int32(n_out), np.int32(rows))
     if which == "gemv_rows":
