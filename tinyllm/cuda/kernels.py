@@ -439,25 +439,39 @@ def set_step(token, pos, params, tok: int | None, position: int, u: float):
 # ---- block-quantized weights (quant.cu) -----------------------------------------------------
 QUANT_KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q6_k": 4}  # the KIND enum of quant.cu
 Q_WARPS, Q_PAD, Q_TOKENS = 8, 8, 8  # as in quant.cu; tokens per gemv_q launch at most
+# gemv_qs (quant.cu): the block's scale applied after the mma; as in quant.cu
+QS_WARPS, QS_STAGES, QS_ROW, QS_XPAD = 8, 2, 144, 16
+QS_META = {"q8_0": 8, "q4_0": 16, "q4_1": 32, "q4_k": 16}  # bytes of scales per row per stage
+
+
+def q_kernel(kind: str, k: int) -> str:
+    """The kernel that multiplies a `kind` matrix with rows of K weights: gemv_qs where its
+    stages (128 bytes of quants per row) tile the row, else gemv_q. A choice by format and
+    K only, never by the number of tokens: a token's bits do not depend on its batch."""
+    return "gemv_qs" if kind in QS_META and k % 256 == 0 else "gemv_q"
 
 
 def gemv_q_name(kind: str, k: int, norm: bool, epilogue: int) -> str:
-    return f"gemv_q<{QUANT_KINDS[kind]}, {k}, {'true' if norm else 'false'}, {epilogue}>"
+    return f"{q_kernel(kind, k)}<{QUANT_KINDS[kind]}, {k}, {'true' if norm else 'false'}, {epilogue}>"
 
 
 def dequantize_q_name(kind: str, k: int) -> str:
     return f"dequantize_q<{QUANT_KINDS[kind]}, {k}>"
 
 
-def _q_shared(k: int, tokens: int, epilogue: int) -> int:
+def q_shared(kind: str, k: int, tokens: int, epilogue: int) -> int:
+    """Bytes of dynamic shared memory of one launch of q_kernel(kind, k) for `tokens` tokens."""
     mats = 2 if epilogue == EPI_SWIGLU else 1
-    return (tokens * (k + Q_PAD) * 2 + 15) // 16 * 16 + mats * Q_WARPS * 16 * 8 * 4 + 8 * 4
+    if q_kernel(kind, k) == "gemv_q":
+        return (tokens * (k + Q_PAD) * 2 + 15) // 16 * 16 + mats * Q_WARPS * 16 * 8 * 4 + 8 * 4
+    ring = QS_WARPS * QS_STAGES * mats * (16 * QS_ROW + 16 * QS_META[kind])
+    return ring + tokens * (k + QS_XPAD) * 2 + (k // 32) * 8 * 4 + mats * QS_WARPS * 16 * 8 * 4 + 8 * 4
 
 
 @functools.lru_cache(maxsize=None)
-def q_tokens(k: int) -> int:
-    """Tokens per gemv_q launch: up to 8, fewer where their staged inputs would not fit."""
-    return next(b for b in range(Q_TOKENS, 0, -1) if b == 1 or _q_shared(k, b, EPI_SWIGLU) <= ROWS_SMEM)
+def q_tokens(kind: str, k: int) -> int:
+    """Tokens per launch: up to 8, fewer where their staged inputs would not fit."""
+    return next(b for b in range(Q_TOKENS, 0, -1) if b == 1 or q_shared(kind, k, b, EPI_SWIGLU) <= ROWS_SMEM)
 
 
 def _planes(w):
@@ -468,7 +482,7 @@ def _planes(w):
 
 def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
     """out[b] = W @ x[b] for a block-quantized W (tinyllm.quant.QuantizedMatrix), B <= 64
-    tokens in launches of q_tokens(K): a token's result does not depend on its launch.
+    tokens in launches of q_tokens(kind, K): a token's result does not depend on its launch.
 
     w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out, residual: [B, N]."""
     n_out, k = w.shape
@@ -479,13 +493,13 @@ def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.
     res2 = residual.reshape(rows, n_out) if residual is not None else None
     norm = norm_w is not None
     name = gemv_q_name(w.kind, k, norm, epilogue)
-    step = q_tokens(k)
+    step = q_tokens(w.kind, k)
     for b0 in range(0, rows, step):
         b = min(step, rows - b0)
         xb = x2[b0:b0 + b]
         launch(name, ((n_out + 15) // 16,), (32 * Q_WARPS,), _planes(w) + (
             xb, norm_w if norm else xb, np.float32(eps), res2[b0:b0 + b] if res2 is not None else xb,
-            out2[b0:b0 + b], np.int32(n_out), np.int32(b)), pdl=True, shared=_q_shared(k, b, epilogue))
+            out2[b0:b0 + b], np.int32(n_out), np.int32(b)), pdl=True, shared=q_shared(w.kind, k, b, epilogue))
 
 
 def dequantize_q(w):

@@ -378,3 +378,303 @@ __global__ void dequantize_q(const unsigned char* q, const unsigned char* qh, co
         *reinterpret_cast<uint2*>(o + F::src(u, j, 0)) = make_uint2(__byte_perm(a0, a2, 0x5410), __byte_perm(a0, a2, 0x7632));
     }
 }
+
+// ---- gemv_qs: the block's scale after the mma --------------------------------------------
+// gemv_q spends most of its instructions rebuilding fp16 weights: per pair of weights a mask,
+// a subtraction and a multiplication by the block's scale. Scale and offset are shared by the
+// 32 weights of a block, so they can wait until after the mma, provided that one mma's 16 k
+// come from one block of each of its rows. The tensor cores then multiply the quants as they
+// come out of a lop3 (the fp16 number 1024 + q, exact), and per block and row
+//     sum_k w_k x_k = c1 * sum_k (1024 + q_k) x_k + c2 * sum_k x_k
+// in fp32, with c1, c2 from the block's scale (and minimum) and sum_k x_k from a table of
+// per-block input sums staged beside X:
+//     Q4_0  w = d (q - 8)             c1 = d      c2 = -1032 d
+//     Q4_1  w = d q + m               c1 = d      c2 = m - 1024 d
+//     Q8_0  w = d q, held as q + 128  c1 = d      c2 = -1152 d
+//     Q4_K  w = (d sc) q - dmin mn    c1 = d sc   c2 = -1024 d sc - dmin mn
+// The large offset costs some fp32 precision in the sum (about 2^-13 of a block's partial
+// sum here, against fp16's 2^-11 in the output); no fp16 weight is ever formed, so nothing
+// is rounded to fp16 before the mma.
+//
+// An mma's k are spread over the four lanes t of a quad: each must hold a quarter of the
+// same block of its row, which is a 4 x 4 transpose of what coalesced loads deliver.
+// ldmatrix does it on the way: the weights go global -> shared with cp.async (no registers;
+// issued before the wait for X, QS_STAGES stages ahead) and come back through ldmatrix, which
+// gives lane (g, t) word t of each 16-byte row it reads: bytes 4t..4t+3 of a block of row g.
+// Word t of a 4-bit block holds weights 4t..4t+3 (low nibbles) and 16 + 4t.. (high); the
+// pairs (4t, 4t + 2) and (4t + 1, 4t + 3) are what one lop3 extracts, so X is staged with
+// each group of four inputs in the order (0, 2, 1, 3).
+//
+// Work split: a block computes 16 rows (EPI_SWIGLU: 16 gate and 16 up rows) for B <= 8
+// tokens; warp w takes the stages w, w + 8, ... of the row (a stage: 128 bytes of quants
+// per row, 256 weights of 4 bits or 128 of 8), and the warps' partial sums meet in shared
+// memory in a fixed order: a token's result depends on neither B nor its neighbours.
+constexpr int QS_WARPS = 8, QS_STAGES = 2, QS_ROW = 144, QS_XPAD = 16;  // QS_ROW: 128 bytes + 16: ldmatrix's 8 rows on distinct banks
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void copy_async8(void* dst, const void* src) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src));
+}
+// (w >> s) & 0x000F000F | 0x64006400 in one lop3 (the compiler splits it in two)
+__device__ __forceinline__ unsigned nibble_pair(unsigned w, int s) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w >> s), "r"(0x000F000Fu), "r"(0x64006400u));
+    return r;
+}
+
+// WEIGHTS: weights of a row per stage; META: bytes of scales per row per stage (from the
+// plane meta_plane(), whose rows are META * stages long); SUBS: 32-weight blocks per 32
+// bytes of quants. a(v, e, i, ...): the A registers of mma i (0, 1) of block e of the four
+// words v that ldmatrix gave (rows g, g + 8 of the first 16 bytes, then of the next 16).
+template <int KIND> struct QsFormat;
+template <int KIND> struct Qs4 {  // Q4_0, Q4_1: byte i of a block holds weights i and i + 16
+    static constexpr int WEIGHTS = 256, META = KIND == Q4_1 ? 32 : 16, SUBS = 2;
+    static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) {
+        return reinterpret_cast<const unsigned char*>(p.scale);
+    }
+    static __device__ __forceinline__ void a(const unsigned (&v)[4], int e, int i, unsigned& a0, unsigned& a1,
+                                             unsigned& a2, unsigned& a3) {
+        a0 = nibble_pair(v[2 * e], 4 * i);
+        a1 = nibble_pair(v[2 * e + 1], 4 * i);
+        a2 = nibble_pair(v[2 * e], 4 * i + 8);
+        a3 = nibble_pair(v[2 * e + 1], 4 * i + 8);
+    }
+    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c2) {
+        if (KIND == Q4_1) {
+            const float2 dm = __half22float2(reinterpret_cast<const __half2*>(m)[b]);
+            c1 = dm.x;
+            c2 = fmaf(-1024.f, dm.x, dm.y);
+        } else {
+            c1 = __half2float(reinterpret_cast<const __half*>(m)[b]);
+            c2 = -1032.f * c1;
+        }
+    }
+};
+template <> struct QsFormat<Q4_0> : Qs4<Q4_0> {};
+template <> struct QsFormat<Q4_1> : Qs4<Q4_1> {};
+template <> struct QsFormat<Q8_0> {  // 32 int8 a block: a block per 32 bytes
+    static constexpr int WEIGHTS = 128, META = 8, SUBS = 1;
+    static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) {
+        return reinterpret_cast<const unsigned char*>(p.scale);
+    }
+    static __device__ __forceinline__ void a(const unsigned (&v)[4], int, int i, unsigned& a0, unsigned& a1,
+                                             unsigned& a2, unsigned& a3) {
+        const unsigned w0 = v[2 * i] ^ 0x80808080u, w1 = v[2 * i + 1] ^ 0x80808080u;  // q + 128, as unsigned bytes
+        a0 = __byte_perm(w0, 0x64646464u, 0x4240);
+        a1 = __byte_perm(w1, 0x64646464u, 0x4240);
+        a2 = __byte_perm(w0, 0x64646464u, 0x4341);
+        a3 = __byte_perm(w1, 0x64646464u, 0x4341);
+    }
+    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c2) {
+        c1 = __half2float(reinterpret_cast<const __half*>(m)[b]);
+        c2 = -1152.f * c1;
+    }
+};
+template <> struct QsFormat<Q4_K> {  // 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high)
+    static constexpr int WEIGHTS = 256, META = 16, SUBS = 2;
+    static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) { return p.meta; }
+    static __device__ __forceinline__ void a(const unsigned (&v)[4], int e, int i, unsigned& a0, unsigned& a1,
+                                             unsigned& a2, unsigned& a3) {
+        a0 = nibble_pair(v[2 * i], 4 * e);
+        a1 = nibble_pair(v[2 * i + 1], 4 * e);
+        a2 = nibble_pair(v[2 * i], 4 * e + 8);
+        a3 = nibble_pair(v[2 * i + 1], 4 * e + 8);
+    }
+    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c2) {
+        const uint4 h = *reinterpret_cast<const uint4*>(m);
+        const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));  // (d, dmin)
+        int s, mn;
+        QFormat<Q4_K, 256>::scale_min(h.y, h.z, h.w, b, s, mn);
+        c1 = dd.x * s;
+        c2 = fmaf(-1024.f, c1, -dd.y * mn);
+    }
+};
+
+// Y[b, n] = sum_k W[n, k] X[b, k] for B <= 8 tokens (as gemv_q, same arguments and epilogues).
+// Dynamic shared memory (qs_shared in kernels.py): the warps' stage rings, X [B][K + QS_XPAD]
+// permuted, the per-block input sums [K / 32][8], the partial sums and 1/rms.
+template <int KIND, int K, bool NORM, int EPI>
+__global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
+        const unsigned char* q, const unsigned char* qh, const void* scale, const unsigned char* meta,
+        const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
+        const __half* __restrict__ res, __half* __restrict__ out, int N, int B) {
+    using F = QsFormat<KIND>;
+    static_assert(K % F::WEIGHTS == 0, "K must hold whole stages");
+    constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
+    constexpr int NS = K / F::WEIGHTS;                 // stages per row
+    constexpr int QROW = NS * 128, MROW = NS * F::META; // bytes per row of the quants and the scales
+    constexpr int BPS = F::WEIGHTS / 32;               // blocks per stage
+    constexpr int SLOT = 16 * QS_ROW + 16 * F::META;   // one stage of one matrix's 16 rows
+    constexpr int XS = K + QS_XPAD;
+    const Planes p{q, qh, scale, meta};
+    const unsigned char* mplane = F::meta_plane(p);
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    unsigned char* ring = smem + warp * (QS_STAGES * MATS * SLOT);
+    __half* xs = reinterpret_cast<__half*>(smem + QS_WARPS * QS_STAGES * MATS * SLOT);
+    float* xsum = reinterpret_cast<float*>(xs + B * XS);  // [K / 32][8]
+    float* part = xsum + (K / 32) * 8;                     // [MATS][WARPS][16][8]
+    float* inv = part + MATS * QS_WARPS * 16 * 8;          // [8]
+    pdl_launch_dependents();
+    const int row0 = blockIdx.x * 16;
+    // a stage of this warp's ring: 16 rows x 128 bytes of quants (4 copies of 16 bytes a
+    // lane), then 16 rows x META bytes of scales (rows past N read row 0; dropped at the end)
+    auto issue = [&](int s, int slot) {
+#pragma unroll
+        for (int m = 0; m < MATS; m++) {
+            unsigned char* dst = ring + (slot * MATS + m) * SLOT;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int r = (lane >> 3) + 4 * c, col = lane & 7;
+                const size_t row = (size_t)m * N + (row0 + r < N ? row0 + r : 0);
+                copy_async16(dst + r * QS_ROW + col * 16, q + row * QROW + s * 128 + col * 16);
+            }
+            constexpr int CH = F::META < 16 ? F::META : 16, PER_ROW = F::META / CH;
+            if (lane < 16 * PER_ROW) {
+                const int r = lane / PER_ROW, c = lane % PER_ROW;
+                const size_t row = (size_t)m * N + (row0 + r < N ? row0 + r : 0);
+                const unsigned char* src = mplane + row * MROW + s * F::META + c * CH;
+                unsigned char* d = dst + 16 * QS_ROW + r * F::META + c * CH;
+                if (CH == 16) copy_async16(d, src);
+                else copy_async8(d, src);
+            }
+        }
+    };
+    const int mine = (NS - warp + QS_WARPS - 1) / QS_WARPS;  // this warp's stages: warp + 8 i
+#pragma unroll
+    for (int i = 0; i < QS_STAGES; i++) {
+        if (i < mine) issue(warp + QS_WARPS * i, i);
+        asm volatile("cp.async.commit_group;" ::: "memory");  // (empty groups too: the count stays fixed)
+    }
+    pdl_wait();
+    // stage X: normed (NORM), rounded to fp16, each group of four in the order (0, 2, 1, 3)
+    for (int b = 0; b < B; b++) {
+        const uint2* xg = reinterpret_cast<const uint2*>(X + (size_t)b * K);
+        for (int i = threadIdx.x; i < K / 4; i += QS_WARPS * 32) {
+            uint2 v = __ldcg(xg + i);
+            if (NORM) {
+                const uint2 nw = reinterpret_cast<const uint2*>(norm_w)[i];
+                __half2* v2 = reinterpret_cast<__half2*>(&v);
+                const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
+                    v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
+                }
+            }
+            *reinterpret_cast<uint2*>(xs + b * XS + 4 * i) =
+                make_uint2(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632));
+        }
+    }
+    if (NORM && warp < B) {  // token `warp`'s sum of squares, in gemv_q's order
+        float ss = 0.f;
+        const uint4* xv = reinterpret_cast<const uint4*>(X + (size_t)warp * K);
+        for (int i = lane; i < K / 8; i += 32) {
+            const uint4 v = __ldcg(xv + i);
+            const __half2* v2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __half22float2(v2[j]);
+                ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+            }
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) inv[warp] = 1.f / sqrtf(ss / K + eps);
+    }
+    __syncthreads();
+    // the input sums of every 32-weight block, per token (tokens >= B: 0), in k order
+    for (int i = threadIdx.x; i < (K / 32) * 8; i += QS_WARPS * 32) {
+        const int blk = i >> 3, b = i & 7;
+        float s = 0.f;
+        if (b < B) {
+            const uint4* xv = reinterpret_cast<const uint4*>(xs + b * XS + 32 * blk);
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const uint4 v = xv[c];
+                const __half2* v2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float2 f = __half22float2(v2[j]);
+                    s += f.x;
+                    s += f.y;
+                }
+            }
+        }
+        xsum[i] = s;
+    }
+    __syncthreads();
+    float acc[MATS][4];
+#pragma unroll
+    for (int m = 0; m < MATS; m++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
+    const bool feeds = g < B;
+    const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1), lhalf = lane >> 4;  // this lane's ldmatrix row
+#pragma unroll 1
+    for (int i = 0; i < mine; i++) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(QS_STAGES - 1) : "memory");
+        __syncwarp();
+        const int s = warp + QS_WARPS * i, slot = i % QS_STAGES;
+        const unsigned char* base = ring + slot * MATS * SLOT;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned v[MATS][4];
+#pragma unroll
+            for (int m = 0; m < MATS; m++) ldmatrix_x4(v[m], base + m * SLOT + lrow * QS_ROW + 32 * j + 16 * lhalf);
+#pragma unroll
+            for (int e = 0; e < F::SUBS; e++) {
+                const int blk = F::SUBS * j + e, kb = s * F::WEIGHTS + 32 * blk;
+                const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + kb + 4 * t);
+                const uint2 x0 = feeds ? xb[0] : make_uint2(0, 0), x1 = feeds ? xb[4] : make_uint2(0, 0);
+                const float2 sx = *reinterpret_cast<const float2*>(xsum + (s * BPS + blk) * 8 + 2 * t);
+#pragma unroll
+                for (int m = 0; m < MATS; m++) {
+                    float y[4] = {0.f, 0.f, 0.f, 0.f};
+                    unsigned a0, a1, a2, a3;
+                    F::a(v[m], e, 0, a0, a1, a2, a3);
+                    mma_16816(y, a0, a1, a2, a3, x0.x, x0.y);
+                    F::a(v[m], e, 1, a0, a1, a2, a3);
+                    mma_16816(y, a0, a1, a2, a3, x1.x, x1.y);
+                    const unsigned char* mrow = base + m * SLOT + 16 * QS_ROW;
+                    float c1g, c2g, c1h, c2h;
+                    F::coef(mrow + g * F::META, blk, c1g, c2g);
+                    F::coef(mrow + (g + 8) * F::META, blk, c1h, c2h);
+                    acc[m][0] = fmaf(c1g, y[0], fmaf(c2g, sx.x, acc[m][0]));
+                    acc[m][1] = fmaf(c1g, y[1], fmaf(c2g, sx.y, acc[m][1]));
+                    acc[m][2] = fmaf(c1h, y[2], fmaf(c2h, sx.x, acc[m][2]));
+                    acc[m][3] = fmaf(c1h, y[3], fmaf(c2h, sx.y, acc[m][3]));
+                }
+            }
+        }
+        __syncwarp();  // every lane done with the slot before it is refilled
+        if (i + QS_STAGES < mine) issue(s + QS_WARPS * QS_STAGES, slot);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
+#pragma unroll
+    for (int m = 0; m < MATS; m++) {
+        float* o = part + ((m * QS_WARPS + warp) * 16) * 8 + 2 * t;
+        o[g * 8] = acc[m][0];
+        o[g * 8 + 1] = acc[m][1];
+        o[(g + 8) * 8] = acc[m][2];
+        o[(g + 8) * 8 + 1] = acc[m][3];
+    }
+    __syncthreads();
+    if (threadIdx.x < 16 * 8) {
+        const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = row0 + r;
+        if (b >= B || n_out >= N) return;
+        float y = 0.f, u = 0.f;
+#pragma unroll
+        for (int w = 0; w < QS_WARPS; w++) {
+            y += part[(w * 16 + r) * 8 + b];
+            if (EPI == EPI_SWIGLU) u += part[((QS_WARPS + w) * 16 + r) * 8 + b];
+        }
+        if (NORM) { y *= inv[b]; u *= inv[b]; }
+        epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
+    }
+}
