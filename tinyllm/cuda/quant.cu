@@ -552,11 +552,23 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
         asm volatile("cp.async.commit_group;" ::: "memory");  // (empty groups too: the count stays fixed)
     }
     pdl_wait();
-    // stage X: normed (NORM), rounded to fp16, each group of four in the order (0, 2, 1, 3)
+    // stage X: normed (NORM), rounded to fp16, each group of four in the order (0, 2, 1, 3).
+    // A thread's loads all issue before the first store: X comes from L2, and one round trip
+    // per load would cost more than the whole multiply of a small matrix.
+    constexpr int XIT = (K / 4 + QS_WARPS * 32 - 1) / (QS_WARPS * 32);
     for (int b = 0; b < B; b++) {
         const uint2* xg = reinterpret_cast<const uint2*>(X + (size_t)b * K);
-        for (int i = threadIdx.x; i < K / 4; i += QS_WARPS * 32) {
-            uint2 v = __ldcg(xg + i);
+        uint2 xv[XIT];
+#pragma unroll
+        for (int it = 0; it < XIT; it++) {
+            const int i = it * QS_WARPS * 32 + threadIdx.x;
+            xv[it] = i < K / 4 ? __ldcg(xg + i) : make_uint2(0, 0);
+        }
+#pragma unroll
+        for (int it = 0; it < XIT; it++) {
+            const int i = it * QS_WARPS * 32 + threadIdx.x;
+            if (i >= K / 4) break;
+            uint2 v = xv[it];
             if (NORM) {
                 const uint2 nw = reinterpret_cast<const uint2*>(norm_w)[i];
                 __half2* v2 = reinterpret_cast<__half2*>(&v);
@@ -574,6 +586,7 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
     if (NORM && warp < B) {  // token `warp`'s sum of squares, in gemv_q's order
         float ss = 0.f;
         const uint4* xv = reinterpret_cast<const uint4*>(X + (size_t)warp * K);
+#pragma unroll 8
         for (int i = lane; i < K / 8; i += 32) {
             const uint4 v = __ldcg(xv + i);
             const __half2* v2 = reinterpret_cast<const __half2*>(&v);
