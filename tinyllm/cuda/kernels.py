@@ -469,6 +469,21 @@ def q_shared(kind: str, k: int, tokens: int, epilogue: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _sm_resources() -> tuple[int, int]:
+    """(multiprocessors, bytes of shared memory per multiprocessor) of the current device."""
+    cp = _cupy()
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    return int(props["multiProcessorCount"]), int(props["sharedMemPerMultiprocessor"])
+
+
+def qs_blocks(tiles: int, shared: int) -> int:
+    """gemv_qs's grid: as many blocks as fit on the GPU at once (by shared memory, and at most
+    3 of 256 threads for the registers), each looping over its tiles; never more than tiles."""
+    sms, smem = _sm_resources()
+    return min(tiles, sms * max(1, min(3, smem // (shared + 1024))))
+
+
+@functools.lru_cache(maxsize=None)
 def q_tokens(kind: str, k: int) -> int:
     """Tokens per launch: up to 8, fewer where their staged inputs would not fit."""
     return next(b for b in range(Q_TOKENS, 0, -1) if b == 1 or q_shared(kind, k, b, EPI_SWIGLU) <= ROWS_SMEM)
@@ -497,9 +512,12 @@ def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.
     for b0 in range(0, rows, step):
         b = min(step, rows - b0)
         xb = x2[b0:b0 + b]
-        launch(name, ((n_out + 15) // 16,), (32 * Q_WARPS,), _planes(w) + (
+        shared = q_shared(w.kind, k, b, epilogue)
+        tiles = (n_out + 15) // 16
+        grid = qs_blocks(tiles, shared) if name.startswith("gemv_qs") else tiles
+        launch(name, (grid,), (32 * Q_WARPS,), _planes(w) + (
             xb, norm_w if norm else xb, np.float32(eps), res2[b0:b0 + b] if res2 is not None else xb,
-            out2[b0:b0 + b], np.int32(n_out), np.int32(b)), pdl=True, shared=q_shared(w.kind, k, b, epilogue))
+            out2[b0:b0 + b], np.int32(n_out), np.int32(b)), pdl=True, shared=shared)
 
 
 def dequantize_q(w):

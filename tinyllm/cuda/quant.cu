@@ -405,10 +405,13 @@ __global__ void dequantize_q(const unsigned char* q, const unsigned char* qh, co
 // pairs (4t, 4t + 2) and (4t + 1, 4t + 3) are what one lop3 extracts, so X is staged with
 // each group of four inputs in the order (0, 2, 1, 3).
 //
-// Work split: a block computes 16 rows (EPI_SWIGLU: 16 gate and 16 up rows) for B <= 8
-// tokens; warp w takes the stages w, w + 8, ... of the row (a stage: 128 bytes of quants
-// per row, 256 weights of 4 bits or 128 of 8), and the warps' partial sums meet in shared
-// memory in a fixed order: a token's result depends on neither B nor its neighbours.
+// Work split: a tile is 16 rows (EPI_SWIGLU: 16 gate and 16 up rows) for B <= 8 tokens;
+// warp w takes the stages w, w + 8, ... of the tile's rows (a stage: 128 bytes of quants per
+// row, 256 weights of 4 bits or 128 of 8), and the warps' partial sums meet in shared memory
+// in a fixed order: a token's result depends on neither B nor its neighbours. A block takes
+// the tiles blockIdx.x, + gridDim.x, ... (the grid: as many blocks as fit on the GPU at
+// once), and a warp's copies run on from one tile into the next: memory stays busy while
+// the block adds up a tile, where a block per tile would load, then compute, then exit.
 constexpr int QS_WARPS = 8, QS_STAGES = 2, QS_ROW = 144, QS_XPAD = 16;  // QS_ROW: 128 bytes + 16: ldmatrix's 8 rows on distinct banks
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
@@ -521,10 +524,15 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
     float* part = xsum + (K / 32) * 8;                     // [MATS][WARPS][16][8]
     float* inv = part + MATS * QS_WARPS * 16 * 8;          // [8]
     pdl_launch_dependents();
-    const int row0 = blockIdx.x * 16;
-    // a stage of this warp's ring: 16 rows x 128 bytes of quants (4 copies of 16 bytes a
+    const int tiles = (N + 15) / 16, my_tiles = (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;
+    const int mine = (NS - warp + QS_WARPS - 1) / QS_WARPS;  // this warp's stages of a tile: warp + 8 i
+    const int total = my_tiles * mine;
+    // item n of this warp's sequence (tile n / mine of the block, stage warp + 8 (n % mine))
+    // into a slot of its ring: 16 rows x 128 bytes of quants (4 copies of 16 bytes a lane),
+    // then 16 rows x META bytes of scales (rows past N read row 0; dropped at the end): 16 rows x 128 bytes of quants (4 copies of 16 bytes a
     // lane), then 16 rows x META bytes of scales (rows past N read row 0; dropped at the end)
-    auto issue = [&](int s, int slot) {
+    auto issue = [&](int n, int slot) {
+        const int row0 = (blockIdx.x + gridDim.x * (n / mine)) * 16, s = warp + QS_WARPS * (n % mine);
 #pragma unroll
         for (int m = 0; m < MATS; m++) {
             unsigned char* dst = ring + (slot * MATS + m) * SLOT;
@@ -545,10 +553,9 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
             }
         }
     };
-    const int mine = (NS - warp + QS_WARPS - 1) / QS_WARPS;  // this warp's stages: warp + 8 i
 #pragma unroll
     for (int i = 0; i < QS_STAGES; i++) {
-        if (i < mine) issue(warp + QS_WARPS * i, i);
+        if (i < total) issue(i, i);
         asm volatile("cp.async.commit_group;" ::: "memory");  // (empty groups too: the count stays fixed)
     }
     pdl_wait();
@@ -621,73 +628,79 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
         xsum[i] = s;
     }
     __syncthreads();
-    float acc[MATS][4];
-#pragma unroll
-    for (int m = 0; m < MATS; m++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
     const bool feeds = g < B;
     const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1), lhalf = lane >> 4;  // this lane's ldmatrix row
+    int n = 0;  // this warp's next item
 #pragma unroll 1
-    for (int i = 0; i < mine; i++) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(QS_STAGES - 1) : "memory");
-        __syncwarp();
-        const int s = warp + QS_WARPS * i, slot = i % QS_STAGES;
-        const unsigned char* base = ring + slot * MATS * SLOT;
+    for (int tt = 0; tt < my_tiles; tt++) {
+        float acc[MATS][4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            unsigned v[MATS][4];
+        for (int m = 0; m < MATS; m++)
 #pragma unroll
-            for (int m = 0; m < MATS; m++) ldmatrix_x4(v[m], base + m * SLOT + lrow * QS_ROW + 32 * j + 16 * lhalf);
+            for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
+#pragma unroll 1
+        for (int i = 0; i < mine; i++, n++) {
+            asm volatile("cp.async.wait_group %0;" ::"n"(QS_STAGES - 1) : "memory");
+            __syncwarp();
+            const int s = warp + QS_WARPS * i, slot = n % QS_STAGES;
+            const unsigned char* base = ring + slot * MATS * SLOT;
 #pragma unroll
-            for (int e = 0; e < F::SUBS; e++) {
-                const int blk = F::SUBS * j + e, kb = s * F::WEIGHTS + 32 * blk;
-                const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + kb + 4 * t);
-                const uint2 x0 = feeds ? xb[0] : make_uint2(0, 0), x1 = feeds ? xb[4] : make_uint2(0, 0);
-                const float2 sx = *reinterpret_cast<const float2*>(xsum + (s * BPS + blk) * 8 + 2 * t);
+            for (int j = 0; j < 4; j++) {
+                unsigned v[MATS][4];
 #pragma unroll
-                for (int m = 0; m < MATS; m++) {
-                    float y[4] = {0.f, 0.f, 0.f, 0.f};
-                    unsigned a0, a1, a2, a3;
-                    F::a(v[m], e, 0, a0, a1, a2, a3);
-                    mma_16816(y, a0, a1, a2, a3, x0.x, x0.y);
-                    F::a(v[m], e, 1, a0, a1, a2, a3);
-                    mma_16816(y, a0, a1, a2, a3, x1.x, x1.y);
-                    const unsigned char* mrow = base + m * SLOT + 16 * QS_ROW;
-                    float c1g, c2g, c1h, c2h;
-                    F::coef(mrow + g * F::META, blk, c1g, c2g);
-                    F::coef(mrow + (g + 8) * F::META, blk, c1h, c2h);
-                    acc[m][0] = fmaf(c1g, y[0], fmaf(c2g, sx.x, acc[m][0]));
-                    acc[m][1] = fmaf(c1g, y[1], fmaf(c2g, sx.y, acc[m][1]));
-                    acc[m][2] = fmaf(c1h, y[2], fmaf(c2h, sx.x, acc[m][2]));
-                    acc[m][3] = fmaf(c1h, y[3], fmaf(c2h, sx.y, acc[m][3]));
+                for (int m = 0; m < MATS; m++) ldmatrix_x4(v[m], base + m * SLOT + lrow * QS_ROW + 32 * j + 16 * lhalf);
+#pragma unroll
+                for (int e = 0; e < F::SUBS; e++) {
+                    const int blk = F::SUBS * j + e, kb = s * F::WEIGHTS + 32 * blk;
+                    const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + kb + 4 * t);
+                    const uint2 x0 = feeds ? xb[0] : make_uint2(0, 0), x1 = feeds ? xb[4] : make_uint2(0, 0);
+                    const float2 sx = *reinterpret_cast<const float2*>(xsum + (s * BPS + blk) * 8 + 2 * t);
+#pragma unroll
+                    for (int m = 0; m < MATS; m++) {
+                        float y[4] = {0.f, 0.f, 0.f, 0.f};
+                        unsigned a0, a1, a2, a3;
+                        F::a(v[m], e, 0, a0, a1, a2, a3);
+                        mma_16816(y, a0, a1, a2, a3, x0.x, x0.y);
+                        F::a(v[m], e, 1, a0, a1, a2, a3);
+                        mma_16816(y, a0, a1, a2, a3, x1.x, x1.y);
+                        const unsigned char* mrow = base + m * SLOT + 16 * QS_ROW;
+                        float c1g, c2g, c1h, c2h;
+                        F::coef(mrow + g * F::META, blk, c1g, c2g);
+                        F::coef(mrow + (g + 8) * F::META, blk, c1h, c2h);
+                        acc[m][0] = fmaf(c1g, y[0], fmaf(c2g, sx.x, acc[m][0]));
+                        acc[m][1] = fmaf(c1g, y[1], fmaf(c2g, sx.y, acc[m][1]));
+                        acc[m][2] = fmaf(c1h, y[2], fmaf(c2h, sx.x, acc[m][2]));
+                        acc[m][3] = fmaf(c1h, y[3], fmaf(c2h, sx.y, acc[m][3]));
+                    }
                 }
             }
+            __syncwarp();  // every lane done with the slot before it is refilled
+            if (n + QS_STAGES < total) issue(n + QS_STAGES, slot);
+            asm volatile("cp.async.commit_group;" ::: "memory");
         }
-        __syncwarp();  // every lane done with the slot before it is refilled
-        if (i + QS_STAGES < mine) issue(s + QS_WARPS * QS_STAGES, slot);
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-    // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
+        // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
 #pragma unroll
-    for (int m = 0; m < MATS; m++) {
-        float* o = part + ((m * QS_WARPS + warp) * 16) * 8 + 2 * t;
-        o[g * 8] = acc[m][0];
-        o[g * 8 + 1] = acc[m][1];
-        o[(g + 8) * 8] = acc[m][2];
-        o[(g + 8) * 8 + 1] = acc[m][3];
-    }
-    __syncthreads();
-    if (threadIdx.x < 16 * 8) {
-        const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = row0 + r;
-        if (b >= B || n_out >= N) return;
-        float y = 0.f, u = 0.f;
-#pragma unroll
-        for (int w = 0; w < QS_WARPS; w++) {
-            y += part[(w * 16 + r) * 8 + b];
-            if (EPI == EPI_SWIGLU) u += part[((QS_WARPS + w) * 16 + r) * 8 + b];
+        for (int m = 0; m < MATS; m++) {
+            float* o = part + ((m * QS_WARPS + warp) * 16) * 8 + 2 * t;
+            o[g * 8] = acc[m][0];
+            o[g * 8 + 1] = acc[m][1];
+            o[(g + 8) * 8] = acc[m][2];
+            o[(g + 8) * 8 + 1] = acc[m][3];
         }
-        if (NORM) { y *= inv[b]; u *= inv[b]; }
-        epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
+        __syncthreads();
+        if (threadIdx.x < 16 * 8) {
+            const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = (blockIdx.x + gridDim.x * tt) * 16 + r;
+            if (b < B && n_out < N) {
+                float y = 0.f, u = 0.f;
+#pragma unroll
+                for (int w = 0; w < QS_WARPS; w++) {
+                    y += part[(w * 16 + r) * 8 + b];
+                    if (EPI == EPI_SWIGLU) u += part[((QS_WARPS + w) * 16 + r) * 8 + b];
+                }
+                if (NORM) { y *= inv[b]; u *= inv[b]; }
+                epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
+            }
+        }
+        __syncthreads();  // the partial sums read before the next tile's overwrite them
     }
 }
