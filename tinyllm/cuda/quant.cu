@@ -385,13 +385,13 @@ __global__ void dequantize_q(const unsigned char* q, const unsigned char* qh, co
 // 32 weights of a block, so they can wait until after the mma, provided that one mma's 16 k
 // come from one block of each of its rows. The tensor cores then multiply the quants as they
 // come out of a lop3 (the fp16 number 1024 + q, exact), and per block and row
-//     sum_k w_k x_k = c1 * sum_k (1024 + q_k) x_k + c2 * sum_k x_k
-// in fp32, with c1, c2 from the block's scale (and minimum) and sum_k x_k from a table of
+//     sum_k w_k x_k = c1 * (sum_k (1024 + q_k) x_k + OFF * sum_k x_k) + c3 * sum_k x_k
+// in fp32, with c1, c3 from the block's scale (and minimum) and sum_k x_k from a table of
 // per-block input sums staged beside X:
-//     Q4_0  w = d (q - 8)             c1 = d      c2 = -1032 d
-//     Q4_1  w = d q + m               c1 = d      c2 = m - 1024 d
-//     Q8_0  w = d q, held as q + 128  c1 = d      c2 = -1152 d
-//     Q4_K  w = (d sc) q - dmin mn    c1 = d sc   c2 = -1024 d sc - dmin mn
+//     Q4_0  w = d (q - 8)             c1 = d      OFF = -1032
+//     Q4_1  w = d q + m               c1 = d      OFF = -1024   c3 = m
+//     Q8_0  w = d q, held as q + 128  c1 = d      OFF = -1152
+//     Q4_K  w = (d sc) q - dmin mn    c1 = d sc   OFF = -1024   c3 = -dmin mn
 // The large offset costs some fp32 precision in the sum (about 2^-13 of a block's partial
 // sum here, against fp16's 2^-11 in the output); no fp16 weight is ever formed, so nothing
 // is rounded to fp16 before the mma.
@@ -414,6 +414,8 @@ __global__ void dequantize_q(const unsigned char* q, const unsigned char* qh, co
 // the block adds up a tile, where a block per tile would load, then compute, then exit.
 constexpr int QS_WARPS = 8, QS_STAGES = 2, QS_ROW = 144, QS_XPAD = 16;  // QS_ROW: 128 bytes + 16: ldmatrix's 8 rows on distinct banks
 
+template <bool V> struct Flag { static constexpr bool value = V; };
+
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -432,11 +434,14 @@ __device__ __forceinline__ unsigned nibble_pair(unsigned w, int s) {
 
 // WEIGHTS: weights of a row per stage; META: bytes of scales per row per stage (from the
 // plane meta_plane(), whose rows are META * stages long); SUBS: 32-weight blocks per 32
-// bytes of quants. a(v, e, i, ...): the A registers of mma i (0, 1) of block e of the four
+// bytes of quants; OFF and MIN (whether c3 is there): the formula above; coef(m, b, c1, c3)
+// for block b of the stage, m the row's scales. a(v, e, i, ...): the A registers of mma i (0, 1) of block e of the four
 // words v that ldmatrix gave (rows g, g + 8 of the first 16 bytes, then of the next 16).
 template <int KIND> struct QsFormat;
 template <int KIND> struct Qs4 {  // Q4_0, Q4_1: byte i of a block holds weights i and i + 16
     static constexpr int WEIGHTS = 256, META = KIND == Q4_1 ? 32 : 16, SUBS = 2;
+    static constexpr bool MIN = KIND == Q4_1;
+    static constexpr float OFF = KIND == Q4_1 ? -1024.f : -1032.f;
     static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) {
         return reinterpret_cast<const unsigned char*>(p.scale);
     }
@@ -447,14 +452,14 @@ template <int KIND> struct Qs4 {  // Q4_0, Q4_1: byte i of a block holds weights
         a2 = nibble_pair(v[2 * e], 4 * i + 8);
         a3 = nibble_pair(v[2 * e + 1], 4 * i + 8);
     }
-    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c2) {
+    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c3) {
         if (KIND == Q4_1) {
             const float2 dm = __half22float2(reinterpret_cast<const __half2*>(m)[b]);
             c1 = dm.x;
-            c2 = fmaf(-1024.f, dm.x, dm.y);
+            c3 = dm.y;
         } else {
             c1 = __half2float(reinterpret_cast<const __half*>(m)[b]);
-            c2 = -1032.f * c1;
+            c3 = 0.f;
         }
     }
 };
@@ -462,6 +467,8 @@ template <> struct QsFormat<Q4_0> : Qs4<Q4_0> {};
 template <> struct QsFormat<Q4_1> : Qs4<Q4_1> {};
 template <> struct QsFormat<Q8_0> {  // 32 int8 a block: a block per 32 bytes
     static constexpr int WEIGHTS = 128, META = 8, SUBS = 1;
+    static constexpr bool MIN = false;
+    static constexpr float OFF = -1152.f;
     static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) {
         return reinterpret_cast<const unsigned char*>(p.scale);
     }
@@ -473,13 +480,15 @@ template <> struct QsFormat<Q8_0> {  // 32 int8 a block: a block per 32 bytes
         a2 = __byte_perm(w0, 0x64646464u, 0x4341);
         a3 = __byte_perm(w1, 0x64646464u, 0x4341);
     }
-    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c2) {
+    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c3) {
         c1 = __half2float(reinterpret_cast<const __half*>(m)[b]);
-        c2 = -1152.f * c1;
+        c3 = 0.f;
     }
 };
 template <> struct QsFormat<Q4_K> {  // 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high)
     static constexpr int WEIGHTS = 256, META = 16, SUBS = 2;
+    static constexpr bool MIN = true;
+    static constexpr float OFF = -1024.f;
     static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) { return p.meta; }
     static __device__ __forceinline__ void a(const unsigned (&v)[4], int e, int i, unsigned& a0, unsigned& a1,
                                              unsigned& a2, unsigned& a3) {
@@ -488,13 +497,13 @@ template <> struct QsFormat<Q4_K> {  // 32 bytes hold sub-block 2c (low nibbles)
         a2 = nibble_pair(v[2 * i], 4 * e + 8);
         a3 = nibble_pair(v[2 * i + 1], 4 * e + 8);
     }
-    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c2) {
+    static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c3) {
         const uint4 h = *reinterpret_cast<const uint4*>(m);
         const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));  // (d, dmin)
         int s, mn;
         QFormat<Q4_K, 256>::scale_min(h.y, h.z, h.w, b, s, mn);
         c1 = dd.x * s;
-        c2 = fmaf(-1024.f, c1, -dd.y * mn);
+        c3 = -dd.y * mn;
     }
 };
 
@@ -628,79 +637,90 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
         xsum[i] = s;
     }
     __syncthreads();
-    const bool feeds = g < B;
+    // the tiles, twice over: for one token (ONE: lanes g > 0 and odd tokens only feed zeros, so
+    // their sums are skipped; token 0's arithmetic is the same in both) and for several
     const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1), lhalf = lane >> 4;  // this lane's ldmatrix row
-    int n = 0;  // this warp's next item
+    auto tiles_loop = [&](auto one) {
+        constexpr bool ONE = decltype(one)::value;
+        int n = 0;  // this warp's next item
 #pragma unroll 1
-    for (int tt = 0; tt < my_tiles; tt++) {
-        float acc[MATS][4];
+        for (int tt = 0; tt < my_tiles; tt++) {
+            float acc[MATS][4];
 #pragma unroll
-        for (int m = 0; m < MATS; m++)
+            for (int m = 0; m < MATS; m++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
+                for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
 #pragma unroll 1
-        for (int i = 0; i < mine; i++, n++) {
-            asm volatile("cp.async.wait_group %0;" ::"n"(QS_STAGES - 1) : "memory");
-            __syncwarp();
-            const int s = warp + QS_WARPS * i, slot = n % QS_STAGES;
-            const unsigned char* base = ring + slot * MATS * SLOT;
+            for (int i = 0; i < mine; i++, n++) {
+                asm volatile("cp.async.wait_group %0;" ::"n"(QS_STAGES - 1) : "memory");
+                __syncwarp();
+                const int s = warp + QS_WARPS * i, slot = n % QS_STAGES;
+                const unsigned char* base = ring + slot * MATS * SLOT;
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                unsigned v[MATS][4];
+                for (int j = 0; j < 4; j++) {
+                    unsigned v[MATS][4];
 #pragma unroll
-                for (int m = 0; m < MATS; m++) ldmatrix_x4(v[m], base + m * SLOT + lrow * QS_ROW + 32 * j + 16 * lhalf);
+                    for (int m = 0; m < MATS; m++) ldmatrix_x4(v[m], base + m * SLOT + lrow * QS_ROW + 32 * j + 16 * lhalf);
 #pragma unroll
-                for (int e = 0; e < F::SUBS; e++) {
-                    const int blk = F::SUBS * j + e, kb = s * F::WEIGHTS + 32 * blk;
-                    const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + kb + 4 * t);
-                    const uint2 x0 = feeds ? xb[0] : make_uint2(0, 0), x1 = feeds ? xb[4] : make_uint2(0, 0);
-                    const float2 sx = *reinterpret_cast<const float2*>(xsum + (s * BPS + blk) * 8 + 2 * t);
+                    for (int e = 0; e < F::SUBS; e++) {
+                        const int blk = F::SUBS * j + e, kb = s * F::WEIGHTS + 32 * blk;
+                        const uint2* xb = reinterpret_cast<const uint2*>(xs + g * XS + kb + 4 * t);
+                        const bool feeds = ONE ? g == 0 : g < B;
+                        const uint2 x0 = feeds ? xb[0] : make_uint2(0, 0), x1 = feeds ? xb[4] : make_uint2(0, 0);
+                        const float2 sx = *reinterpret_cast<const float2*>(xsum + (s * BPS + blk) * 8 + 2 * t);
 #pragma unroll
-                    for (int m = 0; m < MATS; m++) {
-                        float y[4] = {0.f, 0.f, 0.f, 0.f};
-                        unsigned a0, a1, a2, a3;
-                        F::a(v[m], e, 0, a0, a1, a2, a3);
-                        mma_16816(y, a0, a1, a2, a3, x0.x, x0.y);
-                        F::a(v[m], e, 1, a0, a1, a2, a3);
-                        mma_16816(y, a0, a1, a2, a3, x1.x, x1.y);
-                        const unsigned char* mrow = base + m * SLOT + 16 * QS_ROW;
-                        float c1g, c2g, c1h, c2h;
-                        F::coef(mrow + g * F::META, blk, c1g, c2g);
-                        F::coef(mrow + (g + 8) * F::META, blk, c1h, c2h);
-                        acc[m][0] = fmaf(c1g, y[0], fmaf(c2g, sx.x, acc[m][0]));
-                        acc[m][1] = fmaf(c1g, y[1], fmaf(c2g, sx.y, acc[m][1]));
-                        acc[m][2] = fmaf(c1h, y[2], fmaf(c2h, sx.x, acc[m][2]));
-                        acc[m][3] = fmaf(c1h, y[3], fmaf(c2h, sx.y, acc[m][3]));
+                        for (int m = 0; m < MATS; m++) {
+                            float y[4] = {0.f, 0.f, 0.f, 0.f};
+                            unsigned a0, a1, a2, a3;
+                            F::a(v[m], e, 0, a0, a1, a2, a3);
+                            mma_16816(y, a0, a1, a2, a3, x0.x, x0.y);
+                            F::a(v[m], e, 1, a0, a1, a2, a3);
+                            mma_16816(y, a0, a1, a2, a3, x1.x, x1.y);
+                            const unsigned char* mrow = base + m * SLOT + 16 * QS_ROW;
+                            float c1g, c3g, c1h, c3h;
+                            F::coef(mrow + g * F::META, blk, c1g, c3g);
+                            F::coef(mrow + (g + 8) * F::META, blk, c1h, c3h);
+                            const float c1[4] = {c1g, c1g, c1h, c1h}, c3[4] = {c3g, c3g, c3h, c3h};
+                            const float sxi[4] = {sx.x, sx.y, sx.x, sx.y};
+#pragma unroll
+                            for (int q = 0; q < 4; q++) {
+                                if (ONE && (q & 1)) continue;  // token 2t + 1: never token 0
+                                if (F::MIN) acc[m][q] = fmaf(c3[q], sxi[q], acc[m][q]);
+                                acc[m][q] = fmaf(c1[q], fmaf(F::OFF, sxi[q], y[q]), acc[m][q]);
+                            }
+                        }
                     }
                 }
+                __syncwarp();  // every lane done with the slot before it is refilled
+                if (n + QS_STAGES < total) issue(n + QS_STAGES, slot);
+                asm volatile("cp.async.commit_group;" ::: "memory");
             }
-            __syncwarp();  // every lane done with the slot before it is refilled
-            if (n + QS_STAGES < total) issue(n + QS_STAGES, slot);
-            asm volatile("cp.async.commit_group;" ::: "memory");
-        }
-        // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
+            // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
 #pragma unroll
-        for (int m = 0; m < MATS; m++) {
-            float* o = part + ((m * QS_WARPS + warp) * 16) * 8 + 2 * t;
-            o[g * 8] = acc[m][0];
-            o[g * 8 + 1] = acc[m][1];
-            o[(g + 8) * 8] = acc[m][2];
-            o[(g + 8) * 8 + 1] = acc[m][3];
-        }
-        __syncthreads();
-        if (threadIdx.x < 16 * 8) {
-            const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = (blockIdx.x + gridDim.x * tt) * 16 + r;
-            if (b < B && n_out < N) {
-                float y = 0.f, u = 0.f;
+            for (int m = 0; m < MATS; m++) {
+                float* o = part + ((m * QS_WARPS + warp) * 16) * 8 + 2 * t;
+                o[g * 8] = acc[m][0];
+                o[g * 8 + 1] = acc[m][1];
+                o[(g + 8) * 8] = acc[m][2];
+                o[(g + 8) * 8 + 1] = acc[m][3];
+            }
+            __syncthreads();
+            if (threadIdx.x < 16 * 8) {
+                const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = (blockIdx.x + gridDim.x * tt) * 16 + r;
+                if (b < B && n_out < N) {
+                    float y = 0.f, u = 0.f;
 #pragma unroll
-                for (int w = 0; w < QS_WARPS; w++) {
-                    y += part[(w * 16 + r) * 8 + b];
-                    if (EPI == EPI_SWIGLU) u += part[((QS_WARPS + w) * 16 + r) * 8 + b];
+                    for (int w = 0; w < QS_WARPS; w++) {
+                        y += part[(w * 16 + r) * 8 + b];
+                        if (EPI == EPI_SWIGLU) u += part[((QS_WARPS + w) * 16 + r) * 8 + b];
+                    }
+                    if (NORM) { y *= inv[b]; u *= inv[b]; }
+                    epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
                 }
-                if (NORM) { y *= inv[b]; u *= inv[b]; }
-                epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
             }
+            __syncthreads();  // the partial sums read before the next tile's overwrite them
         }
-        __syncthreads();  // the partial sums read before the next tile's overwrite them
-    }
+    };
+    if (B == 1) tiles_loop(Flag<true>{});
+    else tiles_loop(Flag<false>{});
 }
