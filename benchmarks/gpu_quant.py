@@ -89,13 +89,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--gpt-fast", nargs="*", default=[], choices=["fp16", "int8", "int4"],
                     help="gpt-fast modes to run on each shape after tinyllm's (needs .gptfast/)")
+    ap.add_argument("--q-kernel", choices=["auto", "gemv_q"], default="auto",
+                    help="gemv_q: every quantized matrix on the first kernel, to compare with q_kernel's choice")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.q_kernel != "auto":
+        from tinyllm.cuda import kernels
+
+        kernels.Q_KERNEL = args.q_kernel
     props = cp.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "device": name,
               "commit": git_commit(), "command": "python benchmarks/gpu_quant.py " + " ".join(argv or sys.argv[1:]),
-              "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "rows": [], "gpt_fast": {}}
+              "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "q_kernel": args.q_kernel, "rows": [], "gpt_fast": {}}
     for shape in args.shapes:
         for kind in args.kinds:
             print(f"[{shape} {kind}] building", flush=True)

@@ -10,6 +10,7 @@ weights and blocks (benchmarks/gpu_quant.py's random_matrix: bandwidth does not 
 the values).
 
     python benchmarks/gpu_quant_kernels.py [--shapes llama-3-8b] [--kinds fp16 q4_0 q4_k] [--batches 1] [--out DIR]
+    python benchmarks/gpu_quant_kernels.py --q-kernel gemv_q ...     # every matrix on the first kernel
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main() -> int:
     ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     ap.add_argument("--roles", nargs="+", default=["qkv", "lm_head", "gate_up", "wo", "down"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1])
+    ap.add_argument("--q-kernel", choices=["auto", "gemv_q"], default="auto",
+                    help="gemv_q: every quantized matrix on the first kernel, to compare with q_kernel's choice")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import cupy as cp
@@ -41,6 +44,8 @@ def main() -> int:
     from benchmarks.gpu_quant import random_matrix
     from tinyllm.cuda import kernels as K
 
+    if args.q_kernel != "auto":
+        K.Q_KERNEL = args.q_kernel
     bandwidth = copy_bandwidth() / 1e9
     rng = cp.random.default_rng(0)
     rows = []

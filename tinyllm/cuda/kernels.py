@@ -444,10 +444,15 @@ QS_WARPS, QS_STAGES, QS_ROW, QS_XPAD = 8, 2, 144, 16
 QS_META = {"q8_0": 8, "q4_0": 16, "q4_1": 32, "q4_k": 16}  # bytes of scales per row per stage
 
 
+Q_KERNEL: str | None = None  # "gemv_q": every block-quantized matrix on gemv_q (benchmarks' --q-kernel)
+
+
 def q_kernel(kind: str, k: int) -> str:
     """The kernel that multiplies a `kind` matrix with rows of K weights: gemv_qs where its
     stages (128 bytes of quants per row) tile the row, else gemv_q. A choice by format and
     K only, never by the number of tokens: a token's bits do not depend on its batch."""
+    if Q_KERNEL is not None:
+        return Q_KERNEL
     return "gemv_qs" if kind in QS_META and k % 256 == 0 else "gemv_q"
 
 
