@@ -168,3 +168,31 @@ def test_attention_scratch_holds_every_block_of_any_heads_per_block(n_kv, n_rep,
         assert gi < counters
         assert ((gi * chunks + chunks - 1) * r + r - 1) * head_dim + head_dim - 1 < o
         assert ((gi * chunks + chunks - 1) * r + r - 1) * 2 + 1 < ml
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"])
+def test_quantized_gemv_launches_fit_in_shared_memory(kind):
+    """Every launch the quantized GEMV makes (tinyllm/cuda/kernels.py gemv_q: q_tokens tokens
+    at a time, on q_kernel's kernel) asks for no more dynamic shared memory than a block may
+    take, for the row lengths of real models and every epilogue; gemv_qs only gets rows its
+    stages tile. The layout constants are read from quant.cu, whose kernels index by them."""
+    import re
+    from pathlib import Path
+
+    from tinyllm.cuda import kernels as K
+
+    source = (Path(K.__file__).with_name("quant.cu")).read_text()
+    consts = dict(re.findall(r"(QS_WARPS|QS_STAGES|QS_ROW|QS_XPAD) = (\d+)", source))
+    assert {k: int(v) for k, v in consts.items()} == dict(QS_WARPS=K.QS_WARPS, QS_STAGES=K.QS_STAGES,
+                                                          QS_ROW=K.QS_ROW, QS_XPAD=K.QS_XPAD)
+    block = 256 if kind in ("q4_k", "q6_k") else 32
+    for k in (576, 960, 1536, 2048, 3072, 4096, 5632, 8192, 11008, 14336, 28672):
+        if k % block:
+            continue
+        name = K.q_kernel(kind, k)
+        assert name == "gemv_q" or k % 256 == 0
+        tokens = K.q_tokens(kind, k)
+        assert 1 <= tokens <= K.Q_TOKENS
+        for epi in (K.EPI_STORE, K.EPI_RESIDUAL, K.EPI_SWIGLU):
+            for b in range(1, tokens + 1):
+                assert K.q_shared(kind, k, b, epi) <= K.ROWS_SMEM, (kind, k, epi, b)
