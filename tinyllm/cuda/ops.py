@@ -30,8 +30,9 @@ A FastOps is made for one mode and keeps it:
                sequence gets the same bits at any batch size) and the attention reads each
                sequence's position and cache row from `positions` and `slots`.
 
-A block-quantized matrix (tinyllm/quant.py) takes `gemv_q` in every mode, for one token or B;
-a prompt's matmul by one runs on cuBLAS with the matrix rebuilt in fp16 by `dequantize_q`.
+A block-quantized matrix (tinyllm/quant.py) takes `kernels.gemv_q` in every mode, for one token
+or B (quant.cu's gemv_qs or gemv_q, by format and row length: `kernels.q_kernel`); a prompt's
+matmul by one runs on cuBLAS with the matrix rebuilt in fp16 by `dequantize_q`.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ class FastOps(Ops):
     def _gemv(self, x, w, epilogue=K.EPI_STORE, norm=None, residual=None):
         """The fused GEMV for the decode shape, or None when this call must run readable.
         One token runs `gemv`, B tokens (and every call of the batched mode, B = 1 included)
-        the tensor-core `gemv_rows`; a block-quantized matrix, at any B, `gemv_q`.
+        the tensor-core `gemv_rows`; a block-quantized matrix, at any B, `kernels.gemv_q`.
         norm: (weight, eps) of an RMSNorm prologue."""
         b, k = self._rows(x), w.shape[1]
         if isinstance(w, QuantizedMatrix):
