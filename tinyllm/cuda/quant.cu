@@ -204,6 +204,101 @@ template <int K> struct QFormat<Q6_K, K> {
     }
 };
 
+// ---- X for the quantized kernels ----------------------------------------------------------
+// Inputs 4i..4i+3 (v) as an mma slot takes them: normed (NORM: fp16(x * norm_w), the sums
+// scaled by 1/rms afterwards, as gemv_rows does) and in the order (x0, x2, x1, x3)
+template <bool NORM>
+__device__ __forceinline__ uint2 quad_for_mma(uint2 v, const __half* __restrict__ norm_w, int i) {
+    if (NORM) {
+        const uint2 nw = reinterpret_cast<const uint2*>(norm_w)[i];
+        __half2* v2 = reinterpret_cast<__half2*>(&v);
+        const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
+            v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
+        }
+    }
+    return make_uint2(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632));
+}
+
+// X [B, K] staged in shared memory for gemv_qs (rows XS halves apart), each group of four in
+// place, by quad_for_mma. A thread's loads all issue before its first store: X comes from L2,
+// and a round trip per load would cost more than the whole multiply of a small matrix.
+template <int K, bool NORM, int THREADS>
+__device__ __forceinline__ void stage_x_quads(const __half* __restrict__ X, const __half* __restrict__ norm_w,
+                                              __half* xs, int XS, int B) {
+    constexpr int IT = (K / 4 + THREADS - 1) / THREADS;
+    for (int b = 0; b < B; b++) {
+        const uint2* xg = reinterpret_cast<const uint2*>(X + (size_t)b * K);
+        uint2 xv[IT];
+#pragma unroll
+        for (int it = 0; it < IT; it++) {
+            const int i = it * THREADS + threadIdx.x;
+            xv[it] = i < K / 4 ? __ldcg(xg + i) : make_uint2(0, 0);
+        }
+#pragma unroll
+        for (int it = 0; it < IT; it++) {
+            const int i = it * THREADS + threadIdx.x;
+            if (i >= K / 4) break;
+            *reinterpret_cast<uint2*>(xs + b * XS + 4 * i) = quad_for_mma<NORM>(xv[it], norm_w, i);
+        }
+    }
+}
+
+// inv[b] = 1 / rms of token b's raw inputs, by warp b: its sum of squares in gemv_rows's order.
+// UNROLL: loads in flight at once (each a trip to L2), against the registers it costs.
+template <int K, int UNROLL>
+__device__ __forceinline__ void token_inv_rms(const __half* __restrict__ X, float eps, float* inv, int b, int lane) {
+    float ss = 0.f;
+    const uint4* xv = reinterpret_cast<const uint4*>(X + (size_t)b * K);
+#pragma unroll UNROLL
+    for (int i = lane; i < K / 8; i += 32) {
+        const uint4 v = __ldcg(xv + i);
+        const __half2* v2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float2 f = __half22float2(v2[j]);
+            ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+        }
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) inv[b] = 1.f / sqrtf(ss / K + eps);
+}
+
+// ---- the warps' partial sums, added ---------------------------------------------------------
+// A warp's mma accumulators (rows g, g + 8 of the tile; tokens 2t, 2t + 1) into part[m][warp][16][8]
+template <int MATS, int WARPS>
+__device__ __forceinline__ void store_partials(float* part, const float (&acc)[MATS][4], int warp, int g, int t) {
+#pragma unroll
+    for (int m = 0; m < MATS; m++) {
+        float* o = part + ((m * WARPS + warp) * 16) * 8 + 2 * t;
+        o[g * 8] = acc[m][0];
+        o[g * 8 + 1] = acc[m][1];
+        o[(g + 8) * 8] = acc[m][2];
+        o[(g + 8) * 8 + 1] = acc[m][3];
+    }
+}
+
+// Thread r * 8 + b (< 128) finishes row row0 + r of token b: the warps' partial sums added in
+// a fixed order (a token's bits depend on neither B nor its neighbours), scaled by its 1/rms
+// (NORM), through the epilogue (EPI_SWIGLU: the up rows are matrix 1)
+template <int MATS, int WARPS, bool NORM, int EPI>
+__device__ __forceinline__ void finish_rows(const float* part, const float* inv, const __half* __restrict__ res,
+                                            __half* __restrict__ out, int row0, int N, int B) {
+    if (threadIdx.x >= 16 * 8) return;
+    const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = row0 + r;
+    if (b >= B || n_out >= N) return;
+    float y = 0.f, u = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; w++) {
+        y += part[(w * 16 + r) * 8 + b];
+        if (EPI == EPI_SWIGLU) u += part[((WARPS + w) * 16 + r) * 8 + b];
+    }
+    if (NORM) { y *= inv[b]; u *= inv[b]; }
+    epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
+}
+
 // ---- the kernel -------------------------------------------------------------------------
 constexpr int Q_WARPS = 8, Q_PAD = 8;  // warps per block; halves of padding per staged X row
 
@@ -265,44 +360,18 @@ __global__ void __launch_bounds__(Q_WARPS * 32) gemv_q(
     load_round(0);
     pdl_wait();
     // stage X, permuted: every 4 consecutive inputs feed one mma's 4 slots, in slot order
-    // (0, 2, 1, 3); dst_group says where. 8-byte loads, all of a thread's issued at once.
+    // (0, 2, 1, 3); dst_group says where. (Loads and stores interleaved, unlike gemv_qs's
+    // stage_x_quads: the weights of the first round are held in registers meanwhile.)
     for (int b = 0; b < B; b++) {
         const uint2* xg = reinterpret_cast<const uint2*>(X + (size_t)b * K);
 #pragma unroll
         for (int it = 0; it < (K / 4 + Q_WARPS * 32 - 1) / (Q_WARPS * 32); it++) {
             const int i = it * Q_WARPS * 32 + threadIdx.x;
             if (i >= K / 4) break;
-            uint2 v = __ldcg(xg + i);
-            if (NORM) {
-                const uint2 nw = reinterpret_cast<const uint2*>(norm_w)[i];
-                __half2* v2 = reinterpret_cast<__half2*>(&v);
-                const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
-                    v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
-                }
-            }
-            // (x0, x1, x2, x3) -> (x0, x2, x1, x3)
-            const uint2 perm = make_uint2(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632));
-            *reinterpret_cast<uint2*>(xs + b * XS + F::dst_group(i)) = perm;
+            *reinterpret_cast<uint2*>(xs + b * XS + F::dst_group(i)) = quad_for_mma<NORM>(__ldcg(xg + i), norm_w, i);
         }
     }
-    if (NORM && warp < B) {  // token `warp`'s sum of squares, in gemv_rows's order
-        float ss = 0.f;
-        const uint4* xv = reinterpret_cast<const uint4*>(X + (size_t)warp * K);
-        for (int i = lane; i < K / 8; i += 32) {
-            const uint4 v = __ldcg(xv + i);
-            const __half2* v2 = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = __half22float2(v2[j]);
-                ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
-            }
-        }
-        ss = warp_sum(ss);
-        if (lane == 0) inv[warp] = 1.f / sqrtf(ss / K + eps);
-    }
+    if (NORM && warp < B) token_inv_rms<K, 4>(X, eps, inv, warp, lane);
     __syncthreads();
     float acc[MATS][4];
 #pragma unroll
@@ -332,28 +401,9 @@ __global__ void __launch_bounds__(Q_WARPS * 32) gemv_q(
             }
         }
     }
-    // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
-#pragma unroll
-    for (int m = 0; m < MATS; m++) {
-        float* q = part + ((m * Q_WARPS + warp) * 16) * 8 + 2 * t;
-        q[g * 8] = acc[m][0];
-        q[g * 8 + 1] = acc[m][1];
-        q[(g + 8) * 8] = acc[m][2];
-        q[(g + 8) * 8 + 1] = acc[m][3];
-    }
+    store_partials<MATS, Q_WARPS>(part, acc, warp, g, t);
     __syncthreads();
-    if (threadIdx.x < 16 * 8) {
-        const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = row0 + r;
-        if (b >= B || n_out >= N) return;
-        float y = 0.f, v = 0.f;
-#pragma unroll
-        for (int w = 0; w < Q_WARPS; w++) {
-            y += part[(w * 16 + r) * 8 + b];
-            if (EPI == EPI_SWIGLU) v += part[((Q_WARPS + w) * 16 + r) * 8 + b];
-        }
-        if (NORM) { y *= inv[b]; v *= inv[b]; }
-        epilogue<EPI>(y, v, res, out, (size_t)b * N + n_out);
-    }
+    finish_rows<MATS, Q_WARPS, NORM, EPI>(part, inv, res, out, row0, N, B);
 }
 
 // The same weights expanded to fp16, W[n, k] for a prompt's matmul (cuBLAS): one thread per
@@ -432,6 +482,16 @@ __device__ __forceinline__ unsigned nibble_pair(unsigned w, int s) {
     return r;
 }
 
+// The A registers of one mma from 4-bit words: words h of rows g and g + 8 (v[2h], v[2h + 1]),
+// the nibbles at bit s (pairs of bytes 0, 2) and s + 8 (bytes 1, 3)
+__device__ __forceinline__ void nibble_a(const unsigned (&v)[4], int h, int s, unsigned& a0, unsigned& a1,
+                                         unsigned& a2, unsigned& a3) {
+    a0 = nibble_pair(v[2 * h], s);
+    a1 = nibble_pair(v[2 * h + 1], s);
+    a2 = nibble_pair(v[2 * h], s + 8);
+    a3 = nibble_pair(v[2 * h + 1], s + 8);
+}
+
 // WEIGHTS: weights of a row per stage; META: bytes of scales per row per stage (from the
 // plane meta_plane(), whose rows are META * stages long); SUBS: 32-weight blocks per 32
 // bytes of quants; OFF and MIN (whether c3 is there): the formula above; coef(m, b, c1, c3)
@@ -447,10 +507,7 @@ template <int KIND> struct Qs4 {  // Q4_0, Q4_1: byte i of a block holds weights
     }
     static __device__ __forceinline__ void a(const unsigned (&v)[4], int e, int i, unsigned& a0, unsigned& a1,
                                              unsigned& a2, unsigned& a3) {
-        a0 = nibble_pair(v[2 * e], 4 * i);
-        a1 = nibble_pair(v[2 * e + 1], 4 * i);
-        a2 = nibble_pair(v[2 * e], 4 * i + 8);
-        a3 = nibble_pair(v[2 * e + 1], 4 * i + 8);
+        nibble_a(v, e, 4 * i, a0, a1, a2, a3);  // block e: half e; weights 0..15 low nibbles, 16..31 high
     }
     static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c3) {
         if (KIND == Q4_1) {
@@ -492,10 +549,7 @@ template <> struct QsFormat<Q4_K> {  // 32 bytes hold sub-block 2c (low nibbles)
     static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) { return p.meta; }
     static __device__ __forceinline__ void a(const unsigned (&v)[4], int e, int i, unsigned& a0, unsigned& a1,
                                              unsigned& a2, unsigned& a3) {
-        a0 = nibble_pair(v[2 * i], 4 * e);
-        a1 = nibble_pair(v[2 * i + 1], 4 * e);
-        a2 = nibble_pair(v[2 * i], 4 * e + 8);
-        a3 = nibble_pair(v[2 * i + 1], 4 * e + 8);
+        nibble_a(v, i, 4 * e, a0, a1, a2, a3);  // sub-block e: nibble e; weights 16i.. in half i
     }
     static __device__ __forceinline__ void coef(const unsigned char* m, int b, float& c1, float& c3) {
         const uint4 h = *reinterpret_cast<const uint4*>(m);
@@ -568,53 +622,8 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
         asm volatile("cp.async.commit_group;" ::: "memory");  // (empty groups too: the count stays fixed)
     }
     pdl_wait();
-    // stage X: normed (NORM), rounded to fp16, each group of four in the order (0, 2, 1, 3).
-    // A thread's loads all issue before the first store: X comes from L2, and one round trip
-    // per load would cost more than the whole multiply of a small matrix.
-    constexpr int XIT = (K / 4 + QS_WARPS * 32 - 1) / (QS_WARPS * 32);
-    for (int b = 0; b < B; b++) {
-        const uint2* xg = reinterpret_cast<const uint2*>(X + (size_t)b * K);
-        uint2 xv[XIT];
-#pragma unroll
-        for (int it = 0; it < XIT; it++) {
-            const int i = it * QS_WARPS * 32 + threadIdx.x;
-            xv[it] = i < K / 4 ? __ldcg(xg + i) : make_uint2(0, 0);
-        }
-#pragma unroll
-        for (int it = 0; it < XIT; it++) {
-            const int i = it * QS_WARPS * 32 + threadIdx.x;
-            if (i >= K / 4) break;
-            uint2 v = xv[it];
-            if (NORM) {
-                const uint2 nw = reinterpret_cast<const uint2*>(norm_w)[i];
-                __half2* v2 = reinterpret_cast<__half2*>(&v);
-                const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
-                    v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
-                }
-            }
-            *reinterpret_cast<uint2*>(xs + b * XS + 4 * i) =
-                make_uint2(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632));
-        }
-    }
-    if (NORM && warp < B) {  // token `warp`'s sum of squares, in gemv_q's order
-        float ss = 0.f;
-        const uint4* xv = reinterpret_cast<const uint4*>(X + (size_t)warp * K);
-#pragma unroll 8
-        for (int i = lane; i < K / 8; i += 32) {
-            const uint4 v = __ldcg(xv + i);
-            const __half2* v2 = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = __half22float2(v2[j]);
-                ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
-            }
-        }
-        ss = warp_sum(ss);
-        if (lane == 0) inv[warp] = 1.f / sqrtf(ss / K + eps);
-    }
+    stage_x_quads<K, NORM, QS_WARPS * 32>(X, norm_w, xs, XS, B);
+    if (NORM && warp < B) token_inv_rms<K, 8>(X, eps, inv, warp, lane);
     __syncthreads();
     // the input sums of every 32-weight block, per token (tokens >= B: 0), in k order
     for (int i = threadIdx.x; i < (K / 32) * 8; i += QS_WARPS * 32) {
@@ -695,29 +704,9 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
                 if (n + QS_STAGES < total) issue(n + QS_STAGES, slot);
                 asm volatile("cp.async.commit_group;" ::: "memory");
             }
-            // partial sums of the warps -> shared memory. Accumulators: (row g, tokens 2t, 2t+1), (row g+8, same)
-#pragma unroll
-            for (int m = 0; m < MATS; m++) {
-                float* o = part + ((m * QS_WARPS + warp) * 16) * 8 + 2 * t;
-                o[g * 8] = acc[m][0];
-                o[g * 8 + 1] = acc[m][1];
-                o[(g + 8) * 8] = acc[m][2];
-                o[(g + 8) * 8 + 1] = acc[m][3];
-            }
+            store_partials<MATS, QS_WARPS>(part, acc, warp, g, t);
             __syncthreads();
-            if (threadIdx.x < 16 * 8) {
-                const int r = threadIdx.x / 8, b = threadIdx.x % 8, n_out = (blockIdx.x + gridDim.x * tt) * 16 + r;
-                if (b < B && n_out < N) {
-                    float y = 0.f, u = 0.f;
-#pragma unroll
-                    for (int w = 0; w < QS_WARPS; w++) {
-                        y += part[(w * 16 + r) * 8 + b];
-                        if (EPI == EPI_SWIGLU) u += part[((QS_WARPS + w) * 16 + r) * 8 + b];
-                    }
-                    if (NORM) { y *= inv[b]; u *= inv[b]; }
-                    epilogue<EPI>(y, u, res, out, (size_t)b * N + n_out);
-                }
-            }
+            finish_rows<MATS, QS_WARPS, NORM, EPI>(part, inv, res, out, (blockIdx.x + gridDim.x * tt) * 16, N, B);
             __syncthreads();  // the partial sums read before the next tile's overwrite them
         }
     };
