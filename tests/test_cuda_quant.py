@@ -179,6 +179,29 @@ def test_gemv_q_rows_independent(kind):
     np.testing.assert_array_equal(out[40].get(), one[0].get())
 
 
+@pytest.mark.parametrize("kind, k", [("q4_0", 4096), ("q4_1", 4096), ("q4_k", 4096), ("q8_0", 4096), ("q4_0", 14336)])
+def test_gemv_qs_bits_independent_of_the_grid(kind, k, monkeypatch):
+    """gemv_qs's blocks loop over the 16-row tiles (the grid: as many blocks as fit at once):
+    a token's bits must not depend on how many blocks share the tiles, here 1, 7 and 200
+    against the default grid, for one token and for three."""
+    assert K.q_kernel(kind, k) == "gemv_qs"
+    n = 8003
+    w = matrix(kind, n, k, seed=5)
+    x = cp.asarray((rng.standard_normal((3, 1, k)) * 2).astype(np.float16))
+    nw = cp.asarray((1 + 0.1 * rng.standard_normal(k)).astype(np.float16))
+    refs = {}
+    for b in (1, 3):
+        refs[b] = cp.empty((b, 1, n), dtype=np.float16)
+        K.gemv_q(w, x[:b], refs[b], norm_w=nw, eps=1e-5)
+    np.testing.assert_array_equal(refs[3][0].get(), refs[1][0].get())
+    for blocks in (1, 7, 200):
+        monkeypatch.setattr(K, "qs_blocks", lambda name, tiles, shared, blocks=blocks: min(tiles, blocks))
+        for b in (1, 3):
+            out = cp.empty((b, 1, n), dtype=np.float16)
+            K.gemv_q(w, x[:b], out, norm_w=nw, eps=1e-5)
+            np.testing.assert_array_equal(out.get(), refs[b].get(), err_msg=f"{blocks} blocks, {b} tokens")
+
+
 def quantized_model(kind: str, name="tinyllama-1.1b", n_layers=2, seed=0) -> Model:
     """A random-weight model of a real shape whose linear weights are `kind` blocks."""
     from benchmarks.gpu_models import random_model

@@ -481,11 +481,14 @@ def _sm_resources() -> tuple[int, int]:
     return int(props["multiProcessorCount"]), int(props["sharedMemPerMultiprocessor"])
 
 
-def qs_blocks(tiles: int, shared: int) -> int:
-    """gemv_qs's grid: as many blocks as fit on the GPU at once (by shared memory, and at most
-    3 of 256 threads for the registers), each looping over its tiles; never more than tiles."""
+def qs_blocks(name: str, tiles: int, shared: int) -> int:
+    """gemv_qs's grid: as many blocks as fit on the GPU at once, each looping over its tiles;
+    never more than tiles. Per SM: by shared memory (1 KB of it reserved per block), by the
+    kernel's registers (allocated 8 a thread at a time, 64K per SM), and at most 3 (what was
+    measured). A grid that did not fit would still be right, only run in a second wave."""
     sms, smem = _sm_resources()
-    return min(tiles, sms * max(1, min(3, smem // (shared + 1024))))
+    regs = -(-getattr(kernel(name), "num_regs", 80) // 8) * 8 * 32 * Q_WARPS  # (a RawKernel has num_regs)
+    return min(tiles, sms * max(1, min(3, smem // (shared + 1024), 65536 // regs)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -519,7 +522,7 @@ def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.
         xb = x2[b0:b0 + b]
         shared = q_shared(w.kind, k, b, epilogue)
         tiles = (n_out + 15) // 16
-        grid = qs_blocks(tiles, shared) if name.startswith("gemv_qs") else tiles
+        grid = qs_blocks(name, tiles, shared) if name.startswith("gemv_qs") else tiles
         launch(name, (grid,), (32 * Q_WARPS,), _planes(w) + (
             xb, norm_w if norm else xb, np.float32(eps), res2[b0:b0 + b] if res2 is not None else xb,
             out2[b0:b0 + b], np.int32(n_out), np.int32(b)), pdl=True, shared=shared)

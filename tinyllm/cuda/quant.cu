@@ -592,8 +592,7 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
     const int total = my_tiles * mine;
     // item n of this warp's sequence (tile n / mine of the block, stage warp + 8 (n % mine))
     // into a slot of its ring: 16 rows x 128 bytes of quants (4 copies of 16 bytes a lane),
-    // then 16 rows x META bytes of scales (rows past N read row 0; dropped at the end): 16 rows x 128 bytes of quants (4 copies of 16 bytes a
-    // lane), then 16 rows x META bytes of scales (rows past N read row 0; dropped at the end)
+    // then 16 rows x META bytes of scales (rows past N read row 0; dropped at the end)
     auto issue = [&](int n, int slot) {
         const int row0 = (blockIdx.x + gridDim.x * (n / mine)) * 16, s = warp + QS_WARPS * (n % mine);
 #pragma unroll
