@@ -432,3 +432,36 @@ def test_graceful_shutdown_finishes_the_stream_in_flight(server):
     assert "tinyllm.serve: stopped" in server.log_path.read_text()
     with pytest.raises(OSError):
         request("GET", "/health", port=server.port, timeout=2)
+
+
+def test_step_histogram_reports_what_prometheus_histogram_would():
+    """The time between tokens is fed a step at a time (tinyllm/server/metrics.py StepHistogram);
+    scraped, it must read as prometheus_client's own Histogram fed the same values one by one:
+    values on a bound count in that bucket, past the last bound only in +Inf."""
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tinyllm.server.metrics import StepHistogram
+
+    bounds = (.005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56, 5)
+    rng = np.random.default_rng(0)
+    steps = [list(rng.exponential(0.05, size=n)) for n in (1, 7, 64, 33)] + [[0.0, .005, .01, 5.0, 5.0001, 60.0]]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    h = StepHistogram("gap_seconds", "test", bounds)
+    ours.register(h)
+    ref = Histogram("gap_seconds", "test", buckets=bounds, registry=theirs)
+    for values in steps:
+        h.observe_many(values)
+        for v in values:
+            ref.observe(v)
+
+    def samples(registry):
+        lines = [line for line in generate_latest(registry).decode().splitlines()
+                 if line.startswith("gap_seconds") and "_created" not in line]
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+
+    got, want = samples(ours), samples(theirs)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert want['gap_seconds_bucket{le="+Inf"}'] == want["gap_seconds_count"] == sum(map(len, steps))

@@ -130,7 +130,7 @@ class Observer:
     """What the scheduler reports for metrics; the server's Prometheus metrics subclass it."""
 
     def first_token(self, seconds: float) -> None: ...   # time from arrival to the first token
-    def token_gap(self, seconds: float) -> None: ...     # time between two tokens of one sequence
+    def token_gaps(self, seconds: list) -> None: ...     # per step: time between two tokens of each sequence
     def step(self, batch_size: int) -> None: ...         # one decode step ran for this many sequences
     def step_time(self, host: float, model: float) -> None: ...  # one scheduler round's seconds: on the
     # host (admission, inputs, host sampling, detokenizing, events) and in or waiting for the model
@@ -224,6 +224,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.n_admitting = 0            # popped from `waiting`, being prefilled
         self.steps = 0                  # decode steps run so far
+        self._gaps: list[float] = []    # this step's times between tokens, for the observer
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -395,6 +396,9 @@ class Scheduler:
             except Exception as e:
                 self._fail(seq, e)
         self.running = [seq for seq in self.running if seq.finish_reason is None and seq.cache is not None]
+        if self._gaps:
+            self.observer.token_gaps(self._gaps)
+            self._gaps = []
 
     def _emit(self, seq: Sequence, token: int) -> None:
         piece = seq.add(token)
@@ -402,7 +406,7 @@ class Scheduler:
         if seq.last_time == 0.0:
             self.observer.first_token(now - seq.request.arrived)
         else:
-            self.observer.token_gap(now - seq.last_time)
+            self._gaps.append(now - seq.last_time)  # reported once per step
         seq.last_time = now
         seq.request.emit(piece)
         if seq.finish_reason is not None:

@@ -14,8 +14,12 @@ when scraped.
 """
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from ..scheduler import Finished, Observer
 
@@ -35,8 +39,9 @@ class Metrics(Observer):
         self.generated_tokens = Counter("tinyllm_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("tinyllm_time_to_first_token_seconds", "From arrival to the first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
-        self.tpot = Histogram("tinyllm_time_per_output_token_seconds", "Between two tokens of one request",
-                              buckets=(.005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56, 5), registry=r)
+        self.tpot = StepHistogram("tinyllm_time_per_output_token_seconds", "Between two tokens of one request",
+                                  buckets=(.005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56, 5))
+        r.register(self.tpot)
         self.batch = Histogram("tinyllm_batch_size", "Sequences in each decode step",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         step_buckets = (.0005, .001, .002, .004, .008, .016, .032, .064, .128, .256, 1)
@@ -63,8 +68,8 @@ class Metrics(Observer):
     def first_token(self, seconds):
         self.ttft.observe(seconds)
 
-    def token_gap(self, seconds):
-        self.tpot.observe(seconds)
+    def token_gaps(self, seconds):
+        self.tpot.observe_many(seconds)
 
     def step_time(self, host, model):
         self.step_host.observe(host)
@@ -108,3 +113,33 @@ class PrefixCacheState:
         yield CounterMetricFamily("tinyllm_prefix_cache_store_failures", "Blocks that could not be stored in the prefix "
                                   "cache (allocating or copying one failed: out of memory)",
                                   value=p.store_failures if p else 0)
+
+
+class StepHistogram:
+    """A histogram fed a decode step's values at once: the time between tokens is one value
+    per sequence per step, and a Histogram.observe per value (a scan of the buckets and two
+    locks each) is a noticeable share of the scheduler thread's time per step at tens of
+    sequences. Here a step's values take one searchsorted and one lock. Scraped, it reports
+    what prometheus_client's Histogram would for the same values: cumulative `le` buckets
+    (a value equal to a bound counts in it), +Inf, the count and the sum."""
+
+    def __init__(self, name: str, documentation: str, buckets):
+        self.name, self.documentation = name, documentation
+        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)
+        self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # the last: above every bound
+        self.sum = 0.0
+        self.lock = threading.Lock()
+
+    def observe_many(self, values) -> None:
+        v = np.asarray(values, dtype=np.float64)
+        add = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=len(self.counts))
+        with self.lock:
+            self.counts += add
+            self.sum += float(v.sum())
+
+    def collect(self):
+        with self.lock:
+            cumulative, total = np.cumsum(self.counts), self.sum
+        buckets = [(floatToGoString(b), float(c)) for b, c in zip(self.bounds, cumulative)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
