@@ -1,5 +1,6 @@
-"""The decode step's GEMVs one at a time: fp16 `gemv` against `gemv_q` on each block format
-(tinyllm/cuda/kernels.cu, quant.cu), per matrix of a shape, with the bandwidth each reaches.
+"""The decode step's GEMVs one at a time: fp16 `gemv` against the quantized GEMV on each block
+format (`kernels.gemv_q`: quant.cu's gemv_qs or gemv_q, as `q_kernel` picks), per matrix of a
+shape, with the bandwidth each reaches.
 
 Each kernel is launched into a CUDA graph, four times over each of several copies of the
 matrix in turn (at least 300 MB of them, so that no launch reads a matrix still in the 50 MB
