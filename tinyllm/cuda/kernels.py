@@ -487,7 +487,7 @@ def qs_blocks(name: str, tiles: int, shared: int) -> int:
     kernel's registers (allocated 8 a thread at a time, 64K per SM), and at most 3 (what was
     measured). A grid that did not fit would still be right, only run in a second wave."""
     sms, smem = _sm_resources()
-    regs = -(-getattr(kernel(name), "num_regs", 80) // 8) * 8 * 32 * Q_WARPS  # (a RawKernel has num_regs)
+    regs = -(-getattr(kernel(name), "num_regs", 80) // 8) * 8 * 32 * QS_WARPS  # (a RawKernel has num_regs)
     return min(tiles, sms * max(1, min(3, smem // (shared + 1024), 65536 // regs)))
 
 
@@ -516,14 +516,15 @@ def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.
     res2 = residual.reshape(rows, n_out) if residual is not None else None
     norm = norm_w is not None
     name = gemv_q_name(w.kind, k, norm, epilogue)
+    staged = q_kernel(w.kind, k) == "gemv_qs"
+    tiles, warps = (n_out + 15) // 16, QS_WARPS if staged else Q_WARPS
     step = q_tokens(w.kind, k)
     for b0 in range(0, rows, step):
         b = min(step, rows - b0)
         xb = x2[b0:b0 + b]
         shared = q_shared(w.kind, k, b, epilogue)
-        tiles = (n_out + 15) // 16
-        grid = qs_blocks(name, tiles, shared) if name.startswith("gemv_qs") else tiles
-        launch(name, (grid,), (32 * Q_WARPS,), _planes(w) + (
+        grid = qs_blocks(name, tiles, shared) if staged else tiles
+        launch(name, (grid,), (32 * warps,), _planes(w) + (
             xb, norm_w if norm else xb, np.float32(eps), res2[b0:b0 + b] if res2 is not None else xb,
             out2[b0:b0 + b], np.int32(n_out), np.int32(b)), pdl=True, shared=shared)
 

@@ -562,7 +562,7 @@ template <> struct QsFormat<Q4_K> {  // 32 bytes hold sub-block 2c (low nibbles)
 };
 
 // Y[b, n] = sum_k W[n, k] X[b, k] for B <= 8 tokens (as gemv_q, same arguments and epilogues).
-// Dynamic shared memory (qs_shared in kernels.py): the warps' stage rings, X [B][K + QS_XPAD]
+// Dynamic shared memory (q_shared in kernels.py): the warps' stage rings, X [B][K + QS_XPAD]
 // permuted, the per-block input sums [K / 32][8], the partial sums and 1/rms.
 template <int KIND, int K, bool NORM, int EPI>
 __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
