@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 import cupy as cp  # noqa: E402
 
 from benchmarks.common import git_commit  # noqa: E402
+from tinyllm.engine import bfloat16  # noqa: E402
 from benchmarks.gpu_models import ALL_SHAPES, SHAPES, prompt_ids, random_model, to_transformers  # noqa: E402
 from tinyllm.cuda import CudaDecoder  # noqa: E402
 from tinyllm.cuda import kernels as K  # noqa: E402
@@ -281,6 +282,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="leave out readable eager decode, the transformers peers and the run without PDL")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16"],
+                    help="the weights' dtype; a bfloat16 row is keyed 'shape bfloat16' (its peers are left out)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -288,10 +291,10 @@ def main(argv=None) -> dict:
               "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
               "commit": git_commit(), "command": "python benchmarks/gpu_decode.py " + " ".join(argv or sys.argv[1:]),
               "copy_bandwidth_GBs": copy_bandwidth() / 1e9, "shapes": {}}
-    for name in args.shapes:
-        print(f"[{name}] building random fp16 weights", flush=True)
-        readable = random_model(name, "cuda", seed=0)
-        row = {"weights_GB": readable.weights.nbytes / 1e9}
+    for name, dtype in [(n, d) for n in args.shapes for d in args.dtypes]:
+        print(f"[{name}] building random {dtype} weights", flush=True)
+        readable = random_model(name, "cuda", seed=0, dtype=bfloat16() if dtype == "bfloat16" else np.float16)
+        row = {"weights_GB": readable.weights.nbytes / 1e9, "dtype": dtype}
         start = time.perf_counter()
         decoder = CudaDecoder(readable)
         fast = decoder.eager  # the same weights computing with the fused kernels
@@ -312,16 +315,18 @@ def main(argv=None) -> dict:
             row["readable_eager_tok_s"] = bench_eager(readable)
         row["fast_eager_tok_s"] = bench_eager(fast)
         print(f"[{name}] fast {row['decode_tok_s']:.0f} tok/s, step {row['gpu_step_us']:.0f} us", flush=True)
-        if args.peers != "none" and not args.quick:
+        if dtype == "bfloat16":  # the peers run once per shape, in fp16
+            name = f"{name} bfloat16"
+        elif args.peers != "none" and not args.quick:
             row["transformers_eager"] = bench_transformers(fast, static=False)
-        if args.peers == "all" and not args.quick:
+        if args.peers == "all" and not args.quick and dtype == "float16":
             try:
                 row["transformers_static"] = bench_transformers(fast, static=True)
             except Exception as e:  # report, never hide, a failing peer
                 row["transformers_static"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         del decoder, fast
         cp.get_default_memory_pool().free_all_blocks()  # gpt-fast's torch allocator gets the memory back
-        if args.gpt_fast != "none":
+        if args.gpt_fast != "none" and dtype == "float16":
             row["gpt_fast"] = bench_gpt_fast(name, readable, row, args)
         result["shapes"][name] = row
         del readable

@@ -76,12 +76,15 @@ def random_weights(c: Config, xp, dtype=np.float16, seed: int = 0) -> Weights:
     return Weights(tok_embeddings=embed, layers=layers, norm=norm_weight(), output=output)
 
 
-def random_model(name: str, device: str = "cuda", seed: int = 0, **overrides) -> Model:
+def random_model(name: str, device: str = "cuda", seed: int = 0, dtype=None, **overrides) -> Model:
+    """A model of a named shape with random weights; dtype: float16 on a GPU, float32 on the
+    CPU unless given (e.g. tinyllm.engine.bfloat16())."""
     from tinyllm.backend import get_device
 
     c = shape_config(name, **overrides)
     dev = get_device(device)
-    return Model(c, random_weights(c, dev.xp, np.float16 if dev.is_cuda else np.float32, seed), dev)
+    dtype = dtype or (np.float16 if dev.is_cuda else np.float32)
+    return Model(c, random_weights(c, dev.xp, dtype, seed), dev)
 
 
 def host_copy(weights: Weights, dtype=np.float32) -> Weights:
@@ -100,9 +103,12 @@ def host_copy(weights: Weights, dtype=np.float32) -> Weights:
 
 
 def as_torch(a):
-    """A torch tensor sharing the memory of a CuPy (DLPack) or NumPy array."""
+    """A torch tensor sharing the memory of a CuPy (DLPack) or NumPy array; bfloat16 (an
+    ml_dtypes type, which DLPack and torch.from_numpy may not carry) travels as its bits."""
     import torch
 
+    if np.dtype(a.dtype).name == "bfloat16":
+        return as_torch(a.view(np.int16)).view(torch.bfloat16)
     if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
         return torch.from_dlpack(a)
     return torch.from_numpy(np.asarray(a))

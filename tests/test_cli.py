@@ -123,6 +123,7 @@ def gpu_usable() -> bool:
     (["--prompt-file", "/no/such/prompt.txt"], 1, "--prompt-file: /no/such/prompt.txt: no such file"),
     (["--device", "tpu"], 1, "--device: expected 'cpu', 'cuda' or 'cuda:N'"),
     (["--device", "cuda"], 1, "CUDA"),
+    (["--dtype", "bf16"], 1, "--dtype bf16: bfloat16 runs on a GPU only"),
 ])
 def test_user_errors_are_one_line(args, status, message):
     if args == ["--device", "cuda"] and gpu_usable():

@@ -14,16 +14,34 @@ from .model import Model
 from .step import DecodeStep, ReadableStep
 from .tokenizer import Tokenizer
 
-DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16}
+DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 QUANTIZED = ("auto", "keep", "dequantize")
+FAST_DTYPES = ("float16", "bfloat16")  # the dtypes the CUDA fast path computes in
+
+
+def bfloat16():
+    """NumPy's (and CuPy's) bfloat16 dtype, from the ml_dtypes package: NumPy itself has none."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ConfigError("--dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def resolve_dtype(dtype: str | None, device: Device):
-    """float32 on the CPU (NumPy has no fast float16 matmul), float16 on the GPU."""
+    """float32 on the CPU (NumPy has no fast float16 matmul), float16 on the GPU. bfloat16
+    (the type Llama-3 checkpoints are stored in: fp32's range, so no value overflows as it
+    can in fp16) runs on a GPU only: NumPy has no bfloat16 arithmetic of its own."""
     if dtype is None or dtype == "auto":
         return np.float16 if device.is_cuda else np.float32
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: expected one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    if DTYPES[dtype] == "bfloat16":
+        if not device.is_cuda:
+            raise ConfigError(f"--dtype {dtype}: bfloat16 runs on a GPU only (NumPy has no bfloat16 arithmetic); "
+                              "on the CPU use float32")
+        return bfloat16()
     return DTYPES[dtype]
 
 
@@ -36,6 +54,9 @@ def keeps_quantized(quantized: str, device: Device, dtype, fast_path: bool) -> b
         raise ConfigError(f"--quantized: expected one of {', '.join(QUANTIZED)}; got {quantized!r}")
     if quantized == "auto":
         return device.is_cuda and fast_path and np.dtype(dtype) == np.float16
+    if quantized == "keep" and device.is_cuda and np.dtype(dtype).name == "bfloat16":
+        raise ConfigError("--quantized keep: the kernels that multiply quantized blocks compute in float16; "
+                          "use --dtype float16, or --quantized dequantize to expand them to bfloat16")
     return quantized == "keep"
 
 
@@ -169,7 +190,7 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
          fast_path: bool = True, progress=None, quantized: str = "auto") -> LLM:
     """Load a checkpoint (None: the embedded default model) onto a device.
 
-    The decode step is chosen here, once: on a GPU in float16, `fast_path` gives the
+    The decode step is chosen here, once: on a GPU in float16 or bfloat16, `fast_path` gives the
     CUDA step (tinyllm/cuda: fused kernels, a decode step captured into a CUDA graph, warmed
     up here so the first request has no cold start); otherwise, or with `fast_path=False`,
     the readable step (the model's forward pass and the host sampler).
@@ -195,7 +216,7 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
     report(assembled)
     model = Model(ckpt.config, weights, device)
     step = ReadableStep(model)
-    if fast_path and device.is_cuda and model.dtype == np.float16:
+    if fast_path and device.is_cuda and np.dtype(model.dtype).name in FAST_DTYPES:
         from .cuda import CudaStep
 
         step = CudaStep(model)

@@ -116,13 +116,21 @@ class Ops:
         s = keys.shape[2]
         q = q.transpose(0, 2, 1, 3).reshape(b, n_kv, (h // n_kv) * t, e)  # [B, T, H, E] -> [B, K, R*T, E]
         q = q * scale  # scale q, not the scores: S/E times fewer multiplications for a long block
-        scores = (q @ keys.transpose(0, 1, 3, 2)).astype(xp.float32, copy=False)  # [B, K, R*T, S]
+        scores = self.matmul(q, keys.transpose(0, 1, 3, 2)).astype(xp.float32, copy=False)  # [B, K, R*T, S]
         mask = cache.mask(t)
         if mask is not None:  # only the last T columns (this block's own tokens) need masking
             scores.reshape(b, n_kv, h // n_kv, t, s)[..., pos:] += mask
         probs = self.softmax(scores).astype(values.dtype, copy=False)
-        out = probs @ values  # [B, K, R*T, S] @ [B, K, S, E] -> [B, K, R*T, E]
+        out = self.matmul(probs, values)  # [B, K, R*T, S] @ [B, K, S, E] -> [B, K, R*T, E]
         return out.reshape(b, h, t, e).transpose(0, 2, 1, 3).reshape(b, t, h * e)
+
+    def matmul(self, a, b):
+        """a @ b, batched over the leading axes. CuPy multiplies 2-D bfloat16 arrays but not
+        batched ones: those go through float32, the product rounded back to bfloat16 as a
+        bfloat16 matmul rounds its float32 sums."""
+        if a.ndim > 2 and a.dtype.name == "bfloat16" and self.xp is not np:
+            return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
+        return a @ b
 
     def attention_rows(self, q, k, v, caches: list[KVCache], layer: int, scale: float):
         """Attention of B sequences, row b over caches[b] at its own position (continuous

@@ -74,7 +74,7 @@ class _CapturedStep:
 
 
 class CudaDecoder:
-    """The captured single-sequence decode step of a model (fp16, on a GPU).
+    """The captured single-sequence decode step of a model (fp16 or bf16, on a GPU).
 
     `eager` is the same model computing with FastOps called from Python (a prompt, or a
     step outside a graph); the model handed in keeps its readable operations."""
@@ -82,8 +82,9 @@ class CudaDecoder:
     def __init__(self, model: Model, warmup: bool = True):
         if not model.device.is_cuda:
             raise DeviceError(f"the CUDA fast path needs a model on a GPU, this one is on {model.device.name}")
-        if model.dtype != np.float16:
-            raise DeviceError(f"the CUDA fast path needs fp16 weights, got {np.dtype(model.dtype).name} (use --dtype float16)")
+        if K.element_type(model.dtype) is None:
+            raise DeviceError(f"the CUDA fast path needs float16 or bfloat16 weights, got {np.dtype(model.dtype).name} "
+                              "(use --dtype float16 or bfloat16)")
         import cupy as cp
 
         self.cp = cp

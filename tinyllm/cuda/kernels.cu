@@ -5,12 +5,17 @@
 // (16-byte) loads, keep everything else out of device memory, and be few (each launch
 // and each kernel's ramp-up/tail costs a few microseconds, as much as reading an 8 MB
 // matrix). Every kernel mirrors the rounding of the readable CuPy operation it replaces
-// (fp16 storage, fp32 arithmetic), so the fast path agrees with model.py to the last bit
+// (16-bit storage, fp32 arithmetic), so the fast path agrees with model.py to the last bit
 // where the summation order allows.
 //
-// Shape letters as in tinyllm/config.py. Weights are stored (out, in), fp16, row-major.
+// Shape letters as in tinyllm/config.py. Weights are stored (out, in), row-major, in the
+// model's element type T: fp16 (__half) or bf16 (__nv_bfloat16). Every kernel that reads
+// or writes them is a template on T; both types are 16 bits, so loads, shared-memory
+// layouts and tensor-core fragments are the same, and only the conversions to and from
+// fp32 and the mma instruction's type name differ.
 
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 #define FULL_MASK 0xffffffffu
 #ifndef INFINITY
@@ -56,13 +61,40 @@ __device__ float block_max(float v, float* red) {
     return red[32];
 }
 
+// The element type T's conversions (fp32 <-> T, rounding to nearest even) and its pair
+// type, two elements in one 32-bit register (what a 16-byte load holds four of).
+__device__ __forceinline__ float to_f(__half h) { return __half2float(h); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 h) { return __bfloat162float(h); }
+__device__ __forceinline__ float2 to_f2(__half2 h) { return __half22float2(h); }
+// bf16 is the top half of an fp32: two shifts/masks, no conversion instruction (and unlike
+// __bfloat1622float2's inline asm, ptxas can interleave them with the FMAs: no extra registers)
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 h) {
+    const unsigned u = *reinterpret_cast<const unsigned*>(&h);
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+template <typename T> __device__ __forceinline__ T from_f(float f);
+template <> __device__ __forceinline__ __half from_f<__half>(float f) { return __float2half_rn(f); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+    static constexpr bool bf16 = false;
+    using type = __half2;
+    static __device__ __forceinline__ __half2 make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <> struct Pair<__nv_bfloat16> {
+    static constexpr bool bf16 = true;
+    using type = __nv_bfloat162;
+    static __device__ __forceinline__ __nv_bfloat162 make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+// fp16 by name, for quant.cu's kernels (their activations are fp16 only)
 __device__ __forceinline__ float h2f(__half h) { return __half2float(h); }
 __device__ __forceinline__ __half f2h(float f) { return __float2half_rn(f); }
 
-// silu(gate) * up, each step rounded to fp16 as CuPy evaluates `gate / (1.0 + exp(-gate)) * up`
-__device__ __forceinline__ __half silu_mul(__half g, __half up) {
-    const __half e = f2h(expf(-h2f(g)));
-    const __half d = f2h(1.f + h2f(e));
+// silu(gate) * up, each step rounded to T as CuPy evaluates `gate / (1.0 + exp(-gate)) * up`
+template <typename T>
+__device__ __forceinline__ T silu_mul(T g, T up) {
+    const T e = from_f<T>(expf(-to_f(g)));
+    const T d = from_f<T>(1.f + to_f(e));
     return __hmul(__hdiv(g, d), up);
 }
 
@@ -76,10 +108,11 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Embedding: one row of the table per token, the ids read from device memory.
+// Embedding: one row of the table per token, the ids read from device memory; a copy of
+// 16-bit values, the same for either element type.
 // blockIdx.y: which token.   token: [B] -> out: [B, D]
-extern "C" __global__ void embedding(const __half* __restrict__ table, const long long* __restrict__ token,
-                                     __half* __restrict__ out, int D) {
+extern "C" __global__ void embedding(const unsigned short* __restrict__ table, const long long* __restrict__ token,
+                                     unsigned short* __restrict__ out, int D) {
     asm volatile("griddepcontrol.launch_dependents;" ::: );  // let layer 0's GEMV start loading weights
     const long long row = token[blockIdx.y];
     out += (size_t)blockIdx.y * D;
@@ -88,18 +121,19 @@ extern "C" __global__ void embedding(const __half* __restrict__ table, const lon
 }
 
 // ---------------------------------------------------------------------------------------
-// RMSNorm of rows: out = fp16(fp16(x * inv_rms) * w), inv_rms = 1 / sqrt(mean(x^2) + eps) in fp32.
+// RMSNorm of rows: out = T(T(x * inv_rms) * w), inv_rms = 1 / sqrt(mean(x^2) + eps) in fp32.
 // One block per row.  x: [rows, D] -> [rows, D]
-extern "C" __global__ void rms_norm_rows(const __half* __restrict__ x, const __half* __restrict__ w,
-                                         __half* __restrict__ out, int D, float eps) {
+template <typename T>
+__global__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int D,
+                              float eps) {
     __shared__ float red[33];
-    const __half* xr = x + (size_t)blockIdx.x * D;
+    const T* xr = x + (size_t)blockIdx.x * D;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) { float f = h2f(xr[i]); ss += f * f; }
+    for (int i = threadIdx.x; i < D; i += blockDim.x) { float f = to_f(xr[i]); ss += f * f; }
     ss = block_sum(ss, red);
     const float inv = 1.f / sqrtf(ss / D + eps);
     for (int i = threadIdx.x; i < D; i += blockDim.x)
-        out[(size_t)blockIdx.x * D + i] = __hmul(f2h(h2f(xr[i]) * inv), w[i]);
+        out[(size_t)blockIdx.x * D + i] = __hmul(from_f<T>(to_f(xr[i]) * inv), w[i]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -107,26 +141,27 @@ extern "C" __global__ void rms_norm_rows(const __half* __restrict__ x, const __h
 // readable op (a prefill is host-bound: every call costs ~20 us of Python and launch).
 // Each rounds exactly like the readable op it replaces.
 
-// RoPE of R token rows x N heads: out = fp16(x1*cos - x2*sin), fp16(x2*cos + x1*sin) in
+// RoPE of R token rows x N heads: out = T(x1*cos - x2*sin), T(x2*cos + x1*sin) in
 // fp32 without FMA (as NumPy/CuPy compute `x1 * cos - x2 * sin` then cast).
 // x: row r at x + r * row_stride, heads contiguous [N, E];  cos, sin: [cos_rows, E/2]
-// (cos_rows = R: a row each; else row r uses r % T);  out: [R, N, E] contiguous.
-extern "C" __global__ void rope_rows(const __half* __restrict__ x, long long row_stride, int N, int E,
-                                     const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                     int cos_rows, int T, long long R, __half* __restrict__ out) {
+// (cos_rows = R: a row each; else row r uses r % Tn);  out: [R, N, E] contiguous.
+template <typename T>
+__global__ void rope_rows(const T* __restrict__ x, long long row_stride, int N, int E,
+                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                          int cos_rows, int Tn, long long R, T* __restrict__ out) {
     const int half = E / 2;
     const long long total = R * N * half;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
         const long long r = idx / (N * half);
         const int n = (int)((idx / half) % N), i = (int)(idx % half);
-        const long long c_row = (cos_rows == R) ? r : r % T;
+        const long long c_row = (cos_rows == R) ? r : r % Tn;
         const float c = cos_t[c_row * half + i], s = sin_t[c_row * half + i];
-        const __half* xr = x + r * row_stride + (long long)n * E;
-        const float x1 = h2f(xr[i]), x2 = h2f(xr[i + half]);
-        __half* o = out + (r * N + n) * E;
-        o[i] = f2h(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-        o[i + half] = f2h(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+        const T* xr = x + r * row_stride + (long long)n * E;
+        const float x1 = to_f(xr[i]), x2 = to_f(xr[i + half]);
+        T* o = out + (r * N + n) * E;
+        o[i] = from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+        o[i + half] = from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
     }
 }
 
@@ -143,10 +178,10 @@ extern "C" __global__ void softmax_rows(float* x, int S) {
     for (int i = threadIdx.x; i < S; i += blockDim.x) row[i] /= sum;
 }
 
-// SiLU(gate) * up for R rows of [gate | up] (fp16), rounding each step to fp16 like CuPy's
+// SiLU(gate) * up for R rows of [gate | up], rounding each step to T like CuPy's
 // `gate / (1.0 + exp(-gate)) * up`.  gate_up: [R, 2F] -> out: [R, F]
-extern "C" __global__ void swiglu_rows(const __half* __restrict__ gate_up, __half* __restrict__ out, int F,
-                                       long long R) {
+template <typename T>
+__global__ void swiglu_rows(const T* __restrict__ gate_up, T* __restrict__ out, int F, long long R) {
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < R * F;
          idx += (long long)gridDim.x * blockDim.x) {
         const long long r = idx / F;
@@ -174,21 +209,20 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 //   NORM:  h = rms_norm(x) * norm_w, fused: y = inv_rms * sum_k W[n, k] * (x[k] * norm_w[k]),
 //          where each warp gets sum(x^2) from the x values it reads anyway: no extra
 //          pass (a split row's warps add theirs with their partial sums; h is never
-//          rounded to fp16 here, unlike the readable path: the results differ by fp16
-//          rounding, ~1e-3 relative)
-//   EPI 0: out[n] = fp16(y[n])
-//   EPI 1: out[n] = res[n] + fp16(y[n])                    (the residual connection)
-//   EPI 2: rows n and n + N: out[n] = silu(fp16(y[n])) * fp16(y[n + N])   (gate | up)
+//          rounded to T here, unlike the readable path: the results differ by one
+//          rounding of T, ~1e-3 relative in fp16)
+//   EPI 0: out[n] = T(y[n])
+//   EPI 1: out[n] = res[n] + T(y[n])                       (the residual connection)
+//   EPI 2: rows n and n + N: out[n] = silu(T(y[n])) * T(y[n + N])   (gate | up)
 enum { EPI_STORE = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2 };
 
 // out[i] from the fp32 sums y (and u, the up row, for EPI_SWIGLU), per epilogue
-template <int EPI>
-__device__ __forceinline__ void epilogue(float y, float u, const __half* __restrict__ res, __half* __restrict__ out,
-                                         size_t i) {
+template <int EPI, typename T>
+__device__ __forceinline__ void epilogue(float y, float u, const T* __restrict__ res, T* __restrict__ out, size_t i) {
     if (EPI == EPI_SWIGLU) {
-        out[i] = silu_mul(f2h(y), f2h(u));
+        out[i] = silu_mul(from_f<T>(y), from_f<T>(u));
     } else {
-        const __half yh = f2h(y);
+        const T yh = from_f<T>(y);
         out[i] = (EPI == EPI_RESIDUAL) ? __hadd(__ldcg(res + i), yh) : yh;
     }
 }
@@ -215,8 +249,8 @@ struct Row {  // one lane's share of (a part of) a weight row, held in registers
 };
 
 // vectors [0, n) of a part (n = NVP, or fewer for the last part of a split row)
-template <int PER_LANE>
-__device__ __forceinline__ void load_row(Row<PER_LANE>& r, const __half* __restrict__ wpart, int n, int lane) {
+template <int PER_LANE, typename T>
+__device__ __forceinline__ void load_row(Row<PER_LANE>& r, const T* __restrict__ wpart, int n, int lane) {
     const uint4* w = reinterpret_cast<const uint4*>(wpart);
 #pragma unroll
     for (int i = 0; i < PER_LANE; i++) {
@@ -225,22 +259,24 @@ __device__ __forceinline__ void load_row(Row<PER_LANE>& r, const __half* __restr
     }
 }
 
+template <typename T>
 __device__ __forceinline__ void fma8(const uint4& w, const float (&h)[8], float& acc) {
-    const __half2* w2 = reinterpret_cast<const __half2*>(&w);
+    const typename Pair<T>::type* w2 = reinterpret_cast<const typename Pair<T>::type*>(&w);
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        const float2 a = __half22float2(w2[j]);
+        const float2 a = to_f2(w2[j]);
         acc = fmaf(a.x, h[2 * j], acc);
         acc = fmaf(a.y, h[2 * j + 1], acc);
     }
 }
 
-template <int K, bool NORM, int EPI>
-__global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const __half* __restrict__ x,
-                                             const __half* __restrict__ norm_w, float eps,
-                                             const __half* __restrict__ res, __half* __restrict__ out, int N) {
+template <typename T, int K, bool NORM, int EPI>
+__global__ void __launch_bounds__(512) gemv(const T* __restrict__ W, const T* __restrict__ x,
+                                             const T* __restrict__ norm_w, float eps,
+                                             const T* __restrict__ res, T* __restrict__ out, int N) {
     static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
     using P = GemvSplit<K, EPI>;
+    using T2 = typename Pair<T>::type;
     constexpr int S = P::S, NV = P::NV, NVP = P::NVP, PER_LANE = P::PER_LANE;
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -260,7 +296,7 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
     // x, written by the previous kernel, is read once per block into shared memory with
     // L2-only loads (ld.global.cg): an L1 line cached before this kernel may be stale when
     // kernels overlap, and every warp of the block reads all of x
-    __shared__ __align__(16) __half xs[K];
+    __shared__ __align__(16) T xs[K];
     for (int i = threadIdx.x; i < NV; i += blockDim.x)
         reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(x) + i);
     __syncthreads();
@@ -274,26 +310,26 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
         const int c = i * 32 + lane;
         if (c < n_here) {
             const uint4 xr = xv[c];
-            const __half2* x2 = reinterpret_cast<const __half2*>(&xr);
+            const T2* x2 = reinterpret_cast<const T2*>(&xr);
             float h[8];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const float2 f = __half22float2(x2[j]);
+                const float2 f = to_f2(x2[j]);
                 h[2 * j] = f.x; h[2 * j + 1] = f.y;
             }
             if (NORM) {
                 const uint4 nr = nv[c];
-                const __half2* n2 = reinterpret_cast<const __half2*>(&nr);
+                const T2* n2 = reinterpret_cast<const T2*>(&nr);
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    const float2 g = __half22float2(n2[j]);
+                    const float2 g = to_f2(n2[j]);
                     ss = fmaf(h[2 * j], h[2 * j], ss);
                     ss = fmaf(h[2 * j + 1], h[2 * j + 1], ss);
                     h[2 * j] *= g.x; h[2 * j + 1] *= g.y;
                 }
             }
-            fma8(wa.v[i], h, acc_a);
-            if (EPI == EPI_SWIGLU) fma8(wb.v[i], h, acc_b);
+            fma8<T>(wa.v[i], h, acc_a);
+            if (EPI == EPI_SWIGLU) fma8<T>(wb.v[i], h, acc_b);
         }
     }
     float y = warp_sum(acc_a);
@@ -321,7 +357,7 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
 // sum_k W[n, k] * X[b, k]. The weights are still read once, but each weight now meets B
 // inputs, and on CUDA cores the fp16->fp32 conversions alone would cost more than the
 // memory. So this kernel runs on the tensor cores: one mma.m16n8k16 multiplies a 16x16
-// tile of W by a 16x8 tile of X^T (8 tokens), fp16 in, fp32 accumulate.
+// tile of W by a 16x8 tile of X^T (8 tokens), T in, fp32 accumulate.
 //
 // The tile layout trick: a dot product may visit k in any order, as long as W and X use
 // the same one. mma wants each thread to hold, for rows g and g+8 of the tile (g = lane/4),
@@ -333,16 +369,24 @@ __global__ void __launch_bounds__(512) gemv(const __half* __restrict__ W, const 
 //
 // Block: 16 output rows (EPI_SWIGLU: 16 gate and the 16 matching up rows), 8 warps that
 // split K between them (tiles w, w+8, ...); their partial sums meet in shared memory.
-// X (normed when NORM, and rounded to fp16: mma's input) is staged once per block in
+// X (normed when NORM, and rounded to T: mma's input) is staged once per block in
 // dynamic shared memory, its rows padded by 32 halves so that the 8 threads of a
 // quarter-warp hit distinct banks. Rows b >= B of the tile are zeros.
 //   W: [N, K] ([2N, K] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
+template <typename T = __half>
 __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                           unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if constexpr (Pair<T>::bf16) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
 }
 
 // the mma accumulators [matrix][8-token tile][4] and the per-token sums of squares, zeroed
@@ -378,7 +422,7 @@ struct RowsChunk {
     static constexpr int CHUNKS = (PER_WARP + CT - 1) / CT;
 };
 
-// Stage columns [k0, k0 + cols) of every token's X (fp16, times the norm weight when NORM)
+// Stage columns [k0, k0 + cols) of every token's X (T, times the norm weight when NORM)
 // into xs; one warp per token, each lane over the same 16-byte vectors, in the same order,
 // as a single pass over K would take them, so ss (each lane's running sum of squares,
 // carried across chunks) adds in one order whatever the chunk size. Every block stages all
@@ -391,9 +435,10 @@ __device__ __forceinline__ void copy_async16(void* dst, const void* src, int src
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes));
 }
 
-template <bool NORM, int K, int XS, int NT>
-__device__ __forceinline__ void stage_rows(const __half* __restrict__ X, const __half* __restrict__ norm_w,
-                                           __half* xs, float (&ss)[NT], int k0, int cols, int B, int warp, int lane) {
+template <bool NORM, int K, int XS, int NT, typename T>
+__device__ __forceinline__ void stage_rows(const T* __restrict__ X, const T* __restrict__ norm_w,
+                                           T* xs, float (&ss)[NT], int k0, int cols, int B, int warp, int lane) {
+    using T2 = typename Pair<T>::type;
     const int n = cols / 8;  // 16-byte vectors per row
 #pragma unroll
     for (int s = 0; s < NT; s++) {
@@ -411,43 +456,43 @@ __device__ __forceinline__ void stage_rows(const __half* __restrict__ X, const _
     const uint4* nsrc = reinterpret_cast<const uint4*>(norm_w + k0);
     for (int i = lane; i < n; i += 32) {
         const uint4 nw = nsrc[i];
-        const __half2* n2 = reinterpret_cast<const __half2*>(&nw);
+        const T2* n2 = reinterpret_cast<const T2*>(&nw);
 #pragma unroll
         for (int s = 0; s < NT; s++) {
             const int b = warp + ROWS_WARPS * s;
             if (b >= B) continue;
             uint4* dst = reinterpret_cast<uint4*>(xs + b * XS) + i;
             uint4 v = *dst;
-            __half2* v2 = reinterpret_cast<__half2*>(&v);
+            T2* v2 = reinterpret_cast<T2*>(&v);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const float2 f = __half22float2(v2[j]), w2 = __half22float2(n2[j]);
+                const float2 f = to_f2(v2[j]), w2 = to_f2(n2[j]);
                 ss[s] = fmaf(f.x, f.x, fmaf(f.y, f.y, ss[s]));
-                v2[j] = __floats2half2_rn(f.x * w2.x, f.y * w2.y);
+                v2[j] = Pair<T>::make(f.x * w2.x, f.y * w2.y);
             }
             *dst = v;
         }
     }
 }
 
-template <int K, bool NORM, int EPI, int NT>
+template <typename T, int K, bool NORM, int EPI, int NT>
 __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
-        const __half* __restrict__ W, const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
-        const __half* __restrict__ res, __half* __restrict__ out, int N, int B) {
+        const T* __restrict__ W, const T* __restrict__ X, const T* __restrict__ norm_w, float eps,
+        const T* __restrict__ res, T* __restrict__ out, int N, int B) {
     static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
     using C = RowsChunk<K, EPI, NT>;
     constexpr int TILES = C::TILES, PER_WARP = C::PER_WARP, CT = C::CT, KC = C::KC, MATS = C::MATS;
     constexpr int G = (EPI == EPI_SWIGLU) ? 2 : 4;   // k tiles whose weights are loaded before any mma
     constexpr int XS = KC + ROWS_PAD;                // staged row stride, halves
     extern __shared__ __align__(16) unsigned char smem[];
-    __half* xs = reinterpret_cast<__half*>(smem);                                   // [NT*8][XS]
+    T* xs = reinterpret_cast<T*>(smem);                                             // [NT*8][XS]
     float* part = reinterpret_cast<float*>(smem + NT * 8 * XS * 2);                 // [MATS][WARPS][16][NT*8]
     float* inv = part + MATS * ROWS_WARPS * 16 * NT * 8;                            // [NT*8]
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * 16;
     // this thread's two weight rows, per matrix (gate, up); rows past N read row 0 (results dropped)
-    const __half* wrow[MATS][2];
+    const T* wrow[MATS][2];
 #pragma unroll
     for (int m = 0; m < MATS; m++) {
 #pragma unroll
@@ -502,7 +547,7 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
                     const int col = (tile - c * CT * ROWS_WARPS) * 64;  // within the chunk
 #pragma unroll
                     for (int n = 0; n < NT; n++) {
-                        const __half* xr = xs + (n * 8 + g) * XS + col + 8 * t;
+                        const T* xr = xs + (n * 8 + g) * XS + col + 8 * t;
                         const uint4 xa = *reinterpret_cast<const uint4*>(xr);
                         const uint4 xb = *reinterpret_cast<const uint4*>(xr + 32);
 #pragma unroll
@@ -510,10 +555,10 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
                             const uint4 &lo = wv[i][m][0][0], &hi = wv[i][m][1][0];
                             const uint4 &lo2 = wv[i][m][0][1], &hi2 = wv[i][m][1][1];
                             // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
-                            mma_16816(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
-                            mma_16816(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
-                            mma_16816(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xb.x, xb.y);
-                            mma_16816(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xb.z, xb.w);
+                            mma_16816<T>(acc[m][n], lo.x, hi.x, lo.y, hi.y, xa.x, xa.y);
+                            mma_16816<T>(acc[m][n], lo.z, hi.z, lo.w, hi.w, xa.z, xa.w);
+                            mma_16816<T>(acc[m][n], lo2.x, hi2.x, lo2.y, hi2.y, xb.x, xb.y);
+                            mma_16816<T>(acc[m][n], lo2.z, hi2.z, lo2.w, hi2.w, xb.z, xb.w);
                         }
                     }
                 }
@@ -569,7 +614,7 @@ __global__ void __launch_bounds__(ROWS_WARPS * 32) gemv_rows(
 // runs the epilogue.
 //
 // NORM: X is multiplied by the norm weight as its fragments leave shared memory (rounded
-// to fp16: mma's input), and 1/rms is applied to the sums at the end; each token's sum of
+// to T: mma's input), and 1/rms is applied to the sums at the end; each token's sum of
 // squares is taken by one warp of the block from the same fragments, over the block's
 // range, the S ranges then added in order.
 //   W: [N, K] ([2N, K] for EPI_SWIGLU);  X: [B, K];  res, out: [B, N]
@@ -591,8 +636,8 @@ __device__ __forceinline__ int tile_slot(int row16, int chunk) {
 
 // Columns [k0, k0 + 64) of `rows` rows of M (row stride K) into a tile set (16-row tiles one
 // after another); rows past `valid` read row 0 (weights: results dropped) or zeros (tokens)
-template <int K, int ROWS>
-__device__ __forceinline__ void copy_tile(uint4* dst, const __half* __restrict__ M, int first, int valid, int k0,
+template <int K, int ROWS, typename T>
+__device__ __forceinline__ void copy_tile(uint4* dst, const T* __restrict__ M, int first, int valid, int k0,
                                           bool zeros) {
 #pragma unroll
     for (int i = 0; i < (ROWS * 8 + TILE_WARPS * 32 - 1) / (TILE_WARPS * 32); i++) {
@@ -604,27 +649,30 @@ __device__ __forceinline__ void copy_tile(uint4* dst, const __half* __restrict__
     }
 }
 
+template <typename T>
 __device__ __forceinline__ void hmul8(uint4& x, const uint4& w) {
-    __half2* x2 = reinterpret_cast<__half2*>(&x);
-    const __half2* w2 = reinterpret_cast<const __half2*>(&w);
+    using T2 = typename Pair<T>::type;
+    T2* x2 = reinterpret_cast<T2*>(&x);
+    const T2* w2 = reinterpret_cast<const T2*>(&w);
 #pragma unroll
     for (int j = 0; j < 4; j++) x2[j] = __hmul2(x2[j], w2[j]);
 }
 
+template <typename T>
 __device__ __forceinline__ float sumsq8(const uint4& x, float ss) {
-    const __half2* x2 = reinterpret_cast<const __half2*>(&x);
+    const typename Pair<T>::type* x2 = reinterpret_cast<const typename Pair<T>::type*>(&x);
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        const float2 f = __half22float2(x2[j]);
+        const float2 f = to_f2(x2[j]);
         ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
     }
     return ss;
 }
 
-template <int K, bool NORM, int EPI, int NT>
+template <typename T, int K, bool NORM, int EPI, int NT>
 __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
-        const __half* __restrict__ W, const __half* __restrict__ X, const __half* __restrict__ norm_w, float eps,
-        const __half* __restrict__ res, __half* __restrict__ out, int N, int B, int KS, float* __restrict__ ws,
+        const T* __restrict__ W, const T* __restrict__ X, const T* __restrict__ norm_w, float eps,
+        const T* __restrict__ res, T* __restrict__ out, int N, int B, int KS, float* __restrict__ ws,
         int* __restrict__ counters) {
     static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
     constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
@@ -698,9 +746,9 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
             xv[i][0] = xt[(n0 + i) * 64];  // 64 slots per 8 tokens
             xv[i][1] = xt[(n0 + i) * 64 + 32];
             if (NORM) {
-                if (i % TILE_GROUPS == wr) ss[i] = sumsq8(xv[i][1], sumsq8(xv[i][0], ss[i]));
-                hmul8(xv[i][0], na);
-                hmul8(xv[i][1], nb);
+                if (i % TILE_GROUPS == wr) ss[i] = sumsq8<T>(xv[i][1], sumsq8<T>(xv[i][0], ss[i]));
+                hmul8<T>(xv[i][0], na);
+                hmul8<T>(xv[i][1], nb);
             }
         }
         // the four 16-wide k steps in order (each sum's order), and within a step every
@@ -716,8 +764,8 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
                 for (int m = 0; m < MATS; m++) {
                     // A registers: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
                     const uint4 &lo = wv[m][0][q >> 1], &hi = wv[m][1][q >> 1];
-                    if (q & 1) mma_16816(acc[m][i], lo.z, hi.z, lo.w, hi.w, b0, b1);
-                    else mma_16816(acc[m][i], lo.x, hi.x, lo.y, hi.y, b0, b1);
+                    if (q & 1) mma_16816<T>(acc[m][i], lo.z, hi.z, lo.w, hi.w, b0, b1);
+                    else mma_16816<T>(acc[m][i], lo.x, hi.x, lo.y, hi.y, b0, b1);
                 }
             }
     }
@@ -812,12 +860,12 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
 
 // 1. Issue every load of the cache first: older positions, written by earlier steps, so
 // these loads overlap the previous kernel. pos's row is not in the cache yet (phase 2).
-//   kc, vc: [S_cap, E] (this KV head's);  kreg: key row s, [E] fp16 (t < n_here only)
+//   kc, vc: [S_cap, E] (this KV head's);  kreg: key row s, [E] of T (t < n_here only)
 //   vreg: the chunk's values [n_here, E] as CHUNK * E/8 16-byte vectors, vector i*CHUNK + t
 //         here (zeros past n_here)
-template <int E, int CHUNK>
-__device__ __forceinline__ void load_cached_kv(uint4 (&kreg)[E / 8], uint4 (&vreg)[E / 8], const __half* kc,
-                                               const __half* vc, int first, int n_here, int pos, int t) {
+template <int E, int CHUNK, typename T>
+__device__ __forceinline__ void load_cached_kv(uint4 (&kreg)[E / 8], uint4 (&vreg)[E / 8], const T* kc,
+                                               const T* vc, int first, int n_here, int pos, int t) {
     constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
     const int s = first + t;
     if (t < n_here && s != pos) {
@@ -834,8 +882,8 @@ __device__ __forceinline__ void load_cached_kv(uint4 (&kreg)[E / 8], uint4 (&vre
 
 // 2a. pos's share of vreg is the new value itself, from the QKV output (only after pdl_wait)
 //   v_new: [K, E], row j (this KV head's)
-template <int E, int CHUNK>
-__device__ __forceinline__ void load_new_value(uint4 (&vreg)[E / 8], const __half* v_new, int j, int first, int pos,
+template <int E, int CHUNK, typename T>
+__device__ __forceinline__ void load_new_value(uint4 (&vreg)[E / 8], const T* v_new, int j, int first, int pos,
                                                int t) {
     constexpr int ROW_VECS = E / 8;
 #pragma unroll
@@ -847,29 +895,29 @@ __device__ __forceinline__ void load_new_value(uint4 (&vreg)[E / 8], const __hal
 
 // 2b. RoPE of one pair (e, e + E/2) of row r: query head head0 + r for r < R, else the new
 // key; into fp32 shared memory for the scores, rounded like the readable path:
-// fp16(x1*cos - x2*sin), no FMA. One block per KV head (query group z == 0 of the chunk
+// T(x1*cos - x2*sin), no FMA. One block per KV head (query group z == 0 of the chunk
 // that holds_pos) also stores the rotated key and the value at pos, for later steps.
 //   q: [H, E], kn, vn: [E] (this KV head's);  cs, sn: [E/2] (row pos)
 //   sq: [R][E], skn: [E] fp32;  kc, vc: [S_cap, E], row pos written
-template <int E, int R>
-__device__ __forceinline__ void rope_pair(float (&sq)[R][E], float (&skn)[E], const __half* q, int head0,
-                                          const __half* kn, const __half* vn, const float* cs, const float* sn,
-                                          int rotate, bool holds_pos, int z, __half* kc, __half* vc, int pos, int r,
+template <int E, int R, typename T>
+__device__ __forceinline__ void rope_pair(float (&sq)[R][E], float (&skn)[E], const T* q, int head0,
+                                          const T* kn, const T* vn, const float* cs, const float* sn,
+                                          int rotate, bool holds_pos, int z, T* kc, T* vc, int pos, int r,
                                           int e) {
     constexpr int HALF = E / 2;
-    const __half* x = (r < R) ? q + (size_t)(head0 + r) * E : kn;
-    const float x1 = h2f(__ldcg(x + e)), x2 = h2f(__ldcg(x + e + HALF));
+    const T* x = (r < R) ? q + (size_t)(head0 + r) * E : kn;
+    const float x1 = to_f(__ldcg(x + e)), x2 = to_f(__ldcg(x + e + HALF));
     float y1 = x1, y2 = x2;
     if (rotate) {
-        y1 = h2f(f2h(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e]))));
-        y2 = h2f(f2h(__fadd_rn(__fmul_rn(x2, cs[e]), __fmul_rn(x1, sn[e]))));
+        y1 = to_f(from_f<T>(__fsub_rn(__fmul_rn(x1, cs[e]), __fmul_rn(x2, sn[e]))));
+        y2 = to_f(from_f<T>(__fadd_rn(__fmul_rn(x2, cs[e]), __fmul_rn(x1, sn[e]))));
     }
     if (r < R) { sq[r][e] = y1; sq[r][e + HALF] = y2; }
     else {
         skn[e] = y1; skn[e + HALF] = y2;
         if (holds_pos && z == 0) {
-            kc[(size_t)pos * E + e] = f2h(y1);
-            kc[(size_t)pos * E + e + HALF] = f2h(y2);
+            kc[(size_t)pos * E + e] = from_f<T>(y1);
+            kc[(size_t)pos * E + e + HALF] = from_f<T>(y2);
             vc[(size_t)pos * E + e] = __ldcg(vn + e);
             vc[(size_t)pos * E + e + HALF] = __ldcg(vn + e + HALF);
         }
@@ -877,9 +925,9 @@ __device__ __forceinline__ void rope_pair(float (&sq)[R][E], float (&skn)[E], co
 }
 
 // 2c. the chunk's values into shared memory, where phase 5 reads them by column
-//   vreg (CHUNK * E/8 vectors over the block) -> sv: [CHUNK][E] fp16 (rows past n_here: zeros)
-template <int E, int CHUNK>
-__device__ __forceinline__ void stage_values(__half (&sv)[CHUNK][E], const uint4 (&vreg)[E / 8], int t) {
+//   vreg (CHUNK * E/8 vectors over the block) -> sv: [CHUNK][E] of T (rows past n_here: zeros)
+template <int E, int CHUNK, typename T>
+__device__ __forceinline__ void stage_values(T (&sv)[CHUNK][E], const uint4 (&vreg)[E / 8], int t) {
 #pragma unroll
     for (int i = 0; i < E / 8; i++) {
         const int idx = i * CHUNK + t;
@@ -887,11 +935,11 @@ __device__ __forceinline__ void stage_values(__half (&sv)[CHUNK][E], const uint4
     }
 }
 
-// 3. the scores of all R heads for key s: fp16(q.k) like the fp16 matmul, then * scale;
+// 3. the scores of all R heads for key s: T(q.k) like the matmul in T, then * scale;
 // -inf past the chunk's end, so that the key drops out of the softmax. Key pos is the new
-// key (skn, fp32 from the rotation); any other is the cache row in kreg (fp16).
-//   sq: [R][E], skn: [E], kreg: [E] fp16 -> sc: [R]
-template <int E, int R>
+// key (skn, fp32 from the rotation); any other is the cache row in kreg (T).
+//   sq: [R][E], skn: [E], kreg: [E] of T -> sc: [R]
+template <int E, int R, typename T>
 __device__ __forceinline__ void chunk_scores(float (&sc)[R], const float (&sq)[R][E], const float (&skn)[E],
                                              const uint4 (&kreg)[E / 8], bool has_key, bool is_new, float scale) {
 #pragma unroll
@@ -906,10 +954,10 @@ __device__ __forceinline__ void chunk_scores(float (&sc)[R], const float (&sq)[R
         } else {
 #pragma unroll
             for (int i = 0; i < E / 8; i++) {
-                const __half2* k2 = reinterpret_cast<const __half2*>(&kreg[i]);
+                const typename Pair<T>::type* k2 = reinterpret_cast<const typename Pair<T>::type*>(&kreg[i]);
 #pragma unroll
                 for (int jj = 0; jj < 4; jj++) {
-                    const float2 kf = __half22float2(k2[jj]);
+                    const float2 kf = to_f2(k2[jj]);
 #pragma unroll
                     for (int r = 0; r < R; r++)
                         sc[r] = fmaf(sq[r][i * 8 + 2 * jj + 1], kf.y, fmaf(sq[r][i * 8 + 2 * jj], kf.x, sc[r]));
@@ -917,7 +965,7 @@ __device__ __forceinline__ void chunk_scores(float (&sc)[R], const float (&sq)[R
             }
         }
 #pragma unroll
-        for (int r = 0; r < R; r++) sc[r] = h2f(f2h(sc[r])) * scale;
+        for (int r = 0; r < R; r++) sc[r] = to_f(from_f<T>(sc[r])) * scale;
     } else {
 #pragma unroll
         for (int r = 0; r < R; r++) sc[r] = -INFINITY;
@@ -959,13 +1007,13 @@ __device__ __forceinline__ void chunk_softmax(float (&m)[R], float (&l)[R], floa
 // 5. the chunk's unnormalised output, fp32: thread (g, e) = (t / E, t % E) sums keys
 // g, g + GROUPS, ... of column e for every head; GROUPS = CHUNK / E (2 for E = 64, 1 for 128)
 //   sp: [R][CHUNK] probabilities, sv: [CHUNK][E] -> o: [R] (column e, group g's share)
-template <int E, int R, int CHUNK>
+template <int E, int R, int CHUNK, typename T>
 __device__ __forceinline__ void chunk_output(float (&o)[R], const float (&sp)[R][CHUNK],
-                                             const __half (&sv)[CHUNK][E], int n_here, int e, int g) {
+                                             const T (&sv)[CHUNK][E], int n_here, int e, int g) {
 #pragma unroll
     for (int r = 0; r < R; r++) o[r] = 0.f;
     for (int kk = g; kk < n_here; kk += CHUNK / E) {
-        const float v = h2f(sv[kk][e]);
+        const float v = to_f(sv[kk][e]);
 #pragma unroll
         for (int r = 0; r < R; r++) o[r] = fmaf(sp[r][kk], v, o[r]);
     }
@@ -996,11 +1044,11 @@ __device__ __forceinline__ bool last_to_arrive(unsigned int* counters, int gi, i
 }
 
 // 7. merge the n_chunks partials in chunk order, in fp32, rescaling each to the overall max:
-// out = sum_c exp(m_c - m) o_c / sum_c exp(m_c - m) l_c, rounded to fp16 once
+// out = sum_c exp(m_c - m) o_c / sum_c exp(m_c - m) l_c, rounded to T once
 //   part_o, part_ml at group gi: po0: [n_total_chunks, R, E], pml0: [n_total_chunks, R, (m, l)]
 //   -> out: [R * E] from head0's row
-template <int E, int R, int CHUNK>
-__device__ __forceinline__ void merge_chunks(__half* out, int head0, const float* part_o, const float* part_ml, int gi,
+template <int E, int R, int CHUNK, typename T>
+__device__ __forceinline__ void merge_chunks(T* out, int head0, const float* part_o, const float* part_ml, int gi,
                                              int n_total_chunks, int n_chunks, int t) {
     const float* po0 = part_o + (size_t)gi * n_total_chunks * R * E;
     const float* pml0 = part_ml + (size_t)gi * n_total_chunks * R * 2;
@@ -1014,7 +1062,7 @@ __device__ __forceinline__ void merge_chunks(__half* out, int head0, const float
             ll += w * __ldcg(pml0 + (cc * R + r) * 2 + 1);
             acc += w * __ldcg(po0 + (size_t)cc * R * E + i);
         }
-        out[(size_t)head0 * E + i] = f2h(acc / ll);
+        out[(size_t)head0 * E + i] = from_f<T>(acc / ll);
     }
 }
 
@@ -1022,12 +1070,12 @@ __device__ __forceinline__ void merge_chunks(__half* out, int head0, const float
 //   k_cache, v_cache: [K, S_cap, E] (this layer's);  out: [H * E]    (per sequence)
 //   part_o: [.., n_total_chunks, R, E], part_ml: [.., n_total_chunks, R, 2], counters: [..]
 //           (per block group gi)
-template <int E, int R, int CHUNK>
+template <typename T, int E, int R, int CHUNK>
 __global__ void __launch_bounds__(CHUNK) decode_attention(
-        const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
+        const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new,
         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos_ptr,
-        __half* k_cache, __half* v_cache, int S_cap, float scale, int rotate, int n_rep,
-        float* part_o, float* part_ml, unsigned int* counters, __half* __restrict__ out,
+        T* k_cache, T* v_cache, int S_cap, float scale, int rotate, int n_rep,
+        float* part_o, float* part_ml, unsigned int* counters, T* __restrict__ out,
         const int* __restrict__ slot_ptr, long long qkv_stride, long long slot_stride) {
     constexpr int HALF = E / 2;
     constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
@@ -1058,14 +1106,14 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     const int n_here = min(CHUNK, n_keys - first);     // positions in this chunk
     const bool holds_pos = (c == n_chunks - 1);        // the chunk where the new token goes
 
-    __shared__ __align__(16) __half sv[CHUNK][E];     // the chunk's values
+    __shared__ __align__(16) T sv[CHUNK][E];          // the chunk's values
     __shared__ float sq[R][E];                        // this KV head's R query heads, rotated
     __shared__ float skn[E];                          // the new key, rotated
     __shared__ float sp[R][CHUNK];                    // probabilities, then partial outputs
     __shared__ float red[WARPS][R];
     __shared__ int is_last;
-    __half* kc = k_cache + (size_t)j * S_cap * E;
-    __half* vc = v_cache + (size_t)j * S_cap * E;
+    T* kc = k_cache + (size_t)j * S_cap * E;
+    T* vc = v_cache + (size_t)j * S_cap * E;
 
     uint4 kreg[ROW_VECS], vreg[ROW_VECS];
     load_cached_kv<E, CHUNK>(kreg, vreg, kc, vc, first, n_here, pos, t);                    // 1.
@@ -1074,14 +1122,14 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     const float* cs = cos_t + (size_t)pos * HALF;
     const float* sn = sin_t + (size_t)pos * HALF;
     for (int i = t; i < (R + 1) * HALF; i += CHUNK)  // 2b. pairs of the R query heads, then of the new key
-        rope_pair<E, R>(sq, skn, q, head0, k_new + (size_t)j * E, v_new + (size_t)j * E, cs, sn, rotate, holds_pos,
+        rope_pair<E, R, T>(sq, skn, q, head0, k_new + (size_t)j * E, v_new + (size_t)j * E, cs, sn, rotate, holds_pos,
                         z, kc, vc, pos, i / HALF, i % HALF);
     if (write_only) return;
     stage_values<E, CHUNK>(sv, vreg, t);                                                    // 2c.
     __syncthreads();
 
     float sc[R], m[R], l[R], o[R];
-    chunk_scores<E, R>(sc, sq, skn, kreg, t < n_here, first + t == pos, scale);            // 3.
+    chunk_scores<E, R, T>(sc, sq, skn, kreg, t < n_here, first + t == pos, scale);            // 3.
     chunk_softmax<R, CHUNK>(m, l, sp, red, sc, n_here, t, lane, warp);                      // 4.
     const int e = t % E, g = t / E;
     chunk_output<E, R, CHUNK>(o, sp, sv, n_here, e, g);                                     // 5.
@@ -1100,7 +1148,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     if (n_chunks == 1) {  // the whole context in one chunk: normalise and done
         for (int i = t; i < R * E; i += CHUNK) {
             const int r = i / E;
-            out[(size_t)head0 * E + i] = f2h(chunk_output_sum<E, R, CHUNK>(sp, r, i % E) / l[r]);
+            out[(size_t)head0 * E + i] = from_f<T>(chunk_output_sum<E, R, CHUNK>(sp, r, i % E) / l[r]);
         }
         return;
     }

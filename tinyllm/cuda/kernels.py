@@ -2,9 +2,10 @@
 
 CuPy compiles CUDA C++ at run time with NVRTC and keeps the binaries in its kernel
 cache (~/.cupy/kernel_cache), so the compilation cost is paid once per machine, and
-per process only a module load. Templates are instantiated for the model's own sizes
-(K, the GEMV's input length, and E, R, the attention's head dim and group size) so
-the compiler can unroll every loop and keep the weight loads in registers.
+per process only a module load. Templates are instantiated for the model's element type
+(fp16 or bf16: ELEMENT_TYPES) and its own sizes (K, the GEMV's input length, and E, R, the
+attention's head dim and group size) so the compiler can unroll every loop and keep the
+weight loads in registers.
 
 Each launcher takes CuPy arrays and launches on the current stream; none of them
 synchronizes or copies between host and device, so all of them can be captured into
@@ -30,6 +31,22 @@ def attention_chunk(head_dim: int) -> int:
 
 SAMPLE_THREADS = 1024
 EPI_STORE, EPI_RESIDUAL, EPI_SWIGLU = 0, 1, 2
+
+# kernels.cu's element type T for arrays of each dtype (by NumPy name; bf16 arrays have
+# ml_dtypes' bfloat16 dtype, in NumPy and CuPy alike). The quantized kernels take fp16 only.
+ELEMENT_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+def element_type(dtype) -> str | None:
+    """The C++ type the kernels are instantiated on for this dtype; None if they take none."""
+    return ELEMENT_TYPES.get(np.dtype(dtype).name)
+
+
+def _elem(a) -> str:
+    t = element_type(a.dtype)
+    if t is None:
+        raise TypeError(f"the CUDA kernels take float16 or bfloat16 arrays, got {np.dtype(a.dtype).name}")
+    return t
 
 
 def _cupy():
@@ -61,12 +78,17 @@ def kernel(name: str):
     return _modules[name].get_function(name)
 
 
-PLAIN_KERNELS = ("embedding", "rms_norm_rows", "sample_token", "sample_rows", "set_step",
-                 "rope_rows", "softmax_rows", "swiglu_rows")
+PLAIN_KERNELS = ("embedding", "sample_token", "sample_rows", "set_step", "softmax_rows")
+TYPED_KERNELS = ("rms_norm_rows", "rope_rows", "swiglu_rows")  # templates on the element type alone
 
 
-def gemv_name(k: int, norm: bool, epilogue: int) -> str:
-    return f"gemv<{k}, {'true' if norm else 'false'}, {epilogue}>"
+def plain_kernel_names(dtype) -> list[str]:
+    """The kernels without sizes in their template, for a model of this dtype."""
+    return list(PLAIN_KERNELS) + [f"{name}<{element_type(dtype)}>" for name in TYPED_KERNELS]
+
+
+def gemv_name(dtype, k: int, norm: bool, epilogue: int) -> str:
+    return f"gemv<{element_type(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}>"
 
 
 def heads_per_block(n_rep: int) -> int:
@@ -99,8 +121,9 @@ def attention_shared(head_dim: int, heads: int) -> int:
     return chunk * head_dim * 2 + (heads + 1) * head_dim * 4 + heads * chunk * 4 + (chunk // 32) * heads * 4 + 4
 
 
-def attention_name(head_dim: int, n_rep: int, heads: int | None = None) -> str:
-    return f"decode_attention<{head_dim}, {heads or heads_per_block(n_rep)}, {attention_chunk(head_dim)}>"
+def attention_name(dtype, head_dim: int, n_rep: int, heads: int | None = None) -> str:
+    return (f"decode_attention<{element_type(dtype)}, {head_dim}, {heads or heads_per_block(n_rep)}, "
+            f"{attention_chunk(head_dim)}>")
 
 
 # ---- launching, optionally with programmatic dependent launch (PDL) -----------------------
@@ -192,7 +215,7 @@ def embedding(table, token, out):
 
 def rms_norm_rows(x, w, eps: float, out):
     rows = x.size // x.shape[-1]
-    kernel("rms_norm_rows")((rows,), (256,), (x, w, out, np.int32(x.shape[-1]), np.float32(eps)))
+    kernel(f"rms_norm_rows<{_elem(x)}>")((rows,), (256,), (x, w, out, np.int32(x.shape[-1]), np.float32(eps)))
 
 
 def _blocks(n: int, threads: int = 256) -> int:
@@ -200,11 +223,11 @@ def _blocks(n: int, threads: int = 256) -> int:
 
 
 def rope_rows(x, cos, sin, out):
-    """RoPE of a prompt's rows. x: [B, T, N, E] fp16 (heads contiguous, rows evenly strided);
+    """RoPE of a prompt's rows. x: [B, T, N, E] fp16 or bf16 (heads contiguous, rows evenly strided);
     cos, sin: [T, E/2] or [B, T, E/2] fp32, contiguous; out: [B, T, N, E] contiguous."""
     b, t, n, e = x.shape
     rows = b * t
-    kernel("rope_rows")((_blocks(rows * n * e // 2),), (256,), (
+    kernel(f"rope_rows<{_elem(x)}>")((_blocks(rows * n * e // 2),), (256,), (
         x, np.int64(x.strides[1] // 2), np.int32(n), np.int32(e), cos, sin, np.int32(cos.size // (e // 2)),
         np.int32(t), np.int64(rows), out))
 
@@ -216,10 +239,10 @@ def softmax_rows(x):
 
 
 def swiglu_rows(gate_up, out):
-    """silu(gate) * up.  gate_up: [..., 2F] fp16 contiguous -> out [..., F]"""
+    """silu(gate) * up.  gate_up: [..., 2F] fp16 or bf16, contiguous -> out [..., F]"""
     f = gate_up.shape[-1] // 2
     rows = gate_up.size // (2 * f)
-    kernel("swiglu_rows")((_blocks(rows * f),), (256,), (gate_up, out, np.int32(f), np.int64(rows)))
+    kernel(f"swiglu_rows<{_elem(gate_up)}>")((_blocks(rows * f),), (256,), (gate_up, out, np.int32(f), np.int64(rows)))
 
 
 def gemv_split(k: int, epilogue: int) -> int:
@@ -230,7 +253,7 @@ def gemv_split(k: int, epilogue: int) -> int:
 
 
 def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
-    """out = W @ x (fp16 in, fp32 accumulate) with an optional RMSNorm prologue and an epilogue.
+    """out = W @ x (fp16 or bf16 in, fp32 accumulate) with an optional RMSNorm prologue and an epilogue.
 
     w: [N, K] (EPI_SWIGLU: [2N, K], gate rows then up rows); x: [K]; out: [N]."""
     n_out, k = w.shape
@@ -240,7 +263,7 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
     rows_per_block = GEMV_WARPS // gemv_split(k, epilogue)
     blocks = (n_out + rows_per_block - 1) // rows_per_block
     # unused pointer arguments get x: a valid address the kernel never reads
-    launch(gemv_name(k, norm, epilogue), (blocks,), (32 * GEMV_WARPS,), (
+    launch(gemv_name(w.dtype, k, norm, epilogue), (blocks,), (32 * GEMV_WARPS,), (
         w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out)),
         pdl=True)
 
@@ -269,7 +292,7 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     chunk = attention_chunk(e)
     n_chunks = (s_cap + chunk - 1) // chunk
     groups = n_rep // heads
-    launch(attention_name(e, n_rep, heads), (n_chunks, n_kv, groups * rows), (chunk,), (
+    launch(attention_name(k_cache.dtype, e, n_rep, heads), (n_chunks, n_kv, groups * rows), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
         np.int32((1 if rotate else 0) | (2 if write_only else 0)), np.int32(n_rep), part_o, part_ml, counters, out,
         slots, np.int64(row_stride), np.int64(n_kv * s_cap * e)), pdl=pdl)
@@ -326,11 +349,11 @@ def rows_kernel(n_out: int, k: int, epilogue: int) -> str:
     return "gemm_rows" if mats * n_out * k >= TILE_MIN_WEIGHTS else "gemv_rows"
 
 
-def gemv_rows_name(n_out: int, k: int, norm: bool, epilogue: int, rows: int, kernel: str | None = None) -> str:
+def gemv_rows_name(dtype, n_out: int, k: int, norm: bool, epilogue: int, rows: int, kernel: str | None = None) -> str:
     """The instantiation that out = W @ x for B = rows tokens launches (kernel: 'gemv_rows' or
     'gemm_rows'; default rows_kernel's pick)."""
     which = kernel or rows_kernel(n_out, k, epilogue)
-    return f"{which}<{k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
+    return f"{which}<{element_type(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
 
 
 def gemv_rows_fits(n_out: int, k: int, rows: int = MAX_ROWS) -> bool:
@@ -394,7 +417,7 @@ def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float =
     rows = x.size // k
     norm = norm_w is not None
     which = kernel_name or rows_kernel(n_out, k, epilogue)
-    name = gemv_rows_name(n_out, k, norm, epilogue, rows, which)
+    name = gemv_rows_name(w.dtype, n_out, k, norm, epilogue, rows, which)
     common = (w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out,
               np.int32(n_out), np.int32(rows))
     if which == "gemv_rows":

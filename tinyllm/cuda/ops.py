@@ -13,7 +13,7 @@ decode step launches:
 
 plus the embedding, the final norm + LM head (norm_linear), and the fp32 cast of the logits.
 
-Only the decode shape (one token per sequence, fp16) takes the fused kernels. A prompt
+Only the decode shape (one token per sequence, fp16 or bf16) takes the fused kernels. A prompt
 (prefill) runs each group's readable default with cuBLAS for the matmuls, except that its
 RMSNorm, RoPE, softmax and SiLU·mul are one kernel each (`*_rows` in kernels.cu: the
 prefill is host-bound, and each readable one is 5-10 CuPy calls); float32 runs readable.
@@ -46,21 +46,25 @@ MODES = ("eager", "graph", "batched")
 
 
 class FastOps(Ops):
-    """Ops for a CuPy fp16 model whose one-token decode runs fused kernels (see module docstring).
+    """Ops for a CuPy fp16 or bf16 model whose one-token decode runs fused kernels (see module
+    docstring).
 
     config, rope: the model's (rope.RopeTables: the whole tables, [S, E/2] fp32, read at each
     call because they grow; the attention kernel rotates at the position it reads from
-    device memory). positions, slots: int32 device buffers the graph modes read; the eager
-    mode makes and writes its own."""
+    device memory). dtype: the model's (its weights, activations and cache). positions,
+    slots: int32 device buffers the graph modes read; the eager mode makes and writes its own."""
 
     def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False,
-                 quantized=()):
+                 quantized=(), dtype=np.float16):
         import cupy as cp
 
         if mode not in MODES:
             raise ValueError(f"FastOps mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if K.element_type(dtype) is None:
+            raise ValueError(f"FastOps: the kernels take float16 or bfloat16, got {np.dtype(dtype).name}")
         super().__init__(cp)
         c = self.config = config
+        self.dtype = np.dtype(dtype)
         self.mode = mode
         self.tables = rope
         self.shared_rows = shared_rows  # batched rows may share a cache (a prompt's tokens, one per row)
@@ -75,21 +79,22 @@ class FastOps(Ops):
 
     @classmethod
     def for_model(cls, model, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False) -> "FastOps":
-        return cls(model.config, model.rope, mode, positions, slots, shared_rows, quantized_gemvs(model.weights))
+        return cls(model.config, model.rope, mode, positions, slots, shared_rows, quantized_gemvs(model.weights),
+                   model.dtype)
 
     # ---- which calls take the fast path ------------------------------------------------
     def kernel_names(self) -> list[str]:
         """Every kernel this model's decode step launches (compiled together at warm-up)."""
         c = self.config
-        names = list(K.PLAIN_KERNELS)
+        names = K.plain_kernel_names(self.dtype)
         for k, norm, epi in [(c.dim, True, K.EPI_STORE), (c.dim, False, K.EPI_STORE), (c.dim, True, K.EPI_SWIGLU),
                              (c.dim, False, K.EPI_SWIGLU), (c.n_heads * c.head_dim, False, K.EPI_RESIDUAL),
                              (c.n_heads * c.head_dim, False, K.EPI_STORE), (c.hidden_dim, False, K.EPI_RESIDUAL),
                              (c.hidden_dim, False, K.EPI_STORE)]:
             if k % 8 == 0:
-                names.append(K.gemv_name(k, norm, epi))
+                names.append(K.gemv_name(self.dtype, k, norm, epi))
         if self.fused_attention:
-            names.append(K.attention_name(c.head_dim, c.n_rep))
+            names.append(K.attention_name(self.dtype, c.head_dim, c.n_rep))
         for kind, k, norm, epi in self.quantized:
             names += [K.gemv_q_name(kind, k, norm, epi), K.dequantize_q_name(kind, k)]
         return sorted(set(names))
@@ -97,19 +102,18 @@ class FastOps(Ops):
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
         c = self.config
-        names = [K.attention_name(c.head_dim, c.n_rep, K.rows_heads(c.n_rep, c.head_dim, b))
+        names = [K.attention_name(self.dtype, c.head_dim, c.n_rep, K.rows_heads(c.n_rep, c.head_dim, b))
                  for b in (1, K.MAX_ROWS) if self.fused_attention]  # the two counts a batch may take
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
             for n, k, norm, epi in step_gemms(self.config):
                 if k % 64 == 0:
-                    names.append(K.gemv_rows_name(n, k, norm, epi, rows))
+                    names.append(K.gemv_rows_name(self.dtype, n, k, norm, epi, rows))
         return sorted(set(names))
 
-    @staticmethod
-    def _rows(x) -> int:
-        """B for the decode shape [B, 1, ...] (one token per sequence, B <= 64), fp16,
-        contiguous, 16-byte aligned; 0 for any other shape."""
-        if (x.ndim >= 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= K.MAX_ROWS and x.dtype == np.float16
+    def _rows(self, x) -> int:
+        """B for the decode shape [B, 1, ...] (one token per sequence, B <= 64), in the model's
+        dtype, contiguous, 16-byte aligned; 0 for any other shape."""
+        if (x.ndim >= 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= K.MAX_ROWS and x.dtype == self.dtype
                 and x.flags.c_contiguous and x.data.ptr % 16 == 0):
             return x.shape[0]
         return 0
@@ -131,10 +135,10 @@ class FastOps(Ops):
             return out
         single = b == 1 and self.mode != "batched"
         fits = k % 8 == 0 and k <= 16384 if single else K.gemv_rows_fits(w.shape[0], k, b)
-        if not (b and fits and w.dtype == np.float16 and w.flags.c_contiguous):
+        if not (b and fits and w.dtype == self.dtype and w.flags.c_contiguous):
             return None
         n_out = w.shape[0] // 2 if epilogue == K.EPI_SWIGLU else w.shape[0]
-        out = self.xp.empty((b, 1, n_out), dtype=np.float16)
+        out = self.xp.empty((b, 1, n_out), dtype=self.dtype)
         norm_w, eps = norm if norm is not None else (None, 0.0)
         if single:
             K.gemv(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
@@ -164,7 +168,7 @@ class FastOps(Ops):
         """One launch for every sequence: q and k rotated inside the kernel, read straight from
         the QKV output, the new k and v written to the cache, attention over it."""
         c, b = self.config, len(caches)
-        shaped = (self.fused_attention and qkv.shape[:2] == (b, 1) and b <= K.MAX_ROWS and qkv.dtype == np.float16
+        shaped = (self.fused_attention and qkv.shape[:2] == (b, 1) and b <= K.MAX_ROWS and qkv.dtype == self.dtype
                   and qkv.strides[-1] == 2 and qkv.strides[-2] == 2 * c.head_dim)
         pool = None
         if b == 1 and self.mode != "batched":  # one sequence, its own cache
@@ -178,7 +182,7 @@ class FastOps(Ops):
             return super().rope_attention(qkv, n_heads, cos, sin, caches, layer, scale)
         n_kv = c.n_kv_heads
         q, k, v = qkv[:, :, :n_heads], qkv[:, :, n_heads:n_heads + n_kv], qkv[:, :, n_heads + n_kv:]
-        out = self.xp.empty((b, 1, n_heads * c.head_dim), dtype=np.float16)
+        out = self.xp.empty((b, 1, n_heads * c.head_dim), dtype=self.dtype)
         self.stats["fused"] += 1
         if pool is None:
             if self.mode == "eager":
@@ -214,22 +218,22 @@ class FastOps(Ops):
 
     def embedding(self, table, tokens):
         if (tokens.ndim == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= K.MAX_ROWS and tokens.dtype == np.int64
-                and tokens.flags.c_contiguous and table.dtype == np.float16):
+                and tokens.flags.c_contiguous and table.dtype == self.dtype):
             out = self.xp.empty((tokens.shape[0], 1, table.shape[1]), dtype=table.dtype)
             K.embedding(table, tokens, out)
             return out
         return super().embedding(table, tokens)
 
     def rms_norm(self, x, weight, eps: float):
-        if x.dtype == np.float16 and weight.dtype == np.float16 and x.flags.c_contiguous:
+        if x.dtype == self.dtype and weight.dtype == self.dtype and x.flags.c_contiguous:
             out = self.xp.empty_like(x)  # one kernel instead of ~10 CuPy calls
             K.rms_norm_rows(x, weight, eps, out)
             return out
         return super().rms_norm(x, weight, eps)
 
     def swiglu(self, gate_up):
-        if gate_up.dtype == np.float16 and gate_up.flags.c_contiguous:  # one launch
-            out = self.xp.empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,), dtype=np.float16)
+        if gate_up.dtype == self.dtype and gate_up.flags.c_contiguous:  # one launch
+            out = self.xp.empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,), dtype=self.dtype)
             K.swiglu_rows(gate_up, out)
             return out
         return super().swiglu(gate_up)
@@ -249,10 +253,10 @@ class FastOps(Ops):
 
     def rope(self, qk, cos, sin):
         b, t, n, e = qk.shape
-        if (qk.dtype == np.float16 and qk.strides[-1] == 2 and qk.strides[-2] == 2 * e
+        if (qk.dtype == self.dtype and qk.strides[-1] == 2 and qk.strides[-2] == 2 * e
                 and qk.strides[0] == t * qk.strides[1] and cos.dtype == np.float32 and cos.flags.c_contiguous
                 and sin.flags.c_contiguous and cos.shape[-2:] == (t, e // 2) and cos.size in (t * e // 2, b * t * e // 2)):
-            out = self.xp.empty(qk.shape, dtype=np.float16)  # a prompt: one launch
+            out = self.xp.empty(qk.shape, dtype=self.dtype)  # a prompt: one launch
             K.rope_rows(qk, cos, sin, out)
             return out
         return super().rope(qk, cos, sin)
