@@ -924,7 +924,7 @@ def test_decoder_refuses_cpu_and_float32_models():
     with pytest.raises(DeviceError, match="on a GPU"):
         CudaDecoder(cpu_model)
     c = shape_config("smollm2-135m", n_layers=1, vocab_size=256)
-    with pytest.raises(DeviceError, match="fp16"):
+    with pytest.raises(DeviceError, match="float16 or bfloat16 weights, got float32"):
         CudaDecoder(Model(c, random_weights(c, cp, np.float32), "cuda"))
 
 
