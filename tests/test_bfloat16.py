@@ -1,0 +1,67 @@
+"""--dtype bfloat16 off the GPU: what the flag resolves to, what it refuses (in one line), and
+a bf16 checkpoint's tensors reaching the model with their bits unchanged. The bf16
+arithmetic itself runs on a GPU only (tests/test_cuda_bf16.py)."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_hf_model
+
+from tinyllm.backend import Device
+from tinyllm.engine import bfloat16, keeps_quantized, resolve_dtype
+from tinyllm.errors import ConfigError
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+CPU, GPU = Device("cpu", 0, np), Device("cuda", 0, np)  # only their kind is read
+
+
+def test_bfloat16_resolves_on_a_gpu_and_is_refused_on_the_cpu():
+    assert resolve_dtype("bfloat16", GPU) == resolve_dtype("bf16", GPU) == np.dtype(ml_dtypes.bfloat16)
+    with pytest.raises(ConfigError, match=r"^--dtype bf16: bfloat16 runs on a GPU only .* use float32$"):
+        resolve_dtype("bf16", CPU)
+    assert resolve_dtype(None, GPU) == np.float16 and resolve_dtype("auto", CPU) == np.float32
+
+
+def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import fails as if it were not installed
+    with pytest.raises(ConfigError, match=r"needs the ml_dtypes package \(pip install ml_dtypes\)"):
+        bfloat16()
+
+
+def test_quantized_blocks_are_expanded_for_bfloat16():
+    """The kernels that multiply GGUF blocks compute in fp16: auto expands them for a bf16
+    model, and keep is refused in one line saying what to use instead."""
+    bf16 = bfloat16()
+    assert not keeps_quantized("auto", GPU, bf16, fast_path=True)
+    assert not keeps_quantized("dequantize", GPU, bf16, fast_path=True)
+    with pytest.raises(ConfigError, match=r"^--quantized keep: .* use --dtype float16, or --quantized dequantize"):
+        keeps_quantized("keep", GPU, bf16, fast_path=True)
+
+
+def test_a_bf16_checkpoint_reaches_the_model_bit_for_bit(tmp_path):
+    """Loaded in bfloat16, every tensor of a BF16 safetensors file holds exactly the file's
+    bits (the loader widens bf16 to fp32 and narrows it back: both exact); torch's own
+    bf16 tensors are the reference."""
+    from tinyllm.loaders import assemble_weights, read_checkpoint
+
+    hf = make_hf_model(seed=3).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    weights = assemble_weights(read_checkpoint(tmp_path), bfloat16(), CPU)
+
+    def bits(t):
+        return t.detach().contiguous().view(torch.int16).numpy()
+
+    attn, mlp = hf.model.layers[1].self_attn, hf.model.layers[1].mlp
+    layer = weights.layers[1]
+    assert layer.wqkv.dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(layer.wqkv.view(np.int16),
+                                  np.concatenate([bits(attn.q_proj.weight), bits(attn.k_proj.weight),
+                                                  bits(attn.v_proj.weight)]))
+    np.testing.assert_array_equal(layer.w_gate_up.view(np.int16),
+                                  np.concatenate([bits(mlp.gate_proj.weight), bits(mlp.up_proj.weight)]))
+    np.testing.assert_array_equal(layer.w_down.view(np.int16), bits(mlp.down_proj.weight))
+    np.testing.assert_array_equal(weights.tok_embeddings.view(np.int16), bits(hf.model.embed_tokens.weight))
+    np.testing.assert_array_equal(weights.norm.view(np.int16), bits(hf.model.norm.weight))
