@@ -406,6 +406,9 @@ def test_every_invalid_field_at_once_then_a_normal_request(server, client, model
 
 
 def test_metrics_in_prometheus_format(server):
+    # its own requests: one answered, one refused (the test passes alone, not only after others)
+    assert request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2}, port=server.port)[0] == 200
+    assert request("POST", "/v1/completions", {"prompt": "Hi", "temperature": -1}, port=server.port)[0] == 400
     text = metrics(server)
     assert metric(text, "tinyllm_requests_total", 'endpoint="/v1/completions",status="200"') > 0
     assert metric(text, "tinyllm_requests_total", 'endpoint="/v1/completions",status="400"') > 0
