@@ -174,8 +174,9 @@ def test_attention_scratch_holds_every_block_of_any_heads_per_block(n_kv, n_rep,
 def test_quantized_gemv_launches_fit_in_shared_memory(kind):
     """Every launch the quantized GEMV makes (tinyllm/cuda/kernels.py gemv_q: q_tokens tokens
     at a time, on q_kernel's kernel) asks for no more dynamic shared memory than a block may
-    take, for the row lengths of real models and every epilogue; gemv_qs only gets rows its
-    stages tile. The layout constants are read from quant.cu, whose kernels index by them."""
+    take, for the row lengths of real models and every epilogue, and takes as many tokens as
+    fit; gemv_qs only gets rows its stages tile. The layout constants are read from quant.cu,
+    whose kernels index by them."""
     import re
     from pathlib import Path
 
@@ -191,8 +192,10 @@ def test_quantized_gemv_launches_fit_in_shared_memory(kind):
             continue
         name = K.q_kernel(kind, k)
         assert name == "gemv_q" or k % 256 == 0
-        tokens = K.q_tokens(kind, k)
-        assert 1 <= tokens <= K.Q_TOKENS
         for epi in (K.EPI_STORE, K.EPI_RESIDUAL, K.EPI_SWIGLU):
+            tokens = K.q_tokens(kind, k, epi)
+            assert 1 <= tokens <= K.Q_TOKENS
             for b in range(1, tokens + 1):
                 assert K.q_shared(kind, k, b, epi) <= K.ROWS_SMEM, (kind, k, epi, b)
+            # and as many as fit: one more token would not
+            assert tokens == K.Q_TOKENS or K.q_shared(kind, k, tokens + 1, epi) > K.ROWS_SMEM, (kind, k, epi)

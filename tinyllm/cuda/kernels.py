@@ -515,9 +515,10 @@ def qs_blocks(name: str, tiles: int, shared: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def q_tokens(kind: str, k: int) -> int:
-    """Tokens per launch: up to 8, fewer where their staged inputs would not fit."""
-    return next(b for b in range(Q_TOKENS, 0, -1) if b == 1 or q_shared(kind, k, b, EPI_SWIGLU) <= ROWS_SMEM)
+def q_tokens(kind: str, k: int, epilogue: int) -> int:
+    """Tokens per launch: up to 8, fewer where their staged inputs would not fit beside the
+    epilogue's matrices (SwiGLU's gate and up take twice the ring and partial sums)."""
+    return next(b for b in range(Q_TOKENS, 0, -1) if b == 1 or q_shared(kind, k, b, epilogue) <= ROWS_SMEM)
 
 
 def _planes(w):
@@ -528,7 +529,7 @@ def _planes(w):
 
 def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
     """out[b] = W @ x[b] for a block-quantized W (tinyllm.quant.QuantizedMatrix), B <= 64
-    tokens in launches of q_tokens(kind, K): a token's result does not depend on its launch.
+    tokens in launches of q_tokens(kind, K, epilogue): a token's result does not depend on its launch.
 
     w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out, residual: [B, N]."""
     n_out, k = w.shape
@@ -541,7 +542,7 @@ def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.
     name = gemv_q_name(w.kind, k, norm, epilogue)
     staged = q_kernel(w.kind, k) == "gemv_qs"
     tiles, warps = (n_out + 15) // 16, QS_WARPS if staged else Q_WARPS
-    step = q_tokens(w.kind, k)
+    step = q_tokens(w.kind, k, epilogue)
     for b0 in range(0, rows, step):
         b = min(step, rows - b0)
         xb = x2[b0:b0 + b]
