@@ -187,7 +187,7 @@ def run_figures(before: dict, after: dict) -> dict:
     return out
 
 
-def _instant_step(model):
+def _instant_step(model, step_ms: float = 0.0):
     from tinyllm.step import DecodeStep
 
     class InstantStep(DecodeStep):
@@ -200,7 +200,7 @@ def _instant_step(model):
             self.model = model
 
         def batch(self, max_batch: int, capacity: int):
-            return _InstantBatch(self.model, capacity)
+            return _InstantBatch(self.model, capacity, step_ms)
 
         def prompt_logits(self, ids, chunk=256):
             raise NotImplementedError("the instant engine scores no prompts")
@@ -209,13 +209,18 @@ def _instant_step(model):
 
 
 class _InstantBatch:
+    """step_ms > 0: each step also sleeps that long (the interpreter released, as while the
+    host waits for a GPU), so steps gather as many sequences as on a GPU whose step takes
+    that long, and the host's work per step can be measured at that batch size on any
+    machine. The sleep is the step's model time; nothing overlaps it."""
     max_rows = 64
-    model_seconds = 0.0  # the scheduler's split of a round into host and model time: all host here
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model, capacity: int, step_ms: float = 0.0):
         import numpy as np
 
         self.model, self.capacity, self.rng = model, capacity, np.random.default_rng(0)
+        self.step_s = step_ms / 1e3
+        self.model_seconds = 0.0  # the scheduler's split of a round into host and model time
 
     def enter_thread(self) -> None:
         pass
@@ -238,6 +243,10 @@ class _InstantBatch:
             counts.setdefault(id(cache), [cache, 0])[1] += 1
         for cache, n in counts.values():
             cache.advance(n)
+        if self.step_s:
+            began = time.perf_counter()
+            time.sleep(self.step_s)
+            self.model_seconds = time.perf_counter() - began
         return self.rng.integers(3, self.model.config.vocab_size, len(caches)).tolist()
 
 
@@ -253,7 +262,7 @@ def build_llm(args):
     if model.config.eos_token_ids or tokenizer.eos_ids:
         raise SystemExit("gpu_serve: the benchmark model must have no EOS id (requests would end early)")
     fast = model.device.is_cuda and args.engine == "model"
-    step = _instant_step(model) if args.engine == "instant" else None
+    step = _instant_step(model, args.instant_step_ms) if args.engine == "instant" else None
     if fast:
         # The fused kernels and the graph-captured decoder, as tinyllm.load picks them; the
         # server's scheduler captures batched graphs through the same step.
@@ -571,6 +580,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON and markdown")
     p.add_argument("--engine", choices=("model", "instant"), default="model",
                    help="instant: a stand-in step that does no model work, to measure the host's ceiling")
+    p.add_argument("--instant-step-ms", type=float, default=0.0,
+                   help="the instant stand-in sleeps this long per step (a GPU step's time: e.g. 2.6 for TinyLlama "
+                        "at ~40 rows on an H200), so steps batch as many sequences as there")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")
