@@ -1,6 +1,7 @@
-"""--dtype bfloat16 off the GPU: what the flag resolves to, what it refuses (in one line), and
-a bf16 checkpoint's tensors reaching the model with their bits unchanged. The bf16
-arithmetic itself runs on a GPU only (tests/test_cuda_bf16.py)."""
+"""--dtype bfloat16 off the GPU: what the flag resolves to, what it refuses (in one line), a
+bf16 checkpoint's tensors reaching the model with their bits unchanged, and the readable
+model computing on bf16 arrays (NumPy with ml_dtypes) against transformers. The kernels'
+bf16 arithmetic is tested on a GPU (tests/test_cuda_bf16.py)."""
 from __future__ import annotations
 
 import sys
@@ -65,3 +66,32 @@ def test_a_bf16_checkpoint_reaches_the_model_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(layer.w_down.view(np.int16), bits(mlp.down_proj.weight))
     np.testing.assert_array_equal(weights.tok_embeddings.view(np.int16), bits(hf.model.embed_tokens.weight))
     np.testing.assert_array_equal(weights.norm.view(np.int16), bits(hf.model.norm.weight))
+
+
+def test_the_readable_model_in_bf16_against_transformers(tmp_path):
+    """The readable forward pass on bf16 arrays (NumPy with ml_dtypes: slow, but the same Ops
+    the GPU runs) against transformers in bf16 and in fp32, every position of a prompt and
+    then cached decode steps. Its error against fp32 stays within transformers' own bf16
+    error (both round every matmul's output to bf16, in different places)."""
+    from conftest import hf_logits
+
+    from tinyllm.loaders import assemble_weights, read_checkpoint
+    from tinyllm.model import Model
+
+    hf = make_hf_model(seed=3).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    model = Model(read_checkpoint(tmp_path).config, assemble_weights(read_checkpoint(tmp_path), bfloat16(), CPU), CPU)
+    ids = [1, 5, 9, 17, 33, 2, 40, 7, 64, 3]
+    cache = model.new_cache(32)
+    ours = [model.forward(np.array([ids[:6]]), cache, last_only=False)[0]]
+    ours += [model.forward(np.array([[t]]), cache)[0] for t in ids[6:]]
+    ours = np.concatenate(ours)
+    assert ours.dtype == np.float32 and cache.k[0].dtype == np.dtype(ml_dtypes.bfloat16)
+    ref_bf16, ref_fp32 = hf_logits(hf, ids), hf_logits(hf.float(), ids)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    assert rel(ours, ref_bf16) < 2e-2
+    assert rel(ours, ref_fp32) < max(2e-2, 1.5 * rel(ref_bf16, ref_fp32))
+    assert (ours.argmax(-1) == ref_fp32.argmax(-1)).mean() >= 0.9

@@ -238,6 +238,29 @@ def test_readable_bf16_against_transformers_bf16(bf16_pair):
     assert e_hf < 1e-1 and e_np < 1e-1
 
 
+def test_readable_bf16_computes_in_bf16(bf16_pair):
+    """CuPy lifts a bf16 array combined with a Python float to fp32; the readable ops cast such
+    results back, so every matmul of the readable bf16 model takes bf16 inputs (none drifts to
+    fp32, which would also convert the weights at every call)."""
+    readable, _ = bf16_pair
+    seen = []
+
+    class Recording(Ops):
+        def linear(self, x, w):
+            seen.append(np.dtype(x.dtype).name)
+            return super().linear(x, w)
+
+        def add(self, x, y):
+            seen.append(np.dtype(x.dtype).name + "+" + np.dtype(y.dtype).name)
+            return super().add(x, y)
+
+    model = readable.with_ops(Recording(cp))
+    cache = model.new_cache(32)
+    model.forward(np.array([PROMPT]), cache)
+    model.forward(np.array([[13]]), cache)
+    assert seen and set(seen) <= {"bfloat16", "bfloat16+bfloat16"}, sorted(set(seen))
+
+
 def test_fast_bf16_against_readable_bf16(bf16_pair):
     """Teacher-forced 64 steps: the captured bf16 decode step against the readable bf16 ops,
     and replaying the graph gives the same bits as the fused ops run eagerly."""

@@ -84,7 +84,8 @@ def add_model_flags(parser: argparse.ArgumentParser):
                    help="compute dtype (auto: float32 on the CPU, float16 on the GPU; bfloat16: GPU only)")
     m.add_argument("--quantized", default="auto", choices=QUANTIZED,
                    help="keep GGUF block-quantized weights as they are (multiplied by fused kernels on the GPU) "
-                   "or expand them to --dtype at load; auto: keep on a GPU with the fast path, dequantize otherwise")
+                   "or expand them to --dtype at load; auto: keep on a GPU with the fast path in float16, "
+                   "dequantize otherwise")
     m.add_argument("--no-fast-path", action="store_true",
                    help="on CUDA, run the readable CuPy path instead of the fused kernels and CUDA graphs")
     m.add_argument("-t", "--threads", type=int, metavar="N",

@@ -115,7 +115,9 @@ class Ops:
         keys, values = cache.update(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos)  # [B, K, S, E]
         s = keys.shape[2]
         q = q.transpose(0, 2, 1, 3).reshape(b, n_kv, (h // n_kv) * t, e)  # [B, T, H, E] -> [B, K, R*T, E]
-        q = q * scale  # scale q, not the scores: S/E times fewer multiplications for a long block
+        # scale q, not the scores: S/E times fewer multiplications for a long block. (The cast
+        # keeps q's type: CuPy lifts a bfloat16 array times a Python float to float32.)
+        q = (q * scale).astype(q.dtype, copy=False)
         scores = self.matmul(q, keys.transpose(0, 1, 3, 2)).astype(xp.float32, copy=False)  # [B, K, R*T, S]
         mask = cache.mask(t)
         if mask is not None:  # only the last T columns (this block's own tokens) need masking
@@ -151,7 +153,8 @@ class Ops:
         """silu(gate) * up.  [..., 2F] -> [..., F]"""
         f = gate_up.shape[-1] // 2
         gate, up = gate_up[..., :f], gate_up[..., f:]
-        return gate / (1.0 + self.xp.exp(-gate)) * up
+        silu = (gate / (1.0 + self.xp.exp(-gate))).astype(gate.dtype, copy=False)  # (bfloat16 on CuPy: see attention)
+        return silu * up
 
     def add(self, x, y):
         return x + y

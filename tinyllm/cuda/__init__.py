@@ -6,7 +6,7 @@ overrides its named fusions with fused kernels (kernels.cu) for one-token decode
 into one CUDA graph and replays it per token, sampling on the device; `BatchDecoder`
 (batch.py) does the same for B sequences at once. `CudaStep` (step.py) offers all of it
 through the decode-step interface of tinyllm/step.py, and `tinyllm.load` picks it for a
-float16 model on a GPU. Delete this package and tinyllm still runs on the GPU through the
+float16 or bfloat16 model on a GPU. Delete this package and tinyllm still runs on the GPU through the
 readable CuPy path, only slower.
 
     from tinyllm.cuda import CudaStep

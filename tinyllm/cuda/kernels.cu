@@ -90,7 +90,8 @@ template <> struct Pair<__nv_bfloat16> {
 __device__ __forceinline__ float h2f(__half h) { return __half2float(h); }
 __device__ __forceinline__ __half f2h(float f) { return __float2half_rn(f); }
 
-// silu(gate) * up, each step rounded to T as CuPy evaluates `gate / (1.0 + exp(-gate)) * up`
+// silu(gate) * up, each step rounded to T as CuPy evaluates the readable op in fp16 (in bf16,
+// CuPy takes `1.0 + e` and the division in fp32 and the op rounds silu once: an ulp apart at times)
 template <typename T>
 __device__ __forceinline__ T silu_mul(T g, T up) {
     const T e = from_f<T>(expf(-to_f(g)));
@@ -178,7 +179,7 @@ extern "C" __global__ void softmax_rows(float* x, int S) {
     for (int i = threadIdx.x; i < S; i += blockDim.x) row[i] /= sum;
 }
 
-// SiLU(gate) * up for R rows of [gate | up], rounding each step to T like CuPy's
+// SiLU(gate) * up for R rows of [gate | up], rounding each step to T (silu_mul) like CuPy's
 // `gate / (1.0 + exp(-gate)) * up`.  gate_up: [R, 2F] -> out: [R, F]
 template <typename T>
 __global__ void swiglu_rows(const T* __restrict__ gate_up, T* __restrict__ out, int F, long long R) {

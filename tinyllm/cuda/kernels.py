@@ -42,11 +42,16 @@ def element_type(dtype) -> str | None:
     return ELEMENT_TYPES.get(np.dtype(dtype).name)
 
 
-def _elem(a) -> str:
-    t = element_type(a.dtype)
+def _ctype(dtype) -> str:
+    """element_type, or a TypeError naming the dtype (not a kernel name NVRTC cannot parse)."""
+    t = element_type(dtype)
     if t is None:
-        raise TypeError(f"the CUDA kernels take float16 or bfloat16 arrays, got {np.dtype(a.dtype).name}")
+        raise TypeError(f"the CUDA kernels take float16 or bfloat16 arrays, got {np.dtype(dtype).name}")
     return t
+
+
+def _elem(a) -> str:
+    return _ctype(a.dtype)
 
 
 def _cupy():
@@ -84,11 +89,11 @@ TYPED_KERNELS = ("rms_norm_rows", "rope_rows", "swiglu_rows")  # templates on th
 
 def plain_kernel_names(dtype) -> list[str]:
     """The kernels without sizes in their template, for a model of this dtype."""
-    return list(PLAIN_KERNELS) + [f"{name}<{element_type(dtype)}>" for name in TYPED_KERNELS]
+    return list(PLAIN_KERNELS) + [f"{name}<{_ctype(dtype)}>" for name in TYPED_KERNELS]
 
 
 def gemv_name(dtype, k: int, norm: bool, epilogue: int) -> str:
-    return f"gemv<{element_type(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}>"
+    return f"gemv<{_ctype(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}>"
 
 
 def heads_per_block(n_rep: int) -> int:
@@ -122,7 +127,7 @@ def attention_shared(head_dim: int, heads: int) -> int:
 
 
 def attention_name(dtype, head_dim: int, n_rep: int, heads: int | None = None) -> str:
-    return (f"decode_attention<{element_type(dtype)}, {head_dim}, {heads or heads_per_block(n_rep)}, "
+    return (f"decode_attention<{_ctype(dtype)}, {head_dim}, {heads or heads_per_block(n_rep)}, "
             f"{attention_chunk(head_dim)}>")
 
 
@@ -353,7 +358,7 @@ def gemv_rows_name(dtype, n_out: int, k: int, norm: bool, epilogue: int, rows: i
     """The instantiation that out = W @ x for B = rows tokens launches (kernel: 'gemv_rows' or
     'gemm_rows'; default rows_kernel's pick)."""
     which = kernel or rows_kernel(n_out, k, epilogue)
-    return f"{which}<{element_type(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
+    return f"{which}<{_ctype(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
 
 
 def gemv_rows_fits(n_out: int, k: int, rows: int = MAX_ROWS) -> bool:

@@ -1,6 +1,6 @@
 """CudaStep: the decode step (tinyllm/step.py's interface) on the GPU's fast path.
 
-`tinyllm.load` picks it, once, for a float16 model on a GPU; generation and the scheduler
+`tinyllm.load` picks it, once, for a float16 or bfloat16 model on a GPU; generation and the scheduler
 then call it exactly as they call the readable step:
 
     prefill(ids, cache)                     the prompt through FastOps called from Python:

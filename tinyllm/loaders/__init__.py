@@ -349,4 +349,6 @@ def _check_gpu_memory(ckpt: Checkpoint, device: Device, need: int, dtype) -> Non
     if need > free:
         raise DeviceError(
             f"{ckpt.path}: the model does not fit in GPU memory: it needs {need / 2**30:.2f} GiB in "
-            f"{np.dtype(dtype).name}, {free / 2**30:.2f} GiB free on {device.name} (try --dtype float16 or another GPU)")
+            f"{np.dtype(dtype).name}, {free / 2**30:.2f} GiB free on {device.name} ("
+            + ("try --dtype float16 or another GPU)" if np.dtype(dtype).itemsize > 2 else
+               "try a quantized GGUF kept in its blocks, or another GPU)"))
