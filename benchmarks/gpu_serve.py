@@ -556,6 +556,41 @@ def shared_prefix_report(llm, args, fast: bool, servers: dict) -> tuple[str, dic
     return markdown, result
 
 
+def profile_scheduler():
+    """A cProfile.Profile that records every round of every Scheduler's thread (a profile is
+    per thread: enabled inside run_once, it sees the scheduler thread alone, not the event
+    loop's or the clients')."""
+    import cProfile
+
+    from tinyllm.scheduler import Scheduler
+
+    profiler, run_once = cProfile.Profile(), Scheduler.run_once
+
+    def profiled(self):
+        profiler.enable()
+        try:
+            run_once(self)
+        finally:
+            profiler.disable()
+
+    Scheduler.run_once = profiled
+    return profiler
+
+
+def write_profile(profiler, path: str, info: dict) -> None:
+    import io
+    import pstats
+
+    out = io.StringIO()
+    out.write(f"{info['date']} · {info['device']} · commit {info['commit']} · {info['command']}\n"
+              "The scheduler thread's rounds (Scheduler.run_once), all runs together.\n\n")
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    Path(path).write_text(out.getvalue())
+    print(f"gpu_serve: the scheduler thread's profile is in {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_serve.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (to try the script without a GPU)")
@@ -583,6 +618,9 @@ def main(argv=None) -> int:
     p.add_argument("--instant-step-ms", type=float, default=0.0,
                    help="the instant stand-in sleeps this long per step (a GPU step's time: e.g. 2.6 for TinyLlama "
                         "at ~40 rows on an H200), so steps batch as many sequences as there")
+    p.add_argument("--profile-host", metavar="FILE", default=None,
+                   help="profile the scheduler thread's rounds (cProfile; its host work and its waits on the "
+                        "step) over every run, and write the functions by own time and by cumulative time to FILE")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")
@@ -632,6 +670,7 @@ def main(argv=None) -> int:
           f"{', fast path on' if fast else ''}", file=sys.stderr, flush=True)
 
     clients = Clients(args.clients)
+    profiler = profile_scheduler() if args.profile_host else None
     try:
         if args.shared_prefix is not None:
             def texts_for(n, run):
@@ -646,6 +685,8 @@ def main(argv=None) -> int:
             measured = measure(llm, args, clients, 0 if args.engine == "instant" else prefix_mb)
     finally:
         clients.close()
+    if profiler is not None:
+        write_profile(profiler, args.profile_host, info)
 
     dtype = "fp16" if llm.model.device.is_cuda else "fp32"
     header = (f"Measured {info['date']} on {info['device']}, commit `{info['commit']}`.\n\n"
