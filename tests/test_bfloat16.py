@@ -95,3 +95,23 @@ def test_the_readable_model_in_bf16_against_transformers(tmp_path):
     assert rel(ours, ref_bf16) < 2e-2
     assert rel(ours, ref_fp32) < max(2e-2, 1.5 * rel(ref_bf16, ref_fp32))
     assert (ours.argmax(-1) == ref_fp32.argmax(-1)).mean() >= 0.9
+
+
+def test_a_bf16_gguf_reaches_the_model_bit_for_bit(tmp_path):
+    """A GGUF whose matrices are stored BF16 (llama.cpp's converter writes them so), loaded in
+    bfloat16: each matrix is exactly what the gguf package reads from the file, with the
+    Q/K row order undone."""
+    from conftest import write_gguf
+    from gguf import GGMLQuantizationType
+
+    from tinyllm.loaders import assemble_weights, read_checkpoint
+
+    recovered = write_gguf(make_hf_model(seed=4), tmp_path / "m.gguf", qtype=GGMLQuantizationType.BF16)
+    weights = assemble_weights(read_checkpoint(tmp_path / "m.gguf"), bfloat16(), CPU)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    p = "model.layers.0."
+    want = np.concatenate([recovered[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]).astype(bf16)
+    assert weights.layers[0].wqkv.dtype == bf16
+    np.testing.assert_array_equal(weights.layers[0].wqkv.view(np.int16), want.view(np.int16))
+    np.testing.assert_array_equal(weights.layers[0].w_down.view(np.int16),
+                                  recovered[p + "mlp.down_proj.weight"].astype(bf16).view(np.int16))
