@@ -9,10 +9,10 @@
 // where the summation order allows.
 //
 // Shape letters as in tinyllm/config.py. Weights are stored (out, in), row-major, in the
-// model's element type T: fp16 (__half) or bf16 (__nv_bfloat16). Every kernel that reads
-// or writes them is a template on T; both types are 16 bits, so loads, shared-memory
-// layouts and tensor-core fragments are the same, and only the conversions to and from
-// fp32 and the mma instruction's type name differ.
+// model's element type T: fp16 (__half) or bf16 (__nv_bfloat16). Every kernel that computes
+// on them is a template on T (the embedding only copies 16-bit values); both types are 16
+// bits, so loads, shared-memory layouts and tensor-core fragments are the same, and only the
+// conversions to and from fp32 and the mma instruction's type name differ.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
