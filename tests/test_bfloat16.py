@@ -115,3 +115,34 @@ def test_a_bf16_gguf_reaches_the_model_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(weights.layers[0].wqkv.view(np.int16), want.view(np.int16))
     np.testing.assert_array_equal(weights.layers[0].w_down.view(np.int16),
                                   recovered[p + "mlp.down_proj.weight"].astype(bf16).view(np.int16))
+
+
+def test_auto_follows_a_bf16_checkpoint_on_a_gpu(tmp_path, monkeypatch):
+    """dtype auto: float32 on the CPU whatever the file holds; on a GPU bfloat16 for a
+    checkpoint whose matrices are stored BF16 (read from its safetensors headers), float16
+    for any other (and without ml_dtypes). An explicit dtype is kept."""
+    from tinyllm.loaders import read_checkpoint
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    hf = make_hf_model(seed=5)
+    (tmp_path / "f32").mkdir()
+    hf.save_pretrained(tmp_path / "f32")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert read_checkpoint(tmp_path / "bf16").stored_dtype == "bfloat16"
+    assert read_checkpoint(tmp_path / "bf16" / "model.safetensors").stored_dtype == "bfloat16"
+    assert read_checkpoint(tmp_path / "f32").stored_dtype == "float32"
+    assert resolve_dtype(None, GPU, "bfloat16") == resolve_dtype("auto", GPU, "bfloat16") == bf16
+    assert resolve_dtype(None, GPU, "float32") == resolve_dtype(None, GPU, None) == np.float16
+    assert resolve_dtype(None, CPU, "bfloat16") == np.float32
+    assert resolve_dtype("fp16", GPU, "bfloat16") == np.float16
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    assert resolve_dtype(None, GPU, "bfloat16") == np.float16
+
+
+def test_a_gguf_has_no_stored_dtype(tmp_path):
+    from conftest import write_gguf
+
+    from tinyllm.loaders import read_checkpoint
+
+    write_gguf(make_hf_model(seed=6), tmp_path / "m.gguf")
+    assert read_checkpoint(tmp_path / "m.gguf").stored_dtype is None

@@ -29,12 +29,20 @@ def bfloat16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def resolve_dtype(dtype: str | None, device: Device):
-    """float32 on the CPU (NumPy has no fast float16 matmul), float16 on the GPU. bfloat16
-    (the type Llama-3 checkpoints are stored in: fp32's range, so no value overflows as it
-    can in fp16) runs on a GPU only: NumPy has no bfloat16 arithmetic of its own."""
+def resolve_dtype(dtype: str | None, device: Device, stored: str | None = None):
+    """auto: float32 on the CPU (NumPy has no fast float16 matmul); on the GPU the type the
+    checkpoint stores its matrices in when that is bfloat16 (Llama-3's: fp32's range, so no
+    value overflows as it can in fp16; with ml_dtypes installed), else float16. bfloat16
+    runs on a GPU only: NumPy has no bfloat16 arithmetic of its own."""
     if dtype is None or dtype == "auto":
-        return np.float16 if device.is_cuda else np.float32
+        if not device.is_cuda:
+            return np.float32
+        if stored == "bfloat16":
+            try:
+                return bfloat16()
+            except ConfigError:  # no ml_dtypes: float16, as without the checkpoint's hint
+                pass
+        return np.float16
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: expected one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     if DTYPES[dtype] == "bfloat16":
@@ -190,6 +198,7 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
          fast_path: bool = True, progress=None, quantized: str = "auto") -> LLM:
     """Load a checkpoint (None: the embedded default model) onto a device.
 
+    dtype None or "auto": resolve_dtype's choice, from the device and the checkpoint's own type.
     The decode step is chosen here, once: on a GPU in float16 or bfloat16, `fast_path` gives the
     CUDA step (tinyllm/cuda: fused kernels, a decode step captured into a CUDA graph, warmed
     up here so the first request has no cold start); otherwise, or with `fast_path=False`,
@@ -200,7 +209,7 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
     each phase is given its usual share of the time)."""
     start = time.perf_counter()
     device = get_device(device)
-    dtype = resolve_dtype(dtype, device)
+    requested, dtype = dtype, resolve_dtype(dtype, device)  # a bad flag fails before any reading
     keep = keeps_quantized(quantized, device, dtype, fast_path)
     report = progress or (lambda fraction: None)
     report(0.0)
@@ -209,6 +218,7 @@ def load(path: str | Path | None = None, device: str | Device = "cpu", dtype: st
     if quantized == "keep" and ckpt.format != "gguf":
         raise ConfigError(f"--quantized keep: {ckpt.path} is a {ckpt.format} checkpoint, which holds no "
                           "block-quantized weights (keep applies to GGUF files; use auto or dequantize)")
+    dtype = resolve_dtype(requested, device, ckpt.stored_dtype)  # auto follows a bf16 checkpoint on a GPU
     read, assembled = _ASSEMBLED[ckpt.format]
     report(read)
     tokenizer = load_tokenizer(ckpt)

