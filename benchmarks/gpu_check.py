@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_check.py [--out DIR] [--peers none|eager|all] [--skip-tests] [--skip-bench]
 
-1. tests/test_cuda.py under pytest (the kernels against NumPy and torch, the whole
-   models against NumPy and transformers, graph replay against eager, fast against
-   readable, seeded device sampling, device errors); each test's measured errors are
+1. tests/test_cuda.py and tests/test_cuda_bf16.py under pytest (the kernels against NumPy
+   and torch, the whole models against NumPy and transformers, graph replay against eager,
+   fast against readable, seeded device sampling, device errors; the same in bf16); each
+   test's measured errors are
    collected through the TINYLLM_GPU_REPORT file;
 2. benchmarks/gpu_decode.py (decode, prefill and TTFT, peers side by side).
 Writes DIR/gpu_tests.json, DIR/gpu_tests.xml, DIR/gpu_bench.json and DIR/gpu_check.md.
@@ -30,7 +31,8 @@ def run_tests(out: Path, extra: list[str]) -> list[dict]:
     env = {**os.environ, "TINYLLM_GPU_REPORT": str(report), "PYTHONUNBUFFERED": "1"}
     # --noconftest: the CPU suite's conftest needs packages (gguf) this file does not
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "--noconftest", "-p", "no:cacheprovider",
-           f"--junitxml={xml}", str(REPO / "tests" / "test_cuda.py"), *extra]
+           f"--junitxml={xml}", str(REPO / "tests" / "test_cuda.py"), str(REPO / "tests" / "test_cuda_bf16.py"),
+           *extra]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env)
     print(f"tests took {time.perf_counter() - start:.0f} s", flush=True)
