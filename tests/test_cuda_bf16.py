@@ -342,8 +342,9 @@ def test_bf16_holds_activations_that_overflow_fp16():
 
 
 def test_load_bf16_checkpoint_takes_the_fast_path(tmp_path):
-    """tinyllm.load(..., dtype="bfloat16") on a bf16 safetensors checkpoint: the CUDA step,
-    bf16 weights, and greedy ids equal to transformers' in bf16 while its logits are clear."""
+    """tinyllm.load(..., dtype="bfloat16") on a bf16 safetensors checkpoint (and with dtype
+    auto): the CUDA step, bf16 weights, and greedy ids equal to transformers' in bf16 while
+    its logits are clear."""
     torch = torch_cuda()
     import tinyllm
     from conftest import tiny_checkpoint_dir
@@ -355,6 +356,9 @@ def test_load_bf16_checkpoint_takes_the_fast_path(tmp_path):
     hf.save_pretrained(tmp_path)  # the checkpoint's tensors in BF16, as Llama-3's are
     llm = tinyllm.load(tmp_path, device="cuda", dtype="bfloat16")
     assert isinstance(llm.step, CudaStep) and llm.model.dtype == BF16
+    auto = tinyllm.load(tmp_path, device="cuda")  # dtype auto follows the checkpoint's bf16
+    assert isinstance(auto.step, CudaStep) and auto.model.dtype == BF16
+    del auto
     prompt = [1, 5, 9, 17, 33, 2, 40]
     cache = llm.model.new_cache(64)
     first = int(np.argmax(np.asarray(llm.step.prefill(prompt, cache)).reshape(-1)))
