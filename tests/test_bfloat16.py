@@ -139,10 +139,43 @@ def test_auto_follows_a_bf16_checkpoint_on_a_gpu(tmp_path, monkeypatch):
     assert resolve_dtype(None, GPU, "bfloat16") == np.float16
 
 
-def test_a_gguf_has_no_stored_dtype(tmp_path):
+def test_a_gguf_s_stored_dtype(tmp_path):
+    """A GGUF whose matrices are all F32, F16 or BF16 names that type; block-quantized ones none
+    (auto then keeps float16, the type its blocks are multiplied in)."""
     from conftest import write_gguf
+    from gguf import GGMLQuantizationType as Q
 
     from tinyllm.loaders import read_checkpoint
 
-    write_gguf(make_hf_model(seed=6), tmp_path / "m.gguf")
-    assert read_checkpoint(tmp_path / "m.gguf").stored_dtype is None
+    hf = make_hf_model(seed=6)
+    for qtype, want in ((Q.F32, "float32"), (Q.BF16, "bfloat16"), (Q.Q8_0, None)):
+        path = tmp_path / f"{qtype.name}.gguf"
+        write_gguf(hf, path, qtype=qtype)
+        assert read_checkpoint(path).stored_dtype == want, qtype.name
+
+
+def test_load_resolves_auto_from_the_checkpoint_it_read(tmp_path, monkeypatch):
+    """The wiring in tinyllm.load: with dtype auto on a GPU, the weights are assembled in the
+    checkpoint's bf16 (sharded safetensors here: the index's shards are read), with an explicit
+    dtype in that one. No GPU is touched: assembling is stopped where it would start."""
+    import tinyllm
+    import tinyllm.engine as engine
+    from conftest import tiny_checkpoint_dir
+
+    hf, _ = tiny_checkpoint_dir(tmp_path)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+
+    class Assembled(Exception):
+        pass
+
+    def assemble(ckpt, dtype, device, progress=None):
+        raise Assembled(np.dtype(dtype).name)
+
+    monkeypatch.setattr(engine, "assemble_weights", assemble)
+    for requested, want in ((None, "bfloat16"), ("float16", "float16"), ("float32", "float32")):
+        with pytest.raises(Assembled, match=f"^{want}$"):
+            tinyllm.load(tmp_path, device=GPU, dtype=requested)
+    with pytest.raises(Assembled, match="^float32$"):
+        tinyllm.load(tmp_path, device=CPU)

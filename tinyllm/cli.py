@@ -81,8 +81,8 @@ def add_model_flags(parser: argparse.ArgumentParser):
                    "(default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA needs CuPy and an NVIDIA GPU)")
     m.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="compute dtype (auto: float32 on the CPU; on the GPU bfloat16 for a checkpoint stored "
-                   "in bfloat16, else float16; bfloat16: GPU only)")
+                   help="compute dtype (auto: float32 on the CPU; on the GPU bfloat16 for a checkpoint whose "
+                   "matrices are all stored in bfloat16, else float16; bfloat16: GPU only)")
     m.add_argument("--quantized", default="auto", choices=QUANTIZED,
                    help="keep GGUF block-quantized weights as they are (multiplied by fused kernels on the GPU) "
                    "or expand them to --dtype at load; auto: keep on a GPU with the fast path in float16, "

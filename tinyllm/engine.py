@@ -30,10 +30,11 @@ def bfloat16():
 
 
 def resolve_dtype(dtype: str | None, device: Device, stored: str | None = None):
-    """auto: float32 on the CPU (NumPy has no fast float16 matmul); on the GPU the type the
-    checkpoint stores its matrices in when that is bfloat16 (Llama-3's: fp32's range, so no
-    value overflows as it can in fp16; with ml_dtypes installed), else float16. bfloat16
-    runs on a GPU only: NumPy has no bfloat16 arithmetic of its own."""
+    """auto: float32 on the CPU (NumPy has no fast float16 matmul); on the GPU bfloat16 when
+    the checkpoint stores all its matrices in it (`stored`, Checkpoint.stored_dtype: Llama-3's
+    safetensors, a BF16 GGUF; fp32's range, so no value overflows as it can in fp16; with
+    ml_dtypes installed), else float16 (a block-quantized GGUF too: its blocks are kept in
+    float16). bfloat16 runs on a GPU only: NumPy has no bfloat16 arithmetic of its own."""
     if dtype is None or dtype == "auto":
         if not device.is_cuda:
             return np.float32

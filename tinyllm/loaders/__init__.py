@@ -35,7 +35,7 @@ class Checkpoint:
     config: Config
     tensors: dict                  # Hugging Face names -> NumPy arrays (or QuantizedMatrix, kept from a GGUF)
     gguf_fields: dict = field(default_factory=dict)
-    stored_dtype: str | None = None  # safetensors: the matrices' type in the files, when they share one
+    stored_dtype: str | None = None  # the matrices' type in the files, when they share one (not block-quantized)
 
     @property
     def directory(self) -> Path:
@@ -140,8 +140,8 @@ def read_checkpoint(path: str | Path | None = None, progress=None, keep_quantize
             tensors = read_checkpoint_dir(path)
             return Checkpoint(path, "safetensors", config, tensors, stored_dtype=stored_dtype(checkpoint_files(path)[1]))
     if path.suffix == ".gguf":
-        config, tensors, fields = read_gguf(path, progress, keep_quantized)
-        return Checkpoint(path, "gguf", config, tensors, fields)
+        config, tensors, fields, stored = read_gguf(path, progress, keep_quantized)
+        return Checkpoint(path, "gguf", config, tensors, fields, stored)
     if path.suffix == ".safetensors":
         config = Config.from_hf(path.parent / "config.json")
         return Checkpoint(path, "safetensors", config, read_safetensors(path), stored_dtype=stored_dtype([path]))

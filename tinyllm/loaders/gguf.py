@@ -255,8 +255,13 @@ def keeps_blocks(tensor: TensorInfo, hf_name: str, config: Config) -> bool:
     return linear and len(tensor.shape) == 2 and tensor.tensor_type.name.lower() in BLOCKS
 
 
+STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 def read_gguf(path: str | Path, progress=None, keep_quantized: bool = False):
-    """Config, Hugging Face-named float32 tensors, and the metadata fields of a GGUF file.
+    """Config, Hugging Face-named float32 tensors, the metadata fields of a GGUF file, and the
+    type its matrices are stored in ("float32", "float16", "bfloat16"; None when they do not
+    share one of those: block-quantized files).
     `keep_quantized`: linear weights in a block format tinyllm.quant knows stay as they are,
     as QuantizedMatrix objects (see `keeps_blocks`).
     `progress(fraction)`, if given, is called after each tensor is read."""
@@ -285,7 +290,9 @@ def read_gguf(path: str | Path, progress=None, keep_quantized: bool = False):
         else:
             w = dequantize(t, path)
         tensors[hf_name] = w if heads is None else unpermute(w, heads)
-    return config, tensors, fields
+    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    stored = STORED.get(kinds.pop()) if len(kinds) == 1 else None
+    return config, tensors, fields, stored
 
 
 def hf_tensor_name(name: str) -> str | None:
