@@ -347,7 +347,7 @@ def test_load_bf16_checkpoint_takes_the_fast_path(tmp_path):
     its logits are clear."""
     torch = torch_cuda()
     import tinyllm
-    from conftest import tiny_checkpoint_dir
+    from helpers_models import tiny_checkpoint_dir
     from tinyllm.cuda import CudaStep
 
     hf, _ = tiny_checkpoint_dir(tmp_path, eos=False, hidden_size=256, intermediate_size=512,
