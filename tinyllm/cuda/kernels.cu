@@ -86,9 +86,6 @@ template <> struct Pair<__nv_bfloat16> {
     using type = __nv_bfloat162;
     static __device__ __forceinline__ __nv_bfloat162 make(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
-// fp16 by name, for quant.cu's kernels (their activations are fp16 only)
-__device__ __forceinline__ float h2f(__half h) { return __half2float(h); }
-__device__ __forceinline__ __half f2h(float f) { return __float2half_rn(f); }
 
 // silu(gate) * up, each step rounded to T as CuPy evaluates the readable op in fp16 (in bf16,
 // CuPy takes `1.0 + e` and the division in fp32 and the op rounds silu once: an ulp apart at times)
