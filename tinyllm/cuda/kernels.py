@@ -50,9 +50,6 @@ def _ctype(dtype) -> str:
     return t
 
 
-def _elem(a) -> str:
-    return _ctype(a.dtype)
-
 
 def _cupy():
     import cupy
@@ -220,7 +217,7 @@ def embedding(table, token, out):
 
 def rms_norm_rows(x, w, eps: float, out):
     rows = x.size // x.shape[-1]
-    kernel(f"rms_norm_rows<{_elem(x)}>")((rows,), (256,), (x, w, out, np.int32(x.shape[-1]), np.float32(eps)))
+    kernel(f"rms_norm_rows<{_ctype(x.dtype)}>")((rows,), (256,), (x, w, out, np.int32(x.shape[-1]), np.float32(eps)))
 
 
 def _blocks(n: int, threads: int = 256) -> int:
@@ -232,7 +229,7 @@ def rope_rows(x, cos, sin, out):
     cos, sin: [T, E/2] or [B, T, E/2] fp32, contiguous; out: [B, T, N, E] contiguous."""
     b, t, n, e = x.shape
     rows = b * t
-    kernel(f"rope_rows<{_elem(x)}>")((_blocks(rows * n * e // 2),), (256,), (
+    kernel(f"rope_rows<{_ctype(x.dtype)}>")((_blocks(rows * n * e // 2),), (256,), (
         x, np.int64(x.strides[1] // 2), np.int32(n), np.int32(e), cos, sin, np.int32(cos.size // (e // 2)),
         np.int32(t), np.int64(rows), out))
 
@@ -247,7 +244,8 @@ def swiglu_rows(gate_up, out):
     """silu(gate) * up.  gate_up: [..., 2F] fp16 or bf16, contiguous -> out [..., F]"""
     f = gate_up.shape[-1] // 2
     rows = gate_up.size // (2 * f)
-    kernel(f"swiglu_rows<{_elem(gate_up)}>")((_blocks(rows * f),), (256,), (gate_up, out, np.int32(f), np.int64(rows)))
+    kernel(f"swiglu_rows<{_ctype(gate_up.dtype)}>")((_blocks(rows * f),), (256,),
+                                                     (gate_up, out, np.int32(f), np.int64(rows)))
 
 
 def gemv_split(k: int, epilogue: int) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 from ..config import Config
 from ..errors import CheckpointError
 from ..quant import BLOCKS, QuantizedMatrix
+from .safetensors import shared_type
 
 # GGUF tensor names -> Hugging Face names (the names tinyllm assembles weights from).
 GLOBAL_NAMES = {
@@ -255,9 +256,6 @@ def keeps_blocks(tensor: TensorInfo, hf_name: str, config: Config) -> bool:
     return linear and len(tensor.shape) == 2 and tensor.tensor_type.name.lower() in BLOCKS
 
 
-STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
 def read_gguf(path: str | Path, progress=None, keep_quantized: bool = False):
     """Config, Hugging Face-named float32 tensors, the metadata fields of a GGUF file, and the
     type its matrices are stored in ("float32", "float16", "bfloat16"; None when they do not
@@ -290,9 +288,7 @@ def read_gguf(path: str | Path, progress=None, keep_quantized: bool = False):
         else:
             w = dequantize(t, path)
         tensors[hf_name] = w if heads is None else unpermute(w, heads)
-    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
-    stored = STORED.get(kinds.pop()) if len(kinds) == 1 else None
-    return config, tensors, fields, stored
+    return config, tensors, fields, shared_type({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2})
 
 
 def hf_tensor_name(name: str) -> str | None:

@@ -41,14 +41,19 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors' and GGML's names alike
+
+
+def shared_type(kinds) -> str | None:
+    """The dtype name ("float32", "float16" or "bfloat16") of a checkpoint's matrices, given
+    the set of their file types, when they share one of those; None otherwise."""
+    return STORED.get(next(iter(kinds))) if len(kinds) == 1 else None
 
 
 def stored_dtype(files) -> str | None:
-    """The type the files store their matrices in ("float32", "float16" or "bfloat16"), when
-    they all share one; None otherwise. Read from the headers alone."""
-    kinds = {dtype for path in files for _, dtype, shape, _, _ in read_header(Path(path))[0] if len(shape) == 2}
-    return STORED[kinds.pop()] if len(kinds) == 1 else None
+    """shared_type of the files' matrices, read from their headers alone."""
+    return shared_type({dtype for path in files for _, dtype, shape, _, _ in read_header(Path(path))[0]
+                        if len(shape) == 2})
 
 
 def read_header(path: Path) -> tuple[list[tuple], int]:
