@@ -287,6 +287,8 @@ def start_server(llm, args, prefix_cache_mb: float):
     server = Server(llm, f"random-{args.shape}", max_batch=args.max_batch, max_context=args.max_context,
                     prefix_cache_mb=prefix_cache_mb)
     server.start(warm_up=True)  # on the GPU: batched graphs captured, first-call costs paid
+    if args.switch_interval is not None:  # after start, which sets the server's own
+        sys.setswitchinterval(args.switch_interval)
     warm_s = time.perf_counter() - start
     port = free_port()
     config = uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning",
@@ -618,6 +620,9 @@ def main(argv=None) -> int:
     p.add_argument("--instant-step-ms", type=float, default=0.0,
                    help="the instant stand-in sleeps this long per step (a GPU step's time: e.g. 2.6 for TinyLlama "
                         "at ~40 rows on an H200), so steps batch as many sequences as there")
+    p.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                   help="the interpreter's switch interval while serving (default: the server's, "
+                        "tinyllm.server.app.SWITCH_INTERVAL): to measure its effect")
     p.add_argument("--profile-host", metavar="FILE", default=None,
                    help="profile the scheduler thread's rounds (cProfile; its host work and its waits on the "
                         "step) over every run, and write the functions by own time and by cumulative time to FILE")

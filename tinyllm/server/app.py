@@ -11,6 +11,12 @@
   by all of them, the writes are not), so the way back is built to shrink per token when the
   loop falls behind: the outbox wakes the loop once for a burst of events, not once per
   token; a stream takes every event that waits for it and writes them in one send.
+- Two threads share one interpreter lock: the scheduler's, which the GPU waits on, and the
+  loop's. Each CUDA call the scheduler makes lets go of the lock, and Python hands it back
+  only when the holder reaches its switch interval (5 ms by default): with the loop busy
+  writing, every step waited that long, several times. A running server shortens the
+  interval (SWITCH_INTERVAL), so the scheduler gets the lock back within a fraction of a
+  GPU step, and the loop, falling behind, writes longer bursts instead.
 - Streaming is Server-Sent Events: a `text/event-stream` response of `data: {json}` lines,
   one per piece of text, closed by `data: [DONE]`, the format OpenAI's clients read.
 - A client that goes away cancels its request: its sequence leaves the batch at the next
@@ -55,6 +61,8 @@ from .openai import SSE_DONE, APIError, Choice, Chunks, Job, Logprobs, Validator
 
 log = logging.getLogger("tinyllm.server")
 
+SWITCH_INTERVAL = 0.0005  # seconds: the longest a thread holds the interpreter while another waits
+
 
 class Server:
     """The model, its scheduler, the request validator and the Starlette app around them.
@@ -87,6 +95,8 @@ class Server:
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self, warm_up: bool = True) -> None:
+        # process-wide; only ever shortened, so a host program's own shorter setting stands
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self.scheduler.start()
         if warm_up:
             self.warm_up()
