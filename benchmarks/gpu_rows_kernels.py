@@ -13,7 +13,6 @@ fp16 weights; gemm_rows gets the workspace its K split needs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -57,9 +56,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "llama-3-8b"], choices=sorted(ALL_SHAPES))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--groups", type=int, nargs="+", default=[0, 2, 4],
-                    help="gemm_rows forms to time: 0 the split form, G the grouped form with G 8-token "
-                         "tiles per block (the bits must be the same: checked)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import cupy as cp
@@ -67,10 +63,7 @@ def main() -> int:
     from tinyllm.cuda import kernels as K
 
     rng = cp.random.default_rng(0)
-    forms = [g for g in args.groups if g >= 0]
-    heads = [f"gemm_rows {'split' if g == 0 else f'BT={g}'} µs" for g in forms]
-    rows, lines = [], ["| shape | matrix | N x K | picked | B | gemv_rows µs | " + " | ".join(heads)
-                       + " | same bits |", "|---|---|---|---|---|---|" + "---|" * (len(forms) + 1)]
+    rows, lines = [], ["| shape | matrix | N x K | picked | B | gemv_rows µs | gemm_rows µs |", "|---|---|---|---|---|---|---|"]
     for shape in args.shapes:
         for role, (n, k, epi, norm) in matrices(shape).items():
             if k % 64:
@@ -85,27 +78,15 @@ def main() -> int:
                 x = rng.standard_normal((b, k), dtype=cp.float32).astype(cp.float16)
                 res = rng.standard_normal((b, n), dtype=cp.float32).astype(cp.float16) if epi == K.EPI_RESIDUAL else None
                 out = cp.empty((b, n), cp.float16)
-                us, bits = {}, set()
-                for kernel, group in [("gemv_rows", 0)] + [("gemm_rows", g) for g in forms]:
-                    if group and K._tiles(b) < group:
-                        continue  # fewer tokens than one group
-
-                    def call(w, kernel=kernel, group=group):
-                        K.gemv_rows(w, x, out, epilogue=epi, norm_w=nw, eps=1e-5, residual=res, workspace=workspace,
-                                    counters=counters, kernel_name=kernel, group=group)
-                    us[(kernel, group)] = time_us(cp, call, copies)
-                    if kernel == "gemm_rows":
-                        call(copies[0])
-                        bits.add(hashlib.sha256(cp.asnumpy(out).tobytes()).hexdigest())
+                us = {}
+                for kernel in ("gemv_rows", "gemm_rows"):
+                    us[kernel] = time_us(cp, lambda w: K.gemv_rows(w, x, out, epilogue=epi, norm_w=nw, eps=1e-5, residual=res,
+                                                                   workspace=workspace, counters=counters,
+                                                                   kernel_name=kernel), copies)
                 picked = K.rows_kernel(n, k, epi)
-                cells = [us.get(("gemm_rows", g)) for g in forms]
                 rows.append(dict(shape=shape, matrix=role, n=n, k=k, batch=b, picked=picked,
-                                 group_picked=K.tile_group(b), gemv_rows_us=round(us[("gemv_rows", 0)], 2),
-                                 gemm_rows_us={g: round(v, 2) for g, v in zip(forms, cells) if v is not None},
-                                 gemm_forms_same_bits=len(bits) == 1))
-                lines.append(f"| {shape} | {role} | {n} x {k} | {picked} | {b} | {us[('gemv_rows', 0)]:.1f} | "
-                             + " | ".join("-" if v is None else f"{v:.1f}" for v in cells)
-                             + f" | {'yes' if len(bits) == 1 else 'NO'} |")
+                                 gemv_rows_us=round(us["gemv_rows"], 2), gemm_rows_us=round(us["gemm_rows"], 2)))
+                lines.append(f"| {shape} | {role} | {n} x {k} | {picked} | {b} | {us['gemv_rows']:.1f} | {us['gemm_rows']:.1f} |")
                 print(lines[-1], flush=True)
             del copies
     if args.out:

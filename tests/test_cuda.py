@@ -259,7 +259,7 @@ def test_gemv_rows_kernel(shape, case, rows, kernel, record):
     assert e_np < 2e-3 and e_t < 3e-3
 
 
-def _gemv_rows(w, x, epi, nw=None, res=None, kernel=None, group=None):
+def _gemv_rows(w, x, epi, nw=None, res=None, kernel=None):
     """A batched kernel (rows_kernel's choice, or `kernel`) on host arrays, with a poisoned
     output and workspace; its counters must be zeros again after the launch (the next
     launch relies on it)."""
@@ -270,7 +270,7 @@ def _gemv_rows(w, x, epi, nw=None, res=None, kernel=None, group=None):
     counters = cp.zeros(K.row_tiles(n), dtype=cp.int32)
     K.gemv_rows(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if nw is not None else None,
                 eps=1e-5, residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None,
-                workspace=workspace, counters=counters, kernel_name=kernel, group=group)
+                workspace=workspace, counters=counters, kernel_name=kernel)
     assert not counters.any(), "gemv_rows left its counters set"
     return out.get()
 
@@ -296,25 +296,6 @@ def test_gemv_rows_token_alone_or_in_any_batch(shape, case, kernel):
     others = randn(63, k, scale=5.0)
     mixed = _gemv_rows(w, np.concatenate([x[:1], others]), epi, nw, np.concatenate([res[:1], randn(63, n)]), kernel)
     np.testing.assert_array_equal(mixed[0], full[0])
-
-
-@pytest.mark.parametrize("shape", ["tinyllama", "llama3-8b", "odd_rows"])
-@pytest.mark.parametrize("case", list(GEMV_CASES))
-def test_gemm_rows_forms_same_bits(shape, case):
-    """gemm_rows's grouped form (each block all of K's ranges in turn, for many tokens) gives
-    the bits of its split form (a block per range, the sums added by the last), whatever the
-    tokens per block, where K is split and where it is not."""
-    n, k, epi, norm = GEMV_CASES[case](*KERNEL_SHAPES[shape])
-    if not K.gemv_rows_fits(n, k):
-        pytest.skip(f"K={k}: not whole 64-wide tiles: the batched kernels do not apply (the readable op runs)")
-    w = randn(2 * n if epi == K.EPI_SWIGLU else n, k, scale=1 / math.sqrt(k))
-    nw = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16) if norm else None
-    for rows in (37, 64):
-        x, res = randn(rows, k, scale=2.0), randn(rows, n)
-        outs = {g: _gemv_rows(w, x, epi, nw, res, "gemm_rows", group=g) for g in (0, 1, 2, 4)}
-        assert np.isfinite(outs[0]).all()
-        for g in (1, 2, 4):
-            np.testing.assert_array_equal(outs[g], outs[0], err_msg=f"{rows} tokens, {g} tiles per block")
 
 
 @pytest.mark.parametrize("shape", ["tinyllama", "smollm2", "llama3-8b"])

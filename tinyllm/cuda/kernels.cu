@@ -667,45 +667,29 @@ __device__ __forceinline__ float sumsq8(const uint4& x, float ss) {
     return ss;
 }
 
-//
-// BT > 0, for many tokens: the same sums, without the workspace. A block takes BT of the
-// 8-token tiles (tokens from blockIdx.x * BT * 8; the grid is (token groups, N / 64)) and
-// all of K, and goes through the S ranges of KS columns one after another, each from zero,
-// adding each range's sums to a running total in order s = 0, 1, ...: the additions the
-// last block of the split form makes, so every output has the same bits either way. The
-// split form's partial sums and their reduction grow with B; here they stay in registers.
-template <typename T, int K, bool NORM, int EPI, int NT, int BT = 0>
+template <typename T, int K, bool NORM, int EPI, int NT>
 __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
         const T* __restrict__ W, const T* __restrict__ X, const T* __restrict__ norm_w, float eps,
         const T* __restrict__ res, T* __restrict__ out, int N, int B, int KS, float* __restrict__ ws,
         int* __restrict__ counters) {
     static_assert(K % 64 == 0, "K must be a multiple of 64 (whole k tiles)");
     constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
-    constexpr int BN = BT ? BT : NT;                         // 8-token tiles per block
-    constexpr int WT = MATS * 64 * 8, XT = BN * 8 * 8;  // 16-byte chunks per stage: weights, tokens
-    constexpr int NW = (BN + TILE_HALVES - 1) / TILE_HALVES;  // 8-token tiles per warp
+    constexpr int WT = MATS * 64 * 8, XT = NT * 8 * 8;  // 16-byte chunks per stage: weights, tokens
+    constexpr int NW = (NT + TILE_HALVES - 1) / TILE_HALVES;  // 8-token tiles per warp
     extern __shared__ __align__(16) unsigned char smem[];
     uint4* stage = reinterpret_cast<uint4*>(smem);                              // [STAGES][WT + XT]
-    float* ss_all = reinterpret_cast<float*>(stage + TILE_STAGES * (WT + XT));   // [BN*8]
-    int* last = reinterpret_cast<int*>(ss_all + BN * 8);
+    float* ss_all = reinterpret_cast<float*>(stage + TILE_STAGES * (WT + XT));   // [NT*8]
+    int* last = reinterpret_cast<int*>(ss_all + NT * 8);
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wr = warp % TILE_GROUPS, n0 = (warp / TILE_GROUPS) * NW;  // rows 16 wr.., token tiles n0..
-    const int tile_row = BT ? blockIdx.y : blockIdx.x, split = BT ? 0 : blockIdx.y;
-    const int S = BT ? (K + KS - 1) / KS : gridDim.y;
-    const int tok0 = BT ? blockIdx.x * BT * 8 : 0;           // this block's first token
-    if (BT) {
-        X += (size_t)tok0 * K;
-        B = B - tok0 < BT * 8 ? B - tok0 : BT * 8;           // this block's tokens
-    }
-    const int k_begin = split * KS, k_end = BT ? K : (K < k_begin + KS ? K : k_begin + KS);
-    const int tiles = (k_end - k_begin) / 64, range_tiles = KS / 64;
+    const int tile_row = blockIdx.x, split = blockIdx.y, S = gridDim.y;
+    const int k_begin = split * KS, k_end = K < k_begin + KS ? K : k_begin + KS;
+    const int tiles = (k_end - k_begin) / 64;
     const int row0 = tile_row * 64 + wr * 16;
     float acc[MATS][NW][4];
     float ss[NW];  // this lane's share of token (n0+i)*8+g's sum of squares (warp wr == i % GROUPS only)
     zero_sums(acc, ss);
-    float total[MATS][NW][4], sq[NW];  // BT: the ranges' sums so far (S > 1)
-    zero_sums(total, sq);
 
     // The pipeline: tile j's weights and tokens go to stage j % STAGES, STAGES - 1 tiles ahead
     // of the one being multiplied. The first tiles' weights are requested before waiting for
@@ -719,7 +703,7 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
                              tile_row * 64, N, k_begin + j * 64, false);
     };
     auto copy_x = [&](int j) {
-        copy_tile<K, BN * 8>(stage + (j % TILE_STAGES) * (WT + XT) + WT, X, 0, B, k_begin + j * 64, true);
+        copy_tile<K, NT * 8>(stage + (j % TILE_STAGES) * (WT + XT) + WT, X, 0, B, k_begin + j * 64, true);
     };
 #pragma unroll
     for (int j = 0; j < TILE_STAGES - 1; j++)
@@ -756,7 +740,7 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
         uint4 xv[NW][2];  // [token tile][k +0 / +32]
 #pragma unroll
         for (int i = 0; i < NW; i++) {
-            if (n0 + i >= BN) continue;
+            if (n0 + i >= NT) continue;
             xv[i][0] = xt[(n0 + i) * 64];  // 64 slots per 8 tokens
             xv[i][1] = xt[(n0 + i) * 64 + 32];
             if (NORM) {
@@ -771,7 +755,7 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
         for (int q = 0; q < 4; q++)
 #pragma unroll
             for (int i = 0; i < NW; i++) {
-                if (n0 + i >= BN) continue;
+                if (n0 + i >= NT) continue;
                 const uint4& x = xv[i][q >> 1];
                 const unsigned b0 = (q & 1) ? x.z : x.x, b1 = (q & 1) ? x.w : x.y;
 #pragma unroll
@@ -782,60 +766,34 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
                     else mma_16816<T>(acc[m][i], lo.x, hi.x, lo.y, hi.y, b0, b1);
                 }
             }
-        if (BT && S > 1 && ((j + 1) % range_tiles == 0 || j + 1 == tiles)) {
-            // a range ends: its sums join the total, as the split form's last block adds them
-#pragma unroll
-            for (int i = 0; i < NW; i++) {
-                if (NORM && i % TILE_GROUPS == wr) {
-                    float v = ss[i];
-                    v += __shfl_xor_sync(0xffffffffu, v, 1);
-                    v += __shfl_xor_sync(0xffffffffu, v, 2);
-                    sq[i] += v;
-                    ss[i] = 0.f;
-                }
-#pragma unroll
-                for (int m = 0; m < MATS; m++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        total[m][i][e] += acc[m][i][e];
-                        acc[m][i][e] = 0.f;
-                    }
-            }
-        }
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
-    const bool ranges = BT && S > 1;  // the sums are in `total` and `sq`
     // tokens' sums of squares over this block's columns: the 4 lanes of a token, in a fixed order
     if (NORM) {
 #pragma unroll
         for (int i = 0; i < NW; i++) {
-            if (i % TILE_GROUPS != wr || n0 + i >= BN) continue;
+            if (i % TILE_GROUPS != wr || n0 + i >= NT) continue;
             float v = ss[i];
-            if (ranges) {
-                v = sq[i];
-            } else {
-                v += __shfl_xor_sync(0xffffffffu, v, 1);
-                v += __shfl_xor_sync(0xffffffffu, v, 2);
-            }
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
             if (t == 0) ss_all[(n0 + i) * 8 + g] = v;
         }
         __syncthreads();
     }
     // accumulator layout: (row g, tokens 2t, 2t+1), (row g+8, the same tokens)
-    if (S == 1 || BT) {
+    if (S == 1) {
 #pragma unroll
         for (int n = 0; n < NW; n++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int b = (n0 + n) * 8 + 2 * t + (i & 1), r = row0 + g + 8 * (i >> 1);
-                if (n0 + n >= BN || b >= B || r >= N) continue;
-                float y = ranges ? total[0][n][i] : acc[0][n][i];
-                float u = (EPI == EPI_SWIGLU) ? (ranges ? total[MATS - 1][n][i] : acc[MATS - 1][n][i]) : 0.f;
+                if (n0 + n >= NT || b >= B || r >= N) continue;
+                float y = acc[0][n][i], u = (EPI == EPI_SWIGLU) ? acc[MATS - 1][n][i] : 0.f;
                 if (NORM) {
                     const float inv = 1.f / sqrtf(ss_all[b] / K + eps);
                     y *= inv; u *= inv;
                 }
-                epilogue<EPI>(y, u, res, out, (size_t)(tok0 + b) * N + r);
+                epilogue<EPI>(y, u, res, out, (size_t)b * N + r);
             }
         return;
     }

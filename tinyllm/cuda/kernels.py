@@ -336,11 +336,6 @@ TILE_ROWS = 16 * TILE_GROUPS  # output rows per gemm_rows block
 # gemv_rows, where a one-row step was slower with it on gemm_rows (docs/benchmarks.md)
 TILE_MIN_WEIGHTS = 24_000_000
 TILE_MAX_BLOCKS = 384         # gemm_rows splits K while the blocks stay within this many
-# calls of at least this many tokens run gemm_rows's grouped form (kernels.cu, BT > 0): each
-# block takes GROUP_TILES 8-token tiles and every K range in turn, summing the ranges in the
-# order the split form's last block does (the same bits), without its workspace round trip
-GROUP_MIN_ROWS = 32
-GROUP_TILES = 4
 
 
 def _tiles(rows: int) -> int:
@@ -357,21 +352,11 @@ def rows_kernel(n_out: int, k: int, epilogue: int) -> str:
     return "gemm_rows" if mats * n_out * k >= TILE_MIN_WEIGHTS else "gemv_rows"
 
 
-def tile_group(rows: int) -> int:
-    """8-token tiles per gemm_rows block for a call of `rows` tokens: 0 for the split form
-    (one block per K range, all the tokens), else the grouped form's GROUP_TILES."""
-    return min(GROUP_TILES, _tiles(rows)) if rows >= GROUP_MIN_ROWS else 0
-
-
-def gemv_rows_name(dtype, n_out: int, k: int, norm: bool, epilogue: int, rows: int, kernel: str | None = None,
-                   group: int | None = None) -> str:
+def gemv_rows_name(dtype, n_out: int, k: int, norm: bool, epilogue: int, rows: int, kernel: str | None = None) -> str:
     """The instantiation that out = W @ x for B = rows tokens launches (kernel: 'gemv_rows' or
-    'gemm_rows'; default rows_kernel's pick; group: gemm_rows's tiles per block, default
-    tile_group's)."""
+    'gemm_rows'; default rows_kernel's pick)."""
     which = kernel or rows_kernel(n_out, k, epilogue)
-    name = f"{which}<{_ctype(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}"
-    bt = tile_group(rows) if group is None else group
-    return f"{name}, {bt}>" if which == "gemm_rows" and bt else f"{name}>"
+    return f"{which}<{_ctype(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}, {_tiles(rows)}>"
 
 
 def gemv_rows_fits(n_out: int, k: int, rows: int = MAX_ROWS) -> bool:
@@ -422,22 +407,20 @@ def rows_workspace(n_out: int, k: int, epilogue: int, rows: int = MAX_ROWS) -> i
 
 
 def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None,
-              workspace=None, counters=None, kernel_name: str | None = None, group: int | None = None):
+              workspace=None, counters=None, kernel_name: str | None = None):
     """out[b] = W @ x[b] for B <= 64 tokens on the tensor cores, with gemv's prologue and epilogues.
 
     w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out: [B, N]. workspace: fp32, at least
     rows_workspace(N, K, epilogue, B) values; counters: int32, N / 64 zeros (both reused by
     every launch on one stream; needed only where gemm_rows splits K). kernel_name
-    ('gemv_rows' or 'gemm_rows') overrides rows_kernel (tests run both on every shape), group
-    tile_group (tests and benchmarks run both forms of gemm_rows)."""
+    ('gemv_rows' or 'gemm_rows') overrides rows_kernel (tests run both on every shape)."""
     n_out, k = w.shape
     if epilogue == EPI_SWIGLU:
         n_out //= 2
     rows = x.size // k
     norm = norm_w is not None
     which = kernel_name or rows_kernel(n_out, k, epilogue)
-    bt = tile_group(rows) if group is None else group
-    name = gemv_rows_name(w.dtype, n_out, k, norm, epilogue, rows, which, bt)
+    name = gemv_rows_name(w.dtype, n_out, k, norm, epilogue, rows, which)
     common = (w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out,
               np.int32(n_out), np.int32(rows))
     if which == "gemv_rows":
@@ -447,12 +430,6 @@ def gemv_rows(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float =
     ks = rows_split(n_out, k)
     splits = -(-k // ks)
     mats = 2 if epilogue == EPI_SWIGLU else 1
-    if bt:
-        tokens = 8 * bt
-        shared = TILE_STAGES * (mats * TILE_ROWS + tokens) * 64 * 2 + tokens * 4 + 16
-        launch(name, (-(-rows // tokens), row_tiles(n_out)), (32 * TILE_WARPS,), common + (
-            np.int32(ks), x, x), pdl=True, shared=shared)
-        return
     need = tile_workspace(n_out, k, epilogue, rows)
     if need and (workspace is None or workspace.size < need or counters is None
                  or counters.size < row_tiles(n_out)):
