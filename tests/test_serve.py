@@ -468,3 +468,24 @@ def test_step_histogram_reports_what_prometheus_histogram_would():
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-12), key
     assert want['gap_seconds_bucket{le="+Inf"}'] == want["gap_seconds_count"] == sum(map(len, steps))
+
+
+def test_a_running_server_shortens_the_switch_interval_only(llm):
+    """The scheduler thread gets the interpreter back within SWITCH_INTERVAL of asking (it lets
+    go in every GPU call); a host program's own shorter interval is kept."""
+    import sys
+
+    from tinyllm.server.app import SWITCH_INTERVAL, Server
+
+    before = sys.getswitchinterval()
+    try:
+        for asked, expected in ((0.005, SWITCH_INTERVAL), (SWITCH_INTERVAL / 5, SWITCH_INTERVAL / 5)):
+            sys.setswitchinterval(asked)
+            server = Server(llm, max_batch=2, prefix_cache_mb=0)
+            server.start(warm_up=False)
+            try:
+                assert sys.getswitchinterval() == pytest.approx(expected, rel=0.02)  # kept in whole microseconds
+            finally:
+                server.stop()
+    finally:
+        sys.setswitchinterval(before)
