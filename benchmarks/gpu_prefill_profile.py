@@ -16,7 +16,6 @@ weights of a real shape (benchmarks/gpu_models.py).
 from __future__ import annotations
 
 import argparse
-import collections
 import cProfile
 import io
 import json
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import command_line, git_commit  # noqa: E402
 from benchmarks.gpu_models import ALL_SHAPES, random_model  # noqa: E402
+from benchmarks.gpu_step_profile import kernel_times  # noqa: E402
 
 
 def profile_prefill(model, tokens: int, repeats: int) -> dict:
@@ -59,18 +59,13 @@ def profile_prefill(model, tokens: int, repeats: int) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         once()
         cp.cuda.Device().synchronize()
-    per = collections.defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per[event.name][0] += event.device_time
-            per[event.name][1] += 1
+    kernels = {name[:120]: v for name, v in kernel_times(prof).items()}
     profiler = cProfile.Profile()
     profiler.enable()
     once()
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-    kernels = {name[:120]: (round(us, 1), n) for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])}
     return {"tokens": tokens, "wall_ms": round(1e3 * statistics.median(walls), 2),
             "host_ms": round(1e3 * statistics.median(hosts), 2),
             "device_ms": round(sum(us for us, _ in kernels.values()) / 1e3, 2),

@@ -48,14 +48,21 @@ def profile_step(batch, b: int, repeats: int) -> dict:
     finally:
         for cache in caches:
             batch.release(cache)
+    kernels = kernel_times(prof, repeats)
+    return {"replay_ms": round(replay, 3), "kernels_ms": round(sum(us for us, _ in kernels.values()) / 1000, 3),
+            "kernels": kernels}
+
+
+def kernel_times(prof, repeats: int = 1) -> dict:
+    """kernel name -> (device µs, launches) per repeat, from a torch profiler run, longest first."""
+    import torch
+
     per = collections.defaultdict(lambda: [0.0, 0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per[event.name][0] += event.device_time / repeats
             per[event.name][1] += 1
-    kernels = {name: (round(us, 1), n // repeats) for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])}
-    return {"replay_ms": round(replay, 3), "kernels_ms": round(sum(us for us, _ in kernels.values()) / 1000, 3),
-            "kernels": kernels}
+    return {name: (round(us, 1), n // repeats) for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])}
 
 
 def main() -> int:
