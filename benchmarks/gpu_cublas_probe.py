@@ -3,6 +3,11 @@
 step's matrices, and is one row's result the same bits whatever the other rows hold and
 wherever the row sits (at a fixed M), and at another M?
 
+CuPy itself refuses cuBLAS calls during a capture (its cublas.setStream raises
+NotImplementedError while the stream captures, as of CuPy 14.2), so the probe also calls
+cuBLAS through ctypes with a handle of its own, its workspace set before the capture (cuBLAS
+must not allocate inside one): `--via ctypes` (default: both, CuPy first).
+
 Each matrix goes round copies of itself (at least 300 MB of them, so the 50 MB L2 does not
 serve it as a step never would), the calls captured into a graph and replayed; µs per call
 from CUDA events. Random fp16 values.
@@ -20,6 +25,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_models import ALL_SHAPES, shape_config  # noqa: E402
 
 
+class Cublas:
+    """cublasGemmEx through ctypes: out[M, N] = x[M, K] @ w[N, K].T for fp16 row-major arrays,
+    fp32 sums, on a handle of its own with a workspace it owns (so a capture can hold it)."""
+
+    OP_N, OP_T, R_16F, COMPUTE_32F, GEMM_DEFAULT = 0, 1, 2, 68, -1
+
+    def __init__(self, cp, workspace_mb: int = 32):
+        import ctypes
+        import glob
+        import os
+
+        paths = ["libcublas.so.13", "libcublas.so.12"] + sorted(
+            glob.glob(os.path.join(os.environ.get("CUDA_PATH", "/usr/local/cuda"), "lib64", "libcublas.so*")))
+        for path in paths:
+            try:
+                self.lib = ctypes.CDLL(path)
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError(f"no libcublas among {paths}")
+        self.ct = ctypes
+        self.handle = ctypes.c_void_p()
+        self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self.workspace = cp.empty(workspace_mb << 20, dtype=cp.uint8)
+        self._check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                   ctypes.c_size_t(self.workspace.size)), "cublasSetWorkspace")
+        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what}: cuBLAS status {status}")
+
+    def matmul_t(self, cp, x, w, out) -> None:
+        ct = self.ct
+        m, k = x.shape
+        n = w.shape[0]
+        self._check(self.lib.cublasSetStream_v2(self.handle, ct.c_void_p(cp.cuda.get_current_stream().ptr)),
+                    "cublasSetStream")
+        # column-major view: out.T [N, M] = w [N, K] (w's rows, transposed view of K x N) times x.T [K, M]
+        self._check(self.lib.cublasGemmEx(
+            self.handle, self.OP_T, self.OP_N, n, m, k, ct.byref(self.one),
+            ct.c_void_p(w.data.ptr), self.R_16F, k, ct.c_void_p(x.data.ptr), self.R_16F, k, ct.byref(self.zero),
+            ct.c_void_p(out.data.ptr), self.R_16F, n, self.COMPUTE_32F, self.GEMM_DEFAULT), "cublasGemmEx")
+
+
 def graph_us(cp, fn, calls: int = 16) -> float:
     """µs per fn(i) call, `calls` of them captured in one graph, the graph replayed 3 times."""
     stream = cp.cuda.Stream(non_blocking=True)
@@ -28,8 +80,15 @@ def graph_us(cp, fn, calls: int = 16) -> float:
             fn(i)  # warm-up on the capturing stream: cuBLAS sets up its handle and workspace here
         stream.synchronize()
         stream.begin_capture()
-        for i in range(calls):
-            fn(i)
+        try:
+            for i in range(calls):
+                fn(i)
+        except Exception:
+            try:
+                stream.end_capture()  # leave no stream capturing behind
+            except Exception:  # noqa: BLE001 - the capture's own error is the one to report
+                pass
+            raise
         graph = stream.end_capture()
         graph.launch(stream)
         start, end = cp.cuda.Event(), cp.cuda.Event()
@@ -45,10 +104,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "llama-3-8b"], choices=sorted(ALL_SHAPES))
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 128, 512])
+    ap.add_argument("--via", nargs="+", choices=("cupy", "ctypes"), default=["cupy", "ctypes"])
     args = ap.parse_args()
     import cupy as cp
 
     rng = cp.random.default_rng(0)
+    for via in args.via:
+        if via == "ctypes":
+            blas = Cublas(cp)
+            mm = lambda x, w, out: blas.matmul_t(cp, x, w, out)  # noqa: E731
+        else:
+            mm = lambda x, w, out: cp.matmul(x, w.T, out=out)  # noqa: E731
+        print(f"== cuBLAS via {via}", flush=True)
+        probe(cp, rng, args, mm)
+    return 0
+
+
+def probe(cp, rng, args, mm) -> None:
+    """Each shape's matrices: µs per call at each row count in a captured graph, and a row's bits."""
     for shape in args.shapes:
         c = shape_config(shape)
         mats = {"qkv": ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), "gate|up": (2 * c.hidden_dim, c.dim),
@@ -61,24 +134,32 @@ def main() -> int:
                 x = rng.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
                 out = cp.empty((m, n), cp.float16)
                 try:
-                    us = graph_us(cp, lambda i, x=x, out=out, ws=copies: cp.matmul(x, ws[i % len(ws)].T, out=out))
+                    us = graph_us(cp, lambda i, x=x, out=out, ws=copies: mm(x, ws[i % len(ws)], out))
                 except Exception as e:  # noqa: BLE001 - the probe reports whatever capture raises
                     cells.append(f"M={m}: not captured ({type(e).__name__}: {e})")
                     break
                 cells.append(f"M={m} {us:.1f} µs ({n * k * 2 / us / 1e3:.0f} GB/s of weights)")
             print(f"{shape} {role} {n}x{k}: " + "; ".join(cells), flush=True)
             w = copies[0]
+
+            def product(a):
+                out = cp.empty((a.shape[0], n), cp.float16)
+                mm(cp.ascontiguousarray(a), w, out)
+                return out
+
             x = rng.standard_normal((64, k), dtype=cp.float32).astype(cp.float16)
             others = x.copy()
             others[1:] = rng.standard_normal((63, k), dtype=cp.float32).astype(cp.float16) * 5
             moved = cp.concatenate([others[1:38], x[:1], others[38:]])
-            row = (x @ w.T)[0]
-            print(f"  one row at M=64: among other rows {bool(((others @ w.T)[0] == row).all())}, "
-                  f"moved to row 37 {bool(((moved @ w.T)[37] == row).all())}, "
-                  f"alone at M=1 {bool(((x[:1] @ w.T)[0] == row).all())}, "
-                  f"at M=16 {bool(((x[:16] @ w.T)[0] == row).all())}", flush=True)
+            row = product(x)[0]
+            reference = (x[:1].astype(cp.float32) @ w.T.astype(cp.float32))[0]
+            error = float(cp.abs(row.astype(cp.float32) - reference).max() / cp.abs(reference).max())
+            print(f"  one row at M=64: among other rows {bool((product(others)[0] == row).all())}, "
+                  f"moved to row 37 {bool((product(moved)[37] == row).all())}, "
+                  f"alone at M=1 {bool((product(x[:1])[0] == row).all())}, "
+                  f"at M=16 {bool((product(x[:16])[0] == row).all())}; "
+                  f"max error against fp32 {error:.1e}", flush=True)
             del copies
-    return 0
 
 
 if __name__ == "__main__":
