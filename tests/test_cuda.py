@@ -709,6 +709,24 @@ def test_batched_fast_path_against_readable_decode_batch(pair, batch, record):
     """Eight sequences of different lengths, 48 teacher-forced steps: each replayed batched
     graph's logits against the readable decode_batch (cuBLAS, one attention per sequence);
     the ids chosen on the device are the argmax of those logits."""
+    _against_readable(pair, batch, record)
+
+
+def test_cublas_batched_step_against_readable_decode_batch(pair, record):
+    """The same with the step's GEMMs on cuBLAS (gemm="cublas": captured through ctypes, at a
+    fixed M of 64 rows)."""
+    from tinyllm.cuda.batch import BatchDecoder
+
+    name, readable, fast, decoder = pair
+    b = BatchDecoder(decoder, max_batch=8, capacity=1024, gemm="cublas")
+    try:
+        _against_readable(pair, b, record)
+    finally:
+        del b
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+def _against_readable(pair, batch, record):
     name, readable, fast, decoder = pair
     lengths = [16, 3, 250, 17, 1, 129, 40, 300]
     caches = [batch.new_cache() for _ in lengths]
@@ -765,14 +783,16 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
     assert batch.free_rows == batch.max_batch
 
 
-def test_a_row_is_bit_identical_in_every_bucket_up_to_64(pair, record):
+@pytest.mark.parametrize("gemm", ["kernels", "cublas"])
+def test_a_row_is_bit_identical_in_every_bucket_up_to_64(pair, gemm, record):
     """Batch invariance up to 64 sequences: one sequence decoded alone and as one row among
     B - 1 others (every bucket's graph, padded rows included, K staged in chunks when 64
-    tokens do not fit at once) gives the same logits, bit for bit."""
+    tokens do not fit at once; with cuBLAS, every GEMM at 64 rows) gives the same logits, bit
+    for bit."""
     from tinyllm.cuda.batch import BatchDecoder
 
     name, readable, fast, decoder = pair
-    big = BatchDecoder(decoder, max_batch=64, capacity=512)
+    big = BatchDecoder(decoder, max_batch=64, capacity=512, gemm=gemm)
     try:
         alone = [big.new_cache()]
         _rows_prefilled(fast, alone, [37])

@@ -37,6 +37,7 @@ own row and column), so a request gives the same tokens at any batch size.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -45,7 +46,7 @@ from ..errors import ConfigError, DeviceError, TinyLLMError
 from ..kv_cache import KVCache
 from . import kernels as K
 from .decoder import CudaDecoder, capture_graph
-from .ops import FastOps
+from .ops import GEMMS, FastOps
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
 
@@ -53,8 +54,14 @@ _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
 class BatchDecoder:
     """Batched decode steps for up to `max_batch` sequences, each a row of one KV cache."""
 
-    def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None):
+    def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None,
+                 gemm: str | None = None):
         c = decoder.model.config
+        # the step's GEMMs (ops.py GEMMS): our kernels, or cuBLAS at one M (an opt-in while it is measured)
+        gemm = gemm or os.environ.get("TINYLLM_BATCH_GEMM") or "kernels"
+        if gemm not in GEMMS:
+            raise ConfigError(f"TINYLLM_BATCH_GEMM: expected one of {', '.join(GEMMS)}, got {gemm!r}")
+        self.gemm = gemm
         if not 1 <= max_batch <= max_batch_for(c):  # a round of the GEMM's inputs must fit in shared memory
             raise ConfigError(f"--max-batch: the batched fast path takes 1 to {max_batch_for(c)} sequences "
                               f"per step for this model, got {max_batch}")
@@ -94,12 +101,12 @@ class BatchDecoder:
             offset += size
         self._nbytes = nbytes
         self.ops = FastOps.for_model(self.model, "batched", positions=self.device["positions"],
-                                     slots=self.device["slots"])
+                                     slots=self.device["slots"], gemm=gemm)
         self.batched_model = self.model.with_ops(self.ops)
         # steps whose rows include several tokens of one sequence (a prompt's, prefilled in
         # the step): each attention first writes every row's k and v (see FastOps)
         self.prompt_ops = FastOps.for_model(self.model, "batched", positions=self.device["positions"],
-                                            slots=self.device["slots"], shared_rows=True)
+                                            slots=self.device["slots"], shared_rows=True, gemm=gemm)
         self.prompt_model = self.model.with_ops(self.prompt_ops)
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]

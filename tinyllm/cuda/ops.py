@@ -29,6 +29,9 @@ A FastOps is made for one mode and keeps it:
                tensor-core GEMM over B tokens (`gemv_rows`, the same kernel whatever B, so a
                sequence gets the same bits at any batch size) and the attention reads each
                sequence's position and cache row from `positions` and `slots`.
+               With gemm="cublas" the GEMMs are cuBLAS's instead (cublas.py), always over
+               MAX_ROWS rows, the B rows padded: one M, so one algorithm and the same bits
+               whatever B; the norm, SwiGLU and residual add are then launches of their own.
 
 A block-quantized matrix (tinyllm/quant.py) takes `kernels.gemv_q` in every mode, for one token
 or B (quant.cu's gemv_qs or gemv_q, by format and row length: `kernels.q_kernel`); a prompt's
@@ -43,6 +46,7 @@ from ..quant import QuantizedMatrix
 from . import kernels as K
 
 MODES = ("eager", "graph", "batched")
+GEMMS = ("kernels", "cublas")  # the batched mode's GEMMs: gemv_rows / gemm_rows, or cuBLAS at a fixed M
 
 
 class FastOps(Ops):
@@ -55,11 +59,13 @@ class FastOps(Ops):
     slots: int32 device buffers the graph modes read; the eager mode makes and writes its own."""
 
     def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False,
-                 quantized=(), dtype=np.float16):
+                 quantized=(), dtype=np.float16, gemm: str = "kernels"):
         import cupy as cp
 
         if mode not in MODES:
             raise ValueError(f"FastOps mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if gemm not in GEMMS:
+            raise ValueError(f"FastOps gemm: expected one of {', '.join(GEMMS)}, got {gemm!r}")
         if K.element_type(dtype) is None:
             raise ValueError(f"FastOps: the kernels take float16 or bfloat16, got {np.dtype(dtype).name}")
         super().__init__(cp)
@@ -76,11 +82,19 @@ class FastOps(Ops):
         self.fused_attention = e in (64, 128) and K.attention_shared(e, K.heads_per_block(c.n_rep)) <= K.ATTENTION_SMEM
         self.stats = {"fused": 0, "rows_attention": 0}  # fused launches, batched attention launches
         self.quantized = tuple(quantized)  # (kind, K, norm, epilogue) of each block-quantized GEMV
+        self.gemm = gemm if mode == "batched" else "kernels"
+        self.blas = None
+        self._padded = {}  # K -> [MAX_ROWS, K]: the cuBLAS GEMMs' inputs, B rows written, the rest padding
+        if self.gemm == "cublas":
+            from . import cublas
+
+            self.blas = cublas.handle()  # made now: a capture must not allocate its workspace
 
     @classmethod
-    def for_model(cls, model, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False) -> "FastOps":
+    def for_model(cls, model, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False,
+                  gemm: str = "kernels") -> "FastOps":
         return cls(model.config, model.rope, mode, positions, slots, shared_rows, quantized_gemvs(model.weights),
-                   model.dtype)
+                   model.dtype, gemm)
 
     # ---- which calls take the fast path ------------------------------------------------
     def kernel_names(self) -> list[str]:
@@ -104,6 +118,8 @@ class FastOps(Ops):
         c = self.config
         names = [K.attention_name(self.dtype, c.head_dim, c.n_rep, K.rows_heads(c.n_rep, c.head_dim, b))
                  for b in (1, K.MAX_ROWS) if self.fused_attention]  # the two counts a batch may take
+        if self.gemm == "cublas":
+            return sorted(set(names + K.plain_kernel_names(self.dtype)))
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
             for n, k, norm, epi in step_gemms(self.config):
                 if k % 64 == 0:
@@ -133,6 +149,10 @@ class FastOps(Ops):
             K.gemv_q(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
             self.stats["fused"] += 1
             return out
+        if self.gemm == "cublas":
+            if not (b and w.dtype == self.dtype and w.flags.c_contiguous and x.shape[-1] == k):
+                return None
+            return self._cublas(x, w, b, epilogue, norm, residual)
         single = b == 1 and self.mode != "batched"
         fits = k % 8 == 0 and k <= 16384 if single else K.gemv_rows_fits(w.shape[0], k, b)
         if not (b and fits and w.dtype == self.dtype and w.flags.c_contiguous):
@@ -148,6 +168,33 @@ class FastOps(Ops):
                         workspace=workspace, counters=counters)
         self.stats["fused"] += 1
         return out
+
+    def _cublas(self, x, w, b: int, epilogue, norm, residual):
+        """B rows through cuBLAS at M = MAX_ROWS whatever B: the rows go into the padded input
+        (normalized on the way), the product's first B rows take the epilogue. The padding
+        rows hold whatever an earlier step left there; each output row is computed from its
+        own input row only, so they touch nothing that is kept."""
+        xp, k = self.xp, w.shape[1]
+        padded = self._padded.get(k)
+        if padded is None:
+            with xp.cuda.using_allocator(xp.get_default_memory_pool().malloc):  # graphs hold its address
+                padded = self._padded[k] = xp.zeros((K.MAX_ROWS, k), dtype=self.dtype)
+        rows, h = padded[:b], x.reshape(b, k)
+        if norm is not None:
+            K.rms_norm_rows(h, norm[0], norm[1], rows)
+        else:
+            rows[...] = h
+        y = xp.empty((K.MAX_ROWS, w.shape[0]), dtype=self.dtype)
+        self.blas.gemm_nt(padded, w, y)
+        y = y[:b]
+        self.stats["fused"] += 1
+        if epilogue == K.EPI_SWIGLU:
+            out = xp.empty((b, 1, w.shape[0] // 2), dtype=self.dtype)
+            K.swiglu_rows(y, out)
+            return out
+        if epilogue == K.EPI_RESIDUAL:
+            return (residual.reshape(b, -1) + y).reshape(b, 1, -1)
+        return y.reshape(b, 1, -1)
 
     # ---- the fusions (model.py names them) ------------------------------------------------
     def norm_linear(self, x, norm_weight, eps: float, w):

@@ -1,0 +1,91 @@
+"""cuBLAS through ctypes: a matrix product that a CUDA graph can capture.
+
+The batched decode step is one captured graph (batch.py). CuPy refuses cuBLAS calls while a
+stream captures (its cublas.setStream raises NotImplementedError), so the step's GEMMs were
+kernels of our own. cuBLAS itself captures, provided it allocates nothing during the capture:
+a handle of our own, with a workspace set once before any capture, does that. One call:
+
+    gemm_nt(x, w, out)      out[M, N] = x[M, K] @ w[N, K].T   (fp16 or bf16, row-major, sums in fp32)
+
+cuBLAS chooses its algorithm from the shape, so a row's bits can differ between two M (they
+do for some of Llama-3-8B's matrices between 1 and 64 rows); at one M they do not depend on
+the other rows or on the row's place. A caller that needs a token's bits not to depend on its
+batch calls it with one M whatever the batch (FastOps pads the batched step's rows).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+OP_N, OP_T = 0, 1
+DATA_TYPES = {"float16": 2, "bfloat16": 14}  # cudaDataType_t: CUDA_R_16F, CUDA_R_16BF
+COMPUTE_32F, GEMM_DEFAULT = 68, -1
+WORKSPACE_BYTES = 32 << 20  # what cuBLAS asks for on Hopper
+
+_handles: dict = {}  # device id -> Handle
+
+
+def _library():
+    """libcublas as loaded by this process's CUDA (CuPy's wheels and a CUDA toolkit both provide it)."""
+    names = ["libcublas.so.13", "libcublas.so.12"]
+    for root in {os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"} - {""}:
+        names += sorted(glob.glob(os.path.join(root, "lib64", "libcublas.so*")))
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise OSError(f"cuBLAS was not found (tried {', '.join(names)})")
+
+
+class Handle:
+    """A cuBLAS handle with its own workspace, for the current device."""
+
+    def __init__(self):
+        import cupy as cp
+
+        self.cp = cp
+        self.lib = _library()
+        self.ptr = ctypes.c_void_p()
+        self._check(self.lib.cublasCreate_v2(ctypes.byref(self.ptr)), "cublasCreate")
+        with cp.cuda.using_allocator(cp.get_default_memory_pool().malloc):  # never a graph's private pool
+            self.workspace = cp.empty(WORKSPACE_BYTES, dtype=cp.uint8)
+        self._check(self.lib.cublasSetWorkspace_v2(self.ptr, ctypes.c_void_p(self.workspace.data.ptr),
+                                                   ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
+        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed: cuBLAS status {status}")
+
+    def gemm_nt(self, x, w, out) -> None:
+        """out[M, N] = x[M, K] @ w[N, K].T on the current stream."""
+        m, k = x.shape
+        n = w.shape[0]
+        dtype = DATA_TYPES.get(np.dtype(x.dtype).name)
+        if (dtype is None or w.dtype != x.dtype or out.dtype != x.dtype or w.shape[1] != k or out.shape != (m, n)
+                or not (x.flags.c_contiguous and w.flags.c_contiguous and out.flags.c_contiguous)):
+            raise ValueError(f"gemm_nt: contiguous fp16 or bf16 x [M, K], w [N, K], out [M, N] of one type; got "
+                             f"{x.dtype} {x.shape}, {w.dtype} {w.shape}, {out.dtype} {out.shape}")
+        self._check(self.lib.cublasSetStream_v2(self.ptr, ctypes.c_void_p(self.cp.cuda.get_current_stream().ptr)),
+                    "cublasSetStream")
+        # cuBLAS is column-major: out.T [N, M] = op(w) [N, K] @ x.T [K, M], where w's rows seen
+        # column-major are w.T [K, N] (so op = transpose) and x's rows are x.T [K, M]
+        self._check(self.lib.cublasGemmEx(
+            self.ptr, OP_T, OP_N, n, m, k, ctypes.byref(self.one),
+            ctypes.c_void_p(w.data.ptr), dtype, k, ctypes.c_void_p(x.data.ptr), dtype, k, ctypes.byref(self.zero),
+            ctypes.c_void_p(out.data.ptr), dtype, n, COMPUTE_32F, GEMM_DEFAULT), "cublasGemmEx")
+
+
+def handle() -> Handle:
+    """This process's handle for the current device (made on first use, before any capture)."""
+    import cupy as cp
+
+    device = cp.cuda.runtime.getDevice()
+    if device not in _handles:
+        _handles[device] = Handle()
+    return _handles[device]
