@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import site
 
 import numpy as np
 
@@ -29,10 +30,19 @@ _handles: dict = {}  # device id -> Handle
 
 
 def _library():
-    """libcublas as loaded by this process's CUDA (CuPy's wheels and a CUDA toolkit both provide it)."""
+    """libcublas as this process's CuPy loads it (from NVIDIA's wheels or a CUDA toolkit): CuPy
+    loads it first, so that the name finds that same library."""
+    import cupy as cp
+
+    try:
+        cp.cuda.device.get_cublas_handle()
+    except Exception:  # noqa: BLE001 - then the paths below are all there is
+        pass
     names = ["libcublas.so.13", "libcublas.so.12"]
-    for root in {os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"} - {""}:
-        names += sorted(glob.glob(os.path.join(root, "lib64", "libcublas.so*")))
+    roots = [os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    roots += [os.path.join(p, "nvidia", sub) for p in site.getsitepackages() for sub in ("cu13", "cu12", "cublas")]
+    for root in filter(None, roots):
+        names += sorted(glob.glob(os.path.join(root, "lib*", "libcublas.so*")))
     for name in names:
         try:
             return ctypes.CDLL(name)
