@@ -5,8 +5,8 @@ wherever the row sits (at a fixed M), and at another M?
 
 CuPy itself refuses cuBLAS calls during a capture (its cublas.setStream raises
 NotImplementedError while the stream captures, as of CuPy 14.2), so the probe also calls
-cuBLAS through ctypes with a handle of its own, its workspace set before the capture (cuBLAS
-must not allocate inside one): `--via ctypes` (default: both, CuPy first).
+cuBLAS through ctypes (tinyllm/cuda/cublas.py: a handle of its own, its workspace set before
+any capture): `--via ctypes cupy` (the default).
 
 Each matrix goes round copies of itself (at least 300 MB of them, so the 50 MB L2 does not
 serve it as a step never would), the calls captured into a graph and replayed; µs per call
@@ -23,53 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_models import ALL_SHAPES, shape_config  # noqa: E402
-
-
-class Cublas:
-    """cublasGemmEx through ctypes: out[M, N] = x[M, K] @ w[N, K].T for fp16 row-major arrays,
-    fp32 sums, on a handle of its own with a workspace it owns (so a capture can hold it)."""
-
-    OP_N, OP_T, R_16F, COMPUTE_32F, GEMM_DEFAULT = 0, 1, 2, 68, -1
-
-    def __init__(self, cp, workspace_mb: int = 32):
-        import ctypes
-        import glob
-        import os
-
-        paths = ["libcublas.so.13", "libcublas.so.12"] + sorted(
-            glob.glob(os.path.join(os.environ.get("CUDA_PATH", "/usr/local/cuda"), "lib64", "libcublas.so*")))
-        for path in paths:
-            try:
-                self.lib = ctypes.CDLL(path)
-                break
-            except OSError:
-                continue
-        else:
-            raise OSError(f"no libcublas among {paths}")
-        self.ct = ctypes
-        self.handle = ctypes.c_void_p()
-        self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
-        self.workspace = cp.empty(workspace_mb << 20, dtype=cp.uint8)
-        self._check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
-                                                   ctypes.c_size_t(self.workspace.size)), "cublasSetWorkspace")
-        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-
-    @staticmethod
-    def _check(status: int, what: str) -> None:
-        if status != 0:
-            raise RuntimeError(f"{what}: cuBLAS status {status}")
-
-    def matmul_t(self, cp, x, w, out) -> None:
-        ct = self.ct
-        m, k = x.shape
-        n = w.shape[0]
-        self._check(self.lib.cublasSetStream_v2(self.handle, ct.c_void_p(cp.cuda.get_current_stream().ptr)),
-                    "cublasSetStream")
-        # column-major view: out.T [N, M] = w [N, K] (w's rows, transposed view of K x N) times x.T [K, M]
-        self._check(self.lib.cublasGemmEx(
-            self.handle, self.OP_T, self.OP_N, n, m, k, ct.byref(self.one),
-            ct.c_void_p(w.data.ptr), self.R_16F, k, ct.c_void_p(x.data.ptr), self.R_16F, k, ct.byref(self.zero),
-            ct.c_void_p(out.data.ptr), self.R_16F, n, self.COMPUTE_32F, self.GEMM_DEFAULT), "cublasGemmEx")
 
 
 def graph_us(cp, fn, calls: int = 16) -> float:
@@ -104,15 +57,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "llama-3-8b"], choices=sorted(ALL_SHAPES))
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 128, 512])
-    ap.add_argument("--via", nargs="+", choices=("cupy", "ctypes"), default=["cupy", "ctypes"])
+    ap.add_argument("--via", nargs="+", choices=("cupy", "ctypes"), default=["ctypes", "cupy"])
     args = ap.parse_args()
     import cupy as cp
 
     rng = cp.random.default_rng(0)
     for via in args.via:
         if via == "ctypes":
-            blas = Cublas(cp)
-            mm = lambda x, w, out: blas.matmul_t(cp, x, w, out)  # noqa: E731
+            from tinyllm.cuda.cublas import handle
+
+            mm = handle().gemm_nt
         else:
             mm = lambda x, w, out: cp.matmul(x, w.T, out=out)  # noqa: E731
         print(f"== cuBLAS via {via}", flush=True)
