@@ -26,30 +26,20 @@ from benchmarks.gpu_models import ALL_SHAPES, shape_config  # noqa: E402
 
 
 def graph_us(cp, fn, calls: int = 16) -> float:
-    """µs per fn(i) call, `calls` of them captured in one graph, the graph replayed 3 times."""
+    """µs per fn(i) call, `calls` of them captured in one graph (decoder.capture_graph: one
+    eager run first on the capturing stream, where cuBLAS sets itself up), the graph replayed
+    3 times."""
+    from tinyllm.cuda.decoder import capture_graph
+
     stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        for i in range(3):
-            fn(i)  # warm-up on the capturing stream: cuBLAS sets up its handle and workspace here
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            for i in range(calls):
-                fn(i)
-        except Exception:
-            try:
-                stream.end_capture()  # leave no stream capturing behind
-            except Exception:  # noqa: BLE001 - the capture's own error is the one to report
-                pass
-            raise
-        graph = stream.end_capture()
+    graph, _pool, _ = capture_graph(stream, lambda: [fn(i) for i in range(calls)])
+    graph.launch(stream)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    for _ in range(3):
         graph.launch(stream)
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record(stream)
-        for _ in range(3):
-            graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
+    end.record(stream)
+    end.synchronize()
     return cp.cuda.get_elapsed_time(start, end) * 1000 / (3 * calls)
 
 

@@ -61,7 +61,6 @@ class BatchDecoder:
         gemm = gemm or os.environ.get("TINYLLM_BATCH_GEMM") or "kernels"
         if gemm not in GEMMS:
             raise ConfigError(f"TINYLLM_BATCH_GEMM: expected one of {', '.join(GEMMS)}, got {gemm!r}")
-        self.gemm = gemm
         if not 1 <= max_batch <= max_batch_for(c):  # a round of the GEMM's inputs must fit in shared memory
             raise ConfigError(f"--max-batch: the batched fast path takes 1 to {max_batch_for(c)} sequences "
                               f"per step for this model, got {max_batch}")

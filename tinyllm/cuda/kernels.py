@@ -50,7 +50,6 @@ def _ctype(dtype) -> str:
     return t
 
 
-
 def _cupy():
     import cupy
     return cupy
