@@ -7,7 +7,9 @@ averaged over --repeats steps. Beside it, `replay ms`: the captured graph replay
 to back (CUDA events), the step as the server runs it. Random fp16 weights of a real
 shape (benchmarks/gpu_models.py); sequence b has a prompt of 100 + b tokens.
 
-    python benchmarks/gpu_step_profile.py [--shapes tinyllama-1.1b] [--batches 16 64] [--out DIR]
+    python benchmarks/gpu_step_profile.py [--shapes tinyllama-1.1b] [--batches 16 64] [--gemms kernels cublas] [--out DIR]
+
+--gemms: the batched step's GEMMs (tinyllm/cuda/ops.py GEMMS), each measured in turn in one run.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b"], choices=sorted(ALL_SHAPES))
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--gemms", nargs="+", default=["kernels"], choices=("kernels", "cublas"))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from tinyllm.cuda import CudaDecoder
@@ -79,13 +82,16 @@ def main() -> int:
     for shape in args.shapes:
         readable = random_model(shape)
         decoder = CudaDecoder(readable)
-        batch = BatchDecoder(decoder, max_batch=max(args.batches), capacity=1024)
-        for b in args.batches:
-            r = result["steps"][f"{shape} B={b}"] = profile_step(batch, b, args.repeats)
-            print(f"== {shape}, {b} rows: replay {r['replay_ms']:.3f} ms, kernels {r['kernels_ms']:.3f} ms")
-            for name, (us, n) in list(r["kernels"].items())[:12]:
-                print(f"{us:9.1f} us  {n:4d}x  {name[:110]}")
-        del batch, decoder, readable
+        for gemm in args.gemms:
+            batch = BatchDecoder(decoder, max_batch=max(args.batches), capacity=1024, gemm=gemm)
+            for b in args.batches:
+                r = result["steps"][f"{shape} {gemm} B={b}"] = profile_step(batch, b, args.repeats)
+                print(f"== {shape}, {gemm}, {b} rows: replay {r['replay_ms']:.3f} ms, kernels {r['kernels_ms']:.3f} ms, "
+                      f"{sum(n for _, n in r['kernels'].values())} launches")
+                for name, (us, n) in list(r["kernels"].items())[:12]:
+                    print(f"{us:9.1f} us  {n:4d}x  {name[:110]}")
+            del batch
+        del decoder, readable
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_step_profile.json").write_text(json.dumps(result, indent=1))

@@ -5,7 +5,8 @@ stream captures (its cublas.setStream raises NotImplementedError), so the step's
 kernels of our own. cuBLAS itself captures, provided it allocates nothing during the capture:
 a handle of our own, with a workspace set once before any capture, does that. One call:
 
-    gemm_nt(x, w, out)      out[M, N] = x[M, K] @ w[N, K].T   (fp16 or bf16, row-major, sums in fp32)
+    gemm_nt(x, w, out)                  out[M, N] = x[M, K] @ w[N, K].T   (fp16 or bf16, row-major, sums in fp32)
+    gemm_nt(x, w, out, accumulate=True) out[M, N] += x[M, K] @ w[N, K].T  (a residual added in the same pass)
 
 cuBLAS chooses its algorithm from the shape, so a row's bits can differ between two M (they
 do for some of Llama-3-8B's matrices between 1 and 64 rows); at one M they do not depend on
@@ -72,8 +73,9 @@ class Handle:
         if status != 0:
             raise RuntimeError(f"{what} failed: cuBLAS status {status}")
 
-    def gemm_nt(self, x, w, out) -> None:
-        """out[M, N] = x[M, K] @ w[N, K].T on the current stream."""
+    def gemm_nt(self, x, w, out, accumulate: bool = False) -> None:
+        """out[M, N] = x[M, K] @ w[N, K].T on the current stream; with accumulate, out += that
+        (cuBLAS adds out to the fp32 sums and rounds once)."""
         m, k = x.shape
         n = w.shape[0]
         dtype = DATA_TYPES.get(np.dtype(x.dtype).name)
@@ -87,7 +89,7 @@ class Handle:
         # column-major are w.T [K, N] (so op = transpose) and x's rows are x.T [K, M]
         self._check(self.lib.cublasGemmEx(
             self.ptr, OP_T, OP_N, n, m, k, ctypes.byref(self.one),
-            ctypes.c_void_p(w.data.ptr), dtype, k, ctypes.c_void_p(x.data.ptr), dtype, k, ctypes.byref(self.zero),
+            ctypes.c_void_p(w.data.ptr), dtype, k, ctypes.c_void_p(x.data.ptr), dtype, k, ctypes.byref(self.one if accumulate else self.zero),
             ctypes.c_void_p(out.data.ptr), dtype, n, COMPUTE_32F, GEMM_DEFAULT), "cublasGemmEx")
 
 

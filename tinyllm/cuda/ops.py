@@ -31,7 +31,8 @@ A FastOps is made for one mode and keeps it:
                sequence's position and cache row from `positions` and `slots`.
                With gemm="cublas" the GEMMs are cuBLAS's instead (cublas.py), always over
                MAX_ROWS rows, the B rows padded: one M, so one algorithm and the same bits
-               whatever B; the norm, SwiGLU and residual add are then launches of their own.
+               whatever B; the norms and the SwiGLU are then launches of their own, and wo
+               and down add into the residual stream in place (`_cublas`).
 
 A block-quantized matrix (tinyllm/quant.py) takes `kernels.gemv_q` in every mode, for one token
 or B (quant.cu's gemv_qs or gemv_q, by format and row length: `kernels.q_kernel`); a prompt's
@@ -84,7 +85,7 @@ class FastOps(Ops):
         self.quantized = tuple(quantized)  # (kind, K, norm, epilogue) of each block-quantized GEMV
         self.gemm = gemm if mode == "batched" else "kernels"
         self.blas = None
-        self._padded = {}  # K -> [MAX_ROWS, K]: the cuBLAS GEMMs' inputs, B rows written, the rest padding
+        self._padded = {}  # (role, width) -> [MAX_ROWS, width]: the cuBLAS mode's rows (`_rows_buffer`)
         if self.gemm == "cublas":
             from . import cublas
 
@@ -170,31 +171,49 @@ class FastOps(Ops):
         return out
 
     def _cublas(self, x, w, b: int, epilogue, norm, residual):
-        """B rows through cuBLAS at M = MAX_ROWS whatever B: the rows go into the padded input
-        (normalized on the way), the product's first B rows take the epilogue. The padding
-        rows hold whatever an earlier step left there; each output row is computed from its
-        own input row only, so they touch nothing that is kept."""
-        xp, k = self.xp, w.shape[1]
-        padded = self._padded.get(k)
-        if padded is None:
-            with xp.cuda.using_allocator(xp.get_default_memory_pool().malloc):  # graphs hold its address
-                padded = self._padded[k] = xp.zeros((K.MAX_ROWS, k), dtype=self.dtype)
-        rows, h = padded[:b], x.reshape(b, k)
+        """B rows through cuBLAS at M = MAX_ROWS whatever B. Per layer that is eight launches
+        (norm, q|k|v, attention, wo, norm, gate|up, SwiGLU, down), not twelve, because each
+        operation writes where the next one reads:
+
+        - a GEMM's input rows live in a padded [MAX_ROWS, K] buffer (`_rows_buffer`), written
+          by the norm in front of it, the attention (wo's input) or the SwiGLU (down's);
+        - the residual stream lives in one [MAX_ROWS, D] buffer, written by the embedding,
+          and wo and down add into it in place (`accumulate`: the residual is added to the
+          fp32 sums, then rounded once).
+
+        The padding rows hold whatever earlier steps left there; each output row is computed
+        from its own input row only, so they touch nothing that is kept."""
+        xp, k, n = self.xp, w.shape[1], w.shape[0]
+        padded = self._rows_buffer("in", k)
+        h = x.reshape(b, k)
         if norm is not None:
-            K.rms_norm_rows(h, norm[0], norm[1], rows)
-        else:
-            rows[...] = h
-        y = xp.empty((K.MAX_ROWS, w.shape[0]), dtype=self.dtype)
-        self.blas.gemm_nt(padded, w, y)
-        y = y[:b]
+            K.rms_norm_rows(h, norm[0], norm[1], padded[:b])
+        elif h.data.ptr != padded.data.ptr:
+            padded[:b] = h
         self.stats["fused"] += 1
-        if epilogue == K.EPI_SWIGLU:
-            out = xp.empty((b, 1, w.shape[0] // 2), dtype=self.dtype)
-            K.swiglu_rows(y, out)
-            return out
         if epilogue == K.EPI_RESIDUAL:
-            return (residual.reshape(b, -1) + y).reshape(b, 1, -1)
-        return y.reshape(b, 1, -1)
+            stream = self._rows_buffer("residual", n)
+            if residual.data.ptr != stream.data.ptr:
+                stream[:b] = residual.reshape(b, n)
+            self.blas.gemm_nt(padded, w, stream, accumulate=True)
+            return stream[:b].reshape(b, 1, n)
+        y = xp.empty((K.MAX_ROWS, n), dtype=self.dtype)
+        self.blas.gemm_nt(padded, w, y)
+        if epilogue == K.EPI_SWIGLU:
+            out = self._rows_buffer("in", n // 2)[:b].reshape(b, 1, n // 2)  # the down projection's input
+            K.swiglu_rows(y[:b], out)
+            return out
+        return y[:b].reshape(b, 1, n)
+
+    def _rows_buffer(self, role: str, width: int):
+        """The cuBLAS mode's [MAX_ROWS, width] buffer for a role ("in": a GEMM's input of K =
+        width; "residual": the residual stream), kept for the life of these ops (graphs hold
+        its address)."""
+        buf = self._padded.get((role, width))
+        if buf is None:
+            with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
+                buf = self._padded[role, width] = self.xp.zeros((K.MAX_ROWS, width), dtype=self.dtype)
+        return buf
 
     # ---- the fusions (model.py names them) ------------------------------------------------
     def norm_linear(self, x, norm_weight, eps: float, w):
@@ -229,7 +248,11 @@ class FastOps(Ops):
             return super().rope_attention(qkv, n_heads, cos, sin, caches, layer, scale)
         n_kv = c.n_kv_heads
         q, k, v = qkv[:, :, :n_heads], qkv[:, :, n_heads:n_heads + n_kv], qkv[:, :, n_heads + n_kv:]
-        out = self.xp.empty((b, 1, n_heads * c.head_dim), dtype=self.dtype)
+        width = n_heads * c.head_dim
+        if self.gemm == "cublas":  # straight into wo's padded input
+            out = self._rows_buffer("in", width)[:b].reshape(b, 1, width)
+        else:
+            out = self.xp.empty((b, 1, width), dtype=self.dtype)
         self.stats["fused"] += 1
         if pool is None:
             if self.mode == "eager":
@@ -266,7 +289,11 @@ class FastOps(Ops):
     def embedding(self, table, tokens):
         if (tokens.ndim == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= K.MAX_ROWS and tokens.dtype == np.int64
                 and tokens.flags.c_contiguous and table.dtype == self.dtype):
-            out = self.xp.empty((tokens.shape[0], 1, table.shape[1]), dtype=table.dtype)
+            b, d = tokens.shape[0], table.shape[1]
+            if self.gemm == "cublas":  # the residual stream's buffer, which wo and down add into
+                out = self._rows_buffer("residual", d)[:b].reshape(b, 1, d)
+            else:
+                out = self.xp.empty((b, 1, d), dtype=table.dtype)
             K.embedding(table, tokens, out)
             return out
         return super().embedding(table, tokens)
