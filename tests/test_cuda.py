@@ -18,6 +18,7 @@ that over its layers: logits within ~3e-2 (relative, L2) of an fp32 reference.
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import os
 import sys
@@ -299,11 +300,12 @@ def test_gemv_rows_token_alone_or_in_any_batch(shape, case, kernel):
 
 
 @pytest.mark.parametrize("shape", ["tinyllama", "smollm2", "llama3-8b"])
-def test_decode_attention_rows_kernel(shape, record):
+def test_decode_attention_rows_kernel(shape, monkeypatch, record):
     """Five sequences in one launch, each at its own length and in its own row of a batched
     cache (rows out of order, one row unused): each equals the one-sequence NumPy reference,
     with the batch's heads per block (rows_heads) and with one sequence's (heads_per_block),
-    and the two give the same bits."""
+    on a grid with a block per chunk of the cache and on one block wide (each block looping
+    over its sequence's chunks), and all give the same bits."""
     lengths, slots, capacity = [1, 129, 300, 1000, 2048], [3, 0, 5, 1, 2], 2048
     d, h, kv, e, f, v = KERNEL_SHAPES[shape]
     c = shape_config("tinyllama-1.1b", dim=h * e, n_heads=h, n_kv_heads=kv, max_seq_len=4096)
@@ -323,7 +325,12 @@ def test_decode_attention_rows_kernel(shape, record):
                                       ref_cache, 0, pos, scale)[0, 0], ref_cache))
     gqkv = cp.asarray(qkv)
     outs = {}
-    for heads in sorted({K.heads_per_block(c.n_rep), K.rows_heads(c.n_rep, e, K.MAX_ROWS)}):
+    n_chunks = -(-capacity // K.attention_chunk(e))
+    for heads, per_sm in itertools.product(sorted({K.heads_per_block(c.n_rep), K.rows_heads(c.n_rep, e, K.MAX_ROWS)}),
+                                           (K.ATTENTION_BLOCKS_PER_SM, 0)):
+        monkeypatch.setattr(K, "ATTENTION_BLOCKS_PER_SM", per_sm)
+        width = K.attention_x_blocks(n_chunks, kv * c.n_rep // heads * len(lengths))
+        assert width == 1 or per_sm != 0
         gk, gv = cp.asarray(pool.k[0]), cp.asarray(pool.v[0])
         out = cp.full((len(lengths), h * e), np.nan, dtype=np.float16)
         scratch = K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths))
@@ -338,9 +345,9 @@ def test_decode_attention_rows_kernel(shape, record):
         for (length, slot), (_, ref_cache) in zip(zip(lengths, slots), refs):
             np.testing.assert_array_equal(gk[slot, :, length - 1].astype(np.float32), ref_cache.k[0][0, :, length - 1])
         np.testing.assert_array_equal(gk[4], pool.k[0][4])  # the unused row
-        record(**{f"max_rel_err_numpy_{heads}_heads": max(errs)})
-        assert max(errs) < 3e-3, f"{heads} heads per block"
-        outs[heads] = out
+        record(**{f"max_rel_err_numpy_{heads}_heads_{width}_wide": max(errs)})
+        assert max(errs) < 3e-3, f"{heads} heads per block, {width} blocks wide"
+        outs[heads, width] = out
     first, *others = outs.values()
     for other in others:
         np.testing.assert_array_equal(other, first)

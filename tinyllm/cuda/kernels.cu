@@ -106,6 +106,16 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Programmatic dependent launch (Hopper): a kernel launched with the PDL attribute may
+// start while the kernel before it is still running. It must call pdl_wait() before it
+// reads anything the previous kernel wrote (or writes anything it reads); what comes
+// before (weights, old cache entries) overlaps the previous kernel's tail. Each kernel
+// calls pdl_launch_dependents() first thing, so the next one is launched as soon as all
+// of this one's blocks are running. Without the attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: ); }
+
+// ---------------------------------------------------------------------------------------
 // Embedding: one row of the table per token, the ids read from device memory; a copy of
 // 16-bit values, the same for either element type.
 // blockIdx.y: which token.   token: [B] -> out: [B, D]
@@ -121,17 +131,68 @@ extern "C" __global__ void embedding(const unsigned short* __restrict__ table, c
 // ---------------------------------------------------------------------------------------
 // RMSNorm of rows: out = T(T(x * inv_rms) * w), inv_rms = 1 / sqrt(mean(x^2) + eps) in fp32.
 // One block per row.  x: [rows, D] -> [rows, D]
+// Where D is a multiple of 8 and the rows are 16-byte aligned, each thread loads its share of
+// the row as 16-byte vectors (up to NORM_VECS of them) once and keeps them in registers for
+// the second pass: a row is one round trip to memory, not two of 2-byte loads. Launched
+// programmatically inside a captured step, the weights' loads overlap the kernel before it.
+#define NORM_VECS 8
 template <typename T>
-__global__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int D,
+__global__ void __launch_bounds__(512) rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int D,
                               float eps) {
+    using P = typename Pair<T>::type;
     __shared__ float red[33];
+    pdl_launch_dependents();
     const T* xr = x + (size_t)blockIdx.x * D;
+    T* o = out + (size_t)blockIdx.x * D;
+    const int n_vec = D / 8;
+    const bool vec = (D & 7) == 0 && n_vec <= NORM_VECS * (int)blockDim.x
+                     && ((reinterpret_cast<size_t>(xr) | reinterpret_cast<size_t>(o) | reinterpret_cast<size_t>(w)) & 15) == 0;
+    if (vec) {
+        uint4 wv[NORM_VECS], xv[NORM_VECS];
+#pragma unroll
+        for (int u = 0; u < NORM_VECS; u++) {
+            const int i = threadIdx.x + u * blockDim.x;
+            if (i < n_vec) wv[u] = reinterpret_cast<const uint4*>(w)[i];
+        }
+        pdl_wait();  // x is the previous kernel's output
+        float ss = 0.f;
+#pragma unroll
+        for (int u = 0; u < NORM_VECS; u++) {
+            const int i = threadIdx.x + u * blockDim.x;
+            if (i < n_vec) {
+                xv[u] = reinterpret_cast<const uint4*>(xr)[i];
+                const P* h = reinterpret_cast<const P*>(&xv[u]);
+#pragma unroll
+                for (int j = 0; j < 4; j++) { const float2 f = to_f2(h[j]); ss += f.x * f.x + f.y * f.y; }
+            }
+        }
+        ss = block_sum(ss, red);
+        const float inv = 1.f / sqrtf(ss / D + eps);
+#pragma unroll
+        for (int u = 0; u < NORM_VECS; u++) {
+            const int i = threadIdx.x + u * blockDim.x;
+            if (i < n_vec) {
+                const P* h = reinterpret_cast<const P*>(&xv[u]);
+                const P* g = reinterpret_cast<const P*>(&wv[u]);
+                uint4 ov;
+                P* r = reinterpret_cast<P*>(&ov);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float2 f = to_f2(h[j]);
+                    r[j] = __hmul2(Pair<T>::make(f.x * inv, f.y * inv), g[j]);
+                }
+                reinterpret_cast<uint4*>(o)[i] = ov;
+            }
+        }
+        return;
+    }
+    pdl_wait();
     float ss = 0.f;
     for (int i = threadIdx.x; i < D; i += blockDim.x) { float f = to_f(xr[i]); ss += f * f; }
     ss = block_sum(ss, red);
     const float inv = 1.f / sqrtf(ss / D + eps);
     for (int i = threadIdx.x; i < D; i += blockDim.x)
-        out[(size_t)blockIdx.x * D + i] = __hmul(from_f<T>(to_f(xr[i]) * inv), w[i]);
+        o[i] = __hmul(from_f<T>(to_f(xr[i]) * inv), w[i]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -188,15 +249,6 @@ __global__ void swiglu_rows(const T* __restrict__ gate_up, T* __restrict__ out, 
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Programmatic dependent launch (Hopper): a kernel launched with the PDL attribute may
-// start while the kernel before it is still running. It must call pdl_wait() before it
-// reads anything the previous kernel wrote (or writes anything it reads); what comes
-// before (weights, old cache entries) overlaps the previous kernel's tail. Each kernel
-// calls pdl_launch_dependents() first thing, so the next one is launched as soon as all
-// of this one's blocks are running. Without the attribute both are no-ops.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: ); }
 
 // ---------------------------------------------------------------------------------------
 // GEMV with fp32 accumulation: y[n] = sum_k W[n, k] * h[k].  One warp per output row (or
@@ -840,7 +892,7 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
 // for R of the n_rep query heads that share it (heads z*R .. z*R+R-1 of the group): more,
 // smaller blocks, because one token's attention is latency-bound, not bandwidth-bound.
 // The position is read from device memory, so one captured graph serves every step;
-// chunks past the position return at once.
+// chunks past the position are skipped (a block takes chunks blockIdx.x, + gridDim.x, ...).
 //
 // Fused in: RoPE of q and k (when `rotate`), the write of the new k and v into the
 // cache at `pos`, and the merge of the chunks' partial softmaxes, done by the last
@@ -1068,7 +1120,7 @@ __device__ __forceinline__ void merge_chunks(T* out, int head0, const float* par
 //   k_cache, v_cache: [K, S_cap, E] (this layer's);  out: [H * E]    (per sequence)
 //   part_o: [.., n_total_chunks, R, E], part_ml: [.., n_total_chunks, R, 2], counters: [..]
 //           (per block group gi)
-template <typename T, int E, int R, int CHUNK>
+template <typename T, int E, int R, int CHUNK, bool LOOP>
 __global__ void __launch_bounds__(CHUNK) decode_attention(
         const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new,
         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos_ptr,
@@ -1080,7 +1132,8 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     constexpr int WARPS = CHUNK / 32;
     pdl_launch_dependents();
     const int groups = n_rep / R;                   // blocks per KV head and sequence
-    const int c = blockIdx.x, j = blockIdx.y, seq = blockIdx.z / groups, z = blockIdx.z % groups, t = threadIdx.x;
+    const int j = blockIdx.y, seq = blockIdx.z / groups, z = blockIdx.z % groups, t = threadIdx.x;
+    int c = blockIdx.x;
     const int head0 = j * n_rep + z * R;            // this block's first query head
     const int gi = (seq * gridDim.y + j) * groups + z;  // its index in the scratch and counters
     const int lane = t & 31, warp = t >> 5;
@@ -1099,10 +1152,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     // block; phase 2b), so that rows of one sequence later in the same step find them there
     const bool write_only = (rotate & 2) != 0;
     rotate &= 1;
-    if (c >= n_chunks || (write_only && (c != n_chunks - 1 || z != 0))) { pdl_wait(); return; }
-    const int first = c * CHUNK;                       // this chunk's first position
-    const int n_here = min(CHUNK, n_keys - first);     // positions in this chunk
-    const bool holds_pos = (c == n_chunks - 1);        // the chunk where the new token goes
+    const int n_total_chunks = (S_cap + CHUNK - 1) / CHUNK;
 
     __shared__ __align__(16) T sv[CHUNK][E];          // the chunk's values
     __shared__ float sq[R][E];                        // this KV head's R query heads, rotated
@@ -1112,57 +1162,80 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     __shared__ int is_last;
     T* kc = k_cache + (size_t)j * S_cap * E;
     T* vc = v_cache + (size_t)j * S_cap * E;
+    bool waited = false;
 
-    uint4 kreg[ROW_VECS], vreg[ROW_VECS];
-    load_cached_kv<E, CHUNK>(kreg, vreg, kc, vc, first, n_here, pos, t);                    // 1.
-    pdl_wait();  // from here on: q, k, v of this step, written by the QKV GEMV
-    load_new_value<E, CHUNK>(vreg, v_new, j, first, pos, t);                                // 2a.
-    const float* cs = cos_t + (size_t)pos * HALF;
-    const float* sn = sin_t + (size_t)pos * HALF;
-    for (int i = t; i < (R + 1) * HALF; i += CHUNK)  // 2b. pairs of the R query heads, then of the new key
-        rope_pair<E, R, T>(sq, skn, q, head0, k_new + (size_t)j * E, v_new + (size_t)j * E, cs, sn, rotate, holds_pos,
-                        z, kc, vc, pos, i / HALF, i % HALF);
-    if (write_only) return;
-    stage_values<E, CHUNK>(sv, vreg, t);                                                    // 2c.
-    __syncthreads();
-
-    float sc[R], m[R], l[R], o[R];
-    chunk_scores<E, R, T>(sc, sq, skn, kreg, t < n_here, first + t == pos, scale);            // 3.
-    chunk_softmax<R, CHUNK>(m, l, sp, red, sc, n_here, t, lane, warp);                      // 4.
-    const int e = t % E, g = t / E;
-    chunk_output<E, R, CHUNK>(o, sp, sv, n_here, e, g);                                     // 5.
-    __syncthreads();  // everyone has read sp (probabilities) and written red (l per warp)
-#pragma unroll
-    for (int r = 0; r < R; r++) {  // l: the chunk's sum of p
-        float ll = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; w++) ll += red[w][r];
-        l[r] = ll;
-    }
-#pragma unroll
-    for (int r = 0; r < R; r++) sp[r][g * E + e] = o[r];  // reuse sp: [R][CHUNK] as [R][CHUNK / E][E]
-    __syncthreads();
-
-    if (n_chunks == 1) {  // the whole context in one chunk: normalise and done
-        for (int i = t; i < R * E; i += CHUNK) {
-            const int r = i / E;
-            out[(size_t)head0 * E + i] = from_f<T>(chunk_output_sum<E, R, CHUNK>(sp, r, i % E) / l[r]);
+    // LOOP: chunks c, c + gridDim.x, ...: the grid has fewer x-blocks than the cache has
+    // chunks (a big batch fills the GPU with sequences and heads; blocks past the context
+    // would be launched only to return), and each chunk is computed the same whichever block
+    // takes it. Without LOOP a block takes chunk blockIdx.x only: straight-line code, which
+    // needs fewer registers than the loop.
+#pragma unroll 1
+    for (; c < n_chunks; c += gridDim.x) {
+        if (write_only && (c != n_chunks - 1 || z != 0)) {
+            if (!LOOP) break;
+            continue;
         }
-        return;
-    }
-    // otherwise the chunk's partials: o unnormalised, and (m, l) per head
-    const int n_total_chunks = (S_cap + CHUNK - 1) / CHUNK;
-    float* po = part_o + ((size_t)gi * n_total_chunks + c) * R * E;
-    float* pml = part_ml + ((size_t)gi * n_total_chunks + c) * R * 2;
-    for (int i = t; i < R * E; i += CHUNK) po[i] = chunk_output_sum<E, R, CHUNK>(sp, i / E, i % E);
-    if (t == 0) {
-#pragma unroll
-        for (int r = 0; r < R; r++) { pml[2 * r] = m[r]; pml[2 * r + 1] = l[r]; }
-    }
+        const int first = c * CHUNK;                       // this chunk's first position
+        const int n_here = min(CHUNK, n_keys - first);     // positions in this chunk
+        const bool holds_pos = (c == n_chunks - 1);        // the chunk where the new token goes
 
-    if (!last_to_arrive(counters, gi, n_chunks, is_last, t)) return;                     // 6.
-    merge_chunks<E, R, CHUNK>(out, head0, part_o, part_ml, gi, n_total_chunks, n_chunks, t);  // 7.
-    if (t == 0) counters[gi] = 0;  // ready for the next layer / step
+        uint4 kreg[ROW_VECS], vreg[ROW_VECS];
+        load_cached_kv<E, CHUNK>(kreg, vreg, kc, vc, first, n_here, pos, t);                    // 1.
+        if (!waited) pdl_wait();  // from here on: q, k, v of this step, written by the QKV GEMV
+        waited = true;
+        load_new_value<E, CHUNK>(vreg, v_new, j, first, pos, t);                                // 2a.
+        const float* cs = cos_t + (size_t)pos * HALF;
+        const float* sn = sin_t + (size_t)pos * HALF;
+        for (int i = t; i < (R + 1) * HALF; i += CHUNK)  // 2b. pairs of the R query heads, then of the new key
+            rope_pair<E, R, T>(sq, skn, q, head0, k_new + (size_t)j * E, v_new + (size_t)j * E, cs, sn, rotate,
+                               holds_pos, z, kc, vc, pos, i / HALF, i % HALF);
+        if (write_only) return;
+        stage_values<E, CHUNK>(sv, vreg, t);                                                    // 2c.
+        __syncthreads();
+
+        float sc[R], m[R], l[R], o[R];
+        chunk_scores<E, R, T>(sc, sq, skn, kreg, t < n_here, first + t == pos, scale);            // 3.
+        chunk_softmax<R, CHUNK>(m, l, sp, red, sc, n_here, t, lane, warp);                      // 4.
+        const int e = t % E, g = t / E;
+        chunk_output<E, R, CHUNK>(o, sp, sv, n_here, e, g);                                     // 5.
+        __syncthreads();  // everyone has read sp (probabilities) and written red (l per warp)
+#pragma unroll
+        for (int r = 0; r < R; r++) {  // l: the chunk's sum of p
+            float ll = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; w++) ll += red[w][r];
+            l[r] = ll;
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) sp[r][g * E + e] = o[r];  // reuse sp: [R][CHUNK] as [R][CHUNK / E][E]
+        __syncthreads();
+
+        if (n_chunks == 1) {  // the whole context in one chunk: normalise and done
+            for (int i = t; i < R * E; i += CHUNK) {
+                const int r = i / E;
+                out[(size_t)head0 * E + i] = from_f<T>(chunk_output_sum<E, R, CHUNK>(sp, r, i % E) / l[r]);
+            }
+            return;
+        }
+        // otherwise the chunk's partials: o unnormalised, and (m, l) per head
+        float* po = part_o + ((size_t)gi * n_total_chunks + c) * R * E;
+        float* pml = part_ml + ((size_t)gi * n_total_chunks + c) * R * 2;
+        for (int i = t; i < R * E; i += CHUNK) po[i] = chunk_output_sum<E, R, CHUNK>(sp, i / E, i % E);
+        if (t == 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++) { pml[2 * r] = m[r]; pml[2 * r + 1] = l[r]; }
+        }
+
+        if (last_to_arrive(counters, gi, n_chunks, is_last, t)) {                               // 6.
+            merge_chunks<E, R, CHUNK>(out, head0, part_o, part_ml, gi, n_total_chunks, n_chunks, t);  // 7.
+            if (t == 0) counters[gi] = 0;  // ready for the next layer / step
+        }
+        if (!LOOP) break;
+        __syncthreads();  // the shared arrays are rewritten by the next chunk
+    }
+    // a block that computed nothing still waits: the kernel after this one, launched
+    // programmatically, must not see it finished before the kernel before it
+    if (!waited) pdl_wait();
 }
 
 // ---------------------------------------------------------------------------------------

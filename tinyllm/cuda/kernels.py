@@ -122,9 +122,10 @@ def attention_shared(head_dim: int, heads: int) -> int:
     return chunk * head_dim * 2 + (heads + 1) * head_dim * 4 + heads * chunk * 4 + (chunk // 32) * heads * 4 + 4
 
 
-def attention_name(dtype, head_dim: int, n_rep: int, heads: int | None = None) -> str:
+def attention_name(dtype, head_dim: int, n_rep: int, heads: int | None = None, loop: bool = False) -> str:
+    """loop: the variant whose blocks loop over chunks (a grid narrower than the cache's chunks)."""
     return (f"decode_attention<{_ctype(dtype)}, {head_dim}, {heads or heads_per_block(n_rep)}, "
-            f"{attention_chunk(head_dim)}>")
+            f"{attention_chunk(head_dim)}, {'true' if loop else 'false'}>")
 
 
 # ---- launching, optionally with programmatic dependent launch (PDL) -----------------------
@@ -214,9 +215,13 @@ def embedding(table, token, out):
     kernel("embedding")(((d + 255) // 256, token.size), (256,), (table, token, out, np.int32(d)))
 
 
-def rms_norm_rows(x, w, eps: float, out):
-    rows = x.size // x.shape[-1]
-    kernel(f"rms_norm_rows<{_ctype(x.dtype)}>")((rows,), (256,), (x, w, out, np.int32(x.shape[-1]), np.float32(eps)))
+def rms_norm_rows(x, w, eps: float, out, pdl: bool = False):
+    """RMSNorm of each row of x [..., D] into out (kernels.cu). pdl: a programmatic launch (inside
+    a captured step: the weights load while the kernel before it ends; off for a prompt's eager
+    calls, whose Python launch it would make slower)."""
+    d = x.shape[-1]
+    launch(f"rms_norm_rows<{_ctype(x.dtype)}>", (x.size // d,), (min(512, max(32, (d // 8 + 31) // 32 * 32)),),
+           (x, w, out, np.int32(d), np.float32(eps)), pdl=pdl)
 
 
 def _blocks(n: int, threads: int = 256) -> int:
@@ -292,12 +297,27 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
         raise ValueError(f"decode_attention: the scratch holds {part_o.size}, {part_ml.size}, {counters.size} values; "
                          f"{rows} rows of a {s_cap}-position cache need {need}")
     chunk = attention_chunk(e)
-    n_chunks = (s_cap + chunk - 1) // chunk
     groups = n_rep // heads
-    launch(attention_name(k_cache.dtype, e, n_rep, heads), (n_chunks, n_kv, groups * rows), (chunk,), (
+    n_chunks = (s_cap + chunk - 1) // chunk
+    x_blocks = attention_x_blocks(n_chunks, n_kv * groups * rows)
+    launch(attention_name(k_cache.dtype, e, n_rep, heads, x_blocks < n_chunks), (x_blocks, n_kv, groups * rows), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
         np.int32((1 if rotate else 0) | (2 if write_only else 0)), np.int32(n_rep), part_o, part_ml, counters, out,
         slots, np.int64(row_stride), np.int64(n_kv * s_cap * e)), pdl=pdl)
+
+
+ATTENTION_BLOCKS_PER_SM = 8  # the attention grid's size, in blocks per multiprocessor (attention_x_blocks)
+
+
+def attention_x_blocks(n_chunks: int, blocks_per_chunk: int) -> int:
+    """The attention grid's x extent: blocks over the cache's chunks. A block takes chunks x,
+    x + that extent, ... up to its sequence's position, so a cache of many chunks does not
+    launch a block per chunk when the sequences and heads (blocks_per_chunk) already give
+    the GPU ATTENTION_BLOCKS_PER_SM blocks per multiprocessor: most would be past the
+    context and return at once. One sequence keeps a block per chunk. The result of a
+    chunk does not depend on which block computes it."""
+    want = ATTENTION_BLOCKS_PER_SM * _sm_resources()[0]
+    return max(1, min(n_chunks, -(-want // blocks_per_chunk)))
 
 
 def attention_scratch_sizes(n_kv: int, n_rep: int, head_dim: int, capacity: int, rows: int = 1) -> tuple:

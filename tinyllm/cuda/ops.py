@@ -109,7 +109,7 @@ class FastOps(Ops):
             if k % 8 == 0:
                 names.append(K.gemv_name(self.dtype, k, norm, epi))
         if self.fused_attention:
-            names.append(K.attention_name(self.dtype, c.head_dim, c.n_rep))
+            names += [K.attention_name(self.dtype, c.head_dim, c.n_rep, loop=loop) for loop in (False, True)]
         for kind, k, norm, epi in self.quantized:
             names += [K.gemv_q_name(kind, k, norm, epi), K.dequantize_q_name(kind, k)]
         return sorted(set(names))
@@ -117,8 +117,9 @@ class FastOps(Ops):
     def rows_kernel_names(self, max_rows: int) -> list[str]:
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
         c = self.config
-        names = [K.attention_name(self.dtype, c.head_dim, c.n_rep, K.rows_heads(c.n_rep, c.head_dim, b))
-                 for b in (1, K.MAX_ROWS) if self.fused_attention]  # the two counts a batch may take
+        names = [K.attention_name(self.dtype, c.head_dim, c.n_rep, K.rows_heads(c.n_rep, c.head_dim, b), loop)
+                 for b in (1, K.MAX_ROWS) for loop in (False, True)
+                 if self.fused_attention]  # the two counts a batch may take, a grid as wide as the cache or not
         if self.gemm == "cublas":
             return sorted(set(names + K.plain_kernel_names(self.dtype)))
         for rows in sorted({8 * K._tiles(b) for b in range(1, max_rows + 1)}):
@@ -187,7 +188,7 @@ class FastOps(Ops):
         padded = self._rows_buffer("in", k)
         h = x.reshape(b, k)
         if norm is not None:
-            K.rms_norm_rows(h, norm[0], norm[1], padded[:b])
+            K.rms_norm_rows(h, norm[0], norm[1], padded[:b], pdl=True)
         elif h.data.ptr != padded.data.ptr:
             padded[:b] = h
         self.stats["fused"] += 1
