@@ -714,18 +714,20 @@ def _rows_prefilled(model, caches, lengths):
 
 def test_batched_fast_path_against_readable_decode_batch(pair, batch, record):
     """Eight sequences of different lengths, 48 teacher-forced steps: each replayed batched
-    graph's logits against the readable decode_batch (cuBLAS, one attention per sequence);
+    graph's logits (the default GEMMs: cuBLAS through ctypes, captured, at a fixed M of 64
+    rows) against the readable decode_batch (CuPy's matmuls, one attention per sequence);
     the ids chosen on the device are the argmax of those logits."""
+    assert batch.ops.gemm == "cublas"
     _against_readable(pair, batch, record)
 
 
-def test_cublas_batched_step_against_readable_decode_batch(pair, record):
-    """The same with the step's GEMMs on cuBLAS (gemm="cublas": captured through ctypes, at a
-    fixed M of 64 rows)."""
+def test_kernels_batched_step_against_readable_decode_batch(pair, record):
+    """The same with the step's GEMMs on tinyllm's own kernels (gemm="kernels": gemv_rows,
+    gemm_rows)."""
     from tinyllm.cuda.batch import BatchDecoder
 
     name, readable, fast, decoder = pair
-    b = BatchDecoder(decoder, max_batch=8, capacity=1024, gemm="cublas")
+    b = BatchDecoder(decoder, max_batch=8, capacity=1024, gemm="kernels")
     try:
         _against_readable(pair, b, record)
     finally:

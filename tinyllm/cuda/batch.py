@@ -57,10 +57,13 @@ class BatchDecoder:
     def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None,
                  gemm: str | None = None):
         c = decoder.model.config
-        # the step's GEMMs (ops.py GEMMS): our kernels, or cuBLAS at one M (an opt-in while it is measured)
-        gemm = gemm or os.environ.get("TINYLLM_BATCH_GEMM") or "kernels"
-        if gemm not in GEMMS:
-            raise ConfigError(f"TINYLLM_BATCH_GEMM: expected one of {', '.join(GEMMS)}, got {gemm!r}")
+        # the step's GEMMs (ops.py GEMMS): cuBLAS at one M by default (faster from a few rows
+        # up: docs/benchmarks.md), our own kernels where cuBLAS cannot be loaded or when asked
+        gemm = gemm or os.environ.get("TINYLLM_BATCH_GEMM") or "auto"
+        if gemm not in GEMMS + ("auto",):
+            raise ConfigError(f"TINYLLM_BATCH_GEMM: expected auto or one of {', '.join(GEMMS)}, got {gemm!r}")
+        if gemm == "auto":
+            gemm = "cublas" if cublas_available() else "kernels"
         if not 1 <= max_batch <= max_batch_for(c):  # a round of the GEMM's inputs must fit in shared memory
             raise ConfigError(f"--max-batch: the batched fast path takes 1 to {max_batch_for(c)} sequences "
                               f"per step for this model, got {max_batch}")
@@ -325,6 +328,17 @@ class _Queued:
                 and all(a is b for a, b in zip(caches, self.caches))
                 and [c.length for c in caches] == self.lengths
                 and all(a is b for a, b in zip(samplers, self.samplers)))
+
+
+def cublas_available() -> bool:
+    """Whether this process can call cuBLAS through ctypes (tinyllm/cuda/cublas.py)."""
+    from . import cublas
+
+    try:
+        cublas.handle()
+    except (OSError, RuntimeError, AttributeError):
+        return False
+    return True
 
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # batch sizes with a graph of their own
