@@ -285,7 +285,8 @@ def start_server(llm, args, prefix_cache_mb: float):
 
     start = time.perf_counter()
     server = Server(llm, f"random-{args.shape}", max_batch=args.max_batch, max_context=args.max_context,
-                    prefix_cache_mb=prefix_cache_mb)
+                    prefix_cache_mb=prefix_cache_mb,
+                    **({} if args.stream_interval_ms is None else {"stream_interval": args.stream_interval_ms / 1000}))
     server.start(warm_up=True)  # on the GPU: batched graphs captured, first-call costs paid
     if args.switch_interval is not None:  # after start, which sets the server's own
         sys.setswitchinterval(args.switch_interval)
@@ -620,6 +621,8 @@ def main(argv=None) -> int:
     p.add_argument("--instant-step-ms", type=float, default=0.0,
                    help="the instant stand-in sleeps this long per step (a GPU step's time: e.g. 2.6 for TinyLlama "
                         "at ~40 rows on an H200), so steps batch as many sequences as there")
+    p.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
+                   help="the server's --stream-interval-ms (default: the server's own)")
     p.add_argument("--switch-interval", type=float, default=None, metavar="S",
                    help="the interpreter's switch interval while serving (default: the server's, "
                         "tinyllm.server.app.SWITCH_INTERVAL): to measure its effect")

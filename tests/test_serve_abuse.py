@@ -360,3 +360,67 @@ def test_log_lines_follow_stderr_when_it_is_replaced(monkeypatch):
         assert later.getvalue().rstrip().endswith("INFO tinyllm.server.access: GET /health 200")
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_a_stream_interval_sends_fewer_writes_with_the_same_text(tiny, monkeypatch):
+    """--stream-interval-ms: a stream is written at most once per interval (the first token at
+    once; the end not held back), its text the same as the answer without streaming. Steps are
+    slowed to 30 ms, so without an interval every token with text is a write of its own. The writes are
+    counted as the ASGI body messages the app sends."""
+    from tinyllm.step import ReadableBatch
+
+    step = ReadableBatch.step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(0.03)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReadableBatch, "step", slow_step)
+    args = parse_args(["--port", str(free_port()), "--log-level", "warning"])
+    server = Server(tiny, "tiny", max_batch=4, max_queue=16, limits=limits(args))
+    writes = []
+
+    def counted(app):
+        async def asgi(scope, receive, send):
+            async def counting(message):
+                if message["type"] == "http.response.body" and scope.get("path") == "/v1/completions":
+                    writes.append(message.get("body", b""))
+                await send(message)
+            await app(scope, receive, counting)
+        return asgi
+
+    body = {"model": "tiny", "prompt": "a baker had", "max_tokens": 16, "temperature": 0}
+    runs = {}
+    server.start(warm_up=False)
+    try:
+        with uvicorn_thread(counted(server.app()), args):
+            status, _, whole = request(args.port, "POST", "/v1/completions", body)
+            assert status == 200 and whole["usage"]["completion_tokens"] == 16, whole
+            for interval in (0.0, 0.2):
+                server.stream_interval = interval
+                writes.clear()
+                began = time.monotonic()
+                status, _, streamed = request(args.port, "POST", "/v1/completions", {**body, "stream": True})
+                assert status == 200, streamed
+                events = [json.loads(line[len("data: "):]) for line in streamed.split("\n\n")
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+                assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
+                runs[interval] = len(writes), time.monotonic() - began
+    finally:
+        server.stop()
+    (every, _), (spaced, took) = runs[0.0], runs[0.2]
+    assert every >= 8, runs  # 16 tokens, 30 ms apart: each with text its own write
+    # the first token, then one write per 0.2 s, the last with the end, then [DONE] and the close
+    assert spaced <= 4 + took / 0.2 and spaced < every, runs
+    assert took < 0.03 * 16 + 0.5, runs  # the end was not held for an interval
+
+
+def test_the_stream_interval_flag():
+    from tinyllm.cli import UsageError
+    from tinyllm.server.main import check_args
+
+    assert parse_args(["-m", "x"]).stream_interval_ms is None  # the server's own: by the streams open
+    assert parse_args(["-m", "x", "--stream-interval-ms", "0"]).stream_interval_ms == 0
+    for bad in ("-1", "nan", "1e9"):
+        with pytest.raises(UsageError, match=r"^--stream-interval-ms: must be 0 to 10000 milliseconds, got "):
+            check_args(parse_args(["-m", "x", "--stream-interval-ms", bad]))

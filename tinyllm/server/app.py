@@ -10,7 +10,10 @@
 - Per token, the host's work is the server's ceiling at many streams (the GPU step is shared
   by all of them, the writes are not), so the way back is built to shrink per token when the
   loop falls behind: the outbox wakes the loop once for a burst of events, not once per
-  token; a stream takes every event that waits for it and writes them in one send.
+  token; a stream takes every event that waits for it and writes them in one send; and a
+  stream is written at most once per interval (`--stream-interval-ms`; by default 0.1 ms
+  times the streams open, so the loop makes about 10,000 writes a second at most: with 64
+  streams a write carries the tokens of ~6 ms, with one stream every token goes at once).
 - Two threads share one interpreter lock: the scheduler's, which the GPU waits on, and the
   loop's. Each CUDA call the scheduler makes lets go of the lock, and Python hands it back
   only when the holder reaches its switch interval (5 ms by default): with the loop busy
@@ -62,6 +65,10 @@ from .openai import SSE_DONE, APIError, Choice, Chunks, Job, Logprobs, Validator
 log = logging.getLogger("tinyllm.server")
 
 SWITCH_INTERVAL = 0.0005  # seconds: the longest a thread holds the interpreter while another waits
+# seconds per open stream: by default a stream is written at most once per (open streams x
+# this), so the event loop makes about 1 / WRITE_SPACING writes a second however many streams
+# are open (see gather_until)
+WRITE_SPACING = 0.0001
 
 
 class Server:
@@ -72,7 +79,7 @@ class Server:
     def __init__(self, llm, model_id: str | None = None, max_batch: int = 16, max_queue: int = 64,
                  max_context: int | None = None, default_max_tokens: int = 256, *,
                  limits: Limits | None = None, api_key: str | None = None, cors_origins=(),
-                 prefix_cache_mb: float = BUDGET_MB):
+                 prefix_cache_mb: float = BUDGET_MB, stream_interval: float | None = None):
         self.llm = llm
         self.model_id = model_id or Path(llm.path).name.removesuffix(".gguf")
         self.max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
@@ -92,6 +99,9 @@ class Server:
         self.logprobs = Logprobs(llm.tokenizer)
         self.fingerprint = fingerprint(llm)
         self._outboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Outbox
+        # seconds between two writes to one stream, at least; None: open streams x WRITE_SPACING
+        self.stream_interval = stream_interval
+        self.open_streams = 0
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self, warm_up: bool = True) -> None:
@@ -194,7 +204,7 @@ class Server:
         try:
             raw = await read_body(request, self.limits)
             job = await anyio.to_thread.run_sync(self.job, raw, kind)
-            events: asyncio.Queue = asyncio.Queue()
+            events = Events()
             loop = asyncio.get_running_loop()
             outbox = self._outboxes.get(loop)
             if outbox is None:
@@ -282,6 +292,7 @@ class Server:
         told as an error event: the client still reads a well-formed stream to its end."""
         chunks = Chunks(job, rid, self.model_id, self.fingerprint, self.logprobs)
         disconnect = asyncio.ensure_future(_watch_disconnect(request, events))
+        opened = False
         try:
             opening = []
             for c in choices:
@@ -292,10 +303,18 @@ class Server:
             if opening:
                 yield "".join(opening)
             failed = False
+            loop, written = asyncio.get_running_loop(), None
+            self.open_streams += 1
+            opened = True
             while not failed and any(c.finished is None for c in choices):
                 burst = await self._next_events(events)
                 if burst is None:  # the client disconnected
                     return
+                interval = self.open_streams * WRITE_SPACING if self.stream_interval is None else self.stream_interval
+                if written is not None and interval > 0:
+                    burst = await gather_until(events, burst, written + interval)
+                    if burst is None:
+                        return
                 lines = []
                 for index, event in burst:
                     choice = choices[index]
@@ -315,6 +334,7 @@ class Server:
                         lines.append(chunks.piece(event.text, index))
                 if lines:
                     yield "".join(lines)  # one send for the burst
+                    written = loop.time()
             finished = [c.finished for c in choices]
             if all(finished):
                 note_tokens(request.scope, sum(len(ids) for ids in job.prompts),
@@ -330,6 +350,8 @@ class Server:
             yield SSE_DONE
         finally:
             # Runs on normal end, on disconnect, and when the server cancels this task.
+            if opened:
+                self.open_streams -= 1
             disconnect.cancel()
             self._cancel_unfinished(reqs, choices)
 
@@ -339,6 +361,49 @@ def fingerprint(llm) -> str:
     model = llm.model
     what = f"tinyllm {version()} {llm.path} {model.device.name} {model.dtype} {llm.step.name}"
     return "fp_" + hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
+class Events(asyncio.Queue):
+    """A request's queue of (choice index, event) pairs from the scheduler (None: the client went
+    away), which a stream can sleep on until a deadline, woken early by an end, a failure or
+    the client's leaving (`nap`)."""
+
+    def __init__(self):
+        super().__init__()
+        self._nap: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        super().put_nowait(item)
+        if self._nap is not None and not self._nap.done() and (item is None or isinstance(item[1], (Finished, Failed))):
+            self._nap.set_result(None)
+
+    async def nap(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._nap = loop.create_future()
+        timer = loop.call_at(deadline, _wake, self._nap)
+        try:
+            await self._nap
+        finally:
+            timer.cancel()
+            self._nap = None
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def gather_until(events: Events, burst: list, deadline: float) -> list | None:
+    """`burst` and the events that reach the queue until `deadline` (loop time), or until an end
+    arrives: a stream is written at most once per interval, because each write costs the event
+    loop, which shares the interpreter with the scheduler, about as much as scheduling a
+    token. None when the client went away."""
+    if deadline > asyncio.get_running_loop().time() and not any(
+            event is None or isinstance(event[1], (Finished, Failed)) for event in burst):
+        await events.nap(deadline)
+        while not events.empty():
+            burst.append(events.get_nowait())
+    return None if None in burst else burst
 
 
 async def _watch_disconnect(request, events: asyncio.Queue) -> None:

@@ -46,6 +46,10 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
                    help="memory for the keys and values of prompt prefixes (system prompts, earlier turns, "
                    "the n choices of a request), reused by later requests instead of recomputed "
                    "(0: off)")
+    s.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
+                   help="the least time between two writes to one stream; the tokens of the interval go out "
+                   "together (default: 0.1 ms times the streams open, so the server makes about 10,000 writes "
+                   "a second however many are open; 0: every step's tokens at once)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish at shutdown before they are cancelled")
     s.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests at start-up")
@@ -98,6 +102,8 @@ def check_args(args) -> None:
             raise UsageError(f"{flag}: must be > 0 seconds, got {value}")
     if not args.prefix_cache_mb >= 0:
         raise UsageError(f"--prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}")
+    if args.stream_interval_ms is not None and not 0 <= args.stream_interval_ms <= 10_000:
+        raise UsageError(f"--stream-interval-ms: must be 0 to 10000 milliseconds, got {args.stream_interval_ms:g}")
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise UsageError("--ssl-certfile and --ssl-keyfile go together")
 
@@ -260,7 +266,8 @@ def serve(args) -> int:
     check_prefix_cache_mb(args.prefix_cache_mb, llm.model)
     server = Server(llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
                     args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin,
-                    prefix_cache_mb=args.prefix_cache_mb)
+                    prefix_cache_mb=args.prefix_cache_mb,
+                    stream_interval=None if args.stream_interval_ms is None else args.stream_interval_ms / 1000)
     start = time.perf_counter()
     server.start(warm_up=not args.no_warm_up)  # the port opens only after this
     give_memory_back_when_idle(server.scheduler)
