@@ -17,8 +17,9 @@ that over its layers: logits within ~3e-2 (relative, L2) of an fp32 reference.
 """
 from __future__ import annotations
 
-import json
+import collections
 import itertools
+import json
 import math
 import os
 import sys
@@ -668,6 +669,58 @@ def test_long_prompt_prefill(pair, record):
     out = decoder.step_logits(cache, int(ids[2000])).get()
     record(rel_err=rel_err(out, ref))
     assert rel_err(out, ref) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cublas_matmul_against_torch(dtype):
+    """cublas.Handle.matmul, the prompt's attention products: scores q @ keys.T with keys a view
+    of a longer cache (a transposed operand, batch strides of the cache), and weights @ values;
+    against torch in fp32. Layouts it cannot take give None (the caller multiplies otherwise)."""
+    from tinyllm.cuda import cublas
+
+    torch = torch_cuda()
+    blas = cublas.Handle()
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 arrays in CuPy need ml_dtypes")
+    tdt = getattr(torch, dtype)
+    q = torch.randn(2, 4, 24, 64, device="cuda", dtype=tdt)
+    cache = torch.randn(2, 4, 100, 64, device="cuda", dtype=tdt)
+    probs = torch.rand(2, 4, 24, 37, device="cuda", dtype=tdt)
+    cq, ccache, cprobs = (cp.from_dlpack(t) for t in (q, cache, probs))
+    keys = ccache[:, :, :37]
+    scores = blas.matmul(cq, keys.transpose(0, 1, 3, 2))
+    weighted = blas.matmul(cprobs, keys)
+    ref_s = q.float() @ cache[:, :, :37].float().transpose(2, 3)
+    ref_w = probs.float() @ cache[:, :, :37].float()
+    for out, ref in ((scores, ref_s), (weighted, ref_w)):
+        assert out.dtype == cq.dtype and out.shape == tuple(ref.shape)
+        got = torch.from_dlpack(out).float()
+        assert float((got - ref).norm() / ref.norm()) < (4e-3 if dtype == "float16" else 2e-2)
+    assert blas.matmul(cq[:, :, :, ::2], keys.transpose(0, 1, 3, 2)[:, :, ::2]) is None  # rows not contiguous
+    assert blas.matmul(cq, cq.transpose(0, 1, 3, 2).astype(cp.float32)) is None          # two types
+
+
+def test_a_prompt_runs_its_matmuls_on_cublas(pair, monkeypatch, record):
+    """The eager fast path's prefill (FastOps.linear and .matmul) calls cuBLAS through ctypes,
+    and its logits agree with the readable CuPy model's prefill of the same prompt."""
+    from tinyllm.cuda import cublas
+
+    name, readable, fast, decoder = pair
+    calls = collections.Counter()
+    for method in ("gemm_nt", "matmul"):
+        original = getattr(cublas.Handle, method)
+
+        def counted(self, *args, _original=original, _name=method, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cublas.Handle, method, counted)
+    ids = np.random.default_rng(16).integers(0, fast.config.vocab_size, 300)
+    out = fast.forward(ids[None], fast.new_cache(512))[0, -1].get()
+    ref = readable.forward(ids[None], readable.new_cache(512))[0, -1].get()
+    n = fast.config.n_layers
+    assert calls["matmul"] == 2 * n and calls["gemm_nt"] >= 4 * n, calls
+    record(rel_err=rel_err(out, ref))
+    assert rel_err(out, ref) < 1e-2
 
 
 def test_graphs_stay_right_when_the_rope_tables_grow():

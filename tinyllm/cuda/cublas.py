@@ -7,6 +7,12 @@ a handle of our own, with a workspace set once before any capture, does that. On
 
     gemm_nt(x, w, out)                  out[M, N] = x[M, K] @ w[N, K].T   (fp16 or bf16, row-major, sums in fp32)
     gemm_nt(x, w, out, accumulate=True) out[M, N] += x[M, K] @ w[N, K].T  (a residual added in the same pass)
+    matmul(a, b)                        a[..., M, K] @ b[..., K, N], batched over the leading axes (a prompt's
+                                        attention: scores and weighted values; b may be a transposed view)
+
+A CuPy call costs tens of microseconds of the host's time, cuBLAS through ctypes a few: a
+prompt's forward pass, launched from Python, is bound by the host (docs/benchmarks.md), and
+CuPy runs batched fp16 products through float32 copies.
 
 cuBLAS chooses its algorithm from the shape, so a row's bits can differ between two M (they
 do for some of Llama-3-8B's matrices between 1 and 64 rows); at one M they do not depend on
@@ -68,6 +74,14 @@ class Handle:
                                                    ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
         self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
+    def __del__(self):
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr and getattr(self, "lib", None) is not None:
+            try:
+                self.lib.cublasDestroy_v2(ptr)
+            except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone
+                pass
+
     @staticmethod
     def _check(status: int, what: str) -> None:
         if status != 0:
@@ -91,6 +105,60 @@ class Handle:
             self.ptr, OP_T, OP_N, n, m, k, ctypes.byref(self.one),
             ctypes.c_void_p(w.data.ptr), dtype, k, ctypes.c_void_p(x.data.ptr), dtype, k, ctypes.byref(self.one if accumulate else self.zero),
             ctypes.c_void_p(out.data.ptr), dtype, n, COMPUTE_32F, GEMM_DEFAULT), "cublasGemmEx")
+
+
+    def matmul(self, a, b):
+        """a[..., M, K] @ b[..., K, N] -> [..., M, N] in a's type, one strided-batched GEMM over
+        the leading axes; None when the layouts do not allow it (then the caller multiplies
+        some other way). Each operand's rows must be contiguous, its leading axes one even
+        stride apart; b may be a transposed view (its columns contiguous: keys.T)."""
+        cp = self.cp
+        dtype = DATA_TYPES.get(np.dtype(a.dtype).name)
+        if dtype is None or b.dtype != a.dtype or a.ndim < 3 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2]:
+            return None
+        *lead, m, k = a.shape
+        n = b.shape[-1]
+        if b.shape[-2] != k or min(m, n, k) == 0:
+            return None
+        item = a.itemsize
+        if a.strides[-1] == item:
+            a_ld = a.strides[-2] // item
+        else:
+            return None
+        if b.strides[-1] == item:      # b [K, N] row-major
+            op_b, b_ld = OP_N, b.strides[-2] // item
+        elif b.strides[-2] == item:    # b = w.T for w [N, K] row-major
+            op_b, b_ld = OP_T, b.strides[-1] // item
+        else:
+            return None
+        a_stride, b_stride = _batch_stride(a), _batch_stride(b)
+        if a_stride is None or b_stride is None or a_ld < k or b_ld < (n if op_b == OP_N else k):
+            return None
+        count = int(np.prod(lead))
+        out = cp.empty((*lead, m, n), dtype=a.dtype)
+        self._check(self.lib.cublasSetStream_v2(self.ptr, ctypes.c_void_p(cp.cuda.get_current_stream().ptr)),
+                    "cublasSetStream")
+        # column-major: out.T [N, M] = op(b).T [N, K] @ a.T [K, M]
+        self._check(self.lib.cublasGemmStridedBatchedEx(
+            self.ptr, op_b, OP_N, n, m, k, ctypes.byref(self.one),
+            ctypes.c_void_p(b.data.ptr), dtype, b_ld, ctypes.c_longlong(b_stride),
+            ctypes.c_void_p(a.data.ptr), dtype, a_ld, ctypes.c_longlong(a_stride), ctypes.byref(self.zero),
+            ctypes.c_void_p(out.data.ptr), dtype, n, ctypes.c_longlong(m * n), count, COMPUTE_32F, GEMM_DEFAULT),
+            "cublasGemmStridedBatchedEx")
+        return out
+
+
+def _batch_stride(x) -> int | None:
+    """Elements between consecutive matrices of x [..., R, C] when its leading axes flatten to one
+    even stride (0 for a single matrix); None otherwise."""
+    lead, strides = x.shape[:-2], x.strides[:-2]
+    dims = [(n, s // x.itemsize) for n, s in zip(lead, strides) if n != 1]
+    if not dims:
+        return 0
+    for (n_outer, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]):
+        if s_outer != n_inner * s_inner:
+            return None
+    return dims[-1][1]
 
 
 def handle() -> Handle:

@@ -14,9 +14,10 @@ decode step launches:
 plus the embedding, the final norm + LM head (norm_linear), and the fp32 cast of the logits.
 
 Only the decode shape (one token per sequence, fp16 or bf16) takes the fused kernels. A prompt
-(prefill) runs each group's readable default with cuBLAS for the matmuls, except that its
-RMSNorm, RoPE, softmax and SiLU·mul are one kernel each (`*_rows` in kernels.cu: the
-prefill is host-bound, and each readable one is 5-10 CuPy calls); float32 runs readable.
+(prefill) runs each group's readable default, with its matmuls on cuBLAS called through ctypes
+(cublas.py: the prefill is host-bound, and a CuPy matmul costs tens of microseconds of the
+host's time) and its RMSNorm, RoPE, softmax and SiLU·mul one kernel each (`*_rows` in
+kernels.cu: each readable one is 5-10 CuPy calls); float32 runs readable.
 
 A FastOps is made for one mode and keeps it:
 
@@ -281,11 +282,44 @@ class FastOps(Ops):
 
     # ---- single operations: a prompt's rows, one launch each --------------------------------
     def linear(self, x, w):
-        """A prompt's matmul by a block-quantized matrix: its fp16 weights rebuilt by one kernel
-        (into a temporary), then cuBLAS, instead of the readable dequantization's many calls."""
+        """A prompt's matmul: cuBLAS through ctypes (cublas.py: a few µs of the host's time where
+        CuPy's matmul takes tens). A block-quantized matrix first has its fp16 weights rebuilt by
+        one kernel (into a temporary), instead of the readable dequantization's many calls."""
         if isinstance(w, QuantizedMatrix) and w.dtype == np.float16 and x.dtype == np.float16:
             w = K.dequantize_q(w)
+        blas = self._prompt_blas()
+        if (blas is not None and not isinstance(w, QuantizedMatrix) and x.dtype == w.dtype == self.dtype
+                and x.flags.c_contiguous and w.flags.c_contiguous and x.shape[-1] == w.shape[1]):
+            out = self.xp.empty(x.shape[:-1] + (w.shape[0],), dtype=self.dtype)
+            blas.gemm_nt(x.reshape(-1, w.shape[1]), w, out.reshape(-1, w.shape[0]))
+            return out
         return super().linear(x, w)
+
+    def matmul(self, a, b):
+        """A prompt's attention products (scores, weighted values): one strided-batched cuBLAS
+        call in the model's type, where CuPy goes through float32 copies of both operands."""
+        blas = self._prompt_blas()
+        if blas is not None and a.dtype == self.dtype:
+            out = blas.matmul(a, b)
+            if out is not None:
+                return out
+        return super().matmul(a, b)
+
+    def _prompt_blas(self):
+        """The cuBLAS handle for a prompt's calls from Python (the eager mode only: nothing here
+        runs inside a capture), or None where cuBLAS cannot be loaded. A handle of these ops'
+        own: its workspace must not be shared with the captured steps, which may run on another
+        stream at the same time."""
+        if self.mode != "eager":
+            return None
+        if self.blas is None:
+            from . import cublas
+
+            try:
+                self.blas = cublas.Handle()
+            except (OSError, RuntimeError, AttributeError):
+                self.blas = False
+        return self.blas or None
 
     def embedding(self, table, tokens):
         if (tokens.ndim == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= K.MAX_ROWS and tokens.dtype == np.int64
