@@ -99,6 +99,24 @@ KERNEL_SHAPES = {
 }
 
 
+@pytest.mark.parametrize("t, pos, s", [(5, 7, 12), (64, 0, 64), (3, 300, 303), (512, 0, 512)])
+def test_causal_softmax_kernel(t, pos, s, record):
+    """A prompt block's attention weights in one kernel: against the readable op (NumPy: scores
+    to float32, the causal mask over the block's own columns, softmax, back to fp16), rows of
+    R = 4 heads x t tokens for 2 KV heads; masked keys exactly 0."""
+    scores = randn(1, 2, 4 * t, s, scale=4.0)
+    mask = KVCache(shape_config("tinyllama-1.1b", max_seq_len=1024), 1024, np.float32, np).mask(t)
+    ref = np_ops.attention_weights(scores.copy(), mask, pos, np.float16)
+    x = cp.asarray(scores)
+    K.causal_softmax_rows(x, t, pos)
+    out = x.get()
+    err = np.abs(out.astype(np.float32) - ref.astype(np.float32)).max()
+    record(max_abs_err=float(err))
+    assert err <= 2e-3
+    rows = np.arange(4 * t) % t
+    assert all((out[0, :, r, pos + i + 1:] == 0).all() for r, i in enumerate(rows))
+
+
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
 def test_rms_norm_kernel(shape, record):
     d = KERNEL_SHAPES[shape][0]

@@ -109,22 +109,29 @@ class Ops:
 
         GQA by reshape: the R query heads that share a KV head are stacked along the
         query axis, so each KV head is read once and never copied R times."""
-        xp = self.xp
         b, t, h, e = q.shape
         n_kv = k.shape[2]
         keys, values = cache.update(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos)  # [B, K, S, E]
-        s = keys.shape[2]
         q = q.transpose(0, 2, 1, 3).reshape(b, n_kv, (h // n_kv) * t, e)  # [B, T, H, E] -> [B, K, R*T, E]
         # scale q, not the scores: S/E times fewer multiplications for a long block. (The cast
         # keeps q's type: CuPy lifts a bfloat16 array times a Python float to float32.)
         q = (q * scale).astype(q.dtype, copy=False)
-        scores = self.matmul(q, keys.transpose(0, 1, 3, 2)).astype(xp.float32, copy=False)  # [B, K, R*T, S]
-        mask = cache.mask(t)
-        if mask is not None:  # only the last T columns (this block's own tokens) need masking
-            scores.reshape(b, n_kv, h // n_kv, t, s)[..., pos:] += mask
-        probs = self.softmax(scores).astype(values.dtype, copy=False)
+        scores = self.matmul(q, keys.transpose(0, 1, 3, 2))  # [B, K, R*T, S]
+        probs = self.attention_weights(scores, cache.mask(t), pos, values.dtype)
         out = self.matmul(probs, values)  # [B, K, R*T, S] @ [B, K, S, E] -> [B, K, R*T, E]
         return out.reshape(b, h, t, e).transpose(0, 2, 1, 3).reshape(b, t, h * e)
+
+    def attention_weights(self, scores, mask, pos: int, dtype):
+        """The scores [B, K, R*T, S] (rows: R query heads x T new tokens) -> each row's softmax
+        over the keys it may see, in float32, as `dtype`. mask: the causal mask of the T new
+        tokens [T, T] (None for one token, which sees every key): only the last T columns,
+        this block's own tokens from position `pos` on, need masking."""
+        scores = scores.astype(self.xp.float32, copy=False)
+        if mask is not None:
+            b, n_kv, rows, s = scores.shape
+            t = mask.shape[0]
+            scores.reshape(b, n_kv, rows // t, t, s)[..., pos:] += mask
+        return self.softmax(scores).astype(dtype, copy=False)
 
     def matmul(self, a, b):
         """a @ b, batched over the leading axes. CuPy multiplies 2-D bfloat16 arrays but not

@@ -237,6 +237,26 @@ extern "C" __global__ void softmax_rows(float* x, int S) {
     for (int i = threadIdx.x; i < S; i += blockDim.x) row[i] /= sum;
 }
 
+// A prompt block's attention weights, in place: x [rows, S] holds the scores in T, row r for
+// query r % t of the block's t new tokens, which sees keys 0 .. pos + r % t (the causal mask);
+// each row becomes its softmax over those keys (fp32 inside, rounded to T once), 0 past them.
+// One kernel for what the readable op does in five passes over fp32 copies (cast, mask, max,
+// exp and sum, cast back). One block per row.
+template <typename T>
+__global__ void causal_softmax_rows(T* x, int S, int t, int pos) {
+    __shared__ float red[33];
+    T* row = x + (size_t)blockIdx.x * S;
+    const int n = min(S, pos + (int)(blockIdx.x % t) + 1);
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, to_f(row[i]));
+    m = block_max(m, red);
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += expf(to_f(row[i]) - m);
+    sum = block_sum(sum, red);
+    for (int i = threadIdx.x; i < S; i += blockDim.x)
+        row[i] = from_f<T>(i < n ? expf(to_f(row[i]) - m) / sum : 0.f);
+}
+
 // SiLU(gate) * up for R rows of [gate | up], rounding each step to T (silu_mul) like CuPy's
 // `gate / (1.0 + exp(-gate)) * up`.  gate_up: [R, 2F] -> out: [R, F]
 template <typename T>

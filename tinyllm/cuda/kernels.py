@@ -80,7 +80,7 @@ def kernel(name: str):
 
 
 PLAIN_KERNELS = ("embedding", "sample_token", "sample_rows", "set_step", "softmax_rows")
-TYPED_KERNELS = ("rms_norm_rows", "rope_rows", "swiglu_rows")  # templates on the element type alone
+TYPED_KERNELS = ("rms_norm_rows", "rope_rows", "swiglu_rows", "causal_softmax_rows")  # templates on the element type alone
 
 
 def plain_kernel_names(dtype) -> list[str]:
@@ -242,6 +242,14 @@ def softmax_rows(x):
     """Softmax over the last axis of a contiguous fp32 array, in place."""
     s = x.shape[-1]
     kernel("softmax_rows")((x.size // s,), (256,), (x, np.int32(s)))
+
+
+def causal_softmax_rows(x, t: int, pos: int):
+    """A prompt block's attention weights in place (kernels.cu): x [..., rows, S] fp16 or bf16,
+    contiguous, row r for new token r % t of the block, which starts at position pos."""
+    s = x.shape[-1]
+    kernel(f"causal_softmax_rows<{_ctype(x.dtype)}>")((x.size // s,), (256,), (x, np.int32(s), np.int32(t),
+                                                                               np.int32(pos)))
 
 
 def swiglu_rows(gate_up, out):

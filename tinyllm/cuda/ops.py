@@ -347,6 +347,15 @@ class FastOps(Ops):
             return out
         return super().swiglu(gate_up)
 
+    def attention_weights(self, scores, mask, pos: int, dtype):
+        """A prompt block's scores, masked and normalised in one launch, in place, in the
+        model's type (the readable op lifts them to float32 and passes over them five times)."""
+        if (mask is not None and scores.dtype == self.dtype == np.dtype(dtype) and scores.flags.c_contiguous
+                and scores.shape[-2] % mask.shape[0] == 0):
+            K.causal_softmax_rows(scores, mask.shape[0], pos)
+            return scores
+        return super().attention_weights(scores, mask, pos, dtype)
+
     def softmax(self, x):
         if x.dtype == np.float32 and x.flags.c_contiguous:  # a prompt's attention: one launch
             K.softmax_rows(x)
