@@ -173,6 +173,21 @@ def test_completion_stream_equals_non_stream(client, model_id):
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_ignore_eos_generates_past_the_end_to_max_tokens(client, model_id):
+    """ignore_eos (vLLM's request extension): the default question's greedy answer ends with the
+    end-of-sequence token before 40 tokens; with the flag the same answer goes on to 40, its
+    first text unchanged, finishing for length. A value that is not a boolean is a 400 naming it."""
+    messages = [{"role": "user", "content": "In two sentences, what does a baker do?"}]
+    plain = client.chat.completions.create(model=model_id, messages=messages, max_tokens=40)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 40
+    longer = client.chat.completions.create(model=model_id, messages=messages, max_tokens=40,
+                                            extra_body={"ignore_eos": True})
+    assert longer.choices[0].finish_reason == "length" and longer.usage.completion_tokens == 40
+    assert longer.choices[0].message.content.startswith(plain.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError, match="ignore_eos: expected true or false"):
+        client.chat.completions.create(model=model_id, messages=messages, max_tokens=4, extra_body={"ignore_eos": 1})
+
+
 def test_chat_non_stream_and_stream(client, model_id, llm):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."}]
     ids = llm.prompt_ids(messages, chat=True)

@@ -14,6 +14,8 @@ scheduler's events to the answer's JSON.
 
 Sampling defaults are the CLI's: temperature 0 (greedy) unless the request sets one.
 `return_token_ids: true` (an extension, as in vLLM) adds the generated token ids to a choice.
+`ignore_eos: true` (vLLM's too) generates past the end-of-sequence token, up to `max_tokens` or a
+stop string: what a load test wants, every answer its full length.
 
 What each field does (anything else is refused with a 400 naming it, never ignored):
 - `n`: n independent choices per prompt; with a `seed`, choice i samples with seed + i, so
@@ -61,7 +63,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
                    "presence_penalty", "frequency_penalty", "seed")
 # Every field a body may hold; any other is refused (400), as OpenAI's API refuses one it does not know.
 COMMON_FIELDS = {"model", "n", "best_of", "stream", "stream_options", "stop", "max_tokens", "logit_bias",
-                 "user", "return_token_ids", *SAMPLING_FIELDS}
+                 "user", "return_token_ids", "ignore_eos", *SAMPLING_FIELDS}
 FIELDS = {"completion": COMMON_FIELDS | {"prompt", "echo", "logprobs", "suffix", "response_format"},
           "chat": COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                                    "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "tools",
@@ -205,6 +207,10 @@ class Validator:
         return_ids = body.get("return_token_ids", False)
         if not isinstance(return_ids, bool):
             errors.add("return_token_ids", f"expected true or false, got {_short(return_ids)}")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            errors.add("ignore_eos", f"expected true or false, got {_short(ignore_eos)}")
+            ignore_eos = False
         echo = body.get("echo", False) if kind == "completion" else False
         if echo is None:
             echo = False
@@ -253,7 +259,8 @@ class Validator:
         if echo:
             texts = [p if isinstance(p, str) else self.llm.tokenizer.decode(ids, skip_special_tokens=False)
                      for p, ids in zip(self._raw_prompts(body), prompts)]
-        return Job(kind, prompts, sampling, StopRules(max_tokens, stop), stream, include_usage, return_ids, n, echo,
+        rules = StopRules(max_tokens, stop, () if ignore_eos else None)  # (): no id ends the answer
+        return Job(kind, prompts, sampling, rules, stream, include_usage, return_ids, n, echo,
                    texts, logprobs if echo else None)
 
     def _no_effect_fields(self, body: dict, kind: str, errors: FieldErrors) -> None:
