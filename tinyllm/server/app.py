@@ -292,7 +292,7 @@ class Server:
         told as an error event: the client still reads a well-formed stream to its end."""
         chunks = Chunks(job, rid, self.model_id, self.fingerprint, self.logprobs)
         disconnect = asyncio.ensure_future(_watch_disconnect(request, events))
-        opened = False
+        self.open_streams += 1
         try:
             opening = []
             for c in choices:
@@ -304,8 +304,6 @@ class Server:
                 yield "".join(opening)
             failed = False
             loop, written = asyncio.get_running_loop(), None
-            self.open_streams += 1
-            opened = True
             while not failed and any(c.finished is None for c in choices):
                 burst = await self._next_events(events)
                 if burst is None:  # the client disconnected
@@ -350,8 +348,7 @@ class Server:
             yield SSE_DONE
         finally:
             # Runs on normal end, on disconnect, and when the server cancels this task.
-            if opened:
-                self.open_streams -= 1
+            self.open_streams -= 1
             disconnect.cancel()
             self._cancel_unfinished(reqs, choices)
 
@@ -374,8 +371,8 @@ class Events(asyncio.Queue):
 
     def put_nowait(self, item) -> None:
         super().put_nowait(item)
-        if self._nap is not None and not self._nap.done() and (item is None or isinstance(item[1], (Finished, Failed))):
-            self._nap.set_result(None)
+        if self._nap is not None and _ends(item):
+            _wake(self._nap)
 
     async def nap(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -388,6 +385,11 @@ class Events(asyncio.Queue):
             self._nap = None
 
 
+def _ends(item) -> bool:
+    """Whether a queue item ends the stream's wait: the client gone (None), an end or a failure."""
+    return item is None or isinstance(item[1], (Finished, Failed))
+
+
 def _wake(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -398,8 +400,7 @@ async def gather_until(events: Events, burst: list, deadline: float) -> list | N
     arrives: a stream is written at most once per interval, because each write costs the event
     loop, which shares the interpreter with the scheduler, about as much as scheduling a
     token. None when the client went away."""
-    if deadline > asyncio.get_running_loop().time() and not any(
-            event is None or isinstance(event[1], (Finished, Failed)) for event in burst):
+    if deadline > asyncio.get_running_loop().time() and not any(map(_ends, burst)):
         await events.nap(deadline)
         while not events.empty():
             burst.append(events.get_nowait())
