@@ -87,6 +87,11 @@ class Handle:
         if status != 0:
             raise RuntimeError(f"{what} failed: cuBLAS status {status}")
 
+    def _on_current_stream(self) -> None:
+        """The next call runs on CuPy's current stream (the one a capture records)."""
+        self._check(self.lib.cublasSetStream_v2(self.ptr, ctypes.c_void_p(self.cp.cuda.get_current_stream().ptr)),
+                    "cublasSetStream")
+
     def gemm_nt(self, x, w, out, accumulate: bool = False) -> None:
         """out[M, N] = x[M, K] @ w[N, K].T on the current stream; with accumulate, out += that
         (cuBLAS adds out to the fp32 sums and rounds once)."""
@@ -97,15 +102,14 @@ class Handle:
                 or not (x.flags.c_contiguous and w.flags.c_contiguous and out.flags.c_contiguous)):
             raise ValueError(f"gemm_nt: contiguous fp16 or bf16 x [M, K], w [N, K], out [M, N] of one type; got "
                              f"{x.dtype} {x.shape}, {w.dtype} {w.shape}, {out.dtype} {out.shape}")
-        self._check(self.lib.cublasSetStream_v2(self.ptr, ctypes.c_void_p(self.cp.cuda.get_current_stream().ptr)),
-                    "cublasSetStream")
+        self._on_current_stream()
         # cuBLAS is column-major: out.T [N, M] = op(w) [N, K] @ x.T [K, M], where w's rows seen
         # column-major are w.T [K, N] (so op = transpose) and x's rows are x.T [K, M]
         self._check(self.lib.cublasGemmEx(
             self.ptr, OP_T, OP_N, n, m, k, ctypes.byref(self.one),
-            ctypes.c_void_p(w.data.ptr), dtype, k, ctypes.c_void_p(x.data.ptr), dtype, k, ctypes.byref(self.one if accumulate else self.zero),
+            ctypes.c_void_p(w.data.ptr), dtype, k, ctypes.c_void_p(x.data.ptr), dtype, k,
+            ctypes.byref(self.one if accumulate else self.zero),
             ctypes.c_void_p(out.data.ptr), dtype, n, COMPUTE_32F, GEMM_DEFAULT), "cublasGemmEx")
-
 
     def matmul(self, a, b):
         """a[..., M, K] @ b[..., K, N] -> [..., M, N] in a's type, one strided-batched GEMM over
@@ -121,10 +125,9 @@ class Handle:
         if b.shape[-2] != k or min(m, n, k) == 0:
             return None
         item = a.itemsize
-        if a.strides[-1] == item:
-            a_ld = a.strides[-2] // item
-        else:
+        if a.strides[-1] != item:
             return None
+        a_ld = a.strides[-2] // item
         if b.strides[-1] == item:      # b [K, N] row-major
             op_b, b_ld = OP_N, b.strides[-2] // item
         elif b.strides[-2] == item:    # b = w.T for w [N, K] row-major
@@ -136,8 +139,7 @@ class Handle:
             return None
         count = int(np.prod(lead))
         out = cp.empty((*lead, m, n), dtype=a.dtype)
-        self._check(self.lib.cublasSetStream_v2(self.ptr, ctypes.c_void_p(cp.cuda.get_current_stream().ptr)),
-                    "cublasSetStream")
+        self._on_current_stream()
         # column-major: out.T [N, M] = op(b).T [N, K] @ a.T [K, M]
         self._check(self.lib.cublasGemmStridedBatchedEx(
             self.ptr, op_b, OP_N, n, m, k, ctypes.byref(self.one),
