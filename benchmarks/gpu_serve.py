@@ -188,6 +188,7 @@ def run_figures(before: dict, after: dict) -> dict:
 
 
 def _instant_step(model, step_ms: float = 0.0):
+    from tinyllm.cuda.ops import STEP_ROWS
     from tinyllm.step import DecodeStep
 
     class InstantStep(DecodeStep):
@@ -200,7 +201,7 @@ def _instant_step(model, step_ms: float = 0.0):
             self.model = model
 
         def batch(self, max_batch: int, capacity: int):
-            return _InstantBatch(self.model, capacity, step_ms)
+            return _InstantBatch(self.model, capacity, step_ms, STEP_ROWS)
 
         def prompt_logits(self, ids, chunk=256):
             raise NotImplementedError("the instant engine scores no prompts")
@@ -213,11 +214,11 @@ class _InstantBatch:
     host waits for a GPU), so steps gather as many sequences as on a GPU whose step takes
     that long, and the host's work per step can be measured at that batch size on any
     machine. The sleep is the step's model time; nothing overlaps it."""
-    max_rows = 64
 
-    def __init__(self, model, capacity: int, step_ms: float = 0.0):
+    def __init__(self, model, capacity: int, step_ms: float = 0.0, max_rows: int = 64):
         import numpy as np
 
+        self.max_rows = max_rows  # rows per step, decode rows and prompt chunks together (as the GPU's)
         self.model, self.capacity, self.rng = model, capacity, np.random.default_rng(0)
         self.step_s = step_ms / 1e3
         self.model_seconds = 0.0  # the scheduler's split of a round into host and model time

@@ -863,16 +863,17 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(pair, batch, reco
     assert batch.free_rows == batch.max_batch
 
 
-@pytest.mark.parametrize("gemm", ["kernels", "cublas"])
-def test_a_row_is_bit_identical_in_every_bucket_up_to_64(pair, gemm, record):
-    """Batch invariance up to 64 sequences: one sequence decoded alone and as one row among
-    B - 1 others (every bucket's graph, padded rows included, K staged in chunks when 64
-    tokens do not fit at once; with cuBLAS, every GEMM at 64 rows) gives the same logits, bit
-    for bit."""
-    from tinyllm.cuda.batch import BatchDecoder
+@pytest.mark.parametrize("gemm,most", [("kernels", 64), ("cublas", 128)])
+def test_a_row_is_bit_identical_in_every_bucket(pair, gemm, most, record):
+    """Batch invariance up to 64 sequences on our kernels and 128 on cuBLAS: one sequence
+    decoded alone and as one row among B - 1 others (every bucket's graph, padded rows
+    included, K staged in chunks when 64 tokens do not fit at once; with cuBLAS, every GEMM
+    in calls of 64 rows, two of them past 64) gives the same logits, bit for bit."""
+    from tinyllm.cuda.batch import BatchDecoder, max_batch_for
 
     name, readable, fast, decoder = pair
-    big = BatchDecoder(decoder, max_batch=64, capacity=512, gemm=gemm)
+    assert max_batch_for(fast.config, gemm) == most
+    big = BatchDecoder(decoder, max_batch=most, capacity=512, gemm=gemm)
     try:
         alone = [big.new_cache()]
         _rows_prefilled(fast, alone, [37])
@@ -882,7 +883,7 @@ def test_a_row_is_bit_identical_in_every_bucket_up_to_64(pair, gemm, record):
             big.step([int(t)], alone, queue_next=False)
             want.append(big.logits(1)[0].copy())
         big.release(alone[0])
-        worst, sizes = 0.0, [2, 5, 13, 33, 64]
+        worst, sizes = 0.0, [b for b in (2, 5, 13, 33, 64, 65, 100, 128) if b <= most]
         for b in sizes:
             caches = [big.new_cache() for _ in range(b)]
             lengths = [int(n) for n in np.random.default_rng(b).integers(1, 200, b)]
@@ -903,6 +904,52 @@ def test_a_row_is_bit_identical_in_every_bucket_up_to_64(pair, gemm, record):
     finally:
         del big
         cp.get_default_memory_pool().free_all_blocks()
+
+
+def test_a_prompt_gives_the_same_bits_in_steps_of_any_rows(pair, batch, record):
+    """Chunked prefill on cuBLAS: a 150-token prompt fed through batched steps in chunks of
+    128 + 22 rows (two 64-row GEMM calls, then one), of ~37, or of 100 + 50 beside seven
+    other sequences' decode rows gives the same logits, bit for bit, at its last prompt row
+    and at the four decode steps after it; the last prompt row's logits match the readable
+    model's forward pass of the same prompt."""
+    name, readable, fast, decoder = pair
+    assert batch.ops.gemm == "cublas" and batch.max_rows == 128
+    v = fast.config.vocab_size
+    rng = np.random.default_rng(15)
+    prompt = [int(t) for t in rng.integers(0, v, 150)]
+    after = [int(t) for t in rng.integers(0, v, 4)]
+
+    def run(chunks, neighbours):
+        cache = batch.new_cache()
+        others = [batch.new_cache() for _ in range(neighbours)]
+        _rows_prefilled(fast, others, [int(n) for n in rng.integers(1, 300, neighbours)])
+        try:
+            start, out = 0, []
+            for n in chunks:
+                feed = [int(t) for t in rng.integers(0, v, neighbours)] + prompt[start:start + n]
+                batch.step(feed, others + [cache] * n, queue_next=False)
+                start += n
+            out.append(batch.logits(len(feed))[len(feed) - 1].copy())
+            for t in after:
+                batch.step([t], [cache], queue_next=False)
+                out.append(batch.logits(1)[0].copy())
+            assert cache.length == len(prompt) + len(after)
+            return out
+        finally:
+            for c in others + [cache]:
+                batch.release(c)
+
+    two_tiles = run([128, 22], 0)
+    worst = 0.0
+    for chunks, neighbours in (([37, 37, 37, 39], 0), ([100, 50], 7)):
+        for a, b in zip(two_tiles, run(chunks, neighbours)):
+            worst = max(worst, float(cp.abs(a - b).max()))
+    ref = readable.forward(np.array([prompt]), readable.new_cache(256))[0, -1]
+    err = rel_err(two_tiles[0].get(), ref.get())
+    record(max_abs_diff=worst, rel_err_vs_readable=err)
+    assert worst == 0.0
+    assert err < 1e-2
+    assert batch.free_rows == batch.max_batch
 
 
 def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):

@@ -46,7 +46,7 @@ from ..errors import ConfigError, DeviceError, TinyLLMError
 from ..kv_cache import KVCache
 from . import kernels as K
 from .decoder import CudaDecoder, capture_graph
-from .ops import GEMMS, FastOps
+from .ops import GEMMS, STEP_ROWS, FastOps
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
 
@@ -57,15 +57,10 @@ class BatchDecoder:
     def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None,
                  gemm: str | None = None):
         c = decoder.model.config
-        # the step's GEMMs (ops.py GEMMS): cuBLAS at one M by default (faster from a few rows
-        # up: docs/benchmarks.md), our own kernels where cuBLAS cannot be loaded or when asked
-        gemm = gemm or os.environ.get("TINYLLM_BATCH_GEMM") or "auto"
-        if gemm not in GEMMS + ("auto",):
-            raise ConfigError(f"TINYLLM_BATCH_GEMM: expected auto or one of {', '.join(GEMMS)}, got {gemm!r}")
-        if gemm == "auto":
-            gemm = "cublas" if cublas_available() else "kernels"
-        if not 1 <= max_batch <= max_batch_for(c):  # a round of the GEMM's inputs must fit in shared memory
-            raise ConfigError(f"--max-batch: the batched fast path takes 1 to {max_batch_for(c)} sequences "
+        gemm = batch_gemm(gemm)
+        most = max_batch_for(c, gemm)
+        if not 1 <= max_batch <= most:
+            raise ConfigError(f"--max-batch: the batched fast path takes 1 to {most} sequences "
                               f"per step for this model, got {max_batch}")
         if not decoder.graph_ops.fused_attention:
             raise DeviceError("the batched fast path needs the fused attention (head dim 64 or 128)")
@@ -75,6 +70,9 @@ class BatchDecoder:
         self.model = decoder.model
         self.stream = decoder.stream
         self.max_batch = max_batch
+        # rows per step: a prompt's rows ride beside the decoding sequences' up to what the
+        # GEMMs take (on cuBLAS two tiles of 64), so a wave of arrivals is prefilled in fewer steps
+        self.max_rows = most
         self.capacity_asked = min(capacity or c.max_seq_len, c.max_seq_len)
         capacity = self._fit_capacity(self.capacity_asked, max_batch + 1)
         self.pool = self.model.new_cache(capacity, batch=max_batch + 1)  # the last row: the captures' scratch
@@ -86,7 +84,7 @@ class BatchDecoder:
         # is queued before this one is read (see `step`): a copy is rewritten only after the
         # step that read it has been waited for. (A superseded step may still read a copy
         # being rewritten; everything it computes is overwritten by the step after it.)
-        m = K.MAX_ROWS
+        m = self.max_rows
         layout = [("tokens", np.int64, (m, 1)), ("positions", np.int32, (m,)), ("slots", np.int32, (m,)),
                   ("live", np.int32, (1,)), ("params", np.float32, (m, 5))]
         nbytes = sum(np.dtype(t).itemsize * int(np.prod(shape)) for _, t, shape in layout)
@@ -116,17 +114,18 @@ class BatchDecoder:
         self._ahead = None     # the step queued ahead by `step` (see there)
         self.wait_seconds = 0.0  # of the last step, the host's wait for the device
         self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
-        # One graph per bucket of batch sizes; a step of B sequences runs the smallest bucket
-        # that holds B, its extra rows padding (they compute on the spare row and are dropped).
-        self.buckets = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
-        # bucket -> (graph, its memory pool, its logits [bucket, V]): one row per sequence, and
-        # rows that may share a sequence
+        # One graph per bucket of batch sizes; a step of B rows runs the smallest bucket that
+        # holds B, its extra rows padding (they compute on the spare row and are dropped).
+        self.buckets = sorted({b for b in BUCKETS if b < self.max_rows} | {max_batch, self.max_rows})
+        # bucket -> (graph, its memory pool, its logits [bucket, V]): one row per sequence (up to
+        # max_batch), and rows that may share a sequence (up to max_rows)
         self.graphs: dict[int, tuple] = {}
         self.prompt_graphs: dict[int, tuple] = {}
         start = time.perf_counter()
-        K.compile_kernels(self.ops.rows_kernel_names(max_batch))
+        K.compile_kernels(self.ops.rows_kernel_names(self.max_rows))
         for b in self.buckets:
-            self.graphs[b] = self._capture(b, self.batched_model, self.ops)
+            if b <= max_batch:
+                self.graphs[b] = self._capture(b, self.batched_model, self.ops)
             self.prompt_graphs[b] = self._capture(b, self.prompt_model, self.prompt_ops)
         self._last = self.graphs  # the set the last step ran
         self.capture_seconds = time.perf_counter() - start
@@ -254,8 +253,8 @@ class BatchDecoder:
         where the real step writes again, and the uniform numbers it drew are used by the real
         step instead."""
         b = len(caches)
-        if not 1 <= b <= self.max_batch:
-            raise ValueError(f"a batched step takes 1 to {self.max_batch} rows, got {b}")
+        if not 1 <= b <= self.max_rows:
+            raise ValueError(f"a batched step takes 1 to {self.max_rows} rows, got {b}")
         samplers = list(samplers) if samplers is not None else [None] * b
         if len(tokens) != b or len(samplers) != b:
             raise ValueError(f"a batched step needs one token and one sampler per row: "
@@ -330,6 +329,18 @@ class _Queued:
                 and all(a is b for a, b in zip(samplers, self.samplers)))
 
 
+def batch_gemm(gemm: str | None = None) -> str:
+    """The batched step's GEMMs (ops.py GEMMS): `gemm`, else TINYLLM_BATCH_GEMM, else auto:
+    cuBLAS at one M (faster from a few rows up: docs/benchmarks.md), our own kernels where
+    cuBLAS cannot be loaded."""
+    gemm = gemm or os.environ.get("TINYLLM_BATCH_GEMM") or "auto"
+    if gemm not in GEMMS + ("auto",):
+        raise ConfigError(f"TINYLLM_BATCH_GEMM: expected auto or one of {', '.join(GEMMS)}, got {gemm!r}")
+    if gemm == "auto":
+        gemm = "cublas" if cublas_available() else "kernels"
+    return gemm
+
+
 def cublas_available() -> bool:
     """Whether this process can call cuBLAS through ctypes (tinyllm/cuda/cublas.py)."""
     from . import cublas
@@ -341,11 +352,14 @@ def cublas_available() -> bool:
     return True
 
 
-BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # batch sizes with a graph of their own
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # batch sizes with a graph of their own
 
 
-def max_batch_for(config) -> int:
-    """The most sequences per batched step for this model's shapes (64, fewer, or 0 when
-    gemv_rows cannot take some GEMM: a K that is not a multiple of 64)."""
+def max_batch_for(config, gemm: str = "kernels") -> int:
+    """The most sequences per batched step for this model's shapes: on cuBLAS, STEP_ROWS; on
+    our kernels 64, fewer, or 0 when gemv_rows cannot take some GEMM (a K that is not a
+    multiple of 64: a round of the GEMM's inputs must fit in shared memory)."""
+    if gemm == "cublas":
+        return STEP_ROWS
     widths = (config.dim, config.n_heads * config.head_dim, config.hidden_dim)  # every GEMM's K
     return next((r for r in (K.MAX_ROWS, 32, 16, 8) if all(K.gemv_rows_fits(1, k, r) for k in widths)), 0)

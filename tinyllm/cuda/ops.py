@@ -31,9 +31,11 @@ A FastOps is made for one mode and keeps it:
                sequence gets the same bits at any batch size) and the attention reads each
                sequence's position and cache row from `positions` and `slots`.
                With gemm="cublas" the GEMMs are cuBLAS's instead (cublas.py), always over
-               MAX_ROWS rows, the B rows padded: one M, so one algorithm and the same bits
-               whatever B; the norms and the SwiGLU are then launches of their own, and wo
-               and down add into the residual stream in place (`_cublas`).
+               tiles of GEMM_M rows, the B rows padded: one M, so one algorithm and the same
+               bits whatever B; a step then takes up to STEP_ROWS rows (two tiles: a prompt's
+               rows beside 64 decoding sequences, or 128 sequences); the norms and the SwiGLU
+               are launches of their own, and wo and down add into the residual stream in
+               place (`_cublas`).
 
 A block-quantized matrix (tinyllm/quant.py) takes `kernels.gemv_q` in every mode, for one token
 or B (quant.cu's gemv_qs or gemv_q, by format and row length: `kernels.q_kernel`); a prompt's
@@ -49,6 +51,8 @@ from . import kernels as K
 
 MODES = ("eager", "graph", "batched")
 GEMMS = ("kernels", "cublas")  # the batched mode's GEMMs: gemv_rows / gemm_rows, or cuBLAS at a fixed M
+GEMM_M = K.MAX_ROWS            # rows of every cuBLAS call of a batched step: the fixed M
+STEP_ROWS = 2 * GEMM_M         # the most rows of a batched step on cuBLAS (gemv_rows takes K.MAX_ROWS)
 
 
 class FastOps(Ops):
@@ -76,17 +80,18 @@ class FastOps(Ops):
         self.mode = mode
         self.tables = rope
         self.shared_rows = shared_rows  # batched rows may share a cache (a prompt's tokens, one per row)
-        self.positions = positions if positions is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
-        self.slots = slots if slots is not None else cp.zeros(K.MAX_ROWS, dtype=cp.int32)
+        self.gemm = gemm if mode == "batched" else "kernels"
+        self.max_rows = STEP_ROWS if self.gemm == "cublas" else K.MAX_ROWS  # tokens per call
+        self.positions = positions if positions is not None else cp.zeros(self.max_rows, dtype=cp.int32)
+        self.slots = slots if slots is not None else cp.zeros(self.max_rows, dtype=cp.int32)
         self._scratch = {}                         # attention scratch by (cache capacity, rows)
         self._rows_scratch = []                    # gemv_rows workspaces and counters, the last the largest
         e = c.head_dim  # the attention kernel's shared memory must fit in 48 KB
         self.fused_attention = e in (64, 128) and K.attention_shared(e, K.heads_per_block(c.n_rep)) <= K.ATTENTION_SMEM
         self.stats = {"fused": 0, "rows_attention": 0}  # fused launches, batched attention launches
         self.quantized = tuple(quantized)  # (kind, K, norm, epilogue) of each block-quantized GEMV
-        self.gemm = gemm if mode == "batched" else "kernels"
         self.blas = None
-        self._padded = {}  # (role, width) -> [MAX_ROWS, width]: the cuBLAS mode's rows (`_rows_buffer`)
+        self._padded = {}  # (role, width) -> [max_rows, width]: the cuBLAS mode's rows (`_rows_buffer`)
         if self.gemm == "cublas":
             from . import cublas
 
@@ -119,7 +124,7 @@ class FastOps(Ops):
         """The gemv_rows instantiations a batched decode step of up to max_rows tokens launches."""
         c = self.config
         names = [K.attention_name(self.dtype, c.head_dim, c.n_rep, K.rows_heads(c.n_rep, c.head_dim, b), loop)
-                 for b in (1, K.MAX_ROWS) for loop in (False, True)
+                 for b in (1, self.max_rows) for loop in (False, True)
                  if self.fused_attention]  # the two counts a batch may take, a grid as wide as the cache or not
         if self.gemm == "cublas":
             return sorted(set(names + K.plain_kernel_names(self.dtype)))
@@ -130,9 +135,9 @@ class FastOps(Ops):
         return sorted(set(names))
 
     def _rows(self, x) -> int:
-        """B for the decode shape [B, 1, ...] (one token per sequence, B <= 64), in the model's
-        dtype, contiguous, 16-byte aligned; 0 for any other shape."""
-        if (x.ndim >= 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= K.MAX_ROWS and x.dtype == self.dtype
+        """B for the decode shape [B, 1, ...] (one token per sequence, B <= max_rows), in the
+        model's dtype, contiguous, 16-byte aligned; 0 for any other shape."""
+        if (x.ndim >= 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= self.max_rows and x.dtype == self.dtype
                 and x.flags.c_contiguous and x.data.ptr % 16 == 0):
             return x.shape[0]
         return 0
@@ -173,19 +178,22 @@ class FastOps(Ops):
         return out
 
     def _cublas(self, x, w, b: int, epilogue, norm, residual):
-        """B rows through cuBLAS at M = MAX_ROWS whatever B. Per layer that is eight launches
-        (norm, q|k|v, attention, wo, norm, gate|up, SwiGLU, down), not twelve, because each
-        operation writes where the next one reads:
+        """B rows through cuBLAS in calls of M = GEMM_M rows whatever B (one call up to GEMM_M
+        rows, two up to STEP_ROWS: a row gets the bits of the same M wherever it sits). Per
+        layer that is eight launches (norm, q|k|v, attention, wo, norm, gate|up, SwiGLU,
+        down; the GEMMs once per tile), not twelve, because each operation writes where the
+        next one reads:
 
-        - a GEMM's input rows live in a padded [MAX_ROWS, K] buffer (`_rows_buffer`), written
+        - a GEMM's input rows live in a padded [max_rows, K] buffer (`_rows_buffer`), written
           by the norm in front of it, the attention (wo's input) or the SwiGLU (down's);
-        - the residual stream lives in one [MAX_ROWS, D] buffer, written by the embedding,
+        - the residual stream lives in one [max_rows, D] buffer, written by the embedding,
           and wo and down add into it in place (`accumulate`: the residual is added to the
           fp32 sums, then rounded once).
 
         The padding rows hold whatever earlier steps left there; each output row is computed
         from its own input row only, so they touch nothing that is kept."""
         xp, k, n = self.xp, w.shape[1], w.shape[0]
+        tiles = -(-b // GEMM_M)
         padded = self._rows_buffer("in", k)
         h = x.reshape(b, k)
         if norm is not None:
@@ -197,24 +205,30 @@ class FastOps(Ops):
             stream = self._rows_buffer("residual", n)
             if residual.data.ptr != stream.data.ptr:
                 stream[:b] = residual.reshape(b, n)
-            self.blas.gemm_nt(padded, w, stream, accumulate=True)
+            self._gemm_tiles(padded, w, stream, tiles, accumulate=True)
             return stream[:b].reshape(b, 1, n)
-        y = xp.empty((K.MAX_ROWS, n), dtype=self.dtype)
-        self.blas.gemm_nt(padded, w, y)
+        y = xp.empty((tiles * GEMM_M, n), dtype=self.dtype)
+        self._gemm_tiles(padded, w, y, tiles)
         if epilogue == K.EPI_SWIGLU:
             out = self._rows_buffer("in", n // 2)[:b].reshape(b, 1, n // 2)  # the down projection's input
             K.swiglu_rows(y[:b], out)
             return out
         return y[:b].reshape(b, 1, n)
 
+    def _gemm_tiles(self, x, w, out, tiles: int, accumulate: bool = False) -> None:
+        """out[:tiles * GEMM_M] (+)= x[:tiles * GEMM_M] @ w.T, one cuBLAS call per GEMM_M rows."""
+        for t in range(tiles):
+            rows = slice(t * GEMM_M, (t + 1) * GEMM_M)
+            self.blas.gemm_nt(x[rows], w, out[rows], accumulate=accumulate)
+
     def _rows_buffer(self, role: str, width: int):
-        """The cuBLAS mode's [MAX_ROWS, width] buffer for a role ("in": a GEMM's input of K =
+        """The cuBLAS mode's [max_rows, width] buffer for a role ("in": a GEMM's input of K =
         width; "residual": the residual stream), kept for the life of these ops (graphs hold
         its address)."""
         buf = self._padded.get((role, width))
         if buf is None:
             with self.xp.cuda.using_allocator(self.xp.get_default_memory_pool().malloc):
-                buf = self._padded[role, width] = self.xp.zeros((K.MAX_ROWS, width), dtype=self.dtype)
+                buf = self._padded[role, width] = self.xp.zeros((self.max_rows, width), dtype=self.dtype)
         return buf
 
     # ---- the fusions (model.py names them) ------------------------------------------------
@@ -236,7 +250,7 @@ class FastOps(Ops):
         """One launch for every sequence: q and k rotated inside the kernel, read straight from
         the QKV output, the new k and v written to the cache, attention over it."""
         c, b = self.config, len(caches)
-        shaped = (self.fused_attention and qkv.shape[:2] == (b, 1) and b <= K.MAX_ROWS and qkv.dtype == self.dtype
+        shaped = (self.fused_attention and qkv.shape[:2] == (b, 1) and b <= self.max_rows and qkv.dtype == self.dtype
                   and qkv.strides[-1] == 2 and qkv.strides[-2] == 2 * c.head_dim)
         pool = None
         if b == 1 and self.mode != "batched":  # one sequence, its own cache
@@ -271,7 +285,7 @@ class FastOps(Ops):
             self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
         heads = K.rows_heads(c.n_rep, c.head_dim, b)  # the bits do not depend on it (tests/test_cuda.py)
         args = (q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
-                self.scratch(pool.capacity, K.MAX_ROWS), out, c.n_rep)
+                self.scratch(pool.capacity, self.max_rows), out, c.n_rep)
         rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=heads)
         if self.shared_rows:  # every row's k and v into the cache first, where later rows of its sequence read them
             K.decode_attention(*args, pdl=self.mode != "eager", write_only=True, **rows)
@@ -322,7 +336,7 @@ class FastOps(Ops):
         return self.blas or None
 
     def embedding(self, table, tokens):
-        if (tokens.ndim == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= K.MAX_ROWS and tokens.dtype == np.int64
+        if (tokens.ndim == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= self.max_rows and tokens.dtype == np.int64
                 and tokens.flags.c_contiguous and table.dtype == self.dtype):
             b, d = tokens.shape[0], table.shape[1]
             if self.gemm == "cublas":  # the residual stream's buffer, which wo and down add into

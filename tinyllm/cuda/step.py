@@ -20,7 +20,7 @@ from ..errors import TinyLLMError
 from ..kv_cache import KVCache
 from ..sampler import SamplingError
 from ..step import DecodeStep, ReadableBatch, sample_rows
-from .batch import BatchDecoder, max_batch_for
+from .batch import BatchDecoder, batch_gemm, max_batch_for
 from .decoder import CudaDecoder
 
 
@@ -30,7 +30,7 @@ class CudaStep(DecodeStep):
     def __init__(self, model, warmup: bool = True, decoder: CudaDecoder | None = None):
         self.model = model
         self.decoder = decoder or CudaDecoder(model, warmup=warmup)
-        most = max_batch_for(model.config) if self.decoder.graph_ops.fused_attention else 0
+        most = max_batch_for(model.config, batch_gemm()) if self.decoder.graph_ops.fused_attention else 0
         self.max_batch = most or None  # 0: no batched graphs for this model, the eager batched step serves
         self.batch_decoder: BatchDecoder | None = None  # made by the first batch() that needs it
 
@@ -85,7 +85,7 @@ class CudaBatch:
 
     @property
     def max_rows(self) -> int:
-        return self.decoder.max_batch  # decode rows and prompt chunks together
+        return self.decoder.max_rows  # decode rows and prompt chunks together
 
     @property
     def model_seconds(self) -> float:
