@@ -953,6 +953,34 @@ def test_a_prompt_gives_the_same_bits_in_steps_of_any_rows(pair, batch, record):
     assert batch.free_rows == batch.max_batch
 
 
+def test_a_step_queued_through_the_driver_gives_what_cupy_queues(pair, batch, monkeypatch):
+    """The batched step queues its copies, graph and event through libcuda while keeping
+    Python's lock (driver.py); through CuPy's calls instead (no driver) the same steps, each
+    queued ahead of the one before, choose the same ids."""
+    from tinyllm.cuda import batch as batch_module
+    from tinyllm.cuda.driver import driver
+
+    name, readable, fast, decoder = pair
+    assert driver() is not None  # this thread has a CUDA context: the driver path is taken
+
+    def run():
+        caches = [batch.new_cache() for _ in range(6)]
+        _rows_prefilled(fast, caches, [3, 40, 17, 99, 1, 64])
+        tokens, out = [int(t) for t in np.random.default_rng(16).integers(0, fast.config.vocab_size, 6)], []
+        try:
+            for _ in range(12):
+                tokens = batch.step(tokens, caches)  # greedy: the queued step is taken every time
+                out.append(tokens)
+        finally:
+            for cache in caches:
+                batch.release(cache)
+        return out
+
+    through_driver = run()
+    monkeypatch.setattr(batch_module, "driver", lambda: None)
+    assert run() == through_driver
+
+
 def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     """The server's scheduler on the fast path: 8 requests at once (greedy, seeded sampling,
     a repetition penalty sampled on the host) each give exactly the tokens they give alone.

@@ -45,6 +45,7 @@ import numpy as np
 from ..errors import ConfigError, DeviceError, TinyLLMError
 from ..kv_cache import KVCache
 from . import kernels as K
+from .driver import driver
 from .decoder import CudaDecoder, capture_graph
 from .ops import GEMMS, STEP_ROWS, FastOps
 
@@ -110,6 +111,7 @@ class BatchDecoder:
         self.prompt_model = self.model.with_ops(self.prompt_ops)
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
+        self._done = [cp.cuda.Event(disable_timing=True) for _ in range(2)]  # per host copy: its step ended
         self._slot = 0         # which host copy the last queued step used
         self._ahead = None     # the step queued ahead by `step` (see there)
         self.wait_seconds = 0.0  # of the last step, the host's wait for the device
@@ -227,13 +229,25 @@ class BatchDecoder:
                                          self._nbytes - offset, _HOST_TO_DEVICE, self.stream.ptr)
 
     def _launch(self, b: int, slot: int, first: str, graphs=None):
-        """Queue: inputs in, the graph for B, the chosen ids out to host copy `slot`. -> event"""
-        self._copy_inputs(slot, first)
+        """Queue: inputs in, the graph for B, the chosen ids out to host copy `slot`. -> the
+        event that marks its end. Through the driver where it can (driver.py: four calls that
+        keep Python's lock), else the same four through CuPy."""
         self._last = graphs or self.graphs
-        self._last[self.bucket(b)][0].launch(self.stream)
+        graph, event, stream = self._last[self.bucket(b)][0], self._done[slot], self.stream.ptr
+        offset, d = self._offset[first], driver()
+        if d is not None and graph.graphExec:  # (instantiated: the capture uploaded it)
+            d.to_device(self._inputs.data.ptr + offset, self._inputs_host[slot].ptr + offset, self._nbytes - offset,
+                        stream)
+            d.launch(graph.graphExec, stream)
+            d.to_host(self._chosen_host[slot].ptr, self.chosen.data.ptr, 8 * b, stream)
+            d.record(event.ptr, stream)
+            return event
+        self._copy_inputs(slot, first)
+        graph.launch(self.stream)
         self.cp.cuda.runtime.memcpyAsync(self._chosen_host[slot].ptr, self.chosen.data.ptr, 8 * b,
                                          _DEVICE_TO_HOST, self.stream.ptr)
-        return self.stream.record()
+        event.record(self.stream)
+        return event
 
     def step(self, tokens, caches, samplers=None, queue_next: bool = True) -> list:
         """Feed tokens[b] to the sequence in caches[b] (rows of this decoder's cache) and choose
