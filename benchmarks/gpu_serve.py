@@ -12,7 +12,9 @@ linearly with the number of streams until the step stops being bound by weight r
 until the host (scheduler, sampler, detokenizer, HTTP) cannot keep up with the GPU.
 
 What runs: the same `tinyllm.serve.Server` that `python -m tinyllm.serve` runs, started in
-this process and served by uvicorn from a background thread on 127.0.0.1 (a free port).
+this process and served by uvicorn from a background thread on 127.0.0.1 (a free port),
+configured as the server's command configures it (`tinyllm.server.main.uvicorn_config` with
+its default flags: the same HTTP protocol, timeouts and limits).
 The GPU machine gets no checkpoint, so the model is built here:
 - weights: random fp16 of a real model's shape (benchmarks/gpu_models.py; --shape takes
   its SHAPES and its Llama 3 shapes). Speed depends on shapes, not on values, so these
@@ -283,6 +285,7 @@ def start_server(llm, args, prefix_cache_mb: float):
 
     from benchmarks.serve_load import free_port
     from tinyllm.serve import Server
+    from tinyllm.server.main import build_parser, uvicorn_config
 
     start = time.perf_counter()
     server = Server(llm, f"random-{args.shape}", max_batch=args.max_batch, max_context=args.max_context,
@@ -293,8 +296,9 @@ def start_server(llm, args, prefix_cache_mb: float):
         sys.setswitchinterval(args.switch_interval)
     warm_s = time.perf_counter() - start
     port = free_port()
-    config = uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=10)
+    # uvicorn as `python -m tinyllm.serve` configures it (its HTTP protocol and limits), not
+    # uvicorn's own defaults, which take a faster parser where one is installed
+    config = uvicorn_config(server.app(), build_parser().parse_args(["--port", str(port), "--log-level", "warning"]))
     http = uvicorn.Server(config)  # off the main thread, uvicorn installs no signal handlers
     thread = threading.Thread(target=http.run, name="uvicorn", daemon=True)
     thread.start()

@@ -36,7 +36,8 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (the GPU "
-                   "fast path takes up to 64; on the GPU it is also the rows of a step, prompt chunks included)")
+                   "fast path takes up to 128 with cuBLAS, 64 with its own kernels; its steps take that many "
+                   "rows whatever this is: prompt chunks beside the decoding sequences)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond the batch; "
                    "more get 503")
     s.add_argument("-c", "--max-context", type=int, default=None, help="prompt + generated tokens per request "
