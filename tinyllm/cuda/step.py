@@ -30,7 +30,8 @@ class CudaStep(DecodeStep):
     def __init__(self, model, warmup: bool = True, decoder: CudaDecoder | None = None):
         self.model = model
         self.decoder = decoder or CudaDecoder(model, warmup=warmup)
-        most = max_batch_for(model.config, batch_gemm()) if self.decoder.graph_ops.fused_attention else 0
+        self.gemm = batch_gemm()  # resolved once: the limit below and the BatchDecoder it bounds agree
+        most = max_batch_for(model.config, self.gemm) if self.decoder.graph_ops.fused_attention else 0
         self.max_batch = most or None  # 0: no batched graphs for this model, the eager batched step serves
         self.batch_decoder: BatchDecoder | None = None  # made by the first batch() that needs it
 
@@ -62,7 +63,7 @@ class CudaStep(DecodeStep):
         # compared with the capacity it was asked for: one fitted to GPU memory is not remade
         if held is None or held.max_batch < max_batch or held.capacity_asked < capacity:
             self.batch_decoder = None  # its graphs and cache go before the new ones are made
-            self.batch_decoder = BatchDecoder(self.decoder, max_batch, capacity)
+            self.batch_decoder = BatchDecoder(self.decoder, max_batch, capacity, gemm=self.gemm)
         return CudaBatch(self, self.batch_decoder)
 
 
