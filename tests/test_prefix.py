@@ -13,10 +13,10 @@ from conftest import load_tiny, make_hf_model
 from tinyllm.config import Config
 from tinyllm.generate import StopRules
 from tinyllm.kv_cache import KVCache
-from tinyllm.prefix import BLOCK, PrefixCache, block_hashes
+from tinyllm.prefix import BLOCK, PrefixCache, block_bytes, block_hashes
 from tinyllm.sampler import SamplingParams
 from tinyllm.scheduler import Failed, Finished, Piece, Request, Scheduler
-from tinyllm.step import ReadableBatch, ReadableStep
+from tinyllm.step import ReadableBatch, ReadableStep, paged_pool
 
 # ---- blocks, matching, eviction: a small config and caches filled with known numbers -------------
 
@@ -239,7 +239,7 @@ class CountingBatch(ReadableBatch):
 
 
 class CountingStep(ReadableStep):
-    def batch(self, max_batch, capacity):
+    def batch(self, max_batch, capacity, kv_bytes=None):
         self.counting = CountingBatch(self.model, capacity)
         return self.counting
 
@@ -329,32 +329,27 @@ def test_a_tight_budget_evicts_and_still_gives_the_cold_tokens(model):
 
 
 class RowsBatch(ReadableBatch):
-    """As the GPU's batched step holds its caches: rows of one preallocated cache, taken and
-    given back, and at most `max_rows` rows per step (a prompt is prefilled in chunks)."""
+    """As the GPU's batched step holds its caches: paged, in blocks of one pool that sequences
+    take as they grow and give back, and at most `max_rows` rows per step (a prompt is
+    prefilled in chunks)."""
 
     max_rows = 6
 
     def __init__(self, model, max_batch, capacity):
-        super().__init__(model, capacity)
-        self.pool = model.new_cache(capacity, batch=max_batch)
-        self.free = list(range(max_batch))
-
-    def new_cache(self, positions):
-        return self.pool.row(self.free.pop(0))
-
-    def release(self, cache):
-        self.free.append(cache.pool_row)
+        # room for 3 sequences of 160 positions in blocks of 16 (a prefix block spans two)
+        super().__init__(model, capacity, paged_pool(model, max_batch, capacity, 30 * block_bytes(
+            model.config, model.dtype, 16), block=16))
 
 
 class RowsStep(ReadableStep):
-    def batch(self, max_batch, capacity):
+    def batch(self, max_batch, capacity, kv_bytes=None):
         self.rows = RowsBatch(self.model, max_batch, capacity)
         return self.rows
 
 
-def test_rows_of_one_cache_and_prompts_in_chunks(model):
-    """Prefixes copied into rows of a preallocated cache (views, as on the GPU), prompts
-    prefilled a few rows per step, rows reused by later requests: the cold tokens."""
+def test_paged_caches_and_prompts_in_chunks(model):
+    """Prefixes copied into paged caches (blocks of one pool, as on the GPU), prompts prefilled
+    a few rows per step, blocks and rows reused by later requests: the cold tokens."""
     prompts = [SYSTEM + q for q in QUESTIONS] * 2
     params = PARAMS * 2
     prefix = PrefixCache.for_model(model, 1 << 20)
@@ -364,7 +359,8 @@ def test_rows_of_one_cache_and_prompts_in_chunks(model):
     for w, c in zip(warm, cold):
         assert w[-1].token_ids == c[-1].token_ids
     assert prefix.hit_tokens == 2 * BLOCK * (len(prompts) - 1)
-    assert sorted(step.rows.free) == [0, 1, 2]
+    pool = step.rows.pool
+    assert pool.free_rows == 3 and pool.free_blocks == pool.n_blocks
     assert_no_pins(prefix)
 
 
@@ -384,7 +380,7 @@ def test_a_failure_while_loading_a_prefix_fails_that_request_alone(model):
             return cache
 
     class VictimStep(ReadableStep):
-        def batch(self, max_batch, capacity):
+        def batch(self, max_batch, capacity, kv_bytes=None):
             return VictimBatch(self.model, capacity)
 
     made = []

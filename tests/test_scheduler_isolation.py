@@ -52,7 +52,7 @@ class PoisonStep(ReadableStep):
         super().__init__(model)
         self.poison, self.after, self.batches = poison, after, []
 
-    def batch(self, max_batch, capacity):
+    def batch(self, max_batch, capacity, kv_bytes=None):
         self.batches.append(PoisonedBatch(self.model, capacity, self.poison, self.after))
         return self.batches[-1]
 

@@ -35,10 +35,10 @@ match and load (its K/V are about to be copied) and by each child block (a child
 only through its parent, so a parent evicted first would strand it). Only a block that
 nothing holds, a leaf of the tree, is evicted, least recently used first.
 
-Memory is copied into each sequence's own cache rather than shared in place: every cache
-(a NumPy array of its own on the CPU, a row of the GPU's preallocated batched cache) keeps
-its positions contiguous, so attention reads it as it always has. Sharing blocks in place
-would take a paged cache: attention reading through a per-sequence block table.
+Memory is copied into each sequence's own cache rather than shared in place, through the
+cache's `read_positions` / `write_positions` (a contiguous cache, or a paged one whose
+blocks of the attention's size hold several of these). Sharing blocks in place would take
+prefix blocks of the paged cache's size, so that a sequence's block table could name them.
 """
 from __future__ import annotations
 
@@ -160,10 +160,9 @@ class PrefixCache:
             if n == 0:
                 return
             cache.check_room(n)
-            dest = cache.kv[:, :, 0]  # [2, L, K, S_max, E]: every layer's keys and values, one array
             for start, b in zip(range(0, n, self.block), blocks):
                 m = min(self.block, n - start)  # the last block may be copied in part
-                dest[:, :, :, start:start + m] = self._layers(b.kv)[:, :, :, :m]
+                cache.write_positions(start, self._layers(b.kv)[:, :, :, :m])  # every layer at once
             cache.advance(n)
         finally:
             self.release(blocks)
@@ -232,7 +231,7 @@ class PrefixCache:
         """A new block's array holding positions [start, start + BLOCK) of every layer of `cache`."""
         c = self.config
         kv = self.xp.empty((2 * c.n_layers, c.n_kv_heads, self.block, c.head_dim), self.dtype)  # [2L, K, BLOCK, E]
-        self._layers(kv)[...] = cache.kv[:, :, 0, :, start:start + self.block]  # one copy for every layer
+        self._layers(kv)[...] = cache.read_positions(start, self.block)  # one copy for every layer
         return kv
 
     def _layers(self, kv):

@@ -136,6 +136,7 @@ class Observer:
     # host (admission, inputs, host sampling, detokenizing, events) and in or waiting for the model
     def prompt(self, reused: int, computed: int) -> None: ...  # a sequence joined: its prompt tokens
     # copied from the prefix cache (prefix.py), and those left to compute
+    def preempted(self) -> None: ...                     # a sequence left the batch for KV blocks
     def finished(self, event: Finished) -> None: ...
 
 
@@ -163,15 +164,31 @@ class Sequence:
 
     def start(self, prefix: PrefixCache | None = None) -> None:
         """Borrow a cache and copy into it the longest beginning of the prompt that `prefix`
-        holds; the rest of the prompt is pending, for the steps to prefill."""
+        holds; the rest of the prompt is pending, for the steps to prefill. A sequence that
+        was preempted starts again the same way from everything it had: its prompt and the
+        tokens it has generated, the last of them not yet fed (`ids`)."""
         if len(self.prompt_ids) > self.rows.capacity:
             raise ContextOverflowError(f"context overflow: the prompt has {len(self.prompt_ids)} tokens but the "
                                        f"context holds {self.rows.capacity}")
         self.cache = self.rows.new_cache(len(self.prompt_ids) + max(self.stream.rules.max_new_tokens, 1))
+        ids = self.ids
         if prefix is not None:
             self.prefix_keys = block_hashes(self.prompt_ids, prefix.block)
-            self.reused = prefix.reuse(self.prompt_ids, self.cache)
-        self.pending = self.prompt_ids[self.reused:]
+            self.reused = prefix.reuse(ids, self.cache)
+        self.pending = ids[self.reused:]
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids to feed to run this sequence from scratch: the prompt's and the tokens so far
+        (the last of which, once decoding, is the next one to feed)."""
+        return self.prompt_ids + self.stream.token_ids
+
+    def suspend(self) -> None:
+        """Leave the batch without ending (preempted: the KV cache pool is short). The cache goes
+        back; `start` later computes everything again, which gives the same keys and values
+        (a row's numbers do not depend on the step it rides in), so the same next tokens."""
+        self.close()
+        self.pending, self.reused = [], 0
 
     def add(self, token: int) -> Piece:
         """Take this sequence's next id -> the Piece to send."""
@@ -203,7 +220,7 @@ class Scheduler:
 
     def __init__(self, step, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  observer: Observer | None = None, max_context: int | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, kv_cache_bytes: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         step = as_step(step)
@@ -213,7 +230,9 @@ class Scheduler:
         self.step = step
         self.config = step.model.config
         capacity = min(max_context or self.config.max_seq_len, self.config.max_seq_len)
-        self.rows = step.batch(max_batch, capacity)  # the caches sequences borrow, and the batched step
+        # the caches sequences borrow (paged, in a pool of kv_cache_bytes, where the step takes
+        # one: see `_reserve`), and the batched step
+        self.rows = step.batch(max_batch, capacity, kv_cache_bytes)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -221,7 +240,9 @@ class Scheduler:
         self.prefix = prefix_cache
         self._keys = weakref.WeakKeyDictionary()  # waiting request -> its prompt's block hashes
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in the order they joined
+        self.preempted: collections.deque[Sequence] = collections.deque()  # rejoin first, oldest first
+        self.preemptions = 0            # sequences preempted so far
         self.n_admitting = 0            # popped from `waiting`, being prefilled
         self.steps = 0                  # decode steps run so far
         self._gaps: list[float] = []    # this step's times between tokens, for the observer
@@ -235,7 +256,7 @@ class Scheduler:
         with self._lock:
             if self._stopping:
                 raise SchedulerStopped("the server is shutting down")
-            held = len(self.waiting) + len(self.running) + self.n_admitting
+            held = len(self.waiting) + len(self.running) + len(self.preempted) + self.n_admitting
             if held >= self.max_batch + self.max_queue:
                 raise QueueFull(f"server busy: {held} requests running or waiting "
                                 f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}); retry later")
@@ -255,7 +276,7 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.preempted)
 
     @property
     def batch_size(self) -> int:
@@ -279,7 +300,7 @@ class Scheduler:
         self.rows.enter_thread()
         while True:
             with self._lock:
-                while not self._stopping and not self.waiting and not self.running:
+                while not self._stopping and not self.waiting and not self.running and not self.preempted:
                     self._lock.wait()
                 if self._stopping:
                     break
@@ -306,12 +327,23 @@ class Scheduler:
             self.observer.step_time(max(0.0, time.perf_counter() - began - model), model)
 
     def _admit(self) -> None:
-        """Waiting requests join while the batch has room; their prompts are prefilled by the
-        steps that follow (in chunks that ride beside the running sequences' decode rows)."""
+        """Preempted sequences, then waiting requests, join while the batch has room and the KV
+        cache pool (if paged) has blocks for their prompts; the prompts are prefilled by the
+        steps that follow (in chunks that ride beside the running sequences' decode rows). In
+        order: a request that does not fit yet holds back those behind it."""
+        while self.preempted and len(self.running) < self.max_batch and self._fits(len(self.preempted[0].ids)):
+            seq = self.preempted.popleft()
+            try:
+                seq.start(self.prefix)
+                self.running.append(seq)
+            except Exception as e:
+                self._fail(seq, e)
+        if self.preempted:
+            return
         while len(self.running) < self.max_batch:
             with self._lock:
                 request = None if self._stopping else self._next_request()
-                if request is None:
+                if request is None or not self._fits(len(request.prompt_ids) or 1):
                     return
                 self.waiting.remove(request)
                 self.n_admitting += 1
@@ -331,6 +363,12 @@ class Scheduler:
             finally:
                 with self._lock:
                     self.n_admitting -= 1
+
+    def _fits(self, n_ids: int) -> bool:
+        """Whether a sequence with n_ids ids to prefill may join: the paged pool has blocks for
+        them and the first new token, and one more for each running sequence (each may cross
+        into a new block soon), so a join seldom forces a preemption. Always, without a pool."""
+        return self.rows.can_take(n_ids + 1, spare_blocks=len(self.running))
 
     def _next_request(self) -> Request | None:
         """The first waiting request that need not wait for a prefix: one waits while the next
@@ -354,29 +392,57 @@ class Scheduler:
                 return request
         return None
 
-    def _step(self) -> None:
-        """One step: a row for each decoding sequence (its last token), then the next chunk of
-        each prompt still pending, as many rows as the step takes; then every row that ends
-        a sequence's input so far gives it its next token."""
+    def _reserve(self) -> None:
+        """Room in each running sequence's cache for its rows of the next step, and one position
+        more (where the GPU's step queued ahead writes). When a paged pool is short, the sequence
+        that joined last is preempted (`Sequence.suspend`) until the others fit: it rejoins
+        first, when blocks are free again, and computes its ids again. A contiguous cache
+        always has room (it holds its capacity from the start)."""
+        while self.running:
+            decoding, chunks = self._plan()
+            if all(seq.cache.reserve(n + 1) for seq, n in [(seq, 1) for seq in decoding] + chunks):
+                return
+            victim = self.running.pop()
+            victim.suspend()
+            self.preempted.appendleft(victim)  # those preempted later joined earlier: they rejoin first
+            self.preemptions += 1
+            self.observer.preempted()
+
+    def _plan(self) -> tuple[list, list]:
+        """The next step's rows: every decoding sequence, then (sequence, n) for the next n ids of
+        each pending prompt, as many as the step takes."""
         decoding = [seq for seq in self.running if not seq.pending]
-        tokens = [seq.last_token for seq in decoding]                              # one row each
-        caches = [seq.cache for seq in decoding]
-        samplers = [seq.sampler for seq in decoding]
-        owners = list(decoding)  # per row: the sequence whose next token it gives, or None
         room = self.rows.max_rows - len(decoding) if self.rows.max_rows else None
         chunks = []
         for seq in self.running:
             if not seq.pending or (room is not None and room <= 0):
                 continue
             n = len(seq.pending) if room is None else min(len(seq.pending), room)
+            chunks.append((seq, n))
+            if room is not None:
+                room -= n
+        return decoding, chunks
+
+    def _step(self) -> None:
+        """One step: a row for each decoding sequence (its last token), then the next chunk of
+        each prompt still pending, as many rows as the step takes; then every row that ends
+        a sequence's input so far gives it its next token."""
+        self._reserve()
+        if not self.running:
+            return
+        decoding, planned = self._plan()
+        tokens = [seq.last_token for seq in decoding]                              # one row each
+        caches = [seq.cache for seq in decoding]
+        samplers = [seq.sampler for seq in decoding]
+        owners = list(decoding)  # per row: the sequence whose next token it gives, or None
+        chunks = []
+        for seq, n in planned:
             last = n == len(seq.pending)
             tokens += seq.pending[:n]                                               # a row per prompt token
             caches += [seq.cache] * n
             samplers += [None] * (n - 1) + [seq.sampler if last else None]
             owners += [None] * (n - 1) + [seq if last else None]
             chunks.append((seq, n))
-            if room is not None:
-                room -= n
         chosen = self.rows.step(tokens, caches, samplers, [None if o is None else o.stream.history for o in owners],
                                 n_decode=len(decoding))
         for seq, n in chunks:
@@ -430,6 +496,9 @@ class Scheduler:
             pass
 
     def _drop_cancelled(self) -> None:
+        for seq in [seq for seq in self.preempted if seq.request.cancelled]:
+            self.preempted.remove(seq)
+            self._finish(seq, "cancelled")
         keep = []
         for seq in self.running:
             if seq.request.cancelled:
@@ -445,6 +514,7 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), collections.deque()
         for request in waiting:
             request.emit(Failed("the server is shutting down"))
-        for seq in self.running:
+        for seq in self.running + list(self.preempted):
             self._finish(seq, "cancelled")
         self.running = []
+        self.preempted.clear()

@@ -6,7 +6,7 @@ the next token ids:
 
     step.prefill(ids, cache)                      prompt ids -> float32 logits [V] on the host
     step.decode(token, cache, sampler, history)   one token fed back -> the next token id
-    batch = step.batch(max_batch, capacity)       caches for many sequences, and one step for all:
+    batch = step.batch(max_batch, capacity, kv_bytes)  caches for many sequences, and one step for all:
     batch.step(tokens, caches, samplers, histories) -> per row, the next id (or that row's error)
     step.prompt_logits(ids)                       every prompt position's logits, for scoring a prompt
 
@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from .backend import to_numpy
-from .kv_cache import KVCache
+from .kv_cache import BlockPool, KVCache, page_size
 
 
 def sample_rows(logits, samplers, histories) -> list:
@@ -77,30 +77,55 @@ class ReadableStep(DecodeStep):
         """Feed one token at the cache's position; -> the next token id."""
         return sampler(self.prefill([token], cache), history)
 
-    def batch(self, max_batch: int, capacity: int) -> "ReadableBatch":
-        return ReadableBatch(self.model, capacity)
+    def batch(self, max_batch: int, capacity: int, kv_bytes: int | None = None) -> "ReadableBatch":
+        return ReadableBatch(self.model, capacity, paged_pool(self.model, max_batch, capacity, kv_bytes))
+
+
+def paged_pool(model, rows: int, capacity: int, kv_bytes: int | None, block: int | None = None) -> BlockPool | None:
+    """A BlockPool of `kv_bytes` for `rows` sequences of up to `capacity` positions each, in
+    blocks of `block` positions (default: the GPU's, page_size). None without kv_bytes: no
+    pool, each sequence a contiguous cache of its own, sized to what it may reach."""
+    if kv_bytes is None:
+        return None
+    c = model.config
+    block = block or page_size(c.head_dim)
+    model.rope.ensure(capacity)
+    return BlockPool(c, BlockPool.blocks_for_bytes(c, model.dtype, block, kv_bytes), block, capacity, rows,
+                     model.dtype, model.xp)
 
 
 class ReadableBatch:
-    """Many sequences, each with a cache of its own, decoded by one `Model.decode_batch`."""
+    """Many sequences decoded by one `Model.decode_batch`, each with a cache of its own, or with
+    its positions in blocks of one shared BlockPool (`pool`: paged, as the GPU's batch holds them)."""
 
     max_rows = None  # rows per step: no limit, and a prompt is prefilled whole
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model, capacity: int, pool: BlockPool | None = None):
         self.model = model
         self.readable = ReadableStep(model)
         self.capacity = capacity  # the most positions a sequence may hold
+        self.pool = pool
         self.model_seconds = 0.0  # of the last step, the time inside the model's forward passes
 
     def enter_thread(self) -> None:
         """Called once by the thread that will run the steps (the GPU's binds its stream)."""
 
     def new_cache(self, positions: int) -> KVCache:
-        """A cache for a sequence that needs this many positions (at most `capacity`)."""
+        """A cache for a sequence that needs at most this many positions (at most `capacity`):
+        contiguous and whole, or paged, taking blocks as it grows (`KVCache.reserve`)."""
+        if self.pool is not None:
+            return self.pool.new_cache(min(positions, self.capacity))
         return self.model.new_cache(min(positions, self.capacity))
 
+    def can_take(self, positions: int, spare_blocks: int = 0) -> bool:
+        """Whether a new sequence could hold `positions` positions now and leave `spare_blocks`
+        blocks free (always, without a pool: each cache is allocated on its own)."""
+        return self.pool is None or self.pool.can_take(positions, spare_blocks)
+
     def release(self, cache: KVCache) -> None:
-        """A sequence ended: its cache is simply dropped."""
+        """A sequence ended: its blocks go back to the pool (a cache of its own is simply dropped)."""
+        if self.pool is not None:
+            self.pool.release(cache)
 
     def step(self, tokens, caches, samplers, histories, n_decode: int | None = None) -> list:
         """Feed tokens[b] to the sequence in caches[b]; -> per row, the next id, an exception
