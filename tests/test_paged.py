@@ -189,3 +189,61 @@ def test_preemption_with_a_prefix_cache_gives_the_cold_tokens(model):
     events, sched, observer = run(PagedStep(model, blocks=20), prompts, PARAMS[:4], prefix=prefix)
     assert tokens_of(events) == cold
     assert observer.preemptions > 0 and prefix.hit_tokens > 0
+
+
+# ---- the server's --kv-cache-mb -------------------------------------------------------------------
+
+def test_the_server_admits_by_free_blocks_and_reports_them(tmp_path):
+    """A pool of two blocks (each holds a whole sequence of this model's 256-token context):
+    four simultaneous requests run two at a time, answer what each answers alone, and
+    /metrics shows the pool, all of it free again at the end."""
+    # (the readable batch decodes two rows with other roundings than one: texts of a random
+    # model agree to the greedy choice, which these short answers do not come near to flipping)
+    import threading
+
+    import tinyllm
+    from conftest import tiny_checkpoint_dir
+    from helpers_serve import http_request, uvicorn_thread
+    from tinyllm.server.app import Server
+    from tinyllm.server.main import parse_args
+
+    tiny_checkpoint_dir(tmp_path, eos=False)
+    llm = tinyllm.load(tmp_path)
+    one_block = block_bytes(llm.config, llm.model.dtype, page_size(llm.config.head_dim))
+    args = parse_args(["--port", "0", "--log-level", "warning", "--kv-cache-mb", str(2 * one_block / 2**20)])
+    server = Server(llm, "tiny", max_batch=4, prefix_cache_mb=0, kv_cache_mb=args.kv_cache_mb)
+    server.start(warm_up=False)
+    prompts = ["Once upon a time", "The cat", "Hello there, how are", "1 2 3"]
+    try:
+        with uvicorn_thread(server.app(), args) as http:
+            port = http.servers[0].sockets[0].getsockname()[1]
+
+            def ask(prompt, out, i):
+                out[i] = http_request(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 24})[2]
+
+            alone = [None] * 4
+            for i, p in enumerate(prompts):
+                ask(p, alone, i)
+            together = [None] * 4
+            threads = [threading.Thread(target=ask, args=(p, together, i)) for i, p in enumerate(prompts)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert [r["choices"][0]["text"] for r in together] == [r["choices"][0]["text"] for r in alone]
+            text = http_request(port, "GET", "/metrics")[2]
+    finally:
+        server.stop()
+    assert "tinyllm_kv_cache_blocks 2.0" in text and "tinyllm_kv_cache_free_blocks 2.0" in text
+    steps, rows = (float(text.split(f"\ntinyllm_batch_size_{k} ")[1].split()[0]) for k in ("count", "sum"))
+    assert rows > steps  # some steps ran two sequences (never more: the pool holds two)
+    assert "tinyllm_preemptions_total 0.0" in text
+    pool = server.scheduler.rows.pool
+    assert pool.free_blocks == pool.n_blocks == 2
+
+
+def test_kv_cache_mb_must_be_positive():
+    from tinyllm.server.main import UsageError, check_args, parse_args
+
+    with pytest.raises(UsageError, match="--kv-cache-mb: must be > 0"):
+        check_args(parse_args(["--kv-cache-mb", "0"]))

@@ -290,8 +290,10 @@ class BlockPool:
         return -(-min(positions, self.capacity) // self.block)
 
     def can_take(self, positions: int, spare_blocks: int = 0) -> bool:
-        """Whether a new sequence could hold `positions` positions now and leave `spare_blocks`."""
-        return bool(self._free_rows) and self.blocks_for(positions) + spare_blocks <= len(self._free_blocks)
+        """Whether a new sequence could hold `positions` positions now and leave `spare_blocks`
+        free (at most an eighth of the pool: a pool of a few blocks still takes them all)."""
+        spare = min(spare_blocks, self.n_blocks // 8)
+        return bool(self._free_rows) and self.blocks_for(positions) + spare <= len(self._free_blocks)
 
     def new_cache(self, capacity: int) -> PagedKVCache:
         """A cache for a sequence of at most `capacity` positions (at most the pool's); it holds no
@@ -300,10 +302,17 @@ class BlockPool:
             raise ContextOverflowError(f"all {self.rows} rows of the KV cache pool are in use")
         return PagedKVCache(self, self._free_rows.pop(), min(capacity, self.capacity))
 
+    def spare_cache(self) -> PagedKVCache:
+        """A cache of the spare row, every position of it in the spare block: what a padding row or
+        a graph capture writes to, taking nothing from the pool."""
+        cache = PagedKVCache(self, self.rows, self.table.shape[1] * self.block)
+        cache.blocks = [self.spare] * self.table.shape[1]
+        return cache
+
     def release(self, cache: PagedKVCache) -> None:
         """A sequence ended: its blocks and its row go back. Cuts the cache off from the pool, so a
         second release, or a later write through it, cannot touch what others hold now."""
-        if cache.pool is not self:
+        if cache.pool is not self or cache.row == self.rows:  # (the spare row holds nothing)
             return
         self._free_blocks += reversed(cache.blocks)
         self.table[cache.row] = self.spare

@@ -381,6 +381,7 @@ class Sampler:
             raise TypeError("pass either SamplingParams or keyword arguments, not both")
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self._given_back: list[float] = []  # numbers drawn and not used (give_back), drawn again first
         self.last_logprob: TokenLogprob | None = None  # the last token's, when params.logprobs is set
         self.constraint = None if params.grammar is None else params.grammar.start()  # this sequence's matcher
 
@@ -413,7 +414,15 @@ class Sampler:
 
     def uniform(self) -> float:
         """The one random number a (non-greedy) token consumes."""
+        if self._given_back:
+            return self._given_back.pop()
         return float(self.rng.random())
+
+    def give_back(self, u: float) -> None:
+        """Return a number drawn for a token that was never chosen with it (a GPU step queued
+        ahead and then not used): the next `uniform` gives it again, so the tokens follow the
+        seed whatever was queued."""
+        self._given_back.append(u)
 
     def __call__(self, logits: np.ndarray, history: TokenHistory | None = None) -> int:
         """logits [V] (float32, on the host) -> the next token id."""

@@ -176,6 +176,9 @@ class Sequence:
             self.prefix_keys = block_hashes(self.prompt_ids, prefix.block)
             self.reused = prefix.reuse(ids, self.cache)
         self.pending = ids[self.reused:]
+        # a paged cache takes the blocks of its prompt and first token now, so that the next
+        # request to join sees them taken (the scheduler's _fits found them free)
+        self.cache.reserve(len(self.pending) + 1)
 
     @property
     def ids(self) -> list[int]:
@@ -367,7 +370,8 @@ class Scheduler:
     def _fits(self, n_ids: int) -> bool:
         """Whether a sequence with n_ids ids to prefill may join: the paged pool has blocks for
         them and the first new token, and one more for each running sequence (each may cross
-        into a new block soon), so a join seldom forces a preemption. Always, without a pool."""
+        into a new block soon; BlockPool.can_take caps these), so a join seldom forces a
+        preemption. Always, without a pool."""
         return self.rows.can_take(n_ids + 1, spare_blocks=len(self.running))
 
     def _next_request(self) -> Request | None:

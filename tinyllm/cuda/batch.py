@@ -11,14 +11,17 @@ the GPU that needs the same three things as the single-sequence fast path (decod
 - no host work inside the step: the step is captured once per batch size B into a CUDA
   graph and replayed;
 - inputs in device memory: the graph for B reads, for row b, the token, the position,
-  the cache row and the sampling parameters from small device buffers that the host
+  the block table and the sampling parameters from small device buffers that the host
   fills with one copy before each replay. So one graph serves any B sequences, whichever
   they are and wherever they stand.
 
-The caches: one preallocated KVCache of `max_batch` rows (plus one spare row that the
-captures write into), and each running sequence gets a row (`new_cache`) that it gives
-back when it ends (`release`): nothing is allocated per request, and a fused kernel
-reaches every row from one base address.
+The caches are paged (kv_cache.py BlockPool): one preallocated pool of blocks of the
+attention's chunk size, from which each running sequence (`new_cache`) takes blocks as it
+grows and to which it gives them back when it ends (`release`); the attention kernel reads
+chunk c of row b from block table[b, c]. Nothing is allocated per request, and memory
+follows the lengths sequences reach, not the longest they might: the pool may hold far
+fewer positions than max_batch x capacity (the scheduler preempts a sequence when it runs
+short). The pool's spare block is where padding rows and the captures write.
 
 Sampling: each row's token is chosen on the device (kernels.cu `sample_rows`, the same
 rules as the single-sequence sampler, each row with its own parameters and its own
@@ -30,10 +33,11 @@ A sequence's tokens do not depend on its neighbours: every row of the GEMM and o
 attention is computed on its own (the tensor cores compute each output element from its
 own row and column), so a request gives the same tokens at any batch size.
 
-    batch = BatchDecoder(decoder, max_batch=8)       # captures B = 1..8
-    caches = [batch.new_cache() for _ in prompts]    # rows of the batched cache
-    ... prefill each prompt with decoder.eager.forward(ids, cache) ...
-    out = batch.step(tokens, caches, samplers)        # one step: B ids (or logits rows)
+    batch = BatchDecoder(decoder, max_batch=8)       # decode graphs for buckets up to 8 rows,
+                                                     # prompt graphs up to max_rows
+    caches = [batch.new_cache(n) for n in lengths]   # paged caches of up to n positions
+    out = batch.step(tokens, caches, samplers)        # one step: B ids (or logits rows); a
+                                                     # prompt's tokens are rows of one cache
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import time
 import numpy as np
 
 from ..errors import ConfigError, DeviceError, TinyLLMError
-from ..kv_cache import KVCache
+from ..kv_cache import BlockPool, PagedKVCache
 from . import kernels as K
 from .driver import driver
 from .decoder import CudaDecoder, capture_graph
@@ -53,10 +57,10 @@ _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
 
 
 class BatchDecoder:
-    """Batched decode steps for up to `max_batch` sequences, each a row of one KV cache."""
+    """Batched decode steps for up to `max_batch` sequences, their caches paged in one pool."""
 
     def __init__(self, decoder: CudaDecoder, max_batch: int = 16, capacity: int | None = None,
-                 gemm: str | None = None):
+                 gemm: str | None = None, kv_bytes: int | None = None):
         c = decoder.model.config
         gemm = batch_gemm(gemm)
         most = max_batch_for(c, gemm)
@@ -75,19 +79,20 @@ class BatchDecoder:
         # GEMMs take (on cuBLAS two tiles of 64), so a wave of arrivals is prefilled in fewer steps
         self.max_rows = most
         self.capacity_asked = min(capacity or c.max_seq_len, c.max_seq_len)
-        capacity = self._fit_capacity(self.capacity_asked, max_batch + 1)
-        self.pool = self.model.new_cache(capacity, batch=max_batch + 1)  # the last row: the captures' scratch
+        self.kv_bytes_asked = kv_bytes
+        self.pool = self._make_pool(self.capacity_asked, max_batch, kv_bytes)
         self.capacity = self.pool.capacity  # positions per sequence (the server's context limit)
-        self._free = list(range(max_batch))
         # The step's inputs, laid out the same in pinned host memory and in device memory,
-        # so that one copy moves them all: tokens, positions, cache rows, sampling params.
+        # so that one copy moves them all: tokens, positions, sampling params, block tables.
         # Two host copies (A/B) of the inputs and of the chosen ids, because the next step
         # is queued before this one is read (see `step`): a copy is rewritten only after the
         # step that read it has been waited for. (A superseded step may still read a copy
         # being rewritten; everything it computes is overwritten by the step after it.)
+        # A step queued ahead rewrites the inputs from "params" on: its block tables too (a
+        # sequence may have taken a block since the inputs were written whole).
         m = self.max_rows
-        layout = [("tokens", np.int64, (m, 1)), ("positions", np.int32, (m,)), ("slots", np.int32, (m,)),
-                  ("live", np.int32, (1,)), ("params", np.float32, (m, 5))]
+        layout = [("tokens", np.int64, (m, 1)), ("positions", np.int32, (m,)), ("live", np.int32, (1,)),
+                  ("params", np.float32, (m, 5)), ("table", np.int32, (m, self.pool.table.shape[1]))]
         nbytes = sum(np.dtype(t).itemsize * int(np.prod(shape)) for _, t, shape in layout)
         self._inputs = cp.zeros(nbytes, dtype=cp.uint8)
         self._inputs_host = [cp.cuda.alloc_pinned_memory(nbytes) for _ in range(2)]
@@ -102,12 +107,12 @@ class BatchDecoder:
             offset += size
         self._nbytes = nbytes
         self.ops = FastOps.for_model(self.model, "batched", positions=self.device["positions"],
-                                     slots=self.device["slots"], gemm=gemm)
+                                     gemm=gemm, table=self.device["table"])
         self.batched_model = self.model.with_ops(self.ops)
         # steps whose rows include several tokens of one sequence (a prompt's, prefilled in
         # the step): each attention first writes every row's k and v (see FastOps)
         self.prompt_ops = FastOps.for_model(self.model, "batched", positions=self.device["positions"],
-                                            slots=self.device["slots"], shared_rows=True, gemm=gemm)
+                                            shared_rows=True, gemm=gemm, table=self.device["table"])
         self.prompt_model = self.model.with_ops(self.prompt_ops)
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
@@ -117,7 +122,7 @@ class BatchDecoder:
         self.wait_seconds = 0.0  # of the last step, the host's wait for the device
         self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
         # One graph per bucket of batch sizes; a step of B rows runs the smallest bucket that
-        # holds B, its extra rows padding (they compute on the spare row and are dropped).
+        # holds B, its extra rows padding (they compute on the spare block and are dropped).
         self.buckets = sorted({b for b in BUCKETS if b < self.max_rows} | {max_batch, self.max_rows})
         # bucket -> (graph, its memory pool, its logits [bucket, V]): one row per sequence (up to
         # max_batch), and rows that may share a sequence (up to max_rows)
@@ -140,38 +145,45 @@ class BatchDecoder:
         """The logits [b, V] that the last step of b rows computed (on the device)."""
         return self._last[self.bucket(b)][2][:b]
 
-    def _fit_capacity(self, capacity: int, rows: int) -> int:
-        """The positions per row, lowered (to a multiple of 256) when `rows` rows of `capacity`
-        would take more than half of the GPU's free memory: a model with a 128k context would
-        otherwise ask for tens of gigabytes."""
-        c = self.model.config
-        per_position = 2 * c.n_layers * c.n_kv_heads * c.head_dim * np.dtype(self.model.dtype).itemsize * rows
-        free = self.cp.cuda.runtime.memGetInfo()[0]
-        if capacity * per_position > free // 2:
-            capacity = max(256, int(free // 2 // per_position) // 256 * 256)
-        return min(capacity, c.max_seq_len)
+    def _make_pool(self, capacity: int, rows: int, kv_bytes: int | None) -> BlockPool:
+        """The paged cache: `kv_bytes` of blocks, or by default enough for `rows` sequences of
+        `capacity` positions, as far as half of the GPU's free memory goes. Where that half
+        cannot hold one sequence of `capacity` (a 128k context), the capacity is lowered to
+        what it holds."""
+        c, dtype = self.model.config, self.model.dtype
+        block = K.attention_chunk(c.head_dim)
+        per_block = BlockPool.blocks_for_bytes(c, dtype, block, 1 << 30)  # blocks per GiB
+        free_blocks = int(self.cp.cuda.runtime.memGetInfo()[0] // 2 * per_block / (1 << 30))
+        if kv_bytes is not None:
+            n_blocks = BlockPool.blocks_for_bytes(c, dtype, block, kv_bytes)
+        else:
+            n_blocks = min(rows * -(-capacity // block), free_blocks)
+            capacity = min(capacity, max(block, n_blocks * block))
+        self.model.rope.ensure(capacity)
+        return BlockPool(c, n_blocks, block, capacity, rows, dtype, self.cp)
 
-    # ---- rows of the batched cache ---------------------------------------------------------------
+    # ---- the paged cache ---------------------------------------------------------------------------
     @property
     def free_rows(self) -> int:
-        return len(self._free)
+        return self.pool.free_rows
 
-    def new_cache(self) -> KVCache:
-        """A free row of the batched cache, as a cache of its own (length 0)."""
-        if not self._free:
-            raise TinyLLMError(f"all {self.max_batch} rows of the batched cache are in use")
-        # work on the current stream (e.g. this row's prefill) waits for any step still queued,
-        # which may write to this row on behalf of its previous sequence
+    def new_cache(self, positions: int | None = None) -> PagedKVCache:
+        """A cache for a sequence of up to `positions` positions (default: `capacity`), holding no
+        block yet: it takes them as it grows (`PagedKVCache.reserve`, or a step's check)."""
+        if not self.pool.free_rows:
+            raise TinyLLMError(f"all {self.max_batch} sequences of the batched cache are in use")
+        # work on the current stream (e.g. a prefix copied into this cache) waits for any step
+        # still queued, which may write to these blocks on behalf of their previous sequence
         self.cp.cuda.get_current_stream().wait_event(self.stream.record())
-        return self.pool.row(self._free.pop(0))
+        return self.pool.new_cache(positions or self.capacity)
 
-    def release(self, cache: KVCache) -> None:
-        """Give a row back (its sequence ended). The cache is cut off from the row, so a second
-        release, or a step fed this cache, cannot touch a row that another sequence now holds."""
-        if cache.pool is self.pool and cache.pool_row not in self._free and cache.pool_row < self.max_batch:
-            self._free.append(cache.pool_row)
-            self._free.sort()
-            cache.pool = None
+    def can_take(self, positions: int, spare_blocks: int = 0) -> bool:
+        return self.pool.can_take(positions, spare_blocks)
+
+    def release(self, cache: PagedKVCache) -> None:
+        """Give a sequence's blocks back (it ended). The cache is cut off from the pool, so a second
+        release, or a step fed this cache, cannot touch blocks another sequence now holds."""
+        self.pool.release(cache)
 
     # ---- capture ---------------------------------------------------------------------------------
     def _run(self, b: int, caches, model):
@@ -182,10 +194,9 @@ class BatchDecoder:
         return logits
 
     def _capture(self, b: int, model, ops):
-        spare = self.max_batch  # every row of a capture writes to the spare row, at position 0
-        caches = [self.pool.row(spare) for _ in range(b)]
+        caches = [self.pool.spare_cache() for _ in range(b)]  # every row writes to the spare block, at position 0
         self._ahead = None
-        self._write_inputs(0, [0] * b, [0] * b, [spare] * b, [None] * b)
+        self._write_inputs(0, [0] * b, [0] * b, caches, [None] * b)
         self._copy_inputs(0)
         before = ops.stats["rows_attention"]
         graph, pool, logits = capture_graph(self.stream, lambda: self._run(b, caches, model))
@@ -194,33 +205,35 @@ class BatchDecoder:
         return graph, pool, logits
 
     # ---- one step --------------------------------------------------------------------------------
-    def _write_params(self, slot: int, samplers, spare=()) -> list:
-        """Each row's sampling parameters into host copy `slot`; draws one uniform number per
-        sampled row (reusing one drawn for a step that was queued and then not used).
-        Returns the (sampler, u) pairs drawn."""
-        params, drawn = self.host[slot]["params"], []
+    def _write_params(self, slot: int, samplers, caches) -> list:
+        """Each row's sampling parameters and block table into host copy `slot`; draws one uniform
+        number per sampled row. Returns the (sampler, u) pairs drawn."""
+        h = self.host[slot]
+        b, n = len(caches), self.bucket(len(caches))
+        h["table"][:b] = self.pool.table[[c.row for c in caches]]
+        h["table"][b:n] = self.pool.spare
+        params, drawn = h["params"], []
         for i, sampler in enumerate(samplers):
             p = None if sampler is None else sampler.params
             if p is None or p.greedy or not CudaDecoder.supports(p):
                 params[i] = (0.0, 0.0, 1.0, 0.0, 0.0)  # argmax (a penalised row is sampled on the host)
                 continue
-            u = next((u for s, u in spare if s is sampler), None)
-            u = sampler.uniform() if u is None else u
+            u = sampler.uniform()
             params[i] = (p.temperature, p.top_k, p.top_p, p.min_p, u)
             drawn.append((sampler, u))
         return drawn
 
-    def _write_inputs(self, slot: int, tokens, positions, rows, samplers, spare=()) -> None:
+    def _write_inputs(self, slot: int, tokens, positions, caches, samplers) -> list:
         """The inputs of B sequences into host copy `slot`, and the padding rows up to their
-        bucket: token 0 at position 0 of the spare row, greedy, never advanced (`live` = B)."""
+        bucket: token 0 at position 0 of the spare block, greedy, never advanced (`live` = B).
+        -> the (sampler, u) pairs drawn."""
         h = self.host[slot]
         b, n = len(tokens), self.bucket(len(tokens))
         h["tokens"][:b, 0], h["tokens"][b:n, 0] = tokens, 0
         h["positions"][:b], h["positions"][b:n] = positions, 0
-        h["slots"][:b], h["slots"][b:n] = rows, self.max_batch
         h["live"][0] = b
         h["params"][b:n] = (0.0, 0.0, 1.0, 0.0, 0.0)
-        self._write_params(slot, samplers, spare)
+        return self._write_params(slot, samplers, caches)
 
     def _copy_inputs(self, slot: int, first: str = "tokens") -> None:
         """Host copy `slot` -> the device inputs, from field `first` on (params only: "params")."""
@@ -291,9 +304,11 @@ class BatchDecoder:
         if ahead is not None and not shared and ahead.matches(tokens, caches, samplers):
             slot, event = ahead.slot, ahead.event
         else:
+            if ahead is not None:  # superseded: its numbers are drawn again by the steps that use them
+                for sampler, u in reversed(ahead.drawn):
+                    sampler.give_back(u)
             slot = self._slot = 1 - self._slot
-            self._write_inputs(slot, tokens, positions, [c.pool_row for c in caches], samplers,
-                               ahead.drawn if ahead is not None else ())
+            self._write_inputs(slot, tokens, positions, caches, samplers)
             self.stream.wait_event(self.cp.cuda.get_current_stream().record())  # after any prefill
             event = self._launch(b, slot, "tokens", self.prompt_graphs if shared else self.graphs)
         on_host = [i for i, s in enumerate(samplers) if s is not None and not CudaDecoder.supports(s.params)]
@@ -307,9 +322,10 @@ class BatchDecoder:
                 rows = self.logits(b)[np.asarray(on_host)].get(stream=self.stream)
             self.wait_seconds += time.perf_counter() - began
         following = None
-        if queue_next and not shared and not on_host and all(c.length + 2 <= c.capacity for c in caches):
+        # (the step queued ahead writes at each cache's next position: it must be in a held block)
+        if queue_next and not shared and not on_host and all(c.length + 2 <= c.allocated for c in caches):
             nslot = self._slot = 1 - slot
-            drawn = self._write_params(nslot, samplers)
+            drawn = self._write_params(nslot, samplers, caches)
             following = _Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers)
         began = time.perf_counter()
         event.synchronize()

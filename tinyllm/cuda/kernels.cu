@@ -921,32 +921,37 @@ __global__ void __launch_bounds__(TILE_WARPS * 32, 2) gemm_rows(
 // so that a block's values fit in shared memory; contexts up to CHUNK need no merge.
 //
 // Several sequences at once (continuous batching): blockIdx.z also selects the sequence
-// `seq`, which has its own position pos_ptr[seq] and its own row slot_ptr[seq] of a batched
-// cache (slot_stride elements apart); its q, k, v sit qkv_stride elements after the
-// previous sequence's. One sequence: seq = 0, slot 0.
+// `seq`, which has its own position pos_ptr[seq]; its q, k, v sit qkv_stride elements after
+// the previous sequence's. One sequence: seq = 0, slot 0. Two layouts of the cache:
+//   rows   (table == nullptr): row slot_ptr[seq] of a batched cache [B, K, S_cap, E], rows
+//          slot_stride elements apart
+//   paged  (kv_cache.py BlockPool): blocks [N, K, CHUNK, E], slot_stride elements apart;
+//          chunk c of sequence seq is block table[seq * table_stride + c], so each chunk a
+//          block reads is one block, found with one load; S_cap: the positions a table row
+//          can name (the scratch's chunks)
 
 // The phases below run in this order in every block; the kernel, after them, shows the
 // barriers between them. Shapes per block; t is the thread, s = first + t its key.
 
 // 1. Issue every load of the cache first: older positions, written by earlier steps, so
 // these loads overlap the previous kernel. pos's row is not in the cache yet (phase 2).
-//   kc, vc: [S_cap, E] (this KV head's);  kreg: key row s, [E] of T (t < n_here only)
+//   kc, vc: the chunk's [n_here, E] (this KV head's, from position first on)
+//   kreg: key row first + t, [E] of T (t < n_here only)
 //   vreg: the chunk's values [n_here, E] as CHUNK * E/8 16-byte vectors, vector i*CHUNK + t
 //         here (zeros past n_here)
 template <int E, int CHUNK, typename T>
 __device__ __forceinline__ void load_cached_kv(uint4 (&kreg)[E / 8], uint4 (&vreg)[E / 8], const T* kc,
                                                const T* vc, int first, int n_here, int pos, int t) {
     constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
-    const int s = first + t;
-    if (t < n_here && s != pos) {
+    if (t < n_here && first + t != pos) {
 #pragma unroll
-        for (int i = 0; i < ROW_VECS; i++) kreg[i] = __ldcg(reinterpret_cast<const uint4*>(kc + (size_t)s * E) + i);
+        for (int i = 0; i < ROW_VECS; i++) kreg[i] = __ldcg(reinterpret_cast<const uint4*>(kc + (size_t)t * E) + i);
     }
 #pragma unroll
     for (int i = 0; i < ROW_VECS; i++) {
         const int idx = i * CHUNK + t, row = idx / ROW_VECS, col = idx % ROW_VECS;
         vreg[i] = (row < n_here && first + row != pos)
-            ? __ldcg(reinterpret_cast<const uint4*>(vc + (size_t)(first + row) * E) + col) : make_uint4(0, 0, 0, 0);
+            ? __ldcg(reinterpret_cast<const uint4*>(vc + (size_t)row * E) + col) : make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -968,11 +973,11 @@ __device__ __forceinline__ void load_new_value(uint4 (&vreg)[E / 8], const T* v_
 // T(x1*cos - x2*sin), no FMA. One block per KV head (query group z == 0 of the chunk
 // that holds_pos) also stores the rotated key and the value at pos, for later steps.
 //   q: [H, E], kn, vn: [E] (this KV head's);  cs, sn: [E/2] (row pos)
-//   sq: [R][E], skn: [E] fp32;  kc, vc: [S_cap, E], row pos written
+//   sq: [R][E], skn: [E] fp32;  kc, vc: the chunk's [CHUNK, E], row at = pos - first written
 template <int E, int R, typename T>
 __device__ __forceinline__ void rope_pair(float (&sq)[R][E], float (&skn)[E], const T* q, int head0,
                                           const T* kn, const T* vn, const float* cs, const float* sn,
-                                          int rotate, bool holds_pos, int z, T* kc, T* vc, int pos, int r,
+                                          int rotate, bool holds_pos, int z, T* kc, T* vc, int at, int r,
                                           int e) {
     constexpr int HALF = E / 2;
     const T* x = (r < R) ? q + (size_t)(head0 + r) * E : kn;
@@ -986,10 +991,10 @@ __device__ __forceinline__ void rope_pair(float (&sq)[R][E], float (&skn)[E], co
     else {
         skn[e] = y1; skn[e + HALF] = y2;
         if (holds_pos && z == 0) {
-            kc[(size_t)pos * E + e] = from_f<T>(y1);
-            kc[(size_t)pos * E + e + HALF] = from_f<T>(y2);
-            vc[(size_t)pos * E + e] = __ldcg(vn + e);
-            vc[(size_t)pos * E + e + HALF] = __ldcg(vn + e + HALF);
+            kc[(size_t)at * E + e] = from_f<T>(y1);
+            kc[(size_t)at * E + e + HALF] = from_f<T>(y2);
+            vc[(size_t)at * E + e] = __ldcg(vn + e);
+            vc[(size_t)at * E + e + HALF] = __ldcg(vn + e + HALF);
         }
     }
 }
@@ -1137,7 +1142,7 @@ __device__ __forceinline__ void merge_chunks(T* out, int head0, const float* par
 }
 
 //   q: [H, E], k_new, v_new: [K, E] (views of the QKV output), cos/sin: [S_max, E/2]
-//   k_cache, v_cache: [K, S_cap, E] (this layer's);  out: [H * E]    (per sequence)
+//   k_cache, v_cache: this layer's, rows or blocks (above);  out: [H * E]    (per sequence)
 //   part_o: [.., n_total_chunks, R, E], part_ml: [.., n_total_chunks, R, 2], counters: [..]
 //           (per block group gi)
 template <typename T, int E, int R, int CHUNK, bool LOOP>
@@ -1146,7 +1151,8 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ pos_ptr,
         T* k_cache, T* v_cache, int S_cap, float scale, int rotate, int n_rep,
         float* part_o, float* part_ml, unsigned int* counters, T* __restrict__ out,
-        const int* __restrict__ slot_ptr, long long qkv_stride, long long slot_stride) {
+        const int* __restrict__ slot_ptr, long long qkv_stride, long long slot_stride,
+        const int* __restrict__ table, int table_stride) {
     constexpr int HALF = E / 2;
     constexpr int ROW_VECS = E / 8;          // 16-byte vectors per key/value row
     constexpr int WARPS = CHUNK / 32;
@@ -1157,15 +1163,21 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     const int head0 = j * n_rep + z * R;            // this block's first query head
     const int gi = (seq * gridDim.y + j) * groups + z;  // its index in the scratch and counters
     const int lane = t & 31, warp = t >> 5;
-    // position and slot: written before this step began, so safe to read before pdl_wait
+    // position, slot and block table: written before this step began, so safe to read
+    // before pdl_wait
     const int pos = __ldcg(pos_ptr + seq);
-    const long long slot = __ldcg(slot_ptr + seq);
     q += seq * qkv_stride;
     k_new += seq * qkv_stride;
     v_new += seq * qkv_stride;
     out += (size_t)seq * gridDim.y * n_rep * E;
-    k_cache += slot * slot_stride;
-    v_cache += slot * slot_stride;
+    const bool paged = table != nullptr;
+    if (paged) {
+        table += (size_t)seq * table_stride;
+    } else {
+        const long long slot = __ldcg(slot_ptr + seq);
+        k_cache += slot * slot_stride;
+        v_cache += slot * slot_stride;
+    }
     const int n_keys = pos + 1;
     const int n_chunks = (n_keys + CHUNK - 1) / CHUNK;
     // rotate & 2: a first pass that only writes the new k and v into the cache (its writing
@@ -1180,8 +1192,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
     __shared__ float sp[R][CHUNK];                    // probabilities, then partial outputs
     __shared__ float red[WARPS][R];
     __shared__ int is_last;
-    T* kc = k_cache + (size_t)j * S_cap * E;
-    T* vc = v_cache + (size_t)j * S_cap * E;
+    const size_t head = (size_t)j * (paged ? CHUNK : S_cap) * E;  // this KV head's rows in a row or block
     bool waited = false;
 
     // LOOP: chunks c, c + gridDim.x, ...: the grid has fewer x-blocks than the cache has
@@ -1198,6 +1209,10 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
         const int first = c * CHUNK;                       // this chunk's first position
         const int n_here = min(CHUNK, n_keys - first);     // positions in this chunk
         const bool holds_pos = (c == n_chunks - 1);        // the chunk where the new token goes
+        // this chunk's keys and values, [n_here, E] from position first on
+        const size_t at = paged ? (size_t)__ldcg(table + c) * slot_stride + head : head + (size_t)first * E;
+        T* kc = k_cache + at;
+        T* vc = v_cache + at;
 
         uint4 kreg[ROW_VECS], vreg[ROW_VECS];
         load_cached_kv<E, CHUNK>(kreg, vreg, kc, vc, first, n_here, pos, t);                    // 1.
@@ -1208,7 +1223,7 @@ __global__ void __launch_bounds__(CHUNK) decode_attention(
         const float* sn = sin_t + (size_t)pos * HALF;
         for (int i = t; i < (R + 1) * HALF; i += CHUNK)  // 2b. pairs of the R query heads, then of the new key
             rope_pair<E, R, T>(sq, skn, q, head0, k_new + (size_t)j * E, v_new + (size_t)j * E, cs, sn, rotate,
-                               holds_pos, z, kc, vc, pos, i / HALF, i % HALF);
+                               holds_pos, z, kc, vc, pos - first, i / HALF, i % HALF);
         if (write_only) return;
         stage_values<E, CHUNK>(sv, vreg, t);                                                    // 2c.
         __syncthreads();

@@ -20,14 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kv_cache import page_size
+
 # one module: the quantized kernels (quant.cu) use kernels.cu's helpers and epilogues
 SOURCE = "\n".join((Path(__file__).with_name(f)).read_text() for f in ("kernels.cu", "quant.cu"))
 OPTIONS = ("--std=c++17",)
 GEMV_WARPS = 8           # warps per block of gemv: 8 rows, or 8 / S for rows split over S warps
 
 def attention_chunk(head_dim: int) -> int:
-    """Positions per attention block (CHUNK in kernels.cu): its values must fit in shared memory."""
-    return 256 if head_dim <= 64 else 128
+    """Positions per attention block (CHUNK in kernels.cu): its values must fit in shared memory.
+    A paged cache's blocks are this size (kv_cache.page_size), so a chunk is one block."""
+    return page_size(head_dim)
 
 SAMPLE_THREADS = 1024
 EPI_STORE, EPI_RESIDUAL, EPI_SWIGLU = 0, 1, 2
@@ -166,6 +169,8 @@ def _ctype_arg(a):
         return int(a), ctypes.c_int
     if isinstance(a, np.int64):
         return int(a), ctypes.c_longlong
+    if isinstance(a, np.uint64):  # a pointer given as a number (NULL)
+        return int(a), ctypes.c_void_p
     raise TypeError(f"unsupported kernel argument {type(a).__name__}")
 
 
@@ -285,17 +290,24 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
                      scratch, out, n_rep: int, pdl: bool = True, *, slots, rows: int = 1, row_stride: int = 0,
-                     write_only: bool = False, heads: int | None = None):
+                     write_only: bool = False, heads: int | None = None, table=None):
     """One new token's attention over the cache (see kernels.cu); q: [H, E] ... out: [H * E].
 
     `rows` sequences at once: sequence b's q, k_new, v_new start b * row_stride elements
-    further, its position is pos[b], its cache is row slots[b] of k_cache/v_cache
-    ([B_max, K, S_cap, E]), its output out[b]. One sequence: rows=1, slots=[0].
-    Rows may share a cache row at consecutive positions (a prompt's tokens): `write_only`
+    further, its position is pos[b], its output out[b], and its cache, one of two layouts:
+      rows    row slots[b] of k_cache/v_cache [B_max, K, S_cap, E]. One sequence: rows=1, slots=[0].
+      paged   `table` given (int32 [rows, W], contiguous): blocks table[b, c] of k_cache/v_cache
+              [N, K, CHUNK, E] (a BlockPool's layer, CHUNK = attention_chunk), W * CHUNK positions.
+    Rows may share a cache at consecutive positions (a prompt's tokens): `write_only`
     first writes every row's new k and v, then a second launch, not programmatic (its cache
     loads come before its wait), attends. heads: query heads per block (default
     heads_per_block); scratch: attention_scratch's, for this capacity and at least `rows` rows."""
     n_kv, s_cap, e = k_cache.shape[-3:]
+    if table is not None:
+        if s_cap != attention_chunk(e) or table.dtype != np.int32 or not table.flags.c_contiguous:
+            raise ValueError(f"decode_attention: paged blocks hold {attention_chunk(e)} positions and the table is "
+                             f"contiguous int32; got blocks of {s_cap}, a {table.dtype} table")
+        s_cap = table.shape[-1] * s_cap  # the positions a table row names
     part_o, part_ml, counters = scratch
     heads = heads or heads_per_block(n_rep)
     if n_rep % heads:
@@ -311,7 +323,8 @@ def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: fl
     launch(attention_name(k_cache.dtype, e, n_rep, heads, x_blocks < n_chunks), (x_blocks, n_kv, groups * rows), (chunk,), (
         q, k_new, v_new, cos, sin, pos, k_cache, v_cache, np.int32(s_cap), np.float32(scale),
         np.int32((1 if rotate else 0) | (2 if write_only else 0)), np.int32(n_rep), part_o, part_ml, counters, out,
-        slots, np.int64(row_stride), np.int64(n_kv * s_cap * e)), pdl=pdl)
+        slots, np.int64(row_stride), np.int64(n_kv * k_cache.shape[-2] * e),
+        table if table is not None else np.uint64(0), np.int32(table.shape[-1] if table is not None else 0)), pdl=pdl)
 
 
 ATTENTION_BLOCKS_PER_SM = 8  # the attention grid's size, in blocks per multiprocessor (attention_x_blocks)

@@ -29,7 +29,8 @@ A FastOps is made for one mode and keeps it:
     "batched"  B sequences inside a captured graph (batch.py): every GEMV is the
                tensor-core GEMM over B tokens (`gemv_rows`, the same kernel whatever B, so a
                sequence gets the same bits at any batch size) and the attention reads each
-               sequence's position and cache row from `positions` and `slots`.
+               sequence's position from `positions` and its block table from `table` (the
+               caches are paged: kv_cache.py BlockPool), or its cache row from `slots`.
                With gemm="cublas" the GEMMs are cuBLAS's instead (cublas.py), always over
                tiles of GEMM_M rows, the B rows padded: one M, so one algorithm and the same
                bits whatever B; a step then takes up to STEP_ROWS rows (two tiles: a prompt's
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kv_cache import BlockPool, PagedKVCache
 from ..model import Ops
 from ..quant import QuantizedMatrix
 from . import kernels as K
@@ -62,10 +64,11 @@ class FastOps(Ops):
     config, rope: the model's (rope.RopeTables: the whole tables, [S, E/2] fp32, read at each
     call because they grow; the attention kernel rotates at the position it reads from
     device memory). dtype: the model's (its weights, activations and cache). positions,
-    slots: int32 device buffers the graph modes read; the eager mode makes and writes its own."""
+    slots: int32 device buffers the graph modes read; the eager mode makes and writes its own.
+    table: int32 [rows, W] device buffer, each row's block table (paged caches; batched mode)."""
 
     def __init__(self, config, rope, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False,
-                 quantized=(), dtype=np.float16, gemm: str = "kernels"):
+                 quantized=(), dtype=np.float16, gemm: str = "kernels", table=None):
         import cupy as cp
 
         if mode not in MODES:
@@ -84,6 +87,7 @@ class FastOps(Ops):
         self.max_rows = STEP_ROWS if self.gemm == "cublas" else K.MAX_ROWS  # tokens per call
         self.positions = positions if positions is not None else cp.zeros(self.max_rows, dtype=cp.int32)
         self.slots = slots if slots is not None else cp.zeros(self.max_rows, dtype=cp.int32)
+        self.table = table
         self._scratch = {}                         # attention scratch by (cache capacity, rows)
         self._rows_scratch = []                    # gemv_rows workspaces and counters, the last the largest
         e = c.head_dim  # the attention kernel's shared memory must fit in 48 KB
@@ -99,9 +103,9 @@ class FastOps(Ops):
 
     @classmethod
     def for_model(cls, model, mode: str = "eager", positions=None, slots=None, shared_rows: bool = False,
-                  gemm: str = "kernels") -> "FastOps":
+                  gemm: str = "kernels", table=None) -> "FastOps":
         return cls(model.config, model.rope, mode, positions, slots, shared_rows, quantized_gemvs(model.weights),
-                   model.dtype, gemm)
+                   model.dtype, gemm, table)
 
     # ---- which calls take the fast path ------------------------------------------------
     def kernel_names(self) -> list[str]:
@@ -252,12 +256,14 @@ class FastOps(Ops):
         c, b = self.config, len(caches)
         shaped = (self.fused_attention and qkv.shape[:2] == (b, 1) and b <= self.max_rows and qkv.dtype == self.dtype
                   and qkv.strides[-1] == 2 and qkv.strides[-2] == 2 * c.head_dim)
-        pool = None
-        if b == 1 and self.mode != "batched":  # one sequence, its own cache
-            shaped = shaped and caches[0].k[layer].shape[0] == 1
-        else:  # B sequences: rows of one batched cache
+        pool, paged = None, False
+        if b == 1 and self.mode != "batched":  # one sequence, its own contiguous cache
+            shaped = shaped and not isinstance(caches[0], PagedKVCache) and caches[0].k[layer].shape[0] == 1
+        else:  # B sequences: rows of one batched cache, or paged caches of one pool
             pool = caches[0].pool
             shaped = shaped and pool is not None and all(x.pool is pool for x in caches)
+            paged = isinstance(pool, BlockPool)
+            shaped = shaped and (not paged or self.mode == "eager" or self.table is not None)
         if not shaped:
             if self.mode != "eager":
                 raise RuntimeError("a captured decode step needs the fused attention")
@@ -280,13 +286,17 @@ class FastOps(Ops):
                                pdl=self.mode != "eager", slots=self.slots)
             return out
         self.stats["rows_attention"] += 1
+        table = self.table[:b] if paged and self.table is not None else None
         if self.mode == "eager":
             self.positions[:b].set(np.asarray([x.length for x in caches], dtype=np.int32))
-            self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
+            if paged:
+                table = self.xp.asarray(pool.table[[x.row for x in caches]])
+            else:
+                self.slots[:b].set(np.asarray([x.pool_row for x in caches], dtype=np.int32))
         heads = K.rows_heads(c.n_rep, c.head_dim, b)  # the bits do not depend on it (tests/test_cuda.py)
         args = (q, k, v, self.tables.cos, self.tables.sin, self.positions, pool.k[layer], pool.v[layer], scale, True,
                 self.scratch(pool.capacity, self.max_rows), out, c.n_rep)
-        rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=heads)
+        rows = dict(slots=self.slots, rows=b, row_stride=qkv.strides[0] // 2, heads=heads, table=table)
         if self.shared_rows:  # every row's k and v into the cache first, where later rows of its sequence read them
             K.decode_attention(*args, pdl=self.mode != "eager", write_only=True, **rows)
             K.decode_attention(*args, pdl=False, **rows)

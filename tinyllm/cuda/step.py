@@ -8,8 +8,8 @@ then call it exactly as they call the readable step:
     decode(token, cache, sampler, history)  one replay of the captured graph (decoder.py),
                                             the next token chosen on the device; a sampler
                                             with penalties gets the logits on the host
-    batch(max_batch, capacity)              the batched graphs (batch.py) and the rows of
-                                            their preallocated KV cache
+    batch(max_batch, capacity, kv_bytes)    the batched graphs (batch.py) and their paged
+                                            KV cache (a pool of kv_bytes, or fitted to memory)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..backend import to_numpy
 from ..errors import TinyLLMError
 from ..kv_cache import KVCache
 from ..sampler import SamplingError
-from ..step import DecodeStep, ReadableBatch, sample_rows
+from ..step import DecodeStep, ReadableBatch, paged_pool, sample_rows
 from .batch import BatchDecoder, batch_gemm, max_batch_for
 from .decoder import CudaDecoder
 
@@ -54,16 +54,17 @@ class CudaStep(DecodeStep):
             raise SamplingError("logits", "the device found no token to choose (NaN or all -inf logits)")
         return chosen
 
-    def batch(self, max_batch: int, capacity: int):
+    def batch(self, max_batch: int, capacity: int, kv_bytes: int | None = None):
         if self.max_batch is None:
-            return ReadableBatch(self.decoder.eager, capacity)
+            return ReadableBatch(self.decoder.eager, capacity, paged_pool(self.model, max_batch, capacity, kv_bytes))
         held = self.batch_decoder
         if held is not None and held.free_rows < held.max_batch:
             raise TinyLLMError("the model's batched GPU decoder is in use by another scheduler")
         # compared with the capacity it was asked for: one fitted to GPU memory is not remade
-        if held is None or held.max_batch < max_batch or held.capacity_asked < capacity:
+        if (held is None or held.max_batch < max_batch or held.capacity_asked < capacity
+                or held.kv_bytes_asked != kv_bytes):
             self.batch_decoder = None  # its graphs and cache go before the new ones are made
-            self.batch_decoder = BatchDecoder(self.decoder, max_batch, capacity, gemm=self.gemm)
+            self.batch_decoder = BatchDecoder(self.decoder, max_batch, capacity, gemm=self.gemm, kv_bytes=kv_bytes)
         return CudaBatch(self, self.batch_decoder)
 
 
@@ -79,7 +80,14 @@ class CudaBatch:
         self.decoder.stream.use()  # prefills and batched steps of this thread: one stream, in order
 
     def new_cache(self, positions: int) -> KVCache:
-        return self.decoder.new_cache()  # rows are preallocated at `capacity` positions
+        return self.decoder.new_cache(positions)  # paged: blocks are taken as it grows
+
+    @property
+    def pool(self):
+        return self.decoder.pool  # the paged cache (kv_cache.py BlockPool)
+
+    def can_take(self, positions: int, spare_blocks: int = 0) -> bool:
+        return self.decoder.can_take(positions, spare_blocks)
 
     def release(self, cache: KVCache) -> None:
         self.decoder.release(cache)

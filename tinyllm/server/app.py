@@ -74,19 +74,24 @@ WRITE_SPACING = 0.0001
 class Server:
     """The model, its scheduler, the request validator and the Starlette app around them.
     prefix_cache_mb: the budget of the prompt prefixes' keys and values kept for reuse
-    (tinyllm/prefix.py), in MiB; 0: none kept."""
+    (tinyllm/prefix.py), in MiB; 0: none kept. kv_cache_mb: the memory of the running
+    sequences' keys and values, in blocks they take as they grow (kv_cache.py BlockPool); None:
+    on the GPU enough for --max-batch sequences of the context as far as half its free memory
+    goes, on the CPU a cache of its own per sequence."""
 
     def __init__(self, llm, model_id: str | None = None, max_batch: int = 16, max_queue: int = 64,
                  max_context: int | None = None, default_max_tokens: int = 256, *,
                  limits: Limits | None = None, api_key: str | None = None, cors_origins=(),
-                 prefix_cache_mb: float = BUDGET_MB, stream_interval: float | None = None):
+                 prefix_cache_mb: float = BUDGET_MB, stream_interval: float | None = None,
+                 kv_cache_mb: float | None = None):
         self.llm = llm
         self.model_id = model_id or Path(llm.path).name.removesuffix(".gguf")
         self.max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
         step = as_step(llm.step)
         prefix = PrefixCache.for_model(step.model, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.scheduler = Scheduler(step, llm.tokenizer, max_batch, max_queue, max_context=self.max_context,
-                                   prefix_cache=prefix)
+                                   prefix_cache=prefix,
+                                   kv_cache_bytes=None if kv_cache_mb is None else int(kv_cache_mb * 2**20))
         if self.scheduler.rows is not None:  # the GPU's batched cache may hold fewer positions (GPU memory)
             self.max_context = min(self.max_context, self.scheduler.rows.capacity)
         self.validator = Validator(llm, self.model_id, self.max_context, default_max_tokens)

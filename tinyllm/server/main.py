@@ -47,6 +47,11 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
                    help="memory for the keys and values of prompt prefixes (system prompts, earlier turns, "
                    "the n choices of a request), reused by later requests instead of recomputed "
                    "(0: off)")
+    s.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for the running requests' keys and values, shared in blocks that each takes as "
+                   "it grows and gives back when it ends; when it runs short the request that joined last "
+                   "waits and later recomputes its tokens (default: on the GPU, --max-batch requests of the "
+                   "whole context as far as half the free memory goes; on the CPU, a cache per request)")
     s.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
                    help="the least time between two writes to one stream; the tokens of the interval go out "
                    "together (default: 0.1 ms times the streams open, so the server makes about 10,000 writes "
@@ -101,6 +106,8 @@ def check_args(args) -> None:
                         ("--keep-alive-timeout", args.keep_alive_timeout)):
         if not value > 0:
             raise UsageError(f"{flag}: must be > 0 seconds, got {value}")
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
+        raise UsageError(f"--kv-cache-mb: must be > 0, got {args.kv_cache_mb:g}")
     if not args.prefix_cache_mb >= 0:
         raise UsageError(f"--prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}")
     if args.stream_interval_ms is not None and not 0 <= args.stream_interval_ms <= 10_000:
@@ -267,7 +274,7 @@ def serve(args) -> int:
     check_prefix_cache_mb(args.prefix_cache_mb, llm.model)
     server = Server(llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
                     args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin,
-                    prefix_cache_mb=args.prefix_cache_mb,
+                    prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
                     stream_interval=None if args.stream_interval_ms is None else args.stream_interval_ms / 1000)
     start = time.perf_counter()
     server.start(warm_up=not args.no_warm_up)  # the port opens only after this

@@ -59,7 +59,11 @@ class Metrics(Observer):
                                   "copied from the prefix cache", registry=r)
         self.miss_tokens = Counter("tinyllm_prefix_cache_miss_tokens", "Prompt tokens computed by the model "
                                    "(not found in the prefix cache)", registry=r)
+        self.preemptions = Counter("tinyllm_preemptions", "Running requests taken out of the batch because the "
+                                   "paged KV cache ran short of blocks (each rejoins and recomputes its tokens)",
+                                   registry=r)
         r.register(PrefixCacheState(scheduler.prefix))
+        r.register(KVCacheState(getattr(scheduler.rows, "pool", None)))
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -81,6 +85,9 @@ class Metrics(Observer):
     def prompt(self, reused, computed):
         self.hit_tokens.inc(reused)
         self.miss_tokens.inc(computed)
+
+    def preempted(self):
+        self.preemptions.inc()
 
     def finished(self, event: Finished):
         self.finishes.labels(event.reason).inc()
@@ -113,6 +120,22 @@ class PrefixCacheState:
         yield CounterMetricFamily("tinyllm_prefix_cache_store_failures", "Blocks that could not be stored in the prefix "
                                   "cache (allocating or copying one failed: out of memory)",
                                   value=p.store_failures if p else 0)
+
+
+class KVCacheState:
+    """The paged KV cache's blocks, read when scraped (0 where the caches are not paged)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def collect(self):
+        p = self.pool
+        yield GaugeMetricFamily("tinyllm_kv_cache_blocks", "Blocks of the paged KV cache (--kv-cache-mb)",
+                                value=p.n_blocks if p else 0)
+        yield GaugeMetricFamily("tinyllm_kv_cache_free_blocks", "Blocks of the paged KV cache no request holds",
+                                value=p.free_blocks if p else 0)
+        yield GaugeMetricFamily("tinyllm_kv_cache_block_positions", "Positions per block of the paged KV cache",
+                                value=p.block if p else 0)
 
 
 class StepHistogram:
