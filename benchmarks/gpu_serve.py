@@ -202,7 +202,7 @@ def _instant_step(model, step_ms: float = 0.0):
         def __init__(self, model):
             self.model = model
 
-        def batch(self, max_batch: int, capacity: int):
+        def batch(self, max_batch: int, capacity: int, kv_bytes=None):
             return _InstantBatch(self.model, capacity, step_ms, STEP_ROWS)
 
         def prompt_logits(self, ids, chunk=256):
@@ -239,6 +239,9 @@ class _InstantBatch:
 
     def release(self, cache) -> None:
         pass
+
+    def can_take(self, positions: int, spare_blocks: int = 0) -> bool:
+        return True
 
     def step(self, tokens, caches, samplers, histories, n_decode=None) -> list:
         counts: dict[int, list] = {}
@@ -289,7 +292,7 @@ def start_server(llm, args, prefix_cache_mb: float):
 
     start = time.perf_counter()
     server = Server(llm, f"random-{args.shape}", max_batch=args.max_batch, max_context=args.max_context,
-                    prefix_cache_mb=prefix_cache_mb,
+                    prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
                     **({} if args.stream_interval_ms is None else {"stream_interval": args.stream_interval_ms / 1000}))
     server.start(warm_up=True)  # on the GPU: batched graphs captured, first-call costs paid
     if args.switch_interval is not None:  # after start, which sets the server's own
@@ -438,8 +441,11 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                       file=sys.stderr, flush=True)
     finally:
         stop_server(server, http, thread)
+    pool = getattr(server.scheduler.rows, "pool", None)
     return {"prefix_cache_mb": prefix_cache_mb, "warm_up_s": warm_s, "batched_graphs": batched_graphs,
-            "max_context": server.max_context, "runs": runs}
+            "max_context": server.max_context, "runs": runs, "preemptions": server.scheduler.preemptions,
+            "kv_cache_blocks": pool.n_blocks if pool else None, "kv_cache_block_positions": pool.block if pool else None,
+            "kv_cache_mb": pool.n_blocks * pool.block_bytes / 2**20 if pool else None}
 
 
 def median_of(runs: list[dict], key: str):
@@ -610,6 +616,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs per stream count (default 2)")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16)")
     p.add_argument("--max-context", type=int, default=None, help="the server's --max-context (default: the shape's)")
+    p.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
+                   help="the server's --kv-cache-mb: its paged KV cache (default: the server's)")
     p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
                    help="the server's --prefix-cache-mb (default: the server's own); with --shared-prefix, the "
                    "budget of the cache-on server")

@@ -372,6 +372,61 @@ def test_decode_attention_rows_kernel(shape, monkeypatch, record):
         np.testing.assert_array_equal(other, first)
 
 
+@pytest.mark.parametrize("shape", ["tinyllama", "llama3-8b"])
+def test_decode_attention_paged_gives_the_bits_of_rows(shape, monkeypatch):
+    """The paged layout (kv_cache.py BlockPool): five sequences whose chunks sit in shuffled
+    blocks of one pool, found through their block tables, give the bits of the same keys and
+    values in rows of a batched cache, for both grids; the new key and value land in the block
+    that holds their position, and no other block changes."""
+    from tinyllm.kv_cache import BlockPool
+
+    lengths, capacity = [1, 129, 300, 1000, 2048], 2048
+    d, h, kv, e, f, v = KERNEL_SHAPES[shape]
+    c = shape_config("tinyllama-1.1b", dim=h * e, n_heads=h, n_kv_heads=kv, max_seq_len=4096, n_layers=1)
+    cos, sin = rope_tables(c, c.max_seq_len)
+    chunk = K.attention_chunk(e)
+    width = capacity // chunk
+    rows = KVCache(c, capacity, np.float16, np, batch=len(lengths))
+    rows.k[0][:] = randn(*rows.k[0].shape)
+    rows.v[0][:] = randn(*rows.v[0].shape)
+    pool = BlockPool(c, len(lengths) * width + 3, chunk, capacity, len(lengths), np.float16, np)
+    order = np.random.default_rng(3).permutation(pool.n_blocks)  # block i of row b: order[b * width + i]
+    pool.k[0][:] = randn(*pool.k[0].shape)  # blocks no row names hold noise
+    for b in range(len(lengths)):
+        for i in range(width):
+            blk = order[b * width + i]
+            pool.table[b, i] = blk
+            pool.k[0][blk] = rows.k[0][b, :, i * chunk:(i + 1) * chunk]
+            pool.v[0][blk] = rows.v[0][b, :, i * chunk:(i + 1) * chunk]
+    before = pool.k[0].copy()
+    qkv = cp.asarray(randn(len(lengths), 1, h + 2 * kv, e, scale=2.0))
+    pos = cp.asarray([n - 1 for n in lengths], dtype=np.int32)
+    args = (qkv[:, :, :h], qkv[:, :, h:h + kv], qkv[:, :, h + kv:], cp.asarray(cos), cp.asarray(sin), pos)
+    for per_sm in (K.ATTENTION_BLOCKS_PER_SM, 0):  # a block per chunk, or one block looping over them
+        monkeypatch.setattr(K, "ATTENTION_BLOCKS_PER_SM", per_sm)
+        outs, caches = [], []
+        for table in (None, cp.asarray(pool.table[:len(lengths)])):
+            gk, gv = (cp.asarray(rows.k[0]), cp.asarray(rows.v[0])) if table is None else (
+                cp.asarray(pool.k[0]), cp.asarray(pool.v[0]))
+            out = cp.full((len(lengths), h * e), np.nan, dtype=np.float16)
+            K.decode_attention(*args, gk, gv, 1 / math.sqrt(e), True,
+                               K.attention_scratch(kv, c.n_rep, e, capacity, rows=len(lengths)), out, c.n_rep,
+                               slots=cp.arange(len(lengths), dtype=cp.int32), rows=len(lengths),
+                               row_stride=(h + 2 * kv) * e, table=table)
+            outs.append(out.get())
+            caches.append(gk.get())
+        np.testing.assert_array_equal(outs[1], outs[0])
+        assert np.isfinite(outs[0]).all()
+        paged_k, rows_k = caches[1], caches[0]
+        changed = set()
+        for b, n in enumerate(lengths):
+            blk, at = pool.table[b, (n - 1) // chunk], (n - 1) % chunk
+            np.testing.assert_array_equal(paged_k[blk, :, at], rows_k[b, :, n - 1])
+            changed.add(int(blk))
+        untouched = [i for i in range(pool.n_blocks + 1) if i not in changed]
+        np.testing.assert_array_equal(paged_k[untouched], before[untouched])
+
+
 def _device_sample(logits, params: SamplingParams, u: float) -> int:
     lg = cp.asarray(logits, dtype=cp.float32)
     p = cp.asarray([params.temperature, params.top_k, params.top_p, params.min_p, u], dtype=cp.float32)
@@ -1015,6 +1070,50 @@ def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     assert [len(together[i]) for i in range(8)] == budgets
     assert together == alone
     assert batch.free_rows == batch.max_batch
+
+
+def test_scheduler_on_the_gpu_preempts_in_a_short_pool_and_gives_the_tokens_alone(pair, batch, record):
+    """A paged cache of 6 blocks for 4 requests that reach 2 blocks each: the newest are
+    preempted as the others grow, rejoin when blocks are free and compute their ids again in
+    prompt rows, and each request gives exactly the tokens it gives alone in a pool that never
+    runs short (greedy, seeded sampling, a penalty sampled on the host); every block goes back."""
+    from tinyllm.generate import StopRules
+    from tinyllm.prefix import block_bytes
+    from tinyllm.scheduler import Finished, Request, Scheduler
+
+    name, readable, fast, decoder = pair
+    c = fast.config
+    cuda_step = CudaStep(decoder.model, decoder=decoder)
+    cuda_step.batch_decoder = batch
+    rng = np.random.default_rng(17)
+    chunk = K.attention_chunk(c.head_dim)
+    prompts = [list(rng.integers(2, c.vocab_size, n)) for n in (chunk - 60, chunk + 40, chunk - 10, chunk + 140)]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=3),
+              SamplingParams(repetition_penalty=1.3), SamplingParams(temperature=1.0, top_k=20, seed=4)]
+
+    def run(indices, kv_bytes=None):
+        sched = Scheduler(cuda_step, _IdsTokenizer(), max_batch=8, max_queue=4, max_context=4 * chunk,
+                          kv_cache_bytes=kv_bytes)
+        events = {i: [] for i in indices}
+        for i in indices:
+            sched.submit(Request(prompts[i], params[i], StopRules(max_new_tokens=90, eos_ids=()),
+                                 emit=events[i].append))
+        while not all(ev and isinstance(ev[-1], Finished) for ev in events.values()):
+            sched.run_once()
+        pool = sched.rows.pool
+        assert pool.free_blocks == pool.n_blocks and pool.free_rows == pool.rows
+        return {i: ev[-1].token_ids for i, ev in events.items()}, sched
+
+    alone = {i: run([i])[0][i] for i in range(4)}
+    try:
+        together, sched = run(range(4), 6 * block_bytes(c, fast.dtype, chunk))
+        assert sched.rows.pool.n_blocks == 6
+    finally:
+        cuda_step.batch_decoder = None
+        cp.get_default_memory_pool().free_all_blocks()
+    record(preemptions=sched.preemptions)
+    assert sched.preemptions > 0
+    assert together == alone
 
 
 def test_scheduler_on_the_gpu_one_failing_request_ends_alone(pair, batch):
