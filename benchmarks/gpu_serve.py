@@ -504,6 +504,7 @@ def plain_report(llm, args, fast: bool, measured: dict, peer: dict) -> tuple[str
         f"the wait for it may spin) per generated token.\n\n{table}\n")
     result = {"batched_graphs": batched_graphs, "warm_up_s": warm_s, "prefix_cache_mb": measured["prefix_cache_mb"],
               "runs": {str(k): v for k, v in runs.items()},
+              **{k: measured[k] for k in ("preemptions", "kv_cache_blocks", "kv_cache_block_positions", "kv_cache_mb")},
               "transformers_batch_generate": {str(k): v for k, v in peer.items()}}
     return markdown, result
 

@@ -464,7 +464,7 @@ def test_metrics_report_the_prefix_cache(model):
     from tinyllm.server.metrics import Metrics
 
     class Holder:  # Metrics reads the scheduler's gauges when scraped
-        prefix, queue_depth, batch_size = None, 0, 0
+        prefix, queue_depth, batch_size, rows = None, 0, 0, None
 
     holder = Holder()
     holder.prefix = PrefixCache.for_model(model, 1 << 20)
