@@ -31,8 +31,15 @@ The model is reached through a decode step (step.py), chosen once by `tinyllm.lo
 `step.batch(max_batch, capacity)` gives the caches the sequences borrow and the batched
 step itself. The readable one gives each sequence a cache of its own and runs
 `Model.decode_batch`; on a GPU with the fast path (tinyllm/cuda) every running sequence
-holds a row of one preallocated KV cache, a step is a replayed CUDA graph for that batch
-size, and the next tokens are chosen on the device.
+holds blocks of one paged KV cache, a step is a replayed CUDA graph for that batch size,
+and the next tokens are chosen on the device.
+
+A paged cache (kv_cache.py BlockPool, on the GPU, or on the CPU with kv_cache_bytes) is
+shared: sequences take blocks as they grow. A request joins only when the pool has blocks
+for its prompt (`_fits`); before each step every sequence is given room for its rows
+(`_reserve`), and when the pool is short the sequence that joined last is preempted: it
+gives its blocks back and rejoins first, computing its prompt and tokens so far again, which
+gives it the same keys and values and so the same next tokens.
 
 Prefix reuse (prefix.py): with a `PrefixCache`, a sequence that joins first copies the
 keys and values of the longest cached beginning of its prompt into its cache, and only the
