@@ -397,6 +397,42 @@ def device_name(device: str) -> str:
 
 # ---- the runs -----------------------------------------------------------------------------------
 
+class Timeline:
+    """--timeline: when each request reached the scheduler, and each step's start, end, rows
+    (decode rows first) and the part of it spent waiting for the model; one JSON file per run."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.rows = scheduler, scheduler.rows
+        self.events: list = []
+        submit, step = scheduler.submit, self.rows.step
+
+        def traced_submit(request):
+            self.events.append(("submit", time.perf_counter(), len(request.prompt_ids)))
+            return submit(request)
+
+        def traced_step(tokens, caches, samplers, histories, n_decode=None):
+            began = time.perf_counter()
+            try:
+                return step(tokens, caches, samplers, histories, n_decode=n_decode)
+            finally:
+                self.events.append(("step", began, time.perf_counter(), len(tokens), n_decode,
+                                    self.rows.model_seconds))
+
+        scheduler.submit, self.rows.step = traced_submit, traced_step
+
+    def clear(self) -> None:
+        self.events = []
+
+    def write(self, folder: str, name: str) -> None:
+        import json
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        t0 = self.events[0][1] if self.events else 0.0
+        rows = [[e[0]] + [round(x - t0, 6) if isinstance(x, float) and i < 3 else x for i, x in enumerate(e[1:], 1)]
+                for e in self.events]
+        (Path(folder) / f"timeline_{name}.json").write_text(json.dumps(rows))
+
+
 def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None, longest_prompt: int | None = None,
             label: str = "") -> dict:
     """One server (a prefix cache of `prefix_cache_mb`; 0: none), warmed up, then --repeats
@@ -404,6 +440,7 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
     (None: serve_load's); longest_prompt (tokens), when given, must fit the server's context
     with --max-tokens. Each run records the prefix-cache counters' change over it."""
     server, http, thread, port, warm_s = start_server(llm, args, prefix_cache_mb)
+    timeline = Timeline(server.scheduler) if args.timeline else None
     batched_graphs = False
     if llm.model.device.is_cuda and args.engine == "model":
         from tinyllm.cuda.step import CudaBatch  # (CudaStep gives a ReadableBatch where no graphs fit the model)
@@ -425,6 +462,8 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
         for repeat in range(args.repeats):  # counts take turns, so a noisy moment hits them alike
             for n in args.streams:
                 run += 1
+                if timeline is not None:
+                    timeline.clear()
                 before, cpu = server_metrics(port), time.process_time()
                 r = clients.run(port, n, args.max_tokens, texts_for(n, run))
                 cpu = time.process_time() - cpu
@@ -432,6 +471,8 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                 r["server_cpu_us_per_token"] = 1e6 * cpu / r["tokens"] if r["tokens"] else None
                 r["exact"] = r["tokens"] == n * args.max_tokens  # every request made max_tokens tokens
                 runs.setdefault(n, []).append(r)
+                if timeline is not None:
+                    timeline.write(args.timeline, f"{n}-{repeat + 1}{label.strip(' ()').replace(' ', '-')}")
                 print(f"repeat {repeat + 1}{label}: {n:3d} streams, {r['total_tok_s']:8.1f} tok/s total, "
                       f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}, "
                       f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens, "
@@ -643,6 +684,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-host", metavar="FILE", default=None,
                    help="profile the scheduler thread's rounds (cProfile; its host work and its waits on the "
                         "step) over every run, and write the functions by own time and by cumulative time to FILE")
+    p.add_argument("--timeline", metavar="FOLDER", default=None,
+                   help="write each run's submits and steps (start, end, rows, decode rows, model wait) to "
+                        "FOLDER/timeline_<streams>-<repeat>.json")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")
