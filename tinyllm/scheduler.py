@@ -61,6 +61,7 @@ have had alone. Only a failure of the batched step itself ends every running req
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 import weakref
@@ -340,17 +341,26 @@ class Scheduler:
         """Preempted sequences, then waiting requests, join while the batch has room and the KV
         cache pool (if paged) has blocks for their prompts; the prompts are prefilled by the
         steps that follow (in chunks that ride beside the running sequences' decode rows). In
-        order: a request that does not fit yet holds back those behind it."""
-        while self.preempted and len(self.running) < self.max_batch and self._fits(len(self.preempted[0].ids)):
+        order: a request that does not fit yet holds back those behind it.
+
+        A round admits only as many as the next step has rows for: every row beyond those
+        would wait for a later step anyway, and a joining sequence costs host time (its
+        sampler, its detokenizer, its prefix copied), so while a wave of requests arrives
+        faster than they join, admitting all of them first would hold back every step, and
+        with it the first token of those already in."""
+        rows = self._rows_planned()
+        while (self.preempted and len(self.running) < self.max_batch and rows < self._row_budget()
+               and self._fits(len(self.preempted[0].ids))):
             seq = self.preempted.popleft()
             try:
                 seq.start(self.prefix)
                 self.running.append(seq)
+                rows += len(seq.pending)
             except Exception as e:
                 self._fail(seq, e)
         if self.preempted:
             return
-        while len(self.running) < self.max_batch:
+        while len(self.running) < self.max_batch and rows < self._row_budget():
             with self._lock:
                 request = None if self._stopping else self._next_request()
                 if request is None or not self._fits(len(request.prompt_ids) or 1):
@@ -367,12 +377,23 @@ class Scheduler:
                     continue
                 seq.start(self.prefix)
                 self.running.append(seq)
+                rows += len(seq.pending)
                 self.observer.prompt(seq.reused, len(seq.pending))
             except Exception as e:  # one bad request must not stop the server
                 self._fail(seq, e, request)
             finally:
                 with self._lock:
                     self.n_admitting -= 1
+
+    def _rows_planned(self) -> int:
+        """The rows the running sequences ask of the next step: one for each decoding sequence,
+        its pending ids for each prompt not yet in its cache."""
+        return sum(len(seq.pending) or 1 for seq in self.running)
+
+    def _row_budget(self) -> float:
+        """Rows a step takes (decode rows and prompt chunks together); no limit for a step that
+        prefills a prompt whole."""
+        return self.rows.max_rows or math.inf
 
     def _fits(self, n_ids: int) -> bool:
         """Whether a sequence with n_ids ids to prefill may join: the paged pool has blocks for
