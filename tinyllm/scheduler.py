@@ -38,8 +38,11 @@ A paged cache (kv_cache.py BlockPool, on the GPU, or on the CPU with kv_cache_by
 shared: sequences take blocks as they grow. A request joins only when the pool has blocks
 for its prompt (`_fits`); before each step every sequence is given room for its rows
 (`_reserve`), and when the pool is short the sequence that joined last is preempted: it
-gives its blocks back and rejoins first, computing its prompt and tokens so far again, which
-gives it the same keys and values and so the same next tokens.
+gives its blocks back and rejoins first, computing its prompt and tokens so far again. On the
+GPU's batched step that gives it the same keys and values bit for bit (a row's numbers do
+not depend on the rows beside it, nor on being a prompt's row or a decode row), so the same
+next tokens; on the readable path tokens computed again as one prompt block may differ from
+their decode-step values in the last bits.
 
 Prefix reuse (prefix.py): with a `PrefixCache`, a sequence that joins first copies the
 keys and values of the longest cached beginning of its prompt into its cache, and only the
@@ -196,8 +199,8 @@ class Sequence:
 
     def suspend(self) -> None:
         """Leave the batch without ending (preempted: the KV cache pool is short). The cache goes
-        back; `start` later computes everything again, which gives the same keys and values
-        (a row's numbers do not depend on the step it rides in), so the same next tokens."""
+        back; `start` later computes everything again (on the GPU the same keys and values bit
+        for bit: see the module docstring)."""
         self.close()
         self.pending, self.reused = [], 0
 

@@ -85,9 +85,10 @@ class BatchDecoder:
         # The step's inputs, laid out the same in pinned host memory and in device memory,
         # so that one copy moves them all: tokens, positions, sampling params, block tables.
         # Two host copies (A/B) of the inputs and of the chosen ids, because the next step
-        # is queued before this one is read (see `step`): a copy is rewritten only after the
-        # step that read it has been waited for. (A superseded step may still read a copy
-        # being rewritten; everything it computes is overwritten by the step after it.)
+        # is queued before this one is read (see `step`): a copy is rewritten only once the
+        # device has read it (`_wait_copied`), and its ids only after its step was waited for.
+        # (A superseded step's writes sit past each cache's length, where the real step writes
+        # again.)
         # A step queued ahead rewrites the inputs from "params" on: its block tables too (a
         # sequence may have taken a block since the inputs were written whole).
         m = self.max_rows
@@ -117,6 +118,12 @@ class BatchDecoder:
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
         self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
         self._done = [cp.cuda.Event(disable_timing=True) for _ in range(2)]  # per host copy: its step ended
+        # per host copy: the device has read it. A superseded step's copy may still be queued
+        # when the host comes to rewrite that copy (its step is never waited for), and a
+        # copy read half old, half new would send a row's writes through another
+        # sequence's block table.
+        self._copied = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._copy_queued = [False, False]
         self._slot = 0         # which host copy the last queued step used
         self._ahead = None     # the step queued ahead by `step` (see there)
         self.wait_seconds = 0.0  # of the last step, the host's wait for the device
@@ -208,6 +215,7 @@ class BatchDecoder:
     def _write_params(self, slot: int, samplers, caches) -> list:
         """Each row's sampling parameters and block table into host copy `slot`; draws one uniform
         number per sampled row. Returns the (sampler, u) pairs drawn."""
+        self._wait_copied(slot)
         h = self.host[slot]
         b, n = len(caches), self.bucket(len(caches))
         h["table"][:b] = self.pool.table[[c.row for c in caches]]
@@ -227,6 +235,7 @@ class BatchDecoder:
         """The inputs of B sequences into host copy `slot`, and the padding rows up to their
         bucket: token 0 at position 0 of the spare block, greedy, never advanced (`live` = B).
         -> the (sampler, u) pairs drawn."""
+        self._wait_copied(slot)
         h = self.host[slot]
         b, n = len(tokens), self.bucket(len(tokens))
         h["tokens"][:b, 0], h["tokens"][b:n, 0] = tokens, 0
@@ -234,6 +243,17 @@ class BatchDecoder:
         h["live"][0] = b
         h["params"][b:n] = (0.0, 0.0, 1.0, 0.0, 0.0)
         return self._write_params(slot, samplers, caches)
+
+    def _wait_copied(self, slot: int) -> None:
+        """Before host copy `slot` is rewritten: the device has read it (nearly always long
+        since: the copy runs as the step before it ends)."""
+        if self._copy_queued[slot]:
+            d = driver()
+            if d is not None:
+                d.synchronize(self._copied[slot].ptr)
+            else:
+                self._copied[slot].synchronize()
+            self._copy_queued[slot] = False
 
     def _copy_inputs(self, slot: int, first: str = "tokens") -> None:
         """Host copy `slot` -> the device inputs, from field `first` on (params only: "params")."""
@@ -251,11 +271,15 @@ class BatchDecoder:
         if d is not None and graph.graphExec:  # (instantiated: the capture uploaded it)
             d.to_device(self._inputs.data.ptr + offset, self._inputs_host[slot].ptr + offset, self._nbytes - offset,
                         stream)
+            d.record(self._copied[slot].ptr, stream)
+            self._copy_queued[slot] = True
             d.launch(graph.graphExec, stream)
             d.to_host(self._chosen_host[slot].ptr, self.chosen.data.ptr, 8 * b, stream)
             d.record(event.ptr, stream)
             return event
         self._copy_inputs(slot, first)
+        self._copied[slot].record(self.stream)
+        self._copy_queued[slot] = True
         graph.launch(self.stream)
         self.cp.cuda.runtime.memcpyAsync(self._chosen_host[slot].ptr, self.chosen.data.ptr, 8 * b,
                                          _DEVICE_TO_HOST, self.stream.ptr)

@@ -25,11 +25,12 @@ _lib = None
 
 
 class Driver:
-    """libcuda's asynchronous copies, graph launch and event record (see module docstring)."""
+    """libcuda's asynchronous copies, graph launch, event record and synchronize (see module docstring)."""
 
     def __init__(self, lib):
         self.lib = lib
-        for name in ("cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2", "cuGraphLaunch", "cuEventRecord"):
+        for name in ("cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2", "cuGraphLaunch", "cuEventRecord",
+                     "cuEventSynchronize"):
             getattr(lib, name).restype = ctypes.c_int
 
     @staticmethod
@@ -50,6 +51,10 @@ class Driver:
 
     def record(self, event: int, stream: int) -> None:
         self._check(self.lib.cuEventRecord(ctypes.c_void_p(event), ctypes.c_void_p(stream)), "cuEventRecord")
+
+    def synchronize(self, event: int) -> None:
+        """Wait for an event with the lock held: only for one that has (almost surely) passed."""
+        self._check(self.lib.cuEventSynchronize(ctypes.c_void_p(event)), "cuEventSynchronize")
 
 
 def driver() -> Driver | None:
