@@ -154,7 +154,12 @@ class PagedKVCache(KVCache):
         self.capacity = capacity
         self._length = 0
         self.blocks: list[int] = []  # this sequence's blocks, in order: pool.table[row, :len(blocks)]
-        self.block_mask = _block_mask(min(capacity, PREFILL_CHUNK), pool.xp)
+
+    @property
+    def block_mask(self):
+        # looked up when the readable forward pass asks (the GPU's step reads none): a cache is
+        # made as a request joins, where each device call can cost the scheduler a turn
+        return _block_mask(min(self.capacity, PREFILL_CHUNK), self.pool.xp)
 
     @property
     def allocated(self) -> int:
