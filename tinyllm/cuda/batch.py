@@ -144,6 +144,17 @@ class BatchDecoder:
         self._last = self.graphs  # the set the last step ran
         self.capture_seconds = time.perf_counter() - start
 
+    def __del__(self):
+        # A step queued ahead may still be running when the last reference goes (a server
+        # stopped, a test's decoder dropped): what it reads and writes (its graph's memory,
+        # the inputs, the KV pool) is freed with this object, so let it end first.
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            try:
+                stream.synchronize()
+            except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone
+                pass
+
     def bucket(self, b: int) -> int:
         """The batch size of the graph that runs a step of b rows."""
         return next(n for n in self.buckets if n >= b)
