@@ -344,7 +344,9 @@ class BatchDecoder:
                     sampler.give_back(u)
             slot = self._slot = 1 - self._slot
             self._write_inputs(slot, tokens, positions, caches, samplers)
-            self.stream.wait_event(self.cp.cuda.get_current_stream().record())  # after any prefill
+            current = self.cp.cuda.get_current_stream()
+            if current.ptr != self.stream.ptr:  # after any prefill or prefix copy queued elsewhere
+                self.stream.wait_event(current.record())  # (the scheduler's thread uses this stream)
             event = self._launch(b, slot, "tokens", self.prompt_graphs if shared else self.graphs)
         on_host = [i for i, s in enumerate(samplers) if s is not None and not CudaDecoder.supports(s.params)]
         rows = None

@@ -571,8 +571,9 @@ def _planes(w):
 
 
 def gemv_q(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
-    """out[b] = W @ x[b] for a block-quantized W (tinyllm.quant.QuantizedMatrix), B <= 64
-    tokens in launches of q_tokens(kind, K, epilogue): a token's result does not depend on its launch.
+    """out[b] = W @ x[b] for a block-quantized W (tinyllm.quant.QuantizedMatrix), any number B
+    of tokens, in launches of q_tokens(kind, K, epilogue) tokens: a token's result does not
+    depend on its launch.
 
     w: [N, K] (EPI_SWIGLU: [2N, K]); x: [B, K]; out, residual: [B, N]."""
     n_out, k = w.shape
