@@ -97,6 +97,11 @@ class CudaDecoder:
         self.token = cp.zeros((1, 1), dtype=cp.int64)   # the step's input token
         self.params = cp.zeros(5, dtype=cp.float32)     # temperature, top_k, top_p, min_p, u
         self.w_scratch = cp.empty(c.vocab_size, dtype=cp.float32)
+        # The weights may still be being written (a load's conversions, a random model's
+        # numbers) on the stream that was current until now, which a non-blocking stream does
+        # not wait for: the warm-up below would read them half made (NaN logits, a sampled id
+        # out of range, an illegal address in the next step's embedding lookup).
+        cp.cuda.Device().synchronize()
         # One stream for everything on this thread from now on (prefill, replays, copies):
         # work queued by the decoder and by the readable path can then never overlap.
         self.stream = cp.cuda.Stream(non_blocking=True)
