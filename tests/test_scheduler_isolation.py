@@ -138,3 +138,32 @@ def test_a_bad_prompt_fails_alone_at_admission(model):
         sched.run_once()
     assert isinstance(events[0][-1], Failed) and "context overflow" in events[0][-1].message
     assert isinstance(events[1][-1], Finished) and len(events[1][-1].token_ids) == 3
+
+
+def test_a_failure_as_a_request_joins_leaves_nothing_of_it_running(model):
+    """The observer fails for the second request to join (after its cache was taken): that
+    request fails, its cache goes back, and the batch it did not join runs on unharmed."""
+    from tinyllm.scheduler import Observer
+
+    class FailingObserver(Observer):
+        def __init__(self):
+            self.joined = 0
+
+        def prompt(self, reused, computed):
+            self.joined += 1
+            if self.joined == 2:
+                raise RuntimeError("the metrics broke")
+
+    sched = Scheduler(ReadableStep(model), IdsTokenizer(), max_batch=4, max_queue=0, max_context=64,
+                      observer=FailingObserver())
+    events = {i: [] for i in range(4)}
+    for i in range(4):
+        sched.submit(Request(PROMPTS[i], PARAMS[i], StopRules(max_new_tokens=12, eos_ids=()), emit=events[i].append))
+    for _ in range(48):
+        if all(ev and isinstance(ev[-1], (Finished, Failed)) for ev in events.values()):
+            break
+        sched.run_once()
+    assert isinstance(events[1][-1], Failed) and "the metrics broke" in events[1][-1].message
+    for i in (0, 2, 3):
+        assert isinstance(events[i][-1], Finished) and events[i][-1].token_ids == alone(model, i)
+    assert not sched.running

@@ -379,9 +379,9 @@ class Scheduler:
                     self._finish(seq)
                     continue
                 seq.start(self.prefix)
-                self.running.append(seq)
-                rows += len(seq.pending)
                 self.observer.prompt(seq.reused, len(seq.pending))
+                self.running.append(seq)  # last: a sequence that failed must not be left running
+                rows += len(seq.pending)
             except Exception as e:  # one bad request must not stop the server
                 self._fail(seq, e, request)
             finally:
