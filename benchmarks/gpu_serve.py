@@ -334,12 +334,13 @@ class Clients:
             # spawn: a fresh interpreter, nothing of this process's GPU state or threads
             self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def run(self, port: int, n_streams: int, max_tokens: int, texts: list[str] | None = None) -> dict:
+    def run(self, port: int, n_streams: int, max_tokens: int, texts: list[str] | None = None,
+            per_request: bool = False) -> dict:
         from benchmarks.serve_load import load_run
 
         if self.pool is None:
-            return load_run(port, n_streams, max_tokens, texts)
-        return self.pool.submit(load_run, port, n_streams, max_tokens, texts).result()
+            return load_run(port, n_streams, max_tokens, texts, per_request)
+        return self.pool.submit(load_run, port, n_streams, max_tokens, texts, per_request).result()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -399,7 +400,11 @@ def device_name(device: str) -> str:
 
 class Timeline:
     """--timeline: when each request reached the scheduler, and each step's start, end, rows
-    (decode rows first) and the part of it spent waiting for the model; one JSON file per run."""
+    (decode rows first) and the part of it spent waiting for the model; and, from the client,
+    when each request was sent, written to its socket, got its first text and ended (one
+    clock: time.perf_counter
+    is the machine's monotonic clock in every process). One JSON file per run, times in
+    seconds from the first request sent."""
 
     def __init__(self, scheduler):
         self.scheduler, self.rows = scheduler, scheduler.rows
@@ -423,13 +428,14 @@ class Timeline:
     def clear(self) -> None:
         self.events = []
 
-    def write(self, folder: str, name: str) -> None:
+    def write(self, folder: str, name: str, requests=None) -> None:
         import json
 
         Path(folder).mkdir(parents=True, exist_ok=True)
-        t0 = self.events[0][1] if self.events else 0.0
-        rows = [[e[0]] + [round(x - t0, 6) if isinstance(x, float) and i < 3 else x for i, x in enumerate(e[1:], 1)]
-                for e in self.events]
+        events = self.events + [("request", *times) for times in requests or []]
+        t0 = min((e[1] for e in events), default=0.0)
+        rows = [[e[0]] + [round(x - t0, 6) if isinstance(x, float) and (i < 3 or e[0] == "request") else x
+                          for i, x in enumerate(e[1:], 1)] for e in events]
         (Path(folder) / f"timeline_{name}.json").write_text(json.dumps(rows))
 
 
@@ -465,14 +471,15 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                 if timeline is not None:
                     timeline.clear()
                 before, cpu = server_metrics(port), time.process_time()
-                r = clients.run(port, n, args.max_tokens, texts_for(n, run))
+                r = clients.run(port, n, args.max_tokens, texts_for(n, run), per_request=timeline is not None)
+                requests = r.pop("requests", None)
                 cpu = time.process_time() - cpu
                 r |= run_figures(before, server_metrics(port))
                 r["server_cpu_us_per_token"] = 1e6 * cpu / r["tokens"] if r["tokens"] else None
                 r["exact"] = r["tokens"] == n * args.max_tokens  # every request made max_tokens tokens
                 runs.setdefault(n, []).append(r)
                 if timeline is not None:
-                    timeline.write(args.timeline, f"{n}-{repeat + 1}{label.strip(' ()').replace(' ', '-')}")
+                    timeline.write(args.timeline, f"{n}-{repeat + 1}{label.strip(' ()').replace(' ', '-')}", requests)
                 print(f"repeat {repeat + 1}{label}: {n:3d} streams, {r['total_tok_s']:8.1f} tok/s total, "
                       f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}, "
                       f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens, "
@@ -685,8 +692,8 @@ def main(argv=None) -> int:
                    help="profile the scheduler thread's rounds (cProfile; its host work and its waits on the "
                         "step) over every run, and write the functions by own time and by cumulative time to FILE")
     p.add_argument("--timeline", metavar="FOLDER", default=None,
-                   help="write each run's submits and steps (start, end, rows, decode rows, model wait) to "
-                        "FOLDER/timeline_<streams>-<repeat>.json")
+                   help="write each run's submits and steps (start, end, rows, decode rows, model wait) and the "
+                        "client's times per request to FOLDER/timeline_<streams>-<repeat>.json")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")

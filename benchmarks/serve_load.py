@@ -121,6 +121,7 @@ def stream_once(port: int, prompt: str, max_tokens: int, start_gate: threading.B
     start_gate.wait()
     sent = time.perf_counter()
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    written = time.perf_counter()  # connected, and the request handed to the socket
     resp = conn.getresponse()
     first = last = None
     tokens = 0
@@ -138,7 +139,7 @@ def stream_once(port: int, prompt: str, max_tokens: int, start_gate: threading.B
             first = first or last
     done = time.perf_counter()
     conn.close()
-    return {"sent": sent, "first": first, "last": last, "done": done, "tokens": tokens}
+    return {"sent": sent, "written": written, "first": first, "last": last, "done": done, "tokens": tokens}
 
 
 def percentile(values, q: float):
@@ -147,9 +148,12 @@ def percentile(values, q: float):
     return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
 
 
-def load_run(port: int, n_streams: int, max_tokens: int, texts: list[str] | None = None) -> dict:
+def load_run(port: int, n_streams: int, max_tokens: int, texts: list[str] | None = None,
+             per_request: bool = False) -> dict:
     """n_streams streams started together (prompts: `texts`, default `prompts(n_streams)`);
-    figures of this one run."""
+    figures of this one run. per_request: also each request's [sent, written (connected and
+    the request handed to the socket), first text, done] times
+    (time.perf_counter: one clock for every process of the machine)."""
     texts = prompts(n_streams) if texts is None else texts
     if len(texts) != n_streams:
         raise ValueError(f"load_run: {n_streams} streams need {n_streams} prompts, got {len(texts)}")
@@ -173,7 +177,8 @@ def load_run(port: int, n_streams: int, max_tokens: int, texts: list[str] | None
     return {"tokens": tokens, "wall_s": end - start, "total_tok_s": tokens / (end - start),
             "stream_tok_s": statistics.median(per_stream) if per_stream else None,
             "ttft_s": statistics.median(ttfts) if ttfts else None,
-            "ttft_p90_s": percentile(ttfts, 90) if ttfts else None}
+            "ttft_p90_s": percentile(ttfts, 90) if ttfts else None} | (
+        {"requests": [[r["sent"], r["written"], r["first"], r["done"]] for r in results]} if per_request else {})
 
 
 def engine_ceiling(model_path, batch_sizes, repeats: int, steps: int = 8) -> dict:
