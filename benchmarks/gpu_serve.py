@@ -56,6 +56,11 @@ computed once; without it every prompt token is a miss. This scenario does not r
 transformers peer: its batch generate shares nothing between the prompts of a batch, which
 is what the cache-off server already measures with tinyllm's own engine.
 
+Timeline (--timeline DIR): per run, a JSON list of ["submit", t, prompt ids] (a request reached
+the scheduler), ["step", start, end, rows, decode rows, seconds waiting for the GPU] and, from
+the client, ["request", sent, written, first text, done]; times in seconds from the run's first
+event, on one clock (time.perf_counter is the machine's monotonic clock in every process).
+
 Packages: numpy, tokenizers, starlette, uvicorn, prometheus_client (and cupy on cuda). The
 script checks them first and exits with status 2, naming the missing ones.
 """
