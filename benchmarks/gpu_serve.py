@@ -407,12 +407,13 @@ class Timeline:
     """--timeline: when each request reached the scheduler, and each step's start, end, rows
     (decode rows first) and the part of it spent waiting for the model; and, from the client,
     when each request was sent, written to its socket, got its first text and ended (one
-    clock: time.perf_counter
-    is the machine's monotonic clock in every process). One JSON file per run, times in
-    seconds from the first request sent."""
+    clock: time.perf_counter is the machine's monotonic clock in every process). One JSON
+    file per run, times in seconds from the run's first event."""
+
+    CLOCK_FIELDS = {"submit": 1, "step": 2, "request": 4}  # per kind: its leading clock readings
 
     def __init__(self, scheduler):
-        self.scheduler, self.rows = scheduler, scheduler.rows
+        self.rows = scheduler.rows
         self.events: list = []
         submit, step = scheduler.submit, self.rows.step
 
@@ -439,8 +440,12 @@ class Timeline:
         Path(folder).mkdir(parents=True, exist_ok=True)
         events = self.events + [("request", *times) for times in requests or []]
         t0 = min((e[1] for e in events), default=0.0)
-        rows = [[e[0]] + [round(x - t0, 6) if isinstance(x, float) and (i < 3 or e[0] == "request") else x
-                          for i, x in enumerate(e[1:], 1)] for e in events]
+
+        def since(t):  # (a request without text has no time of its first text)
+            return None if t is None else round(t - t0, 6)
+
+        rows = [[kind] + [since(t) for t in fields[:self.CLOCK_FIELDS[kind]]] + list(fields[self.CLOCK_FIELDS[kind]:])
+                for kind, *fields in events]
         (Path(folder) / f"timeline_{name}.json").write_text(json.dumps(rows))
 
 

@@ -351,8 +351,8 @@ class Scheduler:
         sampler, its detokenizer, its prefix copied), so while a wave of requests arrives
         faster than they join, admitting all of them first would hold back every step, and
         with it the first token of those already in."""
-        rows = self._rows_planned()
-        while (self.preempted and len(self.running) < self.max_batch and rows < self._row_budget()
+        rows, budget = self._rows_planned(), self.rows.max_rows or math.inf  # (no limit: prompts run whole)
+        while (self.preempted and len(self.running) < self.max_batch and rows < budget
                and self._fits(len(self.preempted[0].ids))):
             seq = self.preempted.popleft()
             try:
@@ -363,7 +363,7 @@ class Scheduler:
                 self._fail(seq, e)
         if self.preempted:
             return
-        while len(self.running) < self.max_batch and rows < self._row_budget():
+        while len(self.running) < self.max_batch and rows < budget:
             with self._lock:
                 request = None if self._stopping else self._next_request()
                 if request is None or not self._fits(len(request.prompt_ids) or 1):
@@ -392,11 +392,6 @@ class Scheduler:
         """The rows the running sequences ask of the next step: one for each decoding sequence,
         its pending ids for each prompt not yet in its cache."""
         return sum(len(seq.pending) or 1 for seq in self.running)
-
-    def _row_budget(self) -> float:
-        """Rows a step takes (decode rows and prompt chunks together); no limit for a step that
-        prefills a prompt whole."""
-        return self.rows.max_rows or math.inf
 
     def _fits(self, n_ids: int) -> bool:
         """Whether a sequence with n_ids ids to prefill may join: the paged pool has blocks for
