@@ -57,9 +57,11 @@ transformers peer: its batch generate shares nothing between the prompts of a ba
 is what the cache-off server already measures with tinyllm's own engine.
 
 Timeline (--timeline DIR): per run, a JSON list of ["submit", t, prompt ids] (a request reached
-the scheduler), ["step", start, end, rows, decode rows, seconds waiting for the GPU] and, from
-the client, ["request", sent, written, first text, done]; times in seconds from the run's first
-event, on one clock (time.perf_counter is the machine's monotonic clock in every process).
+the scheduler), ["round", start, end] (one scheduler round: admission, the step, the events it
+sends), ["admit", start, end, sequences that joined], ["step", start, end, rows, decode rows,
+seconds waiting for the GPU] and, from the client, ["request", sent, written, first text, done];
+times in seconds from the run's first event, on one clock (time.perf_counter is the machine's
+monotonic clock in every process).
 
 Packages: numpy, tokenizers, starlette, uvicorn, prometheus_client (and cupy on cuda). The
 script checks them first and exits with status 2, naming the missing ones.
@@ -404,22 +406,37 @@ def device_name(device: str) -> str:
 # ---- the runs -----------------------------------------------------------------------------------
 
 class Timeline:
-    """--timeline: when each request reached the scheduler, and each step's start, end, rows
+    """--timeline: when each request reached the scheduler; each scheduler round's start and
+    end, and within it the admission's (with how many joined) and the step's, with its rows
     (decode rows first) and the part of it spent waiting for the model; and, from the client,
     when each request was sent, written to its socket, got its first text and ended (one
     clock: time.perf_counter is the machine's monotonic clock in every process). One JSON
     file per run, times in seconds from the run's first event."""
 
-    CLOCK_FIELDS = {"submit": 1, "step": 2, "request": 4}  # per kind: its leading clock readings
+    CLOCK_FIELDS = {"submit": 1, "step": 2, "round": 2, "admit": 2, "request": 4}  # per kind: its leading clock readings
 
     def __init__(self, scheduler):
         self.rows = scheduler.rows
         self.events: list = []
-        submit, step = scheduler.submit, self.rows.step
+        submit, step, run_once, admit = scheduler.submit, self.rows.step, scheduler.run_once, scheduler._admit
 
         def traced_submit(request):
             self.events.append(("submit", time.perf_counter(), len(request.prompt_ids)))
             return submit(request)
+
+        def traced_round():
+            began = time.perf_counter()
+            try:
+                return run_once()
+            finally:
+                self.events.append(("round", began, time.perf_counter()))
+
+        def traced_admit():
+            began, before = time.perf_counter(), len(scheduler.running)
+            try:
+                return admit()
+            finally:
+                self.events.append(("admit", began, time.perf_counter(), len(scheduler.running) - before))
 
         def traced_step(tokens, caches, samplers, histories, n_decode=None):
             began = time.perf_counter()
@@ -430,6 +447,7 @@ class Timeline:
                                     self.rows.model_seconds))
 
         scheduler.submit, self.rows.step = traced_submit, traced_step
+        scheduler.run_once, scheduler._admit = traced_round, traced_admit
 
     def clear(self) -> None:
         self.events = []
