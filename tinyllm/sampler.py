@@ -380,7 +380,7 @@ class Sampler:
         elif kwargs:
             raise TypeError("pass either SamplingParams or keyword arguments, not both")
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self._rng: np.random.Generator | None = None  # made at the first draw: see `rng`
         self._given_back: list[float] = []  # numbers drawn and not used (give_back), drawn again first
         self.last_logprob: TokenLogprob | None = None  # the last token's, when params.logprobs is set
         self.constraint = None if params.grammar is None else params.grammar.start()  # this sequence's matcher
@@ -411,6 +411,14 @@ class Sampler:
     def filtered_probs(self, logits: np.ndarray, history: TokenHistory | None = None) -> np.ndarray:
         """The distribution the next token is drawn from: float64 [V], zeros for removed tokens."""
         return softmax(self.filtered_logits(logits, history))
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The seeded generator. Made when first drawn from: a greedy request never draws, and
+        making one (seeding from the OS when no seed is given) is a server's per-request cost."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.params.seed)
+        return self._rng
 
     def uniform(self) -> float:
         """The one random number a (non-greedy) token consumes."""
