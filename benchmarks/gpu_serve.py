@@ -250,7 +250,7 @@ class _InstantBatch:
     def can_take(self, positions: int, spare_blocks: int = 0) -> bool:
         return True
 
-    def step(self, tokens, caches, samplers, histories, n_decode=None) -> list:
+    def step(self, tokens, caches, samplers, histories, n_decode=None, horizon=None) -> list:
         counts: dict[int, list] = {}
         for cache in caches:
             counts.setdefault(id(cache), [cache, 0])[1] += 1
@@ -280,6 +280,11 @@ def build_llm(args):
         # The fused kernels and the graph-captured decoder, as tinyllm.load picks them; the
         # server's scheduler captures batched graphs through the same step.
         from tinyllm.cuda import CudaStep
+
+        if args.queue_depth is not None:
+            from tinyllm.cuda import batch
+
+            batch.QUEUE_DEPTH = args.queue_depth
 
         step = CudaStep(model)
     model.device.synchronize()
@@ -438,10 +443,10 @@ class Timeline:
             finally:
                 self.events.append(("admit", began, time.perf_counter(), len(scheduler.running) - before))
 
-        def traced_step(tokens, caches, samplers, histories, n_decode=None):
+        def traced_step(tokens, caches, samplers, histories, n_decode=None, horizon=None):
             began = time.perf_counter()
             try:
-                return step(tokens, caches, samplers, histories, n_decode=n_decode)
+                return step(tokens, caches, samplers, histories, n_decode=n_decode, horizon=horizon)
             finally:
                 self.events.append(("step", began, time.perf_counter(), len(tokens), n_decode,
                                     self.rows.model_seconds))
@@ -719,6 +724,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-host", metavar="FILE", default=None,
                    help="profile the scheduler thread's rounds (cProfile; its host work and its waits on the "
                         "step) over every run, and write the functions by own time and by cumulative time to FILE")
+    p.add_argument("--queue-depth", type=int, default=None, metavar="N",
+                   help="steps the batched GPU step queues ahead (default: tinyllm.cuda.batch.QUEUE_DEPTH): "
+                        "to measure its effect")
     p.add_argument("--timeline", metavar="FOLDER", default=None,
                    help="write each run's submits and steps (start, end, rows, decode rows, model wait) and the "
                         "client's times per request to FOLDER/timeline_<streams>-<repeat>.json")

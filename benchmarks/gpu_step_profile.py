@@ -40,7 +40,7 @@ def profile_step(batch, b: int, repeats: int) -> dict:
         for _ in range(4):
             tokens = batch.step(tokens, caches)
         replay = replay_ms(batch, b, 32)  # (ends with the device idle)
-        batch._write_inputs(0, tokens, [c.length for c in caches], [c.pool_row for c in caches], [None] * b)
+        batch._write_inputs(0, tokens, [c.length for c in caches], caches, [None] * b)
         batch._copy_inputs(0)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(repeats):

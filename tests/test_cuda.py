@@ -1036,6 +1036,40 @@ def test_a_step_queued_through_the_driver_gives_what_cupy_queues(pair, batch, mo
     assert run() == through_driver
 
 
+def test_steps_queued_two_deep_give_the_tokens_of_steps_never_queued(pair, batch):
+    """With two steps queued behind the one waited for, rows that keep going take the queued
+    steps, and when a row leaves (its sequence ended) both queued steps are superseded and
+    their uniform numbers drawn again: greedy and seeded rows get exactly the ids of steps
+    run one at a time with nothing queued."""
+    name, readable, fast, decoder = pair
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=3),
+              SamplingParams(temperature=1.0, top_k=20, seed=4), SamplingParams(min_p=0.05, temperature=0.7, seed=5)]
+
+    def run(queue: bool):
+        caches = [batch.new_cache() for _ in params]
+        _rows_prefilled(fast, caches, [5, 33, 70, 12])
+        samplers = [Sampler(p) for p in params]
+        tokens, out, depths = [3, 1, 4, 1], [], []
+        live = list(range(len(params)))
+        try:
+            for step in range(14):
+                if step in (6, 10):  # a row leaves: the queued steps no longer match
+                    gone = live.pop(1)
+                    batch.release(caches[gone])
+                    tokens = tokens[:1] + tokens[2:]
+                tokens = batch.step(tokens, [caches[i] for i in live], [samplers[i] for i in live], queue_next=queue)
+                depths.append(len(batch._ahead))
+                out.append(list(zip(live, tokens)))
+        finally:
+            for i in live:
+                batch.release(caches[i])
+        return out, depths
+
+    queued, depths = run(True)
+    alone, none = run(False)
+    assert queued == alone
+    assert max(depths) == batch.depth == 2 and set(none) == {0}
+
 def test_scheduler_on_the_gpu_batch_equals_alone(pair, batch, record):
     """The server's scheduler on the fast path: 8 requests at once (greedy, seeded sampling,
     a repetition penalty sampled on the host) each give exactly the tokens they give alone.

@@ -233,7 +233,7 @@ class CountingBatch(ReadableBatch):
         super().__init__(model, capacity)
         self.prompt_rows = 0
 
-    def step(self, tokens, caches, samplers, histories, n_decode=None):
+    def step(self, tokens, caches, samplers, histories, n_decode=None, horizon=None):
         self.prompt_rows += len(caches) - (len(caches) if n_decode is None else n_decode)
         return super().step(tokens, caches, samplers, histories, n_decode)
 

@@ -33,7 +33,7 @@ class PoisonedBatch(ReadableBatch):
         self.made.append(super().new_cache(positions))
         return self.made[-1]
 
-    def step(self, tokens, caches, samplers, histories, n_decode=None):
+    def step(self, tokens, caches, samplers, histories, n_decode=None, horizon=None):
         """The decode rows as ReadableBatch runs them, but poisoned; the prompts' rows as it does."""
         self.steps += 1
         n = len(caches) if n_decode is None else n_decode

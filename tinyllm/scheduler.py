@@ -197,6 +197,13 @@ class Sequence:
         (the last of which, once decoding, is the next one to feed)."""
         return self.prompt_ids + self.stream.token_ids
 
+    def steps_left(self) -> int:
+        """After the step that gives its next token, the most steps this sequence can still take
+        part in: its token budget and its context bound it (an end-of-sequence id or a stop
+        string may end it sooner)."""
+        s, cache = self.stream, self.cache
+        return max(0, min(s.rules.max_new_tokens - len(s.token_ids), cache.capacity - cache.length) - 1)
+
     def suspend(self) -> None:
         """Leave the batch without ending (preempted: the KV cache pool is short). The cache goes
         back; `start` later computes everything again (on the GPU the same keys and values bit
@@ -473,8 +480,11 @@ class Scheduler:
             samplers += [None] * (n - 1) + [seq.sampler if last else None]
             owners += [None] * (n - 1) + [seq if last else None]
             chunks.append((seq, n))
+        # the GPU's step queues the steps after this one; it need not queue one that a sequence,
+        # ending by its budget, would not be fed (it would be computed, then thrown away)
+        horizon = min((seq.steps_left() for seq in decoding), default=0)
         chosen = self.rows.step(tokens, caches, samplers, [None if o is None else o.stream.history for o in owners],
-                                n_decode=len(decoding))
+                                n_decode=len(decoding), horizon=horizon)
         for seq, n in chunks:
             del seq.pending[:n]
         prefilled = {seq for seq, n in chunks if not seq.pending}  # their prompts are whole in the cache

@@ -8,6 +8,8 @@ the next token ids:
     step.decode(token, cache, sampler, history)   one token fed back -> the next token id
     batch = step.batch(max_batch, capacity, kv_bytes)  caches for many sequences, and one step for all:
     batch.step(tokens, caches, samplers, histories) -> per row, the next id (or that row's error)
+                                                  (horizon=k: every row's sequence takes part in at most
+                                                  k steps after this one; a step may use it to queue ahead)
     step.prompt_logits(ids)                       every prompt position's logits, for scoring a prompt
 
 `ReadableStep`, here, is the model's forward pass followed by the host sampler, for one
@@ -127,9 +129,11 @@ class ReadableBatch:
         if self.pool is not None:
             self.pool.release(cache)
 
-    def step(self, tokens, caches, samplers, histories, n_decode: int | None = None) -> list:
+    def step(self, tokens, caches, samplers, histories, n_decode: int | None = None,
+             horizon: int | None = None) -> list:
         """Feed tokens[b] to the sequence in caches[b]; -> per row, the next id, an exception
         (that row's sampling, or its prompt's prefill, failed), or None (a row with no sampler).
+        (`horizon` tells a step that queues steps ahead how far it may; this one queues none.)
 
         Rows [0, n_decode) are one token per sequence, decoded together by decode_batch; the
         rest are prompts, each a run of consecutive rows of one cache, each run through the

@@ -41,6 +41,7 @@ own row and column), so a request gives the same tokens at any batch size.
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 
@@ -54,6 +55,11 @@ from .decoder import CudaDecoder, capture_graph
 from .ops import GEMMS, STEP_ROWS, FastOps
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
+
+# Steps queued ahead of the one the host waits for (see BatchDecoder.step). One hides the
+# host's work on a step's tokens behind the next step's GPU time on average; a second keeps
+# the GPU busy through a round where the host is late (the event loop held the interpreter).
+QUEUE_DEPTH = 2
 
 
 class BatchDecoder:
@@ -84,8 +90,8 @@ class BatchDecoder:
         self.capacity = self.pool.capacity  # positions per sequence (the server's context limit)
         # The step's inputs, laid out the same in pinned host memory and in device memory,
         # so that one copy moves them all: tokens, positions, sampling params, block tables.
-        # Two host copies (A/B) of the inputs and of the chosen ids, because the next step
-        # is queued before this one is read (see `step`): a copy is rewritten only once the
+        # A host copy of the inputs and of the chosen ids per step in flight (the one waited
+        # for and QUEUE_DEPTH queued behind it: see `step`): a copy is rewritten only once the
         # device has read it (`_wait_copied`), and its ids only after its step was waited for.
         # (A superseded step's writes sit past each cache's length, where the real step writes
         # again.)
@@ -96,8 +102,10 @@ class BatchDecoder:
                   ("params", np.float32, (m, 5)), ("table", np.int32, (m, self.pool.table.shape[1]))]
         nbytes = sum(np.dtype(t).itemsize * int(np.prod(shape)) for _, t, shape in layout)
         self._inputs = cp.zeros(nbytes, dtype=cp.uint8)
-        self._inputs_host = [cp.cuda.alloc_pinned_memory(nbytes) for _ in range(2)]
-        self.host, self.device, self._offset, offset = [{}, {}], {}, {}, 0
+        self.depth = QUEUE_DEPTH
+        copies = self.depth + 1
+        self._inputs_host = [cp.cuda.alloc_pinned_memory(nbytes) for _ in range(copies)]
+        self.host, self.device, self._offset, offset = [{} for _ in range(copies)], {}, {}, 0
         for name, dtype, shape in layout:
             size = np.dtype(dtype).itemsize * int(np.prod(shape))
             for h, buf in zip(self.host, self._inputs_host):
@@ -116,16 +124,16 @@ class BatchDecoder:
                                             shared_rows=True, gemm=gemm, table=self.device["table"])
         self.prompt_model = self.model.with_ops(self.prompt_ops)
         self.chosen = cp.zeros(m, dtype=cp.int64)                  # the ids chosen by the last step
-        self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(2)]
-        self._done = [cp.cuda.Event(disable_timing=True) for _ in range(2)]  # per host copy: its step ended
+        self._chosen_host = [cp.cuda.alloc_pinned_memory(8 * m) for _ in range(copies)]
+        self._done = [cp.cuda.Event(disable_timing=True) for _ in range(copies)]  # per host copy: its step ended
         # per host copy: the device has read it. A superseded step's copy may still be queued
         # when the host comes to rewrite that copy (its step is never waited for), and a
         # copy read half old, half new would send a row's writes through another
         # sequence's block table.
-        self._copied = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
-        self._copy_queued = [False, False]
+        self._copied = [cp.cuda.Event(disable_timing=True) for _ in range(copies)]
+        self._copy_queued = [False] * copies
         self._slot = 0         # which host copy the last queued step used
-        self._ahead = None     # the step queued ahead by `step` (see there)
+        self._ahead: collections.deque[_Queued] = collections.deque()  # the steps queued ahead by `step`, in order
         self.wait_seconds = 0.0  # of the last step, the host's wait for the device
         self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
         # One graph per bucket of batch sizes; a step of B rows runs the smallest bucket that
@@ -213,7 +221,7 @@ class BatchDecoder:
 
     def _capture(self, b: int, model, ops):
         caches = [self.pool.spare_cache() for _ in range(b)]  # every row writes to the spare block, at position 0
-        self._ahead = None
+        self._ahead = collections.deque()
         self._write_inputs(0, [0] * b, [0] * b, caches, [None] * b)
         self._copy_inputs(0)
         before = ops.stats["rows_attention"]
@@ -297,7 +305,7 @@ class BatchDecoder:
         event.record(self.stream)
         return event
 
-    def step(self, tokens, caches, samplers=None, queue_next: bool = True) -> list:
+    def step(self, tokens, caches, samplers=None, queue_next: bool = True, ahead: int | None = None) -> list:
         """Feed tokens[b] to the sequence in caches[b] (rows of this decoder's cache) and choose
         each one's next token. Returns, per row, the chosen id (an int), or, for a sampler
         with penalties, that row's logits [V] (float32, host) to sample on the host.
@@ -306,14 +314,15 @@ class BatchDecoder:
         step): they go in at its next positions, each attending to those before it; a row
         whose sampler is None chooses nothing that matters (greedy, no random number drawn).
 
-        Before waiting for a step of one row per sequence, the next one is queued
-        (`queue_next`): it feeds the device's own choices (the sampler kernel leaves them, and
-        the advanced positions, in the device inputs), so the GPU runs it while the host
-        handles this step's tokens. If the next call feeds exactly those tokens to the same
-        caches, its step is already running; otherwise (a sequence joined or left, or a caller
-        fed something else) it is superseded: its K/V writes sit past each cache's length,
-        where the real step writes again, and the uniform numbers it drew are used by the real
-        step instead."""
+        Before waiting for a step of one row per sequence, the next ones are queued
+        (`queue_next`; up to `depth`, and no more than `ahead`, the steps the caller knows
+        every row will still take): each feeds the device's own choices (the sampler kernel
+        leaves them, and the advanced positions, in the device inputs), so the GPU runs them
+        while the host handles this step's tokens. If the next call feeds exactly those
+        tokens to the same caches, its step is already running; otherwise (a sequence joined
+        or left, or a caller fed something else) every queued step is superseded: its K/V
+        writes sit past each cache's length, where the real steps write again, and the
+        uniform numbers it drew are used by the real steps instead."""
         b = len(caches)
         if not 1 <= b <= self.max_rows:
             raise ValueError(f"a batched step takes 1 to {self.max_rows} rows, got {b}")
@@ -335,14 +344,18 @@ class BatchDecoder:
             cache.check_room(counts[id(cache)])
         shared = len(distinct) < b
         tokens = [int(t) for t in tokens]
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and not shared and ahead.matches(tokens, caches, samplers):
-            slot, event = ahead.slot, ahead.event
+        queued = self._ahead
+        if queued and not shared and queued[0].matches(tokens, caches, samplers):
+            head = queued.popleft()
+            slot, event = head.slot, head.event
         else:
-            if ahead is not None:  # superseded: its numbers are drawn again by the steps that use them
-                for sampler, u in reversed(ahead.drawn):
+            # superseded: their numbers are drawn again by the steps that use them, the latest
+            # drawn given back first (a sampler gives back last in, first out)
+            for step in reversed(queued):
+                for sampler, u in reversed(step.drawn):
                     sampler.give_back(u)
-            slot = self._slot = 1 - self._slot
+            queued.clear()
+            slot = self._slot = (self._slot + 1) % len(self.host)
             self._write_inputs(slot, tokens, positions, caches, samplers)
             current = self.cp.cuda.get_current_stream()
             if current.ptr != self.stream.ptr:  # after any prefill or prefix copy queued elsewhere
@@ -358,21 +371,21 @@ class BatchDecoder:
             with self.stream:
                 rows = self.logits(b)[np.asarray(on_host)].get(stream=self.stream)
             self.wait_seconds += time.perf_counter() - began
-        following = None
-        # (the step queued ahead writes at each cache's next position: it must be in a held block)
-        if queue_next and not shared and not on_host and all(c.length + 2 <= c.allocated for c in caches):
-            nslot = self._slot = 1 - slot
-            drawn = self._write_params(nslot, samplers, caches)
-            following = _Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers)
+        if queue_next and not shared and not on_host:
+            # step k behind this one writes each cache's position length + k: it must be in a held block
+            depth = self.depth if ahead is None else min(self.depth, ahead)
+            while len(queued) < depth and all(c.length + len(queued) + 2 <= c.allocated for c in caches):
+                nslot = self._slot = (self._slot + 1) % len(self.host)
+                drawn = self._write_params(nslot, samplers, caches)
+                queued.append(_Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers))
         began = time.perf_counter()
         event.synchronize()
         self.wait_seconds += time.perf_counter() - began
         for cache in distinct:
             cache.advance(counts[id(cache)])
         out = [int(i) for i in np.frombuffer(self._chosen_host[slot], dtype=np.int64, count=b)]
-        if following is not None:
-            following.expect(out, caches)
-            self._ahead = following
+        if queued:
+            queued[0].expect(out, caches)  # (the ones behind it learn theirs as the steps before them end)
         for j, i in enumerate(on_host):
             out[i] = rows[j]
         return out

@@ -103,10 +103,12 @@ class CudaBatch:
         host, not the GPU, set the pace."""
         return self.decoder.wait_seconds
 
-    def step(self, tokens, caches, samplers, histories, n_decode: int | None = None) -> list:
-        """One replay for every row (a prompt's rows share their cache: see BatchDecoder.step);
-        -> per row the next id, that row's error, or None where the row has no sampler."""
-        out = self.decoder.step(tokens, caches, samplers)  # ids, or logits rows for penalised samplers
+    def step(self, tokens, caches, samplers, histories, n_decode: int | None = None,
+             horizon: int | None = None) -> list:
+        """One replay for every row (a prompt's rows share their cache: see BatchDecoder.step),
+        with up to `horizon` steps queued behind it; -> per row the next id, that row's error,
+        or None where the row has no sampler."""
+        out = self.decoder.step(tokens, caches, samplers, ahead=horizon)  # ids, or logits rows for penalised samplers
         for i, chosen in enumerate(out):
             if samplers[i] is None:
                 out[i] = None
