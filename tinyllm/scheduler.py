@@ -431,7 +431,8 @@ class Scheduler:
 
     def _reserve(self) -> None:
         """Room in each running sequence's cache for its rows of the next step, and one position
-        more (where the GPU's step queued ahead writes). When a paged pool is short, the sequence
+        more (where the GPU's step queued ahead writes; a second one queued behind it only where
+        its position is in a held block already). When a paged pool is short, the sequence
         that joined last is preempted (`Sequence.suspend`) until the others fit: it rejoins
         first, when blocks are free again, and computes its ids again. A contiguous cache
         always has room (it holds its capacity from the start)."""
