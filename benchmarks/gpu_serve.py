@@ -59,8 +59,7 @@ is what the cache-off server already measures with tinyllm's own engine.
 Timeline (--timeline DIR): per run, a JSON list of ["submit", t, prompt ids] (a request reached
 the scheduler), ["round", start, end] (one scheduler round: admission, the step, the events it
 sends), ["admit", start, end, sequences that joined], ["step", start, end, rows, decode rows,
-seconds waiting for the GPU] (from its beginning to its result: the admission of the round runs
-in between, while the GPU computes) and, from the client, ["request", sent, written, first text, done];
+seconds waiting for the GPU] and, from the client, ["request", sent, written, first text, done];
 times in seconds from the run's first event, on one clock (time.perf_counter is the machine's
 monotonic clock in every process).
 
@@ -223,8 +222,7 @@ class _InstantBatch:
     """step_ms > 0: each step also sleeps that long (the interpreter released, as while the
     host waits for a GPU), so steps gather as many sequences as on a GPU whose step takes
     that long, and the host's work per step can be measured at that batch size on any
-    machine. The step's model time runs from `begin` to `result`, as a GPU's would: what the
-    scheduler does in between (admission) overlaps it, and `result` sleeps what is left."""
+    machine. The sleep is the step's model time; nothing overlaps it."""
 
     def __init__(self, model, capacity: int, step_ms: float = 0.0, max_rows: int = 64):
         import numpy as np
@@ -253,28 +251,16 @@ class _InstantBatch:
         return True
 
     def step(self, tokens, caches, samplers, histories, n_decode=None, horizon=None) -> list:
-        return self.begin(tokens, caches, samplers, histories, n_decode, horizon).result()
-
-    def begin(self, tokens, caches, samplers, histories, n_decode=None, horizon=None):
-        began = time.perf_counter()
-        out = self.rng.integers(3, self.model.config.vocab_size, len(caches)).tolist()
-
-        class Begun:
-            @staticmethod
-            def result():
-                left = self.step_s - (time.perf_counter() - began)
-                slept = time.perf_counter()
-                if left > 0:
-                    time.sleep(left)
-                self.model_seconds = time.perf_counter() - slept
-                counts: dict[int, list] = {}
-                for cache in caches:
-                    counts.setdefault(id(cache), [cache, 0])[1] += 1
-                for cache, n in counts.values():
-                    cache.advance(n)
-                return out
-
-        return Begun()
+        counts: dict[int, list] = {}
+        for cache in caches:
+            counts.setdefault(id(cache), [cache, 0])[1] += 1
+        for cache, n in counts.values():
+            cache.advance(n)
+        if self.step_s:
+            began = time.perf_counter()
+            time.sleep(self.step_s)
+            self.model_seconds = time.perf_counter() - began
+        return self.rng.integers(3, self.model.config.vocab_size, len(caches)).tolist()
 
 
 def build_llm(args):
@@ -437,7 +423,7 @@ class Timeline:
     def __init__(self, scheduler):
         self.rows = scheduler.rows
         self.events: list = []
-        submit, begin, run_once, admit = scheduler.submit, self.rows.begin, scheduler.run_once, scheduler._admit
+        submit, step, run_once, admit = scheduler.submit, self.rows.step, scheduler.run_once, scheduler._admit
 
         def traced_submit(request):
             self.events.append(("submit", time.perf_counter(), len(request.prompt_ids)))
@@ -457,22 +443,15 @@ class Timeline:
             finally:
                 self.events.append(("admit", began, time.perf_counter(), len(scheduler.running) - before))
 
-        def traced_begin(tokens, caches, samplers, histories, n_decode=None, horizon=None):
+        def traced_step(tokens, caches, samplers, histories, n_decode=None, horizon=None):
             began = time.perf_counter()
-            begun = begin(tokens, caches, samplers, histories, n_decode=n_decode, horizon=horizon)
-            result = begun.result
+            try:
+                return step(tokens, caches, samplers, histories, n_decode=n_decode, horizon=horizon)
+            finally:
+                self.events.append(("step", began, time.perf_counter(), len(tokens), n_decode,
+                                    self.rows.model_seconds))
 
-            def traced_result():  # the step's end: its result taken
-                try:
-                    return result()
-                finally:
-                    self.events.append(("step", began, time.perf_counter(), len(tokens), n_decode,
-                                        self.rows.model_seconds))
-
-            begun.result = traced_result
-            return begun
-
-        scheduler.submit, self.rows.begin = traced_submit, traced_begin
+        scheduler.submit, self.rows.step = traced_submit, traced_step
         scheduler.run_once, scheduler._admit = traced_round, traced_admit
 
     def clear(self) -> None:

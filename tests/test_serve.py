@@ -292,20 +292,18 @@ def test_scheduler_sequences_join_and_leave_at_step_boundaries(llm):
         sched.submit(request)
         return request
 
-    # a sequence's first step prefills its prompt (its first token), each later one decodes; a
-    # request joins while a step runs, and takes part from the next one
+    # a sequence's first step prefills its prompt (its first token), each later one decodes
     submit("A", PROMPTS[0], 6)
     sched.run_once()                      # A prefilled (token 1)
     submit("B", PROMPTS[1], 6)
-    sched.run_once()                      # A alone (token 2); B joins meanwhile
+    sched.run_once()                      # B joins: a step of 2 (A token 2, B token 1)
     d = submit("D", PROMPTS[3], 20)
     submit("C", PROMPTS[2], 2)
-    sched.run_once()                      # a step of 2 (A token 3, B token 1); D and C join meanwhile
-    sched.run_once()                      # a step of 4 (D and C: token 1)
+    sched.run_once()                      # D and C join: a step of 4
     sched.cancel(d)
     while sched.running or sched.waiting:
         sched.run_once()                  # D leaves at the boundary; C (2 tokens), A, then B finish
-    assert steps.sizes == [1, 1, 2, 4, 3, 2, 1, 1]
+    assert steps.sizes == [1, 2, 4, 3, 2, 2, 1]
     # each round's time, split: the model's forward passes, and the host's share around them
     assert len(steps.times) == len(steps.sizes)
     assert all(host >= 0 and model > 0 for host, model in steps.times)

@@ -267,7 +267,6 @@ class Scheduler:
         self.n_admitting = 0            # popped from `waiting`, being prefilled
         self.steps = 0                  # decode steps run so far
         self._gaps: list[float] = []    # this step's times between tokens, for the observer
-        self._storing: set = set()      # sequences whose prompts the step in flight completes
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -330,42 +329,23 @@ class Scheduler:
         self.close()
 
     def run_once(self) -> None:
-        """One step boundary: cancelled sequences leave, one decode step begins, waiting
-        requests join while it runs (on a GPU, admission's host work overlaps the step), the
-        step's tokens go out. A request that joins takes part from the next step. (The thread
-        calls this in a loop; tests call it directly to control the timing.)"""
+        """One step boundary: cancelled sequences leave, waiting ones join, one decode step.
+        (The thread calls this in a loop; tests call it directly to control the timing.)"""
         began = time.perf_counter()
         self._drop_cancelled()
-        if not self.running:
-            self._admit()  # (nothing runs to overlap)
-        if not self.running:
-            return
-        try:
-            begun = self._begin_step()
-        except Exception as e:  # the batched step itself failed: every running request ends
-            self._fail_step(list(self.running), e)
-            return
-        stepped = list(self.running)  # (after any preemption: the sequences in the step)
-        try:
-            self._admit()
-        finally:
+        self._admit()
+        if self.running:
             try:
-                if begun is not None:
-                    self._end_step(*begun)
-            except Exception as e:
-                self._fail_step(stepped, e)
+                self._step()
+            except Exception as e:  # the batched step itself failed: every running request ends
+                for seq in self.running:
+                    self._fail(seq, e)
+                self.running = []
                 return
-        # where a round's time goes: if the host's share outgrows the model's, more rows per
-        # step cannot help; only less host work per token can
-        model = self.rows.model_seconds
-        self.observer.step_time(max(0.0, time.perf_counter() - began - model), model)
-
-    def _fail_step(self, stepped: list, error: Exception) -> None:
-        """The batched step itself failed: every request in it ends (those that joined while it
-        ran were not in it, and carry on)."""
-        for seq in stepped:
-            self._fail(seq, error)
-        self.running = [seq for seq in self.running if seq not in stepped]
+            # where a round's time goes: if the host's share outgrows the model's, more rows per
+            # step cannot help; only less host work per token can
+            model = self.rows.model_seconds
+            self.observer.step_time(max(0.0, time.perf_counter() - began - model), model)
 
     def _admit(self) -> None:
         """Preempted sequences, then waiting requests, join while the batch has room and the KV
@@ -435,7 +415,7 @@ class Scheduler:
         the lock held.)"""
         if self.prefix is None or not self.waiting:
             return self.waiting[0] if self.waiting else None
-        coming = {key for seq in self.running if seq.pending or seq in self._storing for key in seq.prefix_keys}
+        coming = {key for seq in self.running if seq.pending for key in seq.prefix_keys}
         for request in self.waiting:
             keys = self._keys.get(request)
             if keys is None:
@@ -481,13 +461,13 @@ class Scheduler:
                 room -= n
         return decoding, chunks
 
-    def _begin_step(self):
-        """One step begun: a row for each decoding sequence (its last token), then the next
-        chunk of each prompt still pending, as many rows as the step takes. -> what `_end_step`
-        needs (None if preemption left nothing to run)."""
+    def _step(self) -> None:
+        """One step: a row for each decoding sequence (its last token), then the next chunk of
+        each prompt still pending, as many rows as the step takes; then every row that ends
+        a sequence's input so far gives it its next token."""
         self._reserve()
         if not self.running:
-            return None
+            return
         decoding, planned = self._plan()
         tokens = [seq.last_token for seq in decoding]                              # one row each
         caches = [seq.cache for seq in decoding]
@@ -504,22 +484,13 @@ class Scheduler:
         # the GPU's step queues the steps after this one; it need not queue one that a sequence,
         # ending by its budget, would not be fed (it would be computed, then thrown away)
         horizon = min((seq.steps_left() for seq in decoding), default=0)
-        begun = self.rows.begin(tokens, caches, samplers, [None if o is None else o.stream.history for o in owners],
+        chosen = self.rows.step(tokens, caches, samplers, [None if o is None else o.stream.history for o in owners],
                                 n_decode=len(decoding), horizon=horizon)
         for seq, n in chunks:
             del seq.pending[:n]
         prefilled = {seq for seq, n in chunks if not seq.pending}  # their prompts are whole in the cache
-        self._storing = prefilled  # (stored in the prefix cache once the step ends: see _next_request)
-        return begun, owners, prefilled, len(decoding) + len(chunks)
-
-    def _end_step(self, begun, owners, prefilled, sequences) -> None:
-        """The step's result: every row that ends a sequence's input so far gives it its next token."""
-        try:
-            chosen = begun.result()
-        finally:
-            self._storing = set()
         self.steps += 1
-        self.observer.step(sequences)
+        self.observer.step(len(decoding) + len(chunks))
         for seq, token in zip(owners, chosen):
             if seq is None:
                 continue

@@ -10,8 +10,6 @@ the next token ids:
     batch.step(tokens, caches, samplers, histories) -> per row, the next id (or that row's error)
                                                   (horizon=k: every row's sequence takes part in at most
                                                   k steps after this one; a step may use it to queue ahead)
-    batch.begin(tokens, caches, ...).result()     the same, in two halves: the scheduler admits
-                                                  new requests between them, while a GPU computes
     step.prompt_logits(ids)                       every prompt position's logits, for scoring a prompt
 
 `ReadableStep`, here, is the model's forward pass followed by the host sampler, for one
@@ -98,16 +96,6 @@ def paged_pool(model, rows: int, capacity: int, kv_bytes: int | None, block: int
                      model.dtype, model.xp)
 
 
-class Done:
-    """A step whose rows are computed already: `result()` gives them."""
-
-    def __init__(self, out: list):
-        self.out = out
-
-    def result(self) -> list:
-        return self.out
-
-
 class ReadableBatch:
     """Many sequences decoded by one `Model.decode_batch`, each with a cache of its own, or with
     its positions in blocks of one shared BlockPool (`pool`: paged, as the GPU's batch holds them)."""
@@ -140,11 +128,6 @@ class ReadableBatch:
         """A sequence ended: its blocks go back to the pool (a cache of its own is simply dropped)."""
         if self.pool is not None:
             self.pool.release(cache)
-
-    def begin(self, tokens, caches, samplers, histories, n_decode: int | None = None,
-              horizon: int | None = None) -> Done:
-        """`step`, as the scheduler calls it: on the CPU the rows are computed here, at once."""
-        return Done(self.step(tokens, caches, samplers, histories, n_decode, horizon))
 
     def step(self, tokens, caches, samplers, histories, n_decode: int | None = None,
              horizon: int | None = None) -> list:

@@ -134,7 +134,6 @@ class BatchDecoder:
         self._copy_queued = [False] * copies
         self._slot = 0         # which host copy the last queued step used
         self._ahead: collections.deque[_Queued] = collections.deque()  # the steps queued ahead by `step`, in order
-        self._running: _Running | None = None  # a step begun, its result not yet taken
         self.wait_seconds = 0.0  # of the last step, the host's wait for the device
         self.w_scratch = cp.empty((m, self.model.config.vocab_size), dtype=cp.float32)
         # One graph per bucket of batch sizes; a step of B rows runs the smallest bucket that
@@ -310,7 +309,6 @@ class BatchDecoder:
         """Feed tokens[b] to the sequence in caches[b] (rows of this decoder's cache) and choose
         each one's next token. Returns, per row, the chosen id (an int), or, for a sampler
         with penalties, that row's logits [V] (float32, host) to sample on the host.
-        (`begin(...).result()`: a caller with other work to do meanwhile calls the two apart.)
 
         A cache may take several consecutive rows (a prompt's next tokens, prefilled in the
         step): they go in at its next positions, each attending to those before it; a row
@@ -325,14 +323,6 @@ class BatchDecoder:
         or left, or a caller fed something else) every queued step is superseded: its K/V
         writes sit past each cache's length, where the real steps write again, and the
         uniform numbers it drew are used by the real steps instead."""
-        return self.begin(tokens, caches, samplers, queue_next, ahead).result()
-
-    def begin(self, tokens, caches, samplers=None, queue_next: bool = True, ahead: int | None = None) -> "_Running":
-        """`step` up to the wait: the step is queued (or found queued), and the ones behind it;
-        `.result()` waits for it and gives what `step` returns. Until then the caches have not
-        advanced, and no other step may begin."""
-        if self._running is not None:
-            raise RuntimeError("a batched step began before the last one's result was taken")
         b = len(caches)
         if not 1 <= b <= self.max_rows:
             raise ValueError(f"a batched step takes 1 to {self.max_rows} rows, got {b}")
@@ -388,31 +378,16 @@ class BatchDecoder:
                 nslot = self._slot = (self._slot + 1) % len(self.host)
                 drawn = self._write_params(nslot, samplers, caches)
                 queued.append(_Queued(nslot, self._launch(b, nslot, "params"), drawn, list(caches), samplers))
-        self._running = _Running(self, slot, event, caches, [(c, counts[id(c)]) for c in distinct], on_host, rows)
-        return self._running
-
-
-class _Running:
-    """A step begun (BatchDecoder.begin) whose result is not taken yet."""
-
-    def __init__(self, decoder, slot, event, caches, advances, on_host, rows):
-        self.decoder, self.slot, self.event, self.caches = decoder, slot, event, caches
-        self.advances, self.on_host, self.rows = advances, on_host, rows
-
-    def result(self) -> list:
-        """Wait for the step; advance its caches -> per row the chosen id, or a penalised row's logits."""
-        d = self.decoder
-        d._running = None
         began = time.perf_counter()
-        self.event.synchronize()
-        d.wait_seconds += time.perf_counter() - began
-        for cache, n in self.advances:
-            cache.advance(n)
-        out = [int(i) for i in np.frombuffer(d._chosen_host[self.slot], dtype=np.int64, count=len(self.caches))]
-        if d._ahead:
-            d._ahead[0].expect(out, self.caches)  # (the ones behind it learn theirs as the steps before them end)
-        for j, i in enumerate(self.on_host):
-            out[i] = self.rows[j]
+        event.synchronize()
+        self.wait_seconds += time.perf_counter() - began
+        for cache in distinct:
+            cache.advance(counts[id(cache)])
+        out = [int(i) for i in np.frombuffer(self._chosen_host[slot], dtype=np.int64, count=b)]
+        if queued:
+            queued[0].expect(out, caches)  # (the ones behind it learn theirs as the steps before them end)
+        for j, i in enumerate(on_host):
+            out[i] = rows[j]
         return out
 
 

@@ -108,15 +108,7 @@ class CudaBatch:
         """One replay for every row (a prompt's rows share their cache: see BatchDecoder.step),
         with up to `horizon` steps queued behind it; -> per row the next id, that row's error,
         or None where the row has no sampler."""
-        return self.begin(tokens, caches, samplers, histories, n_decode, horizon).result()
-
-    def begin(self, tokens, caches, samplers, histories, n_decode: int | None = None,
-              horizon: int | None = None) -> "_Begun":
-        """`step` up to the wait for the GPU (BatchDecoder.begin); `.result()` gives its rows."""
-        return _Begun(self, self.decoder.begin(tokens, caches, samplers, ahead=horizon), samplers, histories)
-
-    def finish(self, out: list, samplers, histories) -> list:
-        """The device's ids checked, the penalised rows sampled on the host."""
+        out = self.decoder.step(tokens, caches, samplers, ahead=horizon)  # ids, or logits rows for penalised samplers
         for i, chosen in enumerate(out):
             if samplers[i] is None:
                 out[i] = None
@@ -130,13 +122,3 @@ class CudaBatch:
                                                   [histories[i] for i in on_host])):
             out[i] = chosen
         return out
-
-
-class _Begun:
-    """A batched step on its way (CudaBatch.begin)."""
-
-    def __init__(self, batch: CudaBatch, running, samplers, histories):
-        self.batch, self.running, self.samplers, self.histories = batch, running, samplers, histories
-
-    def result(self) -> list:
-        return self.batch.finish(self.running.result(), self.samplers, self.histories)
