@@ -280,3 +280,41 @@ def test_a_round_admits_only_the_rows_the_next_step_takes(model):
         assert not joined or planned < 12  # nobody joins a round whose step is already full
         assert sched.steps < 1000
     assert tokens_of(events) == alone
+
+
+class HorizonStep(ReadableStep):
+    """The readable step, recording each step's decoding caches and the horizon it was given."""
+
+    def batch(self, max_batch, capacity, kv_bytes=None):
+        steps = self.steps = []
+
+        class Recording(ReadableBatch):
+            def step(self, tokens, caches, samplers, histories, n_decode=None, horizon=None):
+                steps.append(([id(c) for c in caches[:n_decode]], horizon))
+                return super().step(tokens, caches, samplers, histories, n_decode)
+
+        return Recording(self.model, capacity)
+
+
+def test_the_horizon_is_how_many_more_steps_every_decoding_row_takes(model):
+    """The GPU's step queues steps ahead as far as the scheduler's horizon: after a step with
+    horizon h, every sequence decoding in it decodes in each of the next h steps (a step
+    queued that far is fed the rows it was queued for), and one of them no further (so no
+    farther step is given up). Budgets of 3 to 12 tokens, no end-of-sequence id, and a
+    context that ends one request before its budget."""
+    step = HorizonStep(model)
+    budgets, prompts = [3, 12, 11, 9], PROMPTS[:4]
+    sched = Scheduler(step, IdsTokenizer(), max_batch=4, max_queue=4, max_context=len(prompts[3]) + 6)
+    events = [[] for _ in prompts]
+    for ids, budget, ev in zip(prompts, budgets, events):
+        sched.submit(Request(ids, SamplingParams(), StopRules(max_new_tokens=budget, eos_ids=()), emit=ev.append))
+    while sched.running or sched.waiting:
+        sched.run_once()
+    assert [ev[-1].reason for ev in events] == ["length", "length", "length", "context"]
+    steps = step.steps
+    for i, (rows, horizon) in enumerate(steps):
+        if not rows:
+            continue
+        later = [set(r) for r, _ in steps[i + 1:]] + [set()]  # nothing runs after the last step
+        assert all(set(rows) <= later[k] for k in range(horizon))
+        assert not set(rows) <= later[horizon]
