@@ -728,8 +728,9 @@ def main(argv=None) -> int:
                    help="steps the batched GPU step queues ahead (default: tinyllm.cuda.batch.QUEUE_DEPTH): "
                         "to measure its effect")
     p.add_argument("--timeline", metavar="FOLDER", default=None,
-                   help="write each run's submits and steps (start, end, rows, decode rows, model wait) and the "
-                        "client's times per request to FOLDER/timeline_<streams>-<repeat>.json")
+                   help="write each run's submits, scheduler rounds, admissions (with how many joined) and steps "
+                        "(start, end, rows, decode rows, model wait) and the client's times per request to "
+                        "FOLDER/timeline_<streams>-<repeat>.json")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")

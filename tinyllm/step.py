@@ -8,8 +8,9 @@ the next token ids:
     step.decode(token, cache, sampler, history)   one token fed back -> the next token id
     batch = step.batch(max_batch, capacity, kv_bytes)  caches for many sequences, and one step for all:
     batch.step(tokens, caches, samplers, histories) -> per row, the next id (or that row's error)
-                                                  (horizon=k: every row's sequence takes part in at most
-                                                  k steps after this one; a step may use it to queue ahead)
+                                                  (horizon=k: no row's token budget or context ends its
+                                                  sequence within k steps after this one, so a step may
+                                                  queue that many ahead)
     step.prompt_logits(ids)                       every prompt position's logits, for scoring a prompt
 
 `ReadableStep`, here, is the model's forward pass followed by the host sampler, for one
