@@ -294,8 +294,14 @@ def build_llm(args):
 
 # ---- the server, in this process ---------------------------------------------------------------
 
+def engine_llm(args):
+    """--engine-process: the engine process's own model (the same seed: the same weights)."""
+    return build_llm(args)[0]
+
+
 def start_server(llm, args, prefix_cache_mb: float):
-    """tinyllm's Server (warmed up) behind uvicorn in a background thread; (server, http, thread, port, seconds)."""
+    """tinyllm's Server (warmed up) behind uvicorn in a background thread; (server, http, thread, port, seconds).
+    With --engine-process, its engine (model and scheduler) runs in a child process."""
     import uvicorn
 
     from benchmarks.serve_load import free_port
@@ -303,8 +309,15 @@ def start_server(llm, args, prefix_cache_mb: float):
     from tinyllm.server.main import build_parser, uvicorn_config
 
     start = time.perf_counter()
-    server = Server(llm, f"random-{args.shape}", max_batch=args.max_batch, max_context=args.max_context,
-                    prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+    engine = None
+    if args.engine_process:
+        from tinyllm.server.engine_process import EngineProcess
+
+        engine = EngineProcess(engine_llm, (args,), max_batch=args.max_batch, max_context=args.max_context,
+                               prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb)
+    server = Server(llm if engine is None else engine.llm, f"random-{args.shape}", max_batch=args.max_batch,
+                    max_context=args.max_context, prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+                    scheduler=engine,
                     **({} if args.stream_interval_ms is None else {"stream_interval": args.stream_interval_ms / 1000}))
     server.start(warm_up=True)  # on the GPU: batched graphs captured, first-call costs paid
     if args.switch_interval is not None:  # after start, which sets the server's own
@@ -482,9 +495,10 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
     timeline = Timeline(server.scheduler) if args.timeline else None
     batched_graphs = False
     if llm.model.device.is_cuda and args.engine == "model":
-        from tinyllm.cuda.step import CudaBatch  # (CudaStep gives a ReadableBatch where no graphs fit the model)
-
-        batched_graphs = isinstance(server.scheduler.rows, CudaBatch)
+        # (CudaStep gives a ReadableBatch where no graphs fit the model)
+        rows = server.scheduler.rows
+        batched_graphs = getattr(rows, "kind", type(rows).__name__) == "CudaBatch"
+    engine_pid = getattr(server.scheduler, "pid", None)
     print(f"gpu_serve: server{label} warmed up in {warm_s:.1f} s (batched CUDA graphs: "
           f"{'yes' if batched_graphs else 'no'}), port {port}", file=sys.stderr, flush=True)
     from benchmarks.common import fmt
@@ -503,12 +517,16 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                 run += 1
                 if timeline is not None:
                     timeline.clear()
-                before, cpu = server_metrics(port), time.process_time()
+                before, cpu, engine_cpu = server_metrics(port), time.process_time(), cpu_seconds(engine_pid)
                 r = clients.run(port, n, args.max_tokens, texts_for(n, run), per_request=timeline is not None)
                 requests = r.pop("requests", None)
                 cpu = time.process_time() - cpu
+                engine_cpu = cpu_seconds(engine_pid) - engine_cpu
                 r |= run_figures(before, server_metrics(port))
-                r["server_cpu_us_per_token"] = 1e6 * cpu / r["tokens"] if r["tokens"] else None
+                # with --engine-process: both processes' CPU time, and the engine's alone
+                r["server_cpu_us_per_token"] = 1e6 * (cpu + engine_cpu) / r["tokens"] if r["tokens"] else None
+                r["engine_cpu_us_per_token"] = (1e6 * engine_cpu / r["tokens"] if r["tokens"] and engine_pid
+                                                else None)
                 r["exact"] = r["tokens"] == n * args.max_tokens  # every request made max_tokens tokens
                 runs.setdefault(n, []).append(r)
                 if timeline is not None:
@@ -518,15 +536,25 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                       f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens, "
                       f"{r['steps']} steps: host {fmt(r['host_ms_per_step'], 3)} + model {fmt(r['model_ms_per_step'], 3)} "
                       f"ms per step, {fmt(r['sequences_per_step'], 1)} sequences, "
-                      f"server CPU {fmt(r['server_cpu_us_per_token'], 3)} us per token",
+                      f"server CPU {fmt(r['server_cpu_us_per_token'], 3)} us per token"
+                      + (f" (engine {fmt(r['engine_cpu_us_per_token'], 3)})" if engine_pid else ""),
                       file=sys.stderr, flush=True)
     finally:
         stop_server(server, http, thread)
     pool = getattr(server.scheduler.rows, "pool", None)
     return {"prefix_cache_mb": prefix_cache_mb, "warm_up_s": warm_s, "batched_graphs": batched_graphs,
+            "engine_process": engine_pid is not None,
             "max_context": server.max_context, "runs": runs, "preemptions": server.scheduler.preemptions,
             "kv_cache_blocks": pool.n_blocks if pool else None, "kv_cache_block_positions": pool.block if pool else None,
             "kv_cache_mb": pool.n_blocks * pool.block_bytes / 2**20 if pool else None}
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """Another process's CPU time so far (user + system, from /proc; 0 without a pid)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
 
 
 def median_of(runs: list[dict], key: str):
@@ -539,7 +567,9 @@ def model_markdown(llm, args, fast: bool) -> str:
     dtype = "fp16" if llm.model.device.is_cuda else "fp32"
     return (f"Model: random {dtype} weights of {args.shape}'s shape ({c.n_layers} layers, dim {c.dim}, "
             f"vocabulary {c.vocab_size}), a word-level tokenizer without EOS (every request generates "
-            f"`max_tokens`). Server: tinyllm.serve.Server in process (uvicorn thread), --max-batch {args.max_batch}, "
+            f"`max_tokens`). Server: tinyllm.serve.Server in process (uvicorn thread)"
+            f"{', its engine in a child process (--engine-process)' if args.engine_process else ''}, "
+            f"--max-batch {args.max_batch}, "
             f"fast path {'on' if fast else 'off'}")
 
 
@@ -731,6 +761,9 @@ def main(argv=None) -> int:
                    help="write each run's submits, scheduler rounds, admissions (with how many joined) and steps "
                         "(start, end, rows, decode rows, model wait) and the client's times per request to "
                         "FOLDER/timeline_<streams>-<repeat>.json")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the server's engine (model and scheduler) in a process of its own, as `tinyllm serve "
+                   "--engine-process on` runs it; server CPU then counts both processes")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")
@@ -753,6 +786,10 @@ def main(argv=None) -> int:
         return 2
     if args.prefix_cache_mb is not None and not args.prefix_cache_mb >= 0:
         print(f"gpu_serve: --prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}", file=sys.stderr)
+        return 2
+    if args.engine_process and (args.timeline or args.profile_host):
+        print("gpu_serve: --timeline and --profile-host trace the scheduler in this process: not with "
+              "--engine-process", file=sys.stderr)
         return 2
     prefix_mb = BUDGET_MB if args.prefix_cache_mb is None else args.prefix_cache_mb
     if args.shared_prefix is not None:

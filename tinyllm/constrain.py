@@ -93,6 +93,11 @@ class Grammars:
         """Any JSON object (OpenAI's `json_object`)."""
         return self.json_schema({"type": "object"})
 
+    def compiled(self, grammar: str) -> "Grammar":
+        """A grammar's text (`Grammar.grammar`, checked where it was compiled) for this
+        vocabulary: how a grammar reaches the engine in a process of its own."""
+        return Grammar(self.lltokenizer, grammar, self.vocab_size)
+
 
 class Grammar:
     """A compiled grammar for one vocabulary: immutable, shared by the choices of a request;

@@ -71,27 +71,40 @@ SWITCH_INTERVAL = 0.0005  # seconds: the longest a thread holds the interpreter 
 WRITE_SPACING = 0.0001
 
 
+def build_scheduler(llm, max_batch: int = 16, max_queue: int = 64, max_context: int | None = None,
+                    prefix_cache_mb: float = BUDGET_MB, kv_cache_mb: float | None = None, *,
+                    scheduler_class=Scheduler, **extra) -> Scheduler:
+    """The server's scheduler over a loaded model (see Server for the arguments); extra: the
+    scheduler class's own keyword arguments."""
+    step = as_step(llm.step)
+    max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
+    prefix = PrefixCache.for_model(step.model, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+    return scheduler_class(step, llm.tokenizer, max_batch, max_queue, max_context=max_context, prefix_cache=prefix,
+                           kv_cache_bytes=None if kv_cache_mb is None else int(kv_cache_mb * 2**20), **extra)
+
+
 class Server:
     """The model, its scheduler, the request validator and the Starlette app around them.
     prefix_cache_mb: the budget of the prompt prefixes' keys and values kept for reuse
     (tinyllm/prefix.py), in MiB; 0: none kept. kv_cache_mb: the memory of the running
     sequences' keys and values, in blocks they take as they grow (kv_cache.py BlockPool); None:
     on the GPU enough for --max-batch sequences of the context as far as half its free memory
-    goes, on the CPU a cache of its own per sequence."""
+    goes, on the CPU a cache of its own per sequence. scheduler: one built elsewhere, an
+    `EngineProcess` (the model in a process of its own; `llm` is then its `llm`), which
+    max_batch, max_queue, prefix_cache_mb and kv_cache_mb were given to instead."""
 
     def __init__(self, llm, model_id: str | None = None, max_batch: int = 16, max_queue: int = 64,
                  max_context: int | None = None, default_max_tokens: int = 256, *,
                  limits: Limits | None = None, api_key: str | None = None, cors_origins=(),
                  prefix_cache_mb: float = BUDGET_MB, stream_interval: float | None = None,
-                 kv_cache_mb: float | None = None):
+                 kv_cache_mb: float | None = None, scheduler=None):
         self.llm = llm
         self.model_id = model_id or Path(llm.path).name.removesuffix(".gguf")
         self.max_context = min(max_context or llm.config.max_seq_len, llm.config.max_seq_len)
-        step = as_step(llm.step)
-        prefix = PrefixCache.for_model(step.model, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
-        self.scheduler = Scheduler(step, llm.tokenizer, max_batch, max_queue, max_context=self.max_context,
-                                   prefix_cache=prefix,
-                                   kv_cache_bytes=None if kv_cache_mb is None else int(kv_cache_mb * 2**20))
+        # a scheduler built elsewhere: the engine in a process of its own (engine_process.py),
+        # whose `llm` this is
+        self.scheduler = scheduler or build_scheduler(llm, max_batch, max_queue, self.max_context,
+                                                      prefix_cache_mb, kv_cache_mb)
         if self.scheduler.rows is not None:  # the GPU's batched cache may hold fewer positions (GPU memory)
             self.max_context = min(self.max_context, self.scheduler.rows.capacity)
         self.validator = Validator(llm, self.model_id, self.max_context, default_max_tokens)
@@ -171,6 +184,9 @@ class Server:
 
     # ---- small endpoints -----------------------------------------------------------------------
     async def health(self, request):
+        failure = getattr(self.scheduler, "failure", None)  # an engine process that ended
+        if failure is not None:
+            return JSONResponse({"status": "failed", "error": failure}, status_code=503)
         if not self.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.model_id, "running": self.scheduler.batch_size,

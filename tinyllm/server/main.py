@@ -13,6 +13,7 @@ TLS: `--ssl-certfile` and `--ssl-keyfile`, handed to uvicorn.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -56,6 +57,10 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
                    help="the least time between two writes to one stream; the tokens of the interval go out "
                    "together (default: 0.1 ms times the streams open, so the server makes about 10,000 writes "
                    "a second however many are open; 0: every step's tokens at once)")
+    s.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
+                   help="run the model and its scheduler in a process of their own, the HTTP side in this one, "
+                   "so that the two do not take turns for one interpreter (auto: on a GPU, where the host's "
+                   "work per step is what limits many streams)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish at shutdown before they are cancelled")
     s.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests at start-up")
@@ -114,6 +119,13 @@ def check_args(args) -> None:
         raise UsageError(f"--stream-interval-ms: must be 0 to 10000 milliseconds, got {args.stream_interval_ms:g}")
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise UsageError("--ssl-certfile and --ssl-keyfile go together")
+
+
+def engine_process_wanted(args) -> bool:
+    """--engine-process: auto is on where the model runs on a GPU through the fast path."""
+    if args.engine_process != "auto":
+        return args.engine_process == "on"
+    return str(args.device).startswith("cuda") and not args.no_fast_path
 
 
 def check_prefix_cache_mb(mb: float, model) -> None:
@@ -270,12 +282,27 @@ def serve(args) -> int:
 
     from .app import Server
 
-    llm = tinyllm.load(args.model, **load_options(args))
-    check_prefix_cache_mb(args.prefix_cache_mb, llm.model)
-    server = Server(llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
-                    args.default_max_tokens, limits=limits(args), api_key=key, cors_origins=args.cors_origin,
-                    prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
-                    stream_interval=None if args.stream_interval_ms is None else args.stream_interval_ms / 1000)
+    server_kwargs = dict(limits=limits(args), api_key=key, cors_origins=args.cors_origin,
+                         stream_interval=None if args.stream_interval_ms is None else args.stream_interval_ms / 1000)
+    engine = None
+    if engine_process_wanted(args):
+        from .engine_process import EngineProcess
+
+        engine = EngineProcess(functools.partial(tinyllm.load, args.model, **load_options(args)),
+                               max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+                               prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb)
+        llm = engine.llm
+    else:
+        llm = tinyllm.load(args.model, **load_options(args))
+    try:
+        check_prefix_cache_mb(args.prefix_cache_mb, llm.model)
+        server = Server(llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
+                        args.default_max_tokens, prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+                        scheduler=engine, **server_kwargs)
+    except BaseException:
+        if engine is not None:
+            engine.stop()
+        raise
     start = time.perf_counter()
     server.start(warm_up=not args.no_warm_up)  # the port opens only after this
     give_memory_back_when_idle(server.scheduler)
