@@ -44,13 +44,16 @@ PROMPTS = [
 
 # ---- the server and the reference model, once per module ------------------------------------------
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["off", "on"], ids=["engine-in-process", "engine-process"])
+def server(request, tmp_path_factory):
     """The server in a subprocess with one BLAS thread (ServeProcess's default): the test process
     works while the server waits and the other way round, and on a 2-core machine with other
-    jobs two OpenBLAS threads that wait for each other made steps up to 10x slower."""
+    jobs two OpenBLAS threads that wait for each other made steps up to 10x slower. Every test
+    runs twice: with the model and its scheduler in the server's process, and in a process of
+    their own (--engine-process on, the GPU's default)."""
     srv = ServeProcess(tmp_path_factory.mktemp("serve") / "serve.log",
-                       ["--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--shutdown-timeout", "20"])
+                       ["--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--shutdown-timeout", "20",
+                        "--engine-process", request.param])
     try:
         try:
             srv.wait_ready(300)

@@ -284,16 +284,18 @@ class Scheduler:
             self.waiting.append(request)
             self._lock.notify()
 
-    def cancel(self, request: Request) -> None:
-        """Stop a request (its client went away). A waiting request leaves the queue now; a
-        running one leaves the batch at the next step boundary, freeing its cache."""
+    def cancel(self, request: Request) -> bool:
+        """Stop a request (its client went away). A waiting request leaves the queue now (True:
+        it gets no more events); a running one leaves the batch at the next step boundary,
+        freeing its cache, and gets its Finished event."""
         with self._lock:
             request.cancelled = True
+            self._lock.notify()
             try:
                 self.waiting.remove(request)
+                return True
             except ValueError:
-                pass
-            self._lock.notify()
+                return False
 
     @property
     def queue_depth(self) -> int:

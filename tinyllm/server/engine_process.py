@@ -220,8 +220,10 @@ def _engine_main(conn, factory, factory_args: tuple, options: dict) -> None:
                     scheduler.flush()
             elif kind == "cancel":
                 request = requests.get(message[1])
-                if request is not None:
-                    scheduler.cancel(request)
+                if request is not None and scheduler.cancel(request):  # it was waiting: no event will end it
+                    requests.pop(message[1], None)
+                    scheduler.post((message[1], None))
+                    scheduler.flush()
             elif kind == "stop":
                 stop_timeout = message[1]
                 break
@@ -384,7 +386,7 @@ class EngineProcess:
                 self.prefix.update(prefix)
             if free is not None and self.rows.pool is not None:
                 self.rows.pool.free_blocks = free
-            for rid, event in items:
+            for rid, event in items:  # (id, None): a request left the queue before it ran
                 if rid is None:
                     name, args = event
                     if name == "preempted":
@@ -393,10 +395,10 @@ class EngineProcess:
                     continue
                 with self._lock:
                     request = self._requests.get(rid)
-                    if isinstance(event, (Finished, Failed)):
+                    if event is None or isinstance(event, (Finished, Failed)):
                         self._requests.pop(rid, None)
                         self._rids.pop(id(request), None)
-                if request is not None:
+                if request is not None and event is not None:
                     _deliver(request, event)
         self._ended()
 
