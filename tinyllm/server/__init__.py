@@ -16,6 +16,8 @@ strangers. Read the modules in the order a request meets them:
     limits.py      the body: its size, its encoding, its nesting, its numbers
     openai.py      the OpenAI API's shapes: body -> validated job; events -> answers
     app.py         the Starlette app: the scheduler's thread behind an event loop that never blocks
+    engine_process.py  the model and its scheduler in a process of their own (--engine-process,
+                   the GPU's default): requests and each round's events cross a pipe
     metrics.py     what the server reports at /metrics
     routing.py     replicas: which one takes a request (least loaded, or by prompt prefix)
     replicas.py    N replicas on Ray Serve behind one endpoint: `python -m tinyllm.replicas`

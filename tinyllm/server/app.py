@@ -19,7 +19,9 @@
   only when the holder reaches its switch interval (5 ms by default): with the loop busy
   writing, every step waited that long, several times. A running server shortens the
   interval (SWITCH_INTERVAL), so the scheduler gets the lock back within a fraction of a
-  GPU step, and the loop, falling behind, writes longer bursts instead.
+  GPU step, and the loop, falling behind, writes longer bursts instead. On a GPU the server
+  runs the scheduler in a process of its own by default (engine_process.py), and the two
+  no longer share a lock at all.
 - Streaming is Server-Sent Events: a `text/event-stream` response of `data: {json}` lines,
   one per piece of text, closed by `data: [DONE]`, the format OpenAI's clients read.
 - A client that goes away cancels its request: its sequence leaves the batch at the next
