@@ -61,7 +61,8 @@ the scheduler), ["round", start, end] (one scheduler round: admission, the step,
 sends), ["admit", start, end, sequences that joined], ["step", start, end, rows, decode rows,
 seconds waiting for the GPU] and, from the client, ["request", sent, written, first text, done];
 times in seconds from the run's first event, on one clock (time.perf_counter is the machine's
-monotonic clock in every process).
+monotonic clock in every process). With --engine-process the scheduler's side is recorded in
+the engine process and read over its pipe after each run.
 
 Packages: numpy, tokenizers, starlette, uvicorn, prometheus_client (and cupy on cuda). The
 script checks them first and exits with status 2, naming the missing ones.
@@ -314,7 +315,8 @@ def start_server(llm, args, prefix_cache_mb: float):
         from tinyllm.server.engine_process import EngineProcess
 
         engine = EngineProcess(engine_llm, (args,), max_batch=args.max_batch, max_context=args.max_context,
-                               prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb)
+                               prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+                               tracer=Timeline if args.timeline else None)
     server = Server(llm if engine is None else engine.llm, f"random-{args.shape}", max_batch=args.max_batch,
                     max_context=args.max_context, prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
                     scheduler=engine,
@@ -470,19 +472,41 @@ class Timeline:
     def clear(self) -> None:
         self.events = []
 
+    def taken(self) -> list:  # (in an engine process: what crosses back)
+        return self.events
+
     def write(self, folder: str, name: str, requests=None) -> None:
-        import json
+        write_timeline(folder, name, self.events, requests)
 
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        events = self.events + [("request", *times) for times in requests or []]
-        t0 = min((e[1] for e in events), default=0.0)
 
-        def since(t):  # (a request without text has no time of its first text)
-            return None if t is None else round(t - t0, 6)
+class EngineTimeline:
+    """--timeline with --engine-process: a Timeline in the engine process (EngineProcess's
+    tracer), cleared and read over its pipe."""
 
-        rows = [[kind] + [since(t) for t in fields[:self.CLOCK_FIELDS[kind]]] + list(fields[self.CLOCK_FIELDS[kind]:])
-                for kind, *fields in events]
-        (Path(folder) / f"timeline_{name}.json").write_text(json.dumps(rows))
+    def __init__(self, engine):
+        self.engine = engine
+
+    def clear(self) -> None:
+        self.engine.trace("clear")
+
+    def write(self, folder: str, name: str, requests=None) -> None:
+        write_timeline(folder, name, self.engine.trace("taken"), requests)
+
+
+def write_timeline(folder: str, name: str, events: list, requests=None) -> None:
+    """One run's timeline (see Timeline) as FOLDER/timeline_<name>.json."""
+    import json
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    events = events + [("request", *times) for times in requests or []]
+    t0 = min((e[1] for e in events), default=0.0)
+
+    def since(t):  # (a request without text has no time of its first text)
+        return None if t is None else round(t - t0, 6)
+
+    rows = [[kind] + [since(t) for t in fields[:Timeline.CLOCK_FIELDS[kind]]]
+            + list(fields[Timeline.CLOCK_FIELDS[kind]:]) for kind, *fields in events]
+    (Path(folder) / f"timeline_{name}.json").write_text(json.dumps(rows))
 
 
 def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None, longest_prompt: int | None = None,
@@ -492,13 +516,15 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
     (None: serve_load's); longest_prompt (tokens), when given, must fit the server's context
     with --max-tokens. Each run records the prefix-cache counters' change over it."""
     server, http, thread, port, warm_s = start_server(llm, args, prefix_cache_mb)
-    timeline = Timeline(server.scheduler) if args.timeline else None
+    engine_pid = getattr(server.scheduler, "pid", None)  # --engine-process: the engine's process
+    timeline = None
+    if args.timeline:
+        timeline = Timeline(server.scheduler) if engine_pid is None else EngineTimeline(server.scheduler)
     batched_graphs = False
     if llm.model.device.is_cuda and args.engine == "model":
         # (CudaStep gives a ReadableBatch where no graphs fit the model)
         rows = server.scheduler.rows
         batched_graphs = getattr(rows, "kind", type(rows).__name__) == "CudaBatch"
-    engine_pid = getattr(server.scheduler, "pid", None)
     print(f"gpu_serve: server{label} warmed up in {warm_s:.1f} s (batched CUDA graphs: "
           f"{'yes' if batched_graphs else 'no'}), port {port}", file=sys.stderr, flush=True)
     from benchmarks.common import fmt
@@ -787,9 +813,9 @@ def main(argv=None) -> int:
     if args.prefix_cache_mb is not None and not args.prefix_cache_mb >= 0:
         print(f"gpu_serve: --prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}", file=sys.stderr)
         return 2
-    if args.engine_process and (args.timeline or args.profile_host):
-        print("gpu_serve: --timeline and --profile-host trace the scheduler in this process: not with "
-              "--engine-process", file=sys.stderr)
+    if args.engine_process and args.profile_host:
+        print("gpu_serve: --profile-host profiles the scheduler in this process: not with --engine-process",
+              file=sys.stderr)
         return 2
     prefix_mb = BUDGET_MB if args.prefix_cache_mb is None else args.prefix_cache_mb
     if args.shared_prefix is not None:

@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
@@ -161,7 +162,7 @@ class _RelayObserver(Observer):
 _OBSERVED = frozenset(n for n in vars(Observer) if not n.startswith("_"))
 
 
-def _engine_main(conn, factory, factory_args: tuple, options: dict) -> None:
+def _engine_main(conn, factory, factory_args: tuple, options: dict, tracer=None) -> None:
     """The engine process: load the model, run its scheduler, relay requests and events."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the HTTP side decides when the engine stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -190,6 +191,7 @@ def _engine_main(conn, factory, factory_args: tuple, options: dict) -> None:
         send(("error", _picklable(e)))
         return
     scheduler.observer = _RelayObserver(scheduler)
+    traced = None if tracer is None else tracer(scheduler)
     sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
     scheduler.start()
     send(("ready", info))
@@ -224,6 +226,8 @@ def _engine_main(conn, factory, factory_args: tuple, options: dict) -> None:
                     requests.pop(message[1], None)
                     scheduler.post((message[1], None))
                     scheduler.flush()
+            elif kind == "trace":  # a benchmark's tracer: one of its methods, the result sent back
+                send(("trace", getattr(traced, message[1])()))
             elif kind == "stop":
                 stop_timeout = message[1]
                 break
@@ -262,15 +266,18 @@ class EngineProcess:
     factory(*factory_args) -> LLM runs in the new process (tinyllm.load and its arguments, or
     any picklable function that builds one); options: build_scheduler's (max_batch,
     max_queue, max_context, prefix_cache_mb, kv_cache_mb). The constructor returns once the
-    model is loaded; a failure to load is raised here (as the error the engine raised)."""
+    model is loaded; a failure to load is raised here (as the error the engine raised).
+    tracer (benchmarks): a picklable callable that the engine calls with its scheduler once
+    it is built; `trace(method)` then calls that method of what it returned, in the engine,
+    and returns its result."""
 
     def __init__(self, factory, factory_args: tuple = (), *, max_batch: int = 16, max_queue: int = 64,
-                 timeout: float = START_TIMEOUT, **options):
+                 timeout: float = START_TIMEOUT, tracer=None, **options):
         self.max_batch, self.max_queue = max_batch, max_queue
         options.update(max_batch=max_batch, max_queue=max_queue)
         ctx = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_engine_main, args=(child, factory, factory_args, options),
+        self.process = ctx.Process(target=_engine_main, args=(child, factory, factory_args, options, tracer),
                                    name="tinyllm-engine", daemon=True)
         self.process.start()
         child.close()
@@ -295,6 +302,7 @@ class EngineProcess:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._stopping = False
+        self._traces: queue.SimpleQueue = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, name="tinyllm-engine-events", daemon=True)
         self._reader.start()
 
@@ -364,6 +372,11 @@ class EngineProcess:
         self._reader.join(10)
         self._conn.close()
 
+    def trace(self, method: str, timeout: float = 60.0):
+        """The result of the engine's tracer's `method()` (see the class's docstring)."""
+        self._send(("trace", method))
+        return self._traces.get(timeout=timeout)
+
     # ---- the pipe ----------------------------------------------------------------------------------
     def _send(self, message) -> None:
         try:
@@ -380,6 +393,9 @@ class EngineProcess:
                 break
             if message[0] == "stopped":
                 break
+            if message[0] == "trace":
+                self._traces.put(message[1])
+                continue
             _, state, items = message
             self._queue_depth, self._batch_size, prefix, free = state
             if prefix is not None and self.prefix is not None:
