@@ -310,6 +310,10 @@ def start_server(llm, args, prefix_cache_mb: float):
     from tinyllm.server.main import build_parser, uvicorn_config
 
     start = time.perf_counter()
+    if args.inline_body_bytes is not None:
+        from tinyllm.server import app
+
+        app.INLINE_BODY_BYTES = args.inline_body_bytes
     engine = None
     if args.engine_process:
         from tinyllm.server.engine_process import EngineProcess
@@ -787,6 +791,9 @@ def main(argv=None) -> int:
                    help="write each run's submits, scheduler rounds, admissions (with how many joined) and steps "
                         "(start, end, rows, decode rows, model wait) and the client's times per request to "
                         "FOLDER/timeline_<streams>-<repeat>.json")
+    p.add_argument("--inline-body-bytes", type=int, default=None, metavar="N",
+                   help="the largest request body validated on the event loop (default: "
+                   "tinyllm.server.app.INLINE_BODY_BYTES; 0: every one in a worker thread): to measure its effect")
     p.add_argument("--engine-process", action="store_true",
                    help="the server's engine (model and scheduler) in a process of its own, as `tinyllm serve "
                    "--engine-process on` runs it; server CPU then counts both processes")

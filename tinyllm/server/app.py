@@ -3,8 +3,9 @@
 - The HTTP side is asynchronous (one event loop, many open connections); the model is not:
   one scheduler thread (scheduler.py) owns it and runs continuous batching. A request's
   body is read on the loop (it only waits for bytes), then parsed, validated, tokenized
-  and rendered through the chat template in a worker thread (`anyio.to_thread`), so that
-  a large or slow request never stalls the loop, and `/health` answers at once whatever
+  and rendered through the chat template in a worker thread (`anyio.to_thread`) unless it
+  is small (INLINE_BODY_BYTES) and asks for no JSON schema, so that a large or slow request
+  never stalls the loop, and `/health` answers at once whatever
   else arrives. The job goes to the scheduler; the scheduler sends back events (a piece
   of text, the end) through an `Outbox`, and the loop writes them out.
 - Per token, the host's work is the server's ceiling at many streams (the GPU step is shared
@@ -67,6 +68,11 @@ from .openai import SSE_DONE, APIError, Choice, Chunks, Job, Logprobs, Validator
 log = logging.getLogger("tinyllm.server")
 
 SWITCH_INTERVAL = 0.0005  # seconds: the longest a thread holds the interpreter while another waits
+# A body up to this size is parsed, validated and tokenized on the event loop (about a tenth of
+# a millisecond for a short prompt, a millisecond for a chat template): handing it to a worker
+# thread and back costs more than that on a busy server, where each hand-over waits for the
+# interpreter lock, and a burst of arrivals would reach the scheduler one hand-over at a time.
+INLINE_BODY_BYTES = 2048
 # seconds per open stream: by default a stream is written at most once per (open streams x
 # this), so the event loop makes about 1 / WRITE_SPACING writes a second however many streams
 # are open (see gather_until)
@@ -226,7 +232,14 @@ class Server:
         endpoint = request.url.path
         try:
             raw = await read_body(request, self.limits)
-            job = await anyio.to_thread.run_sync(self.job, raw, kind)
+            if len(raw) <= INLINE_BODY_BYTES:
+                body = parse_body(raw, self.limits)
+                if "response_format" in body:  # a schema to compile: maybe long, in a worker thread
+                    job = await anyio.to_thread.run_sync(self.validator.job, body, kind)
+                else:
+                    job = self.validator.job(body, kind)
+            else:
+                job = await anyio.to_thread.run_sync(self.job, raw, kind)
             events = Events()
             loop = asyncio.get_running_loop()
             outbox = self._outboxes.get(loop)
