@@ -158,3 +158,21 @@ def test_gpu_serve_refuses_what_it_cannot_run(tmp_path):
     assert proc.returncode == 2 and "llama-3.2-1b, llama-3-8b, got 'llama-2-7b'" in proc.stderr
     proc = run_gpu_serve("--device", "cpu", "--engine", "instant", "--shared-prefix", "64", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--shared-prefix: needs --engine model" in proc.stderr
+
+
+def test_gpu_serve_engine_process_and_its_timeline_on_the_cpu(tmp_path):
+    """--engine-process: the server's engine in a child process, its CPU time counted, and the
+    scheduler's side of --timeline recorded there and read back over its pipe."""
+    proc = run_gpu_serve("--device", "cpu", "--shape", "smollm2-135m", "--n-layers", "2", "--vocab-size", "512",
+                         "--streams", "3", "--max-tokens", "4", "--repeats", "1", "--clients", "thread",
+                         "--engine-process", "--timeline", str(tmp_path / "tl"), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "gpu_serve_cpu.json").read_text())["runs"]["3"]
+    assert run["exact"] and run["tokens"] == 12 and run["engine_cpu_us_per_token"] > 0
+    assert run["server_cpu_us_per_token"] >= run["engine_cpu_us_per_token"]  # both processes counted
+    events = json.loads((tmp_path / "tl" / "timeline_3-1.json").read_text())
+    kinds = [e[0] for e in events]
+    assert kinds.count("submit") == 3 and kinds.count("request") == 3  # the engine's and the client's sides
+    steps = [e for e in events if e[0] == "step"]
+    assert len(steps) == run["steps"] and all(0 <= e[1] <= e[2] and e[4] <= 3 for e in steps)
+    assert kinds.count("round") >= len(steps) and "admit" in kinds
