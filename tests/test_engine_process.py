@@ -150,3 +150,19 @@ def test_an_engine_that_dies_fails_the_requests_in_flight_and_health_says_so(tmp
         assert srv.proc.poll() is None  # the HTTP side still answers
     finally:
         srv.stop()
+
+
+def test_every_observer_call_crosses_to_the_http_side():
+    """The engine relays each Observer method the scheduler calls (a new one would otherwise
+    report nothing at /metrics); each arrives as (None, (name, args))."""
+    from tinyllm.scheduler import Observer
+    from tinyllm.server.engine_process import _RelayObserver
+
+    posted = []
+    relay = _RelayObserver(posted.append)
+    methods = [name for name in vars(Observer) if not name.startswith("_") and callable(getattr(Observer, name))]
+    assert methods
+    for name in methods:
+        n_args = getattr(Observer, name).__code__.co_argcount - 1
+        getattr(relay, name)(*range(n_args))
+        assert posted.pop() == (None, (name, tuple(range(n_args))))

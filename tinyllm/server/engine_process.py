@@ -149,17 +149,32 @@ class _RelayScheduler(Scheduler):
 class _RelayObserver(Observer):
     """Observer calls, queued beside the events: the HTTP side's metrics make them there."""
 
-    def __init__(self, scheduler: _RelayScheduler):
-        self.scheduler = scheduler
+    def __init__(self, post):
+        self.post = post
 
-    def __getattribute__(self, name):
-        if name in _OBSERVED:
-            post = object.__getattribute__(self, "scheduler").post
-            return lambda *args: post((None, (name, args)))
-        return object.__getattribute__(self, name)
+    def _relay(self, name: str, *args) -> None:
+        self.post((None, (name, args)))
 
+    def first_token(self, seconds):
+        self._relay("first_token", seconds)
 
-_OBSERVED = frozenset(n for n in vars(Observer) if not n.startswith("_"))
+    def token_gaps(self, seconds):
+        self._relay("token_gaps", seconds)
+
+    def step(self, batch_size):
+        self._relay("step", batch_size)
+
+    def step_time(self, host, model):
+        self._relay("step_time", host, model)
+
+    def prompt(self, reused, computed):
+        self._relay("prompt", reused, computed)
+
+    def preempted(self):
+        self._relay("preempted")
+
+    def finished(self, event):
+        self._relay("finished", event)
 
 
 def _engine_main(conn, factory, factory_args: tuple, options: dict, tracer=None) -> None:
@@ -190,7 +205,7 @@ def _engine_main(conn, factory, factory_args: tuple, options: dict, tracer=None)
     except BaseException as e:  # noqa: BLE001 — every failure is reported, as one line if it is the user's
         send(("error", _picklable(e)))
         return
-    scheduler.observer = _RelayObserver(scheduler)
+    scheduler.observer = _RelayObserver(scheduler.post)
     traced = None if tracer is None else tracer(scheduler)
     sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
     scheduler.start()
@@ -227,7 +242,7 @@ def _engine_main(conn, factory, factory_args: tuple, options: dict, tracer=None)
                     scheduler.post((message[1], None))
                     scheduler.flush()
             elif kind == "trace":  # a benchmark's tracer: one of its methods, the result sent back
-                send(("trace", getattr(traced, message[1])()))
+                send(("trace", None if traced is None else getattr(traced, message[1])()))
             elif kind == "stop":
                 stop_timeout = message[1]
                 break
