@@ -147,6 +147,7 @@ def test_an_engine_that_dies_fails_the_requests_in_flight_and_health_says_so(tmp
         assert status == 503 and body["status"] == "failed" and "engine process ended" in body["error"]
         status, _, body = http_request(srv.port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
         assert status == 503 and "engine process ended" in body["error"]["message"]
+        assert body["error"]["code"] == "engine_failed"
         assert srv.proc.poll() is None  # the HTTP side still answers
     finally:
         srv.stop()

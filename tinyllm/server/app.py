@@ -261,6 +261,8 @@ class Server:
                     self.scheduler.cancel(req)
                 if isinstance(e, QueueFull):
                     raise APIError(503, str(e), None, type="server_busy", code="queue_full") from None
+                if getattr(self.scheduler, "failure", None) is not None:  # an engine process that ended
+                    raise APIError(503, str(e), None, type="server_error", code="engine_failed") from None
                 raise APIError(503, str(e), None, type="server_shutting_down") from None
         except APIError as e:
             self.metrics.request(endpoint, e.status)
