@@ -232,12 +232,9 @@ class Server:
         endpoint = request.url.path
         try:
             raw = await read_body(request, self.limits)
-            if len(raw) <= INLINE_BODY_BYTES:
-                body = parse_body(raw, self.limits)
-                if "response_format" in body:  # a schema to compile: maybe long, in a worker thread
-                    job = await anyio.to_thread.run_sync(self.validator.job, body, kind)
-                else:
-                    job = self.validator.job(body, kind)
+            # (a schema to compile may take long: such a body goes to a worker thread, whatever its size)
+            if len(raw) <= INLINE_BODY_BYTES and b"response_format" not in raw:
+                job = self.job(raw, kind)
             else:
                 job = await anyio.to_thread.run_sync(self.job, raw, kind)
             events = Events()
