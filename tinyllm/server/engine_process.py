@@ -124,16 +124,18 @@ class _RelayScheduler(Scheduler):
             self._out.append(item)
 
     def flush(self) -> None:
-        """Send what the round emitted, with the state /metrics reads (one message, or none)."""
+        """Send what the round emitted, with the state /metrics reads (one message, or none).
+        Taken and sent under one lock: two threads flush (the scheduler's, and the reader's
+        for a request it refused or dropped), and a request's events must arrive in order."""
         with self._out_lock:
             items, self._out = self._out, []
-        if not items:
-            return
-        pool = getattr(self.rows, "pool", None)
-        state = (len(self.waiting) + len(self.preempted), len(self.running),
-                 None if self.prefix is None else _prefix_state(self.prefix),
-                 None if pool is None else pool.free_blocks)
-        self._send(("events", state, items))
+            if not items:
+                return
+            pool = getattr(self.rows, "pool", None)
+            state = (len(self.waiting) + len(self.preempted), len(self.running),
+                     None if self.prefix is None else _prefix_state(self.prefix),
+                     None if pool is None else pool.free_blocks)
+            self._send(("events", state, items))
 
     def run_once(self) -> None:
         try:
