@@ -67,7 +67,6 @@ class ModelInfo:
 class DeviceInfo:
     def __init__(self, name: str):
         self.name = name
-        self.is_cuda = name.startswith("cuda")
 
 
 class StepInfo:
@@ -315,7 +314,7 @@ class EngineProcess:
         self._queue_depth = self._batch_size = 0
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}   # sent, not yet ended
-        self._rids: dict[int, int] = {}           # id(request) -> its id
+        self._rids: dict[Request, int] = {}       # request -> its id (a Request hashes by identity)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._stopping = False
@@ -363,14 +362,14 @@ class EngineProcess:
                                 f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}); retry later")
             rid = next(self._ids)
             self._requests[rid] = request
-            self._rids[id(request)] = rid
+            self._rids[request] = rid
         self._send(("submit", rid, list(request.prompt_ids), sampling, grammar, request.rules,
                     request.prompt_logprobs, request.arrived))
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
         with self._lock:
-            rid = self._rids.get(id(request))
+            rid = self._rids.get(request)
         if rid is not None:
             self._send(("cancel", rid))
 
@@ -430,7 +429,7 @@ class EngineProcess:
                     request = self._requests.get(rid)
                     if event is None or isinstance(event, (Finished, Failed)):
                         self._requests.pop(rid, None)
-                        self._rids.pop(id(request), None)
+                        self._rids.pop(request, None)
                 if request is not None and event is not None:
                     _deliver(request, event)
         self._ended()
