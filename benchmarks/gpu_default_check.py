@@ -36,8 +36,7 @@ def server_answers(args, max_new_tokens: int = 32) -> list:
     """The six answers' token ids from the server's command line, the requests sent together."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from benchmarks.serve_load import ServeProcess
-    from tests.helpers_serve import http_request
+    from benchmarks.serve_load import ServeProcess, http_request
 
     flags = ["--device", args.device, "--quantized", args.quantized, "--max-batch", "8", "--engine-process", "on"]
     log = Path(args.out or "answers").with_suffix(".serve.log")

@@ -87,6 +87,22 @@ class ServeProcess:
         return self.proc.returncode
 
 
+def http_request(port: int, method: str, path: str, body=None, headers=None, timeout: float = 60):
+    """(status, headers, parsed JSON or text); `body`: bytes as they are, anything else as JSON."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        raw = resp.read().decode()
+        try:
+            return resp.status, resp.headers, json.loads(raw)
+        except json.JSONDecodeError:
+            return resp.status, resp.headers, raw
+    finally:
+        conn.close()
+
+
 def start_server(model, threads: int, max_batch: int, log_path: Path):
     """A ready server; -> (its process, its port)."""
     server = ServeProcess(log_path, ["--max-batch", str(max_batch)], model, threads).wait_ready()

@@ -1,12 +1,15 @@
 """Serving in tests: an ASGI app on a uvicorn thread of the test process, and plain HTTP
-requests to it, on 127.0.0.1."""
+requests to it, on 127.0.0.1 (benchmarks/serve_load.py's `http_request`, which the
+benchmarks use too)."""
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import threading
 import time
+
+from benchmarks.serve_load import http_request
+
+__all__ = ["http_request", "uvicorn_thread"]
 
 
 @contextlib.contextmanager
@@ -29,19 +32,3 @@ def uvicorn_thread(app, args):
     finally:
         http_server.should_exit = True
         thread.join(30)
-
-
-def http_request(port: int, method: str, path: str, body=None, headers=None, timeout: float = 60):
-    """(status, headers, parsed JSON or text); `body`: bytes as they are, anything else as JSON."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        raw = resp.read().decode()
-        try:
-            return resp.status, resp.headers, json.loads(raw)
-        except json.JSONDecodeError:
-            return resp.status, resp.headers, raw
-    finally:
-        conn.close()
