@@ -6,11 +6,11 @@
 Six chat prompts, 32 greedy tokens each, through `LLM.generate` (one sequence: on a GPU the
 captured decode step) and through `LLM.generate_batch` (the scheduler: on a GPU the batched
 graphs, with the prompts prefilled inside the steps); with `--server`, also through
-`python -m tinyllm.serve` (the six sent at once to /v1/chat/completions; on a GPU its engine
-runs in a process of its own, as `--engine-process on` asks everywhere), compared with the expectation's batched answers. With `--expect`, each answer's token
-ids are compared with the file's (made by the same script on the CPU, whose greedy answers
-`tests/test_default_model.py` checks against transformers) and the first difference is
-shown. The GPU machine has no copy of the model: carry the GGUF (see the device notes).
+`python -m tinyllm.serve --engine-process on` (the six sent at once to /v1/chat/completions,
+the model and its scheduler in a process of their own), compared with the expectation's
+batched answers. With `--expect`, each answer's token ids are compared with the file's (made
+by the same script on the CPU, whose greedy answers `tests/test_default_model.py` checks
+against transformers) and the first difference is shown. The GPU machine has no copy of the model: carry the GGUF (see the device notes).
 """
 from __future__ import annotations
 

@@ -573,7 +573,6 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
         stop_server(server, http, thread)
     pool = getattr(server.scheduler.rows, "pool", None)
     return {"prefix_cache_mb": prefix_cache_mb, "warm_up_s": warm_s, "batched_graphs": batched_graphs,
-            "engine_process": engine_pid is not None,
             "max_context": server.max_context, "runs": runs, "preemptions": server.scheduler.preemptions,
             "kv_cache_blocks": pool.n_blocks if pool else None, "kv_cache_block_positions": pool.block if pool else None,
             "kv_cache_mb": pool.n_blocks * pool.block_bytes / 2**20 if pool else None}
