@@ -10,7 +10,8 @@ graphs, with the prompts prefilled inside the steps); with `--server`, also thro
 the model and its scheduler in a process of their own), compared with the expectation's
 batched answers. With `--expect`, each answer's token ids are compared with the file's (made
 by the same script on the CPU, whose greedy answers `tests/test_default_model.py` checks
-against transformers) and the first difference is shown. The GPU machine has no copy of the model: carry the GGUF (see the device notes).
+against transformers) and the first difference is shown. The GPU machine has no copy of the
+model: carry the GGUF (see the device notes).
 """
 from __future__ import annotations
 
