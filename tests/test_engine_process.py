@@ -6,7 +6,10 @@ tests/test_serve.py, which runs every test both ways.
 - a model that cannot load is the engine's own error, raised in the HTTP process;
 - a JSON grammar is compiled again in the engine, and still constrains the answer;
 - a terminal's Ctrl-C reaches both processes: the stream in flight still ends whole;
-- an engine that dies ends the requests in flight with an error, and the server says so."""
+- an engine that dies ends the requests in flight with an error, and the server says so;
+- several HTTP processes (--http-processes) share one engine: each request's answer is the
+  greedy reference's, the metrics count every process's requests, and a supervisor's SIGTERM
+  to the first process lets every process's streams end whole before all of them exit."""
 from __future__ import annotations
 
 import functools
@@ -16,8 +19,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the server needs starlette (pip install 'tinyllm[serve]')")
@@ -36,9 +41,9 @@ pytestmark = pytest.mark.slow
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
-def engine_server(tmp_path) -> ServeProcess:
+def engine_server(tmp_path, *flags) -> ServeProcess:
     srv = ServeProcess(tmp_path / "serve.log", ["--engine-process", "on", "--max-batch", "4",
-                                                "--shutdown-timeout", "20"])
+                                                "--shutdown-timeout", "20", *flags])
     try:
         srv.wait_ready(300)
     except SystemExit as e:
@@ -153,17 +158,81 @@ def test_an_engine_that_dies_fails_the_requests_in_flight_and_health_says_so(tmp
         srv.stop()
 
 
-def test_every_observer_call_crosses_to_the_http_side():
-    """The engine relays each Observer method the scheduler calls (a new one would otherwise
-    report nothing at /metrics); each arrives as (None, (name, args))."""
-    from tinyllm.scheduler import Observer
-    from tinyllm.server.engine_process import _RelayObserver
+def greedy(llm, prompt: str, max_tokens: int) -> str:
+    """The greedy answer, one token at a time with Model.forward (the readable reference)."""
+    model = llm.model
+    ids = llm.prompt_ids(prompt)
+    cache = model.new_cache(len(ids) + max_tokens)
+    logits = model.forward(np.asarray([ids]), cache)
+    out = []
+    for _ in range(max_tokens):
+        out.append(int(np.argmax(logits[0, -1])))
+        logits = model.forward(np.asarray([[out[-1]]]), cache)
+    return llm.tokenizer.decode(out)
 
-    posted = []
-    relay = _RelayObserver(posted.append)
-    methods = [name for name in vars(Observer) if not name.startswith("_") and callable(getattr(Observer, name))]
-    assert methods
-    for name in methods:
-        n_args = getattr(Observer, name).__code__.co_argcount - 1
-        getattr(relay, name)(*range(n_args))
-        assert posted.pop() == (None, (name, tuple(range(n_args))))
+
+def read_stream(resp) -> tuple[str, list]:
+    """The text of a streamed completion and its finish reasons (data lines up to [DONE])."""
+    text, reasons = "", []
+    for line in resp:
+        if not line.startswith(b"data: "):
+            continue
+        if line.strip() == b"data: [DONE]":
+            break
+        choice = json.loads(line[6:])["choices"][0]
+        text += choice["text"]
+        reasons.append(choice["finish_reason"])
+    return text, reasons
+
+
+def test_several_http_processes_share_one_engine_and_its_metrics(tmp_path):
+    prompts = [f"{COUNTING[:3 * k]}" for k in range(1, 7)] * 2  # 12 requests, 6 prompts
+    expected = {p: greedy(tinyllm.load(), p, 10) for p in set(prompts)}
+    srv = engine_server(tmp_path, "--http-processes", "3")
+    try:
+        children = engines(srv.proc.pid)
+        assert len(children) == 3  # the engine and two more HTTP processes
+        streams = [open_stream(srv.port, {"prompt": p, "max_tokens": 10, "ignore_eos": True}) for p in prompts]
+        for prompt, (conn, resp) in zip(prompts, streams):
+            text, reasons = read_stream(resp)
+            assert text == expected[prompt], prompt
+            assert reasons[-1] == "length"
+        status, _, body = http_request(srv.port, "GET", "/health")
+        assert status == 200 and body["status"] == "ok"
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+    finally:
+        srv.stop()
+    counted = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("tinyllm_")}
+    assert counted['tinyllm_requests_total{endpoint="/v1/completions",status="200"}'] == 12
+    assert counted["tinyllm_generation_tokens_total"] == 120
+    assert counted["tinyllm_time_to_first_token_seconds_count"] == 12
+
+
+def test_sigterm_to_the_first_http_process_lets_every_stream_end_whole(tmp_path):
+    """A supervisor stops the server with SIGTERM to the process it started: the other HTTP
+    processes shut down with it, their streams in flight finishing first, and every process
+    (the engine too) exits."""
+    srv = engine_server(tmp_path, "--http-processes", "3")
+    try:
+        children = engines(srv.proc.pid)
+        streams = [open_stream(srv.port, {"prompt": COUNTING, "max_tokens": 24, "ignore_eos": True})
+                   for _ in range(6)]
+        for conn, resp in streams:
+            assert resp.readline().startswith(b"data: ")
+        srv.proc.send_signal(signal.SIGTERM)
+        for conn, resp in streams:
+            text, reasons = read_stream(resp)
+            assert reasons[-1] == "length"
+        assert srv.proc.wait(60) in (0, -signal.SIGTERM)
+        for pid in children:
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.1)
+            assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the server"
+    finally:
+        srv.stop()
+

@@ -116,7 +116,8 @@ class Server:
         if self.scheduler.rows is not None:  # the GPU's batched cache may hold fewer positions (GPU memory)
             self.max_context = min(self.max_context, self.scheduler.rows.capacity)
         self.validator = Validator(llm, self.model_id, self.max_context, default_max_tokens)
-        self.metrics = Metrics(self.scheduler)
+        # an engine process keeps the metrics of every HTTP process that talks to it
+        self.metrics = getattr(scheduler, "metrics", None) or Metrics(self.scheduler)
         self.limits = limits or Limits()
         self.api_key = api_key
         self.cors_origins = tuple(cors_origins)
@@ -215,7 +216,8 @@ class Server:
         return JSONResponse(self.model_card())
 
     async def metrics_endpoint(self, request):
-        return Response(self.metrics.text(), media_type=self.metrics.content_type)
+        text = await anyio.to_thread.run_sync(self.metrics.text)  # (an engine process's: a round trip)
+        return Response(text, media_type=self.metrics.content_type)
 
     # ---- generation endpoints ------------------------------------------------------------------
     async def completions(self, request):

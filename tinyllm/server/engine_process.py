@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ..engine import LLM
 from ..errors import TinyLLMError, one_line
-from ..scheduler import Failed, Finished, Observer, QueueFull, Request, Scheduler, SchedulerStopped
+from ..scheduler import Failed, Finished, QueueFull, Request, Scheduler, SchedulerStopped
 
 START_TIMEOUT = 1800.0  # seconds for the engine to load its model (an 8B checkpoint from a slow disk)
 
@@ -75,36 +75,17 @@ class StepInfo:
 
 
 class PrefixView:
-    """The engine's prefix cache as /metrics reads it (prefix.PrefixCache's counters), as of the
-    engine's last message."""
+    """The engine's prefix cache as the HTTP side needs it (its block size, for the warm-up)."""
 
     def __init__(self, block: int, budget: int):
         self.block, self.budget = block, budget
-        self.n_blocks = self.bytes = self.stored = self.evicted = self.store_failures = 0
-
-    def __len__(self) -> int:
-        return self.n_blocks
-
-    def update(self, state) -> None:
-        self.n_blocks, self.bytes, self.stored, self.evicted, self.store_failures = state
-
-
-class PoolView:
-    """The engine's paged KV cache as /metrics reads it (kv_cache.BlockPool's counts)."""
-
-    def __init__(self, n_blocks: int, block: int, block_bytes: int):
-        self.n_blocks, self.block, self.block_bytes, self.free_blocks = n_blocks, block, block_bytes, n_blocks
 
 
 class RowsView:
-    """The engine's batch (step.py's `batch`): its class's name, capacity and pool."""
+    """The engine's batch (step.py's `batch`): its class's name and capacity."""
 
-    def __init__(self, kind: str, capacity: int, pool: PoolView | None):
-        self.kind, self.capacity, self.pool = kind, capacity, pool
-
-
-def _prefix_state(prefix) -> tuple:
-    return len(prefix), prefix.bytes, prefix.stored, prefix.evicted, prefix.store_failures
+    def __init__(self, kind: str, capacity: int):
+        self.kind, self.capacity = kind, capacity
 
 
 # ---- the engine process -----------------------------------------------------------------------
@@ -112,29 +93,37 @@ def _prefix_state(prefix) -> tuple:
 class _RelayScheduler(Scheduler):
     """The engine's scheduler: each round's events and metrics calls go out as one message."""
 
-    def __init__(self, *args, send, **kwargs):
+    def __init__(self, *args, send, processes: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self._send = send
-        self._out: list = []            # (request id, event) or (None, (observer method, args))
+        self._send = send               # send(k, message): to HTTP process k
+        self._out: list = []            # ((k, request id), event)
         self._out_lock = threading.Lock()
+        self.in_flight = [0] * processes  # per HTTP process: its requests submitted and not ended
 
     def post(self, item) -> None:
         with self._out_lock:
             self._out.append(item)
 
     def flush(self) -> None:
-        """Send what the round emitted, with the state /metrics reads (one message, or none).
-        Taken and sent under one lock: two threads flush (the scheduler's, and the reader's
-        for a request it refused or dropped), and a request's events must arrive in order."""
+        """Send what the round emitted to the HTTP processes whose requests it concerns, with
+        the state /health and the queue limit read (one message per process, or none). Taken
+        and sent under one lock: two threads flush (the scheduler's, and a reader's for a
+        request it refused or dropped), and a request's events must arrive in order."""
         with self._out_lock:
             items, self._out = self._out, []
             if not items:
                 return
-            pool = getattr(self.rows, "pool", None)
-            state = (len(self.waiting) + len(self.preempted), len(self.running),
-                     None if self.prefix is None else _prefix_state(self.prefix),
-                     None if pool is None else pool.free_blocks)
-            self._send(("events", state, items))
+            by_process: dict[int, list] = {}
+            for (k, rid), event in items:
+                by_process.setdefault(k, []).append((rid, event))
+            state = self.state()  # to every HTTP process: each counts the others' requests
+            for k in range(len(self.in_flight)):
+                self._send(k, ("events", state, by_process.get(k, [])))
+
+    def state(self) -> tuple:
+        """(waiting, running, requests in flight per HTTP process, preemptions)."""
+        return (len(self.waiting) + len(self.preempted), len(self.running), tuple(self.in_flight),
+                self.preemptions)
 
     def run_once(self) -> None:
         try:
@@ -147,120 +136,128 @@ class _RelayScheduler(Scheduler):
         self.flush()
 
 
-class _RelayObserver(Observer):
-    """Observer calls, queued beside the events: the HTTP side's metrics make them there."""
-
-    def __init__(self, post):
-        self.post = post
-
-    def _relay(self, name: str, *args) -> None:
-        self.post((None, (name, args)))
-
-    def first_token(self, seconds):
-        self._relay("first_token", seconds)
-
-    def token_gaps(self, seconds):
-        self._relay("token_gaps", seconds)
-
-    def step(self, batch_size):
-        self._relay("step", batch_size)
-
-    def step_time(self, host, model):
-        self._relay("step_time", host, model)
-
-    def prompt(self, reused, computed):
-        self._relay("prompt", reused, computed)
-
-    def preempted(self):
-        self._relay("preempted")
-
-    def finished(self, event):
-        self._relay("finished", event)
-
-
-def _engine_main(conn, factory, factory_args: tuple, options: dict, tracer=None) -> None:
-    """The engine process: load the model, run its scheduler, relay requests and events."""
+def _engine_main(conns: list, factory, factory_args: tuple, options: dict, tracer=None) -> None:
+    """The engine process: load the model, run its scheduler, relay requests and events. conns:
+    one pipe per HTTP process, the first the process that started this one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the HTTP side decides when the engine stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from .app import SWITCH_INTERVAL, build_scheduler
+    from .metrics import Metrics
 
-    send_lock = threading.Lock()
+    send_locks = [threading.Lock() for _ in conns]
 
-    def send(message) -> None:
-        with send_lock:
-            conn.send(message)
+    def send(k: int, message) -> None:
+        try:
+            with send_locks[k]:
+                conns[k].send(message)
+        except (OSError, ValueError):  # that HTTP process is gone; its reader cancels its requests
+            pass
 
     try:
         llm = factory(*factory_args)
-        scheduler = build_scheduler(llm, scheduler_class=_RelayScheduler, send=send, **options)
-        grammars = None
+        scheduler = build_scheduler(llm, scheduler_class=_RelayScheduler, send=send, processes=len(conns),
+                                    **options)
+        metrics = Metrics(scheduler)
         model = llm.model
-        pool = getattr(scheduler.rows, "pool", None)
         prefix = scheduler.prefix
         info = {"tokenizer": llm.tokenizer, "config": model.config, "dtype": model.dtype,
                 "device": model.device.name, "step": llm.step.name, "path": str(llm.path),
                 "load_seconds": llm.load_seconds, "batch": type(scheduler.rows).__name__,
                 "capacity": scheduler.rows.capacity,
-                "pool": None if pool is None else (pool.n_blocks, pool.block, pool.block_bytes),
                 "prefix": None if prefix is None else (prefix.block, prefix.budget), "pid": os.getpid()}
     except BaseException as e:  # noqa: BLE001 — every failure is reported, as one line if it is the user's
-        send(("error", _picklable(e)))
+        send(0, ("error", _picklable(e)))
         return
-    scheduler.observer = _RelayObserver(scheduler.post)
     traced = None if tracer is None else tracer(scheduler)
     sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
     scheduler.start()
-    send(("ready", info))
-    requests: dict[int, Request] = {}
-    stop_timeout = 10.0
-    try:
+    requests: dict[tuple, Request] = {}   # (HTTP process, its request id) -> the request
+    requests_lock = threading.Lock()
+    grammars = []
+    stopping = threading.Event()
+    stop_timeout = [10.0]
+
+    def take(key) -> Request | None:  # a request that ended or left: no longer in flight
+        with requests_lock:
+            request = requests.pop(key, None)
+            if request is not None:
+                scheduler.in_flight[key[0]] -= 1
+            return request
+
+    def emitter(key):
+        def emit(event) -> None:  # the scheduler thread
+            if isinstance(event, (Finished, Failed)):
+                take(key)
+            scheduler.post((key, event))
+        return emit
+
+    def submit(k: int, message) -> None:
+        _, rid, prompt_ids, sampling, grammar, rules, prompt_logprobs, arrived = message
+        key = (k, rid)
+        try:
+            if grammar is not None:  # compiled again against this process's vocabulary
+                with requests_lock:
+                    if not grammars:
+                        from ..constrain import Grammars
+                        grammars.append(Grammars(llm.tokenizer, llm.config.vocab_size))
+                sampling = dataclasses.replace(sampling, grammar=grammars[0].compiled(grammar))
+            request = Request(prompt_ids, sampling, rules, emitter(key), arrived=arrived,
+                              prompt_logprobs=prompt_logprobs)
+            with requests_lock:
+                requests[key] = request
+                scheduler.in_flight[k] += 1
+            scheduler.submit(request)
+        except Exception as e:  # noqa: BLE001 — refused here: the request alone ends
+            take(key)
+            scheduler.post((key, Failed(f"{type(e).__name__}: {e}")))
+            scheduler.flush()
+
+    def serve(k: int) -> None:
+        """HTTP process k's messages, until its pipe closes (or, from the first, a stop)."""
+        conn = conns[k]
         while True:
             try:
                 message = conn.recv()
-            except (EOFError, OSError):  # the HTTP process is gone
+            except (EOFError, OSError):  # that HTTP process is gone
                 break
             kind = message[0]
             if kind == "submit":
-                _, rid, prompt_ids, sampling, grammar, rules, prompt_logprobs, arrived = message
-                try:
-                    if grammar is not None:  # compiled again against this process's vocabulary
-                        if grammars is None:
-                            from ..constrain import Grammars
-                            grammars = Grammars(llm.tokenizer, llm.config.vocab_size)
-                        sampling = dataclasses.replace(sampling, grammar=grammars.compiled(grammar))
-                    request = Request(prompt_ids, sampling, rules, _relay(scheduler, requests, rid),
-                                      arrived=arrived, prompt_logprobs=prompt_logprobs)
-                    requests[rid] = request
-                    scheduler.submit(request)
-                except Exception as e:  # noqa: BLE001 — refused here: the request alone ends
-                    requests.pop(rid, None)
-                    scheduler.post((rid, Failed(f"{type(e).__name__}: {e}")))
-                    scheduler.flush()
+                submit(k, message)
             elif kind == "cancel":
-                request = requests.get(message[1])
+                key = (k, message[1])
+                with requests_lock:
+                    request = requests.get(key)
                 if request is not None and scheduler.cancel(request):  # it was waiting: no event will end it
-                    requests.pop(message[1], None)
-                    scheduler.post((message[1], None))
+                    take(key)
+                    scheduler.post((key, None))
                     scheduler.flush()
+            elif kind == "request":  # an HTTP process counted an answer (endpoint, status)
+                metrics.request(message[1], message[2])
+            elif kind == "metrics":
+                send(k, ("metrics", metrics.text()))
+            elif kind == "observe":  # warmed up: from here on the scheduler's calls are counted
+                scheduler.observer = metrics
             elif kind == "trace":  # a benchmark's tracer: one of its methods, the result sent back
-                send(("trace", None if traced is None else getattr(traced, message[1])()))
-            elif kind == "stop":
-                stop_timeout = message[1]
+                send(k, ("trace", None if traced is None else getattr(traced, message[1])()))
+            elif kind == "stop" and k == 0:
+                stop_timeout[0] = message[1]
                 break
+        if k == 0:
+            stopping.set()
+            return
+        with requests_lock:  # nobody reads these answers any more
+            mine = [r for key, r in requests.items() if key[0] == k]
+        for request in mine:
+            scheduler.cancel(request)
+
+    for k in range(1, len(conns)):
+        threading.Thread(target=serve, args=(k,), name=f"tinyllm-http-{k}", daemon=True).start()
+    send(0, ("ready", info))
+    try:
+        serve(0)
     finally:
-        scheduler.stop(timeout=stop_timeout)
-        try:
-            send(("stopped",))
-        except (OSError, ValueError):
-            pass
-
-
-def _relay(scheduler: _RelayScheduler, requests: dict, rid: int):
-    def emit(event) -> None:  # the scheduler thread
-        if isinstance(event, (Finished, Failed)):
-            requests.pop(rid, None)
-        scheduler.post((rid, event))
-    return emit
+        scheduler.stop(timeout=stop_timeout[0])
+        send(0, ("stopped",))
 
 
 def _picklable(error: BaseException):
@@ -276,71 +273,54 @@ def _picklable(error: BaseException):
 
 # ---- the HTTP side's handle on it -------------------------------------------------------------
 
-class EngineProcess:
-    """The scheduler of a model loaded in a process of its own (see the module's docstring).
+# ---- the HTTP side's handle on it -------------------------------------------------------------
 
-    factory(*factory_args) -> LLM runs in the new process (tinyllm.load and its arguments, or
-    any picklable function that builds one); options: build_scheduler's (max_batch,
-    max_queue, max_context, prefix_cache_mb, kv_cache_mb). The constructor returns once the
-    model is loaded; a failure to load is raised here (as the error the engine raised).
-    tracer (benchmarks): a picklable callable that the engine calls with its scheduler once
-    it is built; `trace(method)` then calls that method of what it returned, in the engine,
-    and returns its result."""
+class EngineClient:
+    """One HTTP process's handle on the engine (see the module's docstring): what its `Server`
+    holds in place of a `Scheduler`. conn: its pipe to the engine; info: what the engine sent
+    when it was ready; index: which of the engine's pipes this is (0: the process that started
+    the engine, `EngineProcess`)."""
 
-    def __init__(self, factory, factory_args: tuple = (), *, max_batch: int = 16, max_queue: int = 64,
-                 timeout: float = START_TIMEOUT, tracer=None, **options):
-        self.max_batch, self.max_queue = max_batch, max_queue
-        options.update(max_batch=max_batch, max_queue=max_queue)
-        ctx = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
-        self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_engine_main, args=(child, factory, factory_args, options, tracer),
-                                   name="tinyllm-engine", daemon=True)
-        self.process.start()
-        child.close()
-        message = self._first_message(timeout)
-        if message[0] == "error":
-            self.process.join(10)
-            raise message[1]
-        info = message[1]
+    def __init__(self, conn, info: dict, max_batch: int, max_queue: int, index: int = 0, process=None):
+        self.max_batch, self.max_queue, self.index = max_batch, max_queue, index
+        self.process = process
+        self.info = info
         self.pid = info["pid"]
         model = ModelInfo(info["config"], info["dtype"], info["device"])
         self.llm = LLM(model, info["tokenizer"], Path(info["path"]), info["load_seconds"], StepInfo(info["step"]))
-        pool = None if info["pool"] is None else PoolView(*info["pool"])
-        self.rows = RowsView(info["batch"], info["capacity"], pool)
+        self.rows = RowsView(info["batch"], info["capacity"])
         self.prefix = None if info["prefix"] is None else PrefixView(*info["prefix"])
-        self.observer = Observer()
+        self.metrics = EngineMetrics(self)
         self.failure: str | None = None    # why the engine ended, once it has
         self.preemptions = 0                # as Scheduler.preemptions
         self._queue_depth = self._batch_size = 0
+        self._others = 0                    # the other HTTP processes' requests in flight, as last told
+        self._conn = conn
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}   # sent, not yet ended
         self._rids: dict[Request, int] = {}       # request -> its id (a Request hashes by identity)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self._ask_lock = threading.Lock()
         self._stopping = False
-        self._traces: queue.SimpleQueue = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, name="tinyllm-engine-events", daemon=True)
         self._reader.start()
 
-    def _first_message(self, timeout: float):
-        deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.2):
-            if not self.process.is_alive():
-                raise EngineProcessError(f"the engine process ended while loading the model "
-                                         f"(exit code {self.process.exitcode})")
-            if time.monotonic() > deadline:
-                self.process.kill()
-                raise EngineProcessError(f"the engine process did not load its model within {timeout:g} s")
-        try:
-            return self._conn.recv()
-        except EOFError:
-            self.process.join(10)
-            raise EngineProcessError(f"the engine process ended while loading the model "
-                                     f"(exit code {self.process.exitcode})") from None
-
     # ---- the Scheduler's interface --------------------------------------------------------------
-    def start(self) -> "EngineProcess":
+    def start(self) -> "EngineClient":
         return self  # the engine's scheduler runs from the start
+
+    @property
+    def observer(self):
+        return self.metrics
+
+    @observer.setter
+    def observer(self, metrics) -> None:
+        """Set once warmed up (Server.start): from then on the engine counts the scheduler's
+        reports in its metrics (warm-up requests are not counted)."""
+        if metrics is self.metrics:
+            self._send(("observe",))
 
     @property
     def queue_depth(self) -> int:
@@ -357,8 +337,9 @@ class EngineProcess:
         with self._lock:
             if self._stopping or self.failure is not None:
                 raise SchedulerStopped(self.failure or "the server is shutting down")
-            if len(self._requests) >= self.max_batch + self.max_queue:
-                raise QueueFull(f"server busy: {len(self._requests)} requests running or waiting "
+            held = len(self._requests) + self._others
+            if held >= self.max_batch + self.max_queue:
+                raise QueueFull(f"server busy: {held} requests running or waiting "
                                 f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}); retry later")
             rid = next(self._ids)
             self._requests[rid] = request
@@ -374,24 +355,18 @@ class EngineProcess:
             self._send(("cancel", rid))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new requests; the engine fails the waiting ones and cancels the running ones
-        (their events still arrive), then ends."""
+        """This process's pipe closes; the engine cancels the requests it sent (the process that
+        started the engine stops it: EngineProcess.stop)."""
         with self._lock:
             if self._stopping:
                 return
             self._stopping = True
-        self._send(("stop", timeout))
-        self.process.join(timeout + 10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(10)
-        self._reader.join(10)
         self._conn.close()
+        self._reader.join(10)
 
     def trace(self, method: str, timeout: float = 60.0):
-        """The result of the engine's tracer's `method()` (see the class's docstring)."""
-        self._send(("trace", method))
-        return self._traces.get(timeout=timeout)
+        """The result of the engine's tracer's `method()` (see EngineProcess)."""
+        return self._ask(("trace", method), timeout)
 
     # ---- the pipe ----------------------------------------------------------------------------------
     def _send(self, message) -> None:
@@ -401,30 +376,30 @@ class EngineProcess:
         except (OSError, ValueError):  # the engine is gone: the reader fails what was in flight
             pass
 
+    def _ask(self, message, timeout: float):
+        """Send a question ("metrics", "trace") and wait for its answer."""
+        with self._ask_lock:
+            while not self._replies.empty():  # a late answer to one that timed out
+                self._replies.get_nowait()
+            self._send(message)
+            return self._replies.get(timeout=timeout)
+
     def _read(self) -> None:
         while True:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if message[0] == "stopped":
+            kind = message[0]
+            if kind == "stopped":
                 break
-            if message[0] == "trace":
-                self._traces.put(message[1])
+            if kind in ("trace", "metrics"):
+                self._replies.put(message[1])
                 continue
             _, state, items = message
-            self._queue_depth, self._batch_size, prefix, free = state
-            if prefix is not None and self.prefix is not None:
-                self.prefix.update(prefix)
-            if free is not None and self.rows.pool is not None:
-                self.rows.pool.free_blocks = free
+            self._queue_depth, self._batch_size, in_flight, self.preemptions = state
+            self._others = sum(in_flight) - in_flight[self.index]
             for rid, event in items:  # (id, None): a request left the queue before it ran
-                if rid is None:
-                    name, args = event
-                    if name == "preempted":
-                        self.preemptions += 1
-                    getattr(self.observer, name)(*args)
-                    continue
                 with self._lock:
                     request = self._requests.get(rid)
                     if event is None or isinstance(event, (Finished, Failed)):
@@ -436,15 +411,113 @@ class EngineProcess:
 
     def _ended(self) -> None:
         """The engine is gone: every request still in flight ends with a Failed event."""
-        self.process.join(10 if self._stopping else 1)
-        code = self.process.exitcode
+        code = None
+        if self.process is not None:
+            self.process.join(10 if self._stopping else 1)
+            code = self.process.exitcode
         with self._lock:
             if not self._stopping:
-                self.failure = f"the engine process ended (exit code {code})"
+                self.failure = "the engine process ended" + ("" if code is None else f" (exit code {code})")
             requests, self._requests, self._rids = list(self._requests.values()), {}, {}
             self._batch_size = self._queue_depth = 0
         for request in requests:
             _deliver(request, Failed(self.failure or "the server is shutting down"))
+
+
+class EngineMetrics:
+    """The server's metrics, kept in the engine (one set for every HTTP process): this process's
+    answers are counted there, and `text()` is the engine's exposition."""
+
+    def __init__(self, client: EngineClient):
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        self.client = client
+        self.content_type = CONTENT_TYPE_LATEST
+
+    def request(self, endpoint: str, status: int) -> None:
+        self.client._send(("request", endpoint, status))
+
+    def text(self, timeout: float = 30.0) -> bytes:
+        return self.client._ask(("metrics",), timeout)
+
+
+class EngineProcess(EngineClient):
+    """The scheduler of a model loaded in a process of its own (see the module's docstring), and
+    this process's handle on it.
+
+    factory(*factory_args) -> LLM runs in the new process (tinyllm.load and its arguments, or
+    any picklable function that builds one); options: build_scheduler's (max_batch,
+    max_queue, max_context, prefix_cache_mb, kv_cache_mb). The constructor returns once the
+    model is loaded; a failure to load is raised here (as the error the engine raised).
+    http_processes: how many HTTP processes will talk to the engine; this one and, for each
+    other, a pipe in `pipes` to hand to it (`EngineClient(pipe, engine.info, ...)` there).
+    tracer (benchmarks): a picklable callable that the engine calls with its scheduler once
+    it is built; `trace(method)` then calls that method of what it returned, in the engine,
+    and returns its result."""
+
+    def __init__(self, factory, factory_args: tuple = (), *, max_batch: int = 16, max_queue: int = 64,
+                 timeout: float = START_TIMEOUT, tracer=None, http_processes: int = 1, **options):
+        # Each HTTP process refuses a request beyond max_batch + max_queue counting its own
+        # and the others' as of the engine's last message; the engine's queue takes the slack
+        # of requests that crossed meanwhile.
+        options.update(max_batch=max_batch, max_queue=max_queue + (http_processes - 1) * (max_batch + max_queue))
+        ctx = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
+        pipes = [ctx.Pipe() for _ in range(http_processes)]
+        process = ctx.Process(target=_engine_main, args=([child for _, child in pipes], factory, factory_args,
+                                                         options, tracer),
+                              name="tinyllm-engine", daemon=True)
+        process.start()
+        for _, child in pipes:
+            child.close()
+        conn = pipes[0][0]
+        message = self._first_message(conn, process, timeout)
+        if message[0] == "error":
+            process.join(10)
+            raise message[1]
+        self.pipes = [parent for parent, _ in pipes[1:]]
+        self.helpers: list = []  # the other HTTP processes, once started (main.start_http_workers)
+        # closed by stop() or with this process: they shut down as on a signal (their streams finish)
+        self.helpers_stop, self._helpers_go = ctx.Pipe(duplex=False)
+        super().__init__(conn, message[1], max_batch, max_queue, 0, process)
+
+    @staticmethod
+    def _first_message(conn, process, timeout: float):
+        deadline = time.monotonic() + timeout
+        while not conn.poll(0.2):
+            if not process.is_alive():
+                raise EngineProcessError(f"the engine process ended while loading the model "
+                                         f"(exit code {process.exitcode})")
+            if time.monotonic() > deadline:
+                process.kill()
+                raise EngineProcessError(f"the engine process did not load its model within {timeout:g} s")
+        try:
+            return conn.recv()
+        except EOFError:
+            process.join(10)
+            raise EngineProcessError(f"the engine process ended while loading the model "
+                                     f"(exit code {process.exitcode})") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new requests; the other HTTP processes end (their streams in flight finish
+        first, within `timeout`); the engine fails the waiting requests and cancels the running
+        ones (their events still arrive), then ends."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        self._helpers_go.close()
+        for helper in self.helpers:
+            helper.join(timeout + 10)
+            if helper.is_alive():
+                helper.kill()
+                helper.join(10)
+        self._send(("stop", timeout))
+        self.process.join(timeout + 10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
+        self._reader.join(10)
+        self._conn.close()
 
 
 def _deliver(request: Request, event) -> None:

@@ -61,6 +61,10 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
                    help="run the model and its scheduler in a process of their own, the HTTP side in this one, "
                    "so that the two do not take turns for one interpreter (auto: on a GPU, where the host's "
                    "work per step is what limits many streams)")
+    s.add_argument("--http-processes", type=int, default=1, metavar="N",
+                   help="processes that take connections on the port, all sending to one engine process "
+                   "(needs it: --engine-process auto turns it on): validation, tokenizing and streaming "
+                   "spread over N cores, so that a burst of new clients reaches the engine sooner")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish at shutdown before they are cancelled")
     s.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests at start-up")
@@ -107,6 +111,11 @@ def check_args(args) -> None:
                              ("--limit-concurrency", args.limit_concurrency, 1)):
         if value < low:
             raise UsageError(f"{flag}: must be >= {low}, got {value}")
+    if not 1 <= args.http_processes <= 64:
+        raise UsageError(f"--http-processes: must be 1 to 64, got {args.http_processes}")
+    if args.http_processes > 1 and args.engine_process == "off":
+        raise UsageError("--http-processes above 1 needs the engine in a process of its own "
+                         "(--engine-process on or auto)")
     for flag, value in (("--body-timeout", args.body_timeout), ("--header-timeout", args.header_timeout),
                         ("--keep-alive-timeout", args.keep_alive_timeout)):
         if not value > 0:
@@ -122,9 +131,12 @@ def check_args(args) -> None:
 
 
 def engine_process_wanted(args) -> bool:
-    """--engine-process: auto is on where the model runs on a GPU through the fast path."""
+    """--engine-process: auto is on where the model runs on a GPU through the fast path, or
+    where several HTTP processes share the engine."""
     if args.engine_process != "auto":
         return args.engine_process == "on"
+    if args.http_processes > 1:
+        return True
     return str(args.device).startswith("cuda") and not args.no_fast_path
 
 
@@ -282,15 +294,15 @@ def serve(args) -> int:
 
     from .app import Server
 
-    server_kwargs = dict(limits=limits(args), api_key=key, cors_origins=args.cors_origin,
-                         stream_interval=None if args.stream_interval_ms is None else args.stream_interval_ms / 1000)
+    server_kwargs = server_options(args, key)
     engine = None
     if engine_process_wanted(args):
         from .engine_process import EngineProcess
 
         engine = EngineProcess(functools.partial(tinyllm.load, args.model, **load_options(args)),
                                max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                               prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb)
+                               prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+                               http_processes=args.http_processes)
         llm = engine.llm
     else:
         llm = tinyllm.load(args.model, **load_options(args))
@@ -313,13 +325,77 @@ def serve(args) -> int:
     # (cancelling those still running after --shutdown-timeout), runs the lifespan's
     # shutdown (the scheduler stops), then re-raises the signal so the exit status shows it;
     # Ctrl-C (SIGINT) then ends here as KeyboardInterrupt: a normal stop, not a traceback.
+    config = uvicorn_config(server.app(), args)
+    sockets = None
     try:
-        uvicorn.Server(uvicorn_config(server.app(), args)).run()
+        if engine is not None and engine.pipes:
+            sockets = [config.bind_socket()]  # one listening socket: each connection goes to one process
+            start_http_workers(engine, args, sockets[0])
+        uvicorn.Server(config).run(sockets=sockets)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()  # (the engine process's stop ends the other HTTP processes first)
+    return 0
+
+
+def server_options(args, key) -> dict:
+    """Server's keyword arguments from the flags (but the model's and the scheduler's)."""
+    return dict(limits=limits(args), api_key=key, cors_origins=args.cors_origin,
+                stream_interval=None if args.stream_interval_ms is None else args.stream_interval_ms / 1000)
+
+
+def start_http_workers(engine, args, sock) -> None:
+    """--http-processes N: N - 1 processes more, each serving connections of the listening
+    socket `sock` through its own pipe to the engine (engine.pipes). They end when the
+    engine process's handle stops (the server's shutdown, after this process's own
+    connections), or on a signal of their own (a terminal's Ctrl-C reaches them all), or
+    when this process is gone."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for index, pipe in enumerate(engine.pipes, start=1):
+        worker = ctx.Process(target=http_worker, args=(pipe, engine.info, index, args, sock, engine.helpers_stop),
+                             name=f"tinyllm-http-{index}", daemon=True)
+        worker.start()
+        pipe.close()  # the worker holds it now
+        engine.helpers.append(worker)
+
+
+def http_worker(pipe, info: dict, index: int, args, sock, stop) -> None:
+    """One more HTTP process (--http-processes): the same app as the first, on the same socket,
+    its requests sent to the engine through `pipe`. Once `stop` (a pipe's reading end) ends,
+    the first process having closed the other end or being gone, it shuts down as uvicorn
+    does on a signal (its streams in flight finish first)."""
+    import threading
+
+    import uvicorn
+
+    from .app import Server
+    from .engine_process import EngineClient
+
+    configure_logging(args.log_level)
+    engine = EngineClient(pipe, info, args.max_batch, args.max_queue, index)
+    server = Server(engine.llm, args.served_model_name, args.max_batch, args.max_queue, args.max_context,
+                    args.default_max_tokens, prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+                    scheduler=engine, **server_options(args, api_key(args)))
+    server.start(warm_up=False)  # the first process warmed the engine up
+    http = uvicorn.Server(uvicorn_config(server.app(), args))
+
+    def watch() -> None:
+        try:
+            stop.recv()  # nothing is ever sent: returns (EOFError) when the other end closes
+        except (EOFError, OSError):
+            pass
+        http.should_exit = True
+
+    threading.Thread(target=watch, name="tinyllm-http-stop", daemon=True).start()
+    try:
+        http.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
-    return 0
 
 
 def main(argv=None, prog: str = PROG) -> int:
