@@ -320,7 +320,7 @@ def start_server(llm, args, prefix_cache_mb: float):
 
         engine = EngineProcess(engine_llm, (args,), max_batch=args.max_batch, max_context=args.max_context,
                                prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
-                               tracer=Timeline if args.timeline else None)
+                               tracer=Timeline if args.timeline else None, http_processes=args.http_processes)
     server = Server(llm if engine is None else engine.llm, f"random-{args.shape}", max_batch=args.max_batch,
                     max_context=args.max_context, prefix_cache_mb=prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
                     scheduler=engine,
@@ -332,9 +332,23 @@ def start_server(llm, args, prefix_cache_mb: float):
     port = free_port()
     # uvicorn as `python -m tinyllm.serve` configures it (its HTTP protocol and limits), not
     # uvicorn's own defaults, which take a faster parser where one is installed
-    config = uvicorn_config(server.app(), build_parser().parse_args(["--port", str(port), "--log-level", "warning"]))
+    flags = ["--port", str(port), "--log-level", "warning", "--max-batch", str(args.max_batch),
+             "--prefix-cache-mb", str(prefix_cache_mb), "--served-model-name", f"random-{args.shape}",
+             "--engine-process", "on" if args.engine_process else "off", "--http-processes", str(args.http_processes)]
+    for flag, value in (("--max-context", args.max_context), ("--kv-cache-mb", args.kv_cache_mb),
+                        ("--stream-interval-ms", args.stream_interval_ms)):
+        if value is not None:
+            flags += [flag, str(value)]
+    server_args = build_parser().parse_args(flags)
+    config = uvicorn_config(server.app(), server_args)
     http = uvicorn.Server(config)  # off the main thread, uvicorn installs no signal handlers
-    thread = threading.Thread(target=http.run, name="uvicorn", daemon=True)
+    sockets = None
+    if engine is not None and engine.pipes:  # --http-processes: the others, as `tinyllm serve` starts them
+        from tinyllm.server.main import start_http_workers
+
+        sockets = [config.bind_socket()]
+        start_http_workers(engine, server_args, sockets[0])
+    thread = threading.Thread(target=http.run, kwargs={"sockets": sockets}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not http.started:
@@ -521,6 +535,7 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
     with --max-tokens. Each run records the prefix-cache counters' change over it."""
     server, http, thread, port, warm_s = start_server(llm, args, prefix_cache_mb)
     engine_pid = getattr(server.scheduler, "pid", None)  # --engine-process: the engine's process
+    helpers = [p.pid for p in getattr(server.scheduler, "helpers", [])]  # --http-processes: the others
     timeline = None
     if args.timeline:
         timeline = Timeline(server.scheduler) if engine_pid is None else EngineTimeline(server.scheduler)
@@ -548,9 +563,10 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                 if timeline is not None:
                     timeline.clear()
                 before, cpu, engine_cpu = server_metrics(port), time.process_time(), cpu_seconds(engine_pid)
+                cpu -= sum(map(cpu_seconds, helpers))
                 r = clients.run(port, n, args.max_tokens, texts_for(n, run), per_request=timeline is not None)
                 requests = r.pop("requests", None)
-                cpu = time.process_time() - cpu
+                cpu = time.process_time() + sum(map(cpu_seconds, helpers)) - cpu
                 engine_cpu = cpu_seconds(engine_pid) - engine_cpu
                 r |= run_figures(before, server_metrics(port))
                 # with --engine-process: both processes' CPU time, and the engine's alone
@@ -597,7 +613,8 @@ def model_markdown(llm, args, fast: bool) -> str:
     return (f"Model: random {dtype} weights of {args.shape}'s shape ({c.n_layers} layers, dim {c.dim}, "
             f"vocabulary {c.vocab_size}), a word-level tokenizer without EOS (every request generates "
             f"`max_tokens`). Server: tinyllm.serve.Server in process (uvicorn thread)"
-            f"{', its engine in a child process (--engine-process)' if args.engine_process else ''}, "
+            f"{', its engine in a child process (--engine-process)' if args.engine_process else ''}"
+            f"{f', {args.http_processes} HTTP processes on its port (--http-processes)' if args.http_processes > 1 else ''}, "
             f"--max-batch {args.max_batch}, "
             f"fast path {'on' if fast else 'off'}")
 
@@ -796,6 +813,9 @@ def main(argv=None) -> int:
     p.add_argument("--engine-process", action="store_true",
                    help="the server's engine (model and scheduler) in a process of its own, as `tinyllm serve "
                    "--engine-process on` runs it; server CPU then counts both processes")
+    p.add_argument("--http-processes", type=int, default=1, metavar="N",
+                   help="with --engine-process: N HTTP processes on the server's port, as `tinyllm serve "
+                   "--http-processes N` runs them (this one and N - 1 more); server CPU counts them all")
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")
@@ -818,6 +838,9 @@ def main(argv=None) -> int:
         return 2
     if args.prefix_cache_mb is not None and not args.prefix_cache_mb >= 0:
         print(f"gpu_serve: --prefix-cache-mb: must be >= 0, got {args.prefix_cache_mb}", file=sys.stderr)
+        return 2
+    if args.http_processes != 1 and not (args.engine_process and 1 <= args.http_processes <= 64):
+        print("gpu_serve: --http-processes: 1 to 64, above 1 with --engine-process", file=sys.stderr)
         return 2
     if args.engine_process and args.profile_host:
         print("gpu_serve: --profile-host profiles the scheduler in this process: not with --engine-process",

@@ -81,11 +81,18 @@ class PrefixView:
         self.block, self.budget = block, budget
 
 
-class RowsView:
-    """The engine's batch (step.py's `batch`): its class's name and capacity."""
+class PoolView:
+    """The engine's paged KV cache: its size (kv_cache.BlockPool's)."""
 
-    def __init__(self, kind: str, capacity: int):
-        self.kind, self.capacity = kind, capacity
+    def __init__(self, n_blocks: int, block: int, block_bytes: int):
+        self.n_blocks, self.block, self.block_bytes = n_blocks, block, block_bytes
+
+
+class RowsView:
+    """The engine's batch (step.py's `batch`): its class's name, capacity and paged cache."""
+
+    def __init__(self, kind: str, capacity: int, pool: PoolView | None):
+        self.kind, self.capacity, self.pool = kind, capacity, pool
 
 
 # ---- the engine process -----------------------------------------------------------------------
@@ -160,10 +167,12 @@ def _engine_main(conns: list, factory, factory_args: tuple, options: dict, trace
         metrics = Metrics(scheduler)
         model = llm.model
         prefix = scheduler.prefix
+        pool = getattr(scheduler.rows, "pool", None)
         info = {"tokenizer": llm.tokenizer, "config": model.config, "dtype": model.dtype,
                 "device": model.device.name, "step": llm.step.name, "path": str(llm.path),
                 "load_seconds": llm.load_seconds, "batch": type(scheduler.rows).__name__,
                 "capacity": scheduler.rows.capacity,
+                "pool": None if pool is None else (pool.n_blocks, pool.block, pool.block_bytes),
                 "prefix": None if prefix is None else (prefix.block, prefix.budget), "pid": os.getpid()}
     except BaseException as e:  # noqa: BLE001 — every failure is reported, as one line if it is the user's
         send(0, ("error", _picklable(e)))
@@ -288,7 +297,7 @@ class EngineClient:
         self.pid = info["pid"]
         model = ModelInfo(info["config"], info["dtype"], info["device"])
         self.llm = LLM(model, info["tokenizer"], Path(info["path"]), info["load_seconds"], StepInfo(info["step"]))
-        self.rows = RowsView(info["batch"], info["capacity"])
+        self.rows = RowsView(info["batch"], info["capacity"], None if info["pool"] is None else PoolView(*info["pool"]))
         self.prefix = None if info["prefix"] is None else PrefixView(*info["prefix"])
         self.metrics = EngineMetrics(self)
         self.failure: str | None = None    # why the engine ended, once it has
