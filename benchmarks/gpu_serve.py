@@ -563,7 +563,7 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                 if timeline is not None:
                     timeline.clear()
                 before, cpu, engine_cpu = server_metrics(port), time.process_time(), cpu_seconds(engine_pid)
-                cpu -= sum(map(cpu_seconds, helpers))
+                cpu += sum(map(cpu_seconds, helpers))
                 r = clients.run(port, n, args.max_tokens, texts_for(n, run), per_request=timeline is not None)
                 requests = r.pop("requests", None)
                 cpu = time.process_time() + sum(map(cpu_seconds, helpers)) - cpu

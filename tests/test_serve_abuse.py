@@ -424,3 +424,20 @@ def test_the_stream_interval_flag():
     for bad in ("-1", "nan", "1e9"):
         with pytest.raises(UsageError, match=r"^--stream-interval-ms: must be 0 to 10000 milliseconds, got "):
             check_args(parse_args(["-m", "x", "--stream-interval-ms", bad]))
+
+
+def test_the_http_processes_flag():
+    from tinyllm.cli import UsageError
+    from tinyllm.server.main import check_args, engine_process_wanted, http_processes
+
+    args = parse_args(["-m", "x", "--device", "cpu"])
+    check_args(args)
+    assert http_processes(args) == 1 and not engine_process_wanted(args)  # auto, on the CPU: one process
+    args = parse_args(["-m", "x", "--device", "cpu", "--http-processes", "3"])
+    check_args(args)
+    assert http_processes(args) == 3 and engine_process_wanted(args)  # several need the engine process
+    for bad, message in (("0", "must be 1 to 64, got 0"), ("two", "expected a whole number or auto, got 'two'")):
+        with pytest.raises(UsageError, match=f"^--http-processes: {message}$"):
+            check_args(parse_args(["-m", "x", "--http-processes", bad]))
+    with pytest.raises(UsageError, match="^--http-processes above 1 needs the engine in a process of its own"):
+        check_args(parse_args(["-m", "x", "--http-processes", "2", "--engine-process", "off"]))

@@ -26,6 +26,10 @@ from ..prefix import BLOCK, BUDGET_MB, block_bytes
 
 PROG = "python -m tinyllm.serve"
 API_KEY_ENV = "TINYLLM_API_KEY"
+# --http-processes auto: one HTTP process per this many cores (the engine process, the
+# tokenizer's threads and the machine's other work need theirs), and at most this many
+CORES_PER_HTTP_PROCESS = 4
+AUTO_HTTP_PROCESSES = 4
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 
 
@@ -61,10 +65,12 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
                    help="run the model and its scheduler in a process of their own, the HTTP side in this one, "
                    "so that the two do not take turns for one interpreter (auto: on a GPU, where the host's "
                    "work per step is what limits many streams)")
-    s.add_argument("--http-processes", type=int, default=1, metavar="N",
+    s.add_argument("--http-processes", default="auto", metavar="N",
                    help="processes that take connections on the port, all sending to one engine process "
-                   "(needs it: --engine-process auto turns it on): validation, tokenizing and streaming "
-                   "spread over N cores, so that a burst of new clients reaches the engine sooner")
+                   "(above 1 it needs one: --engine-process auto turns it on): validation, tokenizing and "
+                   "streaming spread over N cores, so that a burst of new clients reaches the engine sooner "
+                   f"(auto: with the engine in a process of its own on a GPU, one per {CORES_PER_HTTP_PROCESS} "
+                   f"cores, at most {AUTO_HTTP_PROCESSES}; else 1)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish at shutdown before they are cancelled")
     s.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests at start-up")
@@ -111,9 +117,14 @@ def check_args(args) -> None:
                              ("--limit-concurrency", args.limit_concurrency, 1)):
         if value < low:
             raise UsageError(f"{flag}: must be >= {low}, got {value}")
-    if not 1 <= args.http_processes <= 64:
-        raise UsageError(f"--http-processes: must be 1 to 64, got {args.http_processes}")
-    if args.http_processes > 1 and args.engine_process == "off":
+    if args.http_processes != "auto":
+        try:
+            args.http_processes = int(args.http_processes)
+        except ValueError:
+            raise UsageError(f"--http-processes: expected a whole number or auto, got {args.http_processes!r}") from None
+        if not 1 <= args.http_processes <= 64:
+            raise UsageError(f"--http-processes: must be 1 to 64, got {args.http_processes}")
+    if args.http_processes not in ("auto", 1) and args.engine_process == "off":
         raise UsageError("--http-processes above 1 needs the engine in a process of its own "
                          "(--engine-process on or auto)")
     for flag, value in (("--body-timeout", args.body_timeout), ("--header-timeout", args.header_timeout),
@@ -130,12 +141,21 @@ def check_args(args) -> None:
         raise UsageError("--ssl-certfile and --ssl-keyfile go together")
 
 
+def http_processes(args) -> int:
+    """--http-processes, auto resolved (where the engine runs in a process of its own)."""
+    if args.http_processes != "auto":
+        return args.http_processes
+    if not str(args.device).startswith("cuda"):
+        return 1
+    return max(1, min(AUTO_HTTP_PROCESSES, (os.cpu_count() or 1) // CORES_PER_HTTP_PROCESS))
+
+
 def engine_process_wanted(args) -> bool:
     """--engine-process: auto is on where the model runs on a GPU through the fast path, or
     where several HTTP processes share the engine."""
     if args.engine_process != "auto":
         return args.engine_process == "on"
-    if args.http_processes > 1:
+    if args.http_processes not in ("auto", 1):
         return True
     return str(args.device).startswith("cuda") and not args.no_fast_path
 
@@ -302,7 +322,7 @@ def serve(args) -> int:
         engine = EngineProcess(functools.partial(tinyllm.load, args.model, **load_options(args)),
                                max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                                prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
-                               http_processes=args.http_processes)
+                               http_processes=http_processes(args))
         llm = engine.llm
     else:
         llm = tinyllm.load(args.model, **load_options(args))
