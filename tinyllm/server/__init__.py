@@ -17,8 +17,9 @@ strangers. Read the modules in the order a request meets them:
     openai.py      the OpenAI API's shapes: body -> validated job; events -> answers
     app.py         the Starlette app: the scheduler's thread behind an event loop that never blocks
     engine_process.py  the model and its scheduler in a process of their own (--engine-process,
-                   the GPU's default): requests and each round's events cross a pipe
-    metrics.py     what the server reports at /metrics
+                   the GPU's default): requests and each round's events cross a pipe, from
+                   one or several HTTP processes (--http-processes)
+    metrics.py     what the server reports at /metrics (kept by the engine process, if any)
     routing.py     replicas: which one takes a request (least loaded, or by prompt prefix)
     replicas.py    N replicas on Ray Serve behind one endpoint: `python -m tinyllm.replicas`
 

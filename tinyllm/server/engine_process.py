@@ -1,4 +1,4 @@
-"""The engine in a process of its own: the model and its scheduler in one process, HTTP in another.
+"""The engine in a process of its own: the model and its scheduler in one process, HTTP in others.
 
 In one process the scheduler thread and the event loop take turns for one interpreter lock.
 With many streams that is what sets the pace: the GPU's step for 64 sequences is shorter
@@ -6,28 +6,35 @@ than the host's work around it (scheduling, detokenizing, and the event loop fra
 writing 64 streams), and each time the scheduler lets go of the lock (to wait for the GPU)
 it waits for the event loop to hand it back. Here the two sides have a lock each:
 
-    HTTP process (uvicorn, Starlette, validation, SSE)     engine process (Scheduler, step, GPU)
-    EngineProcess.submit / cancel ──── ("submit", ...) ───►  a reader thread: Scheduler.submit
-                                                              the scheduler thread: rounds
-    a reader thread: request.emit(event) ◄── ("events", ...)  one message per round: every event
-                                                              the round emitted, its metrics calls,
-                                                              and the queue's and caches' state
+    HTTP process k (uvicorn, Starlette, validation, SSE)   engine process (Scheduler, step, GPU)
+    EngineClient.submit / cancel ─── ("submit", ...) ───►  a reader thread per pipe: Scheduler.submit
+                                                            the scheduler thread: rounds
+    a reader thread: request.emit(event) ◄── ("events", ...)  one message per round and HTTP
+                                                            process: its requests' events of the
+                                                            round, and the queue's state
 
-`EngineProcess` is what the HTTP side's `Server` holds in place of a `Scheduler`: the same
+`EngineClient` is what an HTTP process's `Server` holds in place of a `Scheduler`: the same
 `submit`, `cancel`, `start`, `stop`, `queue_depth`, `batch_size`, `observer`, `prefix` and
-`rows` (the last two read-only views of the engine's caches, for /metrics), and `llm`, the
-loaded model's tokenizer, configuration and names without its weights (what validation,
-tokenization and the chat template need). A request's tokens do not change: the same
-scheduler runs the same steps; only its events cross a pipe, a round's events in one message.
+`rows` (read-only descriptions of the engine's caches), and `llm`, the loaded model's
+tokenizer, configuration and names without its weights (what validation, tokenization and
+the chat template need). `EngineProcess` is the first HTTP process's: it starts the engine
+and holds the pipes of the others (--http-processes: each the same app on the same listening
+socket, main.start_http_workers). A request's tokens do not change: the same scheduler runs
+the same steps; only its events cross a pipe, a round's events in one message.
 
-- The HTTP side counts the requests it has sent and not yet seen end, and refuses one
-  beyond `max_batch + max_queue` at once (QueueFull, the 503), as the scheduler would: it
-  sees an end only after the engine has sent it, so it never holds fewer than the engine.
+- The metrics live in the engine, with the scheduler that reports them (metrics.Metrics):
+  each HTTP process sends it the endpoint and status of each answer, and /metrics asks the
+  engine for its text, so every HTTP process reports the same figures.
+- Each HTTP process counts the requests it has sent and not yet seen end, and from each
+  engine message the others', and refuses one beyond `max_batch + max_queue` (QueueFull, the
+  503), as the scheduler would; the engine's queue has room for those that cross meanwhile.
 - A JSON grammar (`response_format`) crosses as its text and is compiled again against the
   engine's own view of the vocabulary (llguidance's objects stay in their process).
 - The engine ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches every process of its
   group, and the in-flight streams the HTTP side lets finish at shutdown still need the
-  engine. It stops when told to, or when the HTTP process is gone (its end of the pipe closes).
+  engine. It stops when the first HTTP process tells it to (after the others have ended), or
+  when that process is gone (its end of the pipe closes); another HTTP process that goes
+  away has its requests cancelled.
 - An engine process that dies ends every request in flight with a `Failed` event, refuses new
   ones (SchedulerStopped: a 503), and /health says so.
 """
