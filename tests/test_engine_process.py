@@ -236,3 +236,34 @@ def test_sigterm_to_the_first_http_process_lets_every_stream_end_whole(tmp_path)
     finally:
         srv.stop()
 
+
+def test_the_request_limit_holds_across_http_processes(tmp_path):
+    """--max-batch 1 --max-queue 1: with one request running and one waiting, each HTTP
+    process refuses the next (a 503), whichever took the connection; once they end, requests
+    are taken again."""
+    srv = engine_server(tmp_path, "--http-processes", "2", "--max-batch", "1", "--max-queue", "1")
+    try:
+        long = {"prompt": COUNTING, "max_tokens": 2000, "ignore_eos": True}
+        running = open_stream(srv.port, long)
+        assert running[1].readline().startswith(b"data: ")
+        waiting = open_stream(srv.port, long)
+        for _ in range(200):
+            status, _, health = http_request(srv.port, "GET", "/health")
+            if (health["running"], health["waiting"]) == (1, 1):
+                break
+            time.sleep(0.05)
+        assert (health["running"], health["waiting"]) == (1, 1), health
+        for _ in range(8):  # new connections: each process takes some
+            status, _, body = http_request(srv.port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+            assert status == 503 and "server busy" in body["error"]["message"], body
+        for conn, resp in (running, waiting):
+            conn.close()
+        for _ in range(200):
+            status, _, body = http_request(srv.port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert status == 200, body
+    finally:
+        srv.stop()
+

@@ -262,9 +262,10 @@ def _engine_main(conns: list, factory, factory_args: tuple, options: dict, trace
             stopping.set()
             return
         with requests_lock:  # nobody reads these answers any more
-            mine = [r for key, r in requests.items() if key[0] == k]
-        for request in mine:
-            scheduler.cancel(request)
+            mine = [(key, r) for key, r in requests.items() if key[0] == k]
+        for key, request in mine:
+            if scheduler.cancel(request):  # it was waiting: no event will end it
+                take(key)
 
     for k in range(1, len(conns)):
         threading.Thread(target=serve, args=(k,), name=f"tinyllm-http-{k}", daemon=True).start()
