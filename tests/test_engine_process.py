@@ -267,3 +267,21 @@ def test_the_request_limit_holds_across_http_processes(tmp_path):
     finally:
         srv.stop()
 
+
+def test_when_the_first_http_process_is_killed_the_others_and_the_engine_end(tmp_path):
+    """No process outlives the one a supervisor started, even killed outright."""
+    srv = engine_server(tmp_path, "--http-processes", "3")
+    try:
+        children = engines(srv.proc.pid)
+        assert len(children) == 3
+        srv.proc.kill()
+        srv.proc.wait(30)
+        for pid in children:
+            for _ in range(300):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.1)
+            assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the server"
+    finally:
+        srv.stop()
+
