@@ -119,10 +119,11 @@ class _RelayScheduler(Scheduler):
             self._out.append(item)
 
     def flush(self) -> None:
-        """Send what the round emitted to the HTTP processes whose requests it concerns, with
-        the state /health and the queue limit read (one message per process, or none). Taken
-        and sent under one lock: two threads flush (the scheduler's, and a reader's for a
-        request it refused or dropped), and a request's events must arrive in order."""
+        """Send what the round emitted: to each HTTP process its requests' events, and to every
+        one the state /health and the request limit read (one message each, or none when the
+        round emitted nothing). Taken and sent under one lock: several threads flush (the
+        scheduler's, and a reader's for a request it refused or dropped), and a request's
+        events must arrive in order."""
         with self._out_lock:
             items, self._out = self._out, []
             if not items:
