@@ -59,10 +59,13 @@ is what the cache-off server already measures with tinyllm's own engine.
 Timeline (--timeline DIR): per run, a JSON list of ["submit", t, prompt ids] (a request reached
 the scheduler), ["round", start, end] (one scheduler round: admission, the step, the events it
 sends), ["admit", start, end, sequences that joined], ["step", start, end, rows, decode rows,
-seconds waiting for the GPU] and, from the client, ["request", sent, written, first text, done];
-times in seconds from the run's first event, on one clock (time.perf_counter is the machine's
-monotonic clock in every process). With --engine-process the scheduler's side is recorded in
-the engine process and read over its pipe after each run.
+seconds waiting for the GPU], from the client, ["request", sent, written, first text, done],
+and from the (first) HTTP process ["accepted", t] (a connection's `connection_made`),
+["received", t] (a /v1 request reached the app) and, with --engine-process, ["sent", t] (a
+request went to the engine); times in seconds from the run's first event, on one clock
+(time.perf_counter is the machine's monotonic clock in every process). With --engine-process
+the scheduler's side is recorded in the engine process and read over its pipe after each run;
+with --http-processes the others' intake is not recorded.
 
 Packages: numpy, tokenizers, starlette, uvicorn, prometheus_client (and cupy on cuda). The
 script checks them first and exits with status 2, naming the missing ones.
@@ -300,9 +303,10 @@ def engine_llm(args):
     return build_llm(args)[0]
 
 
-def start_server(llm, args, prefix_cache_mb: float):
+def start_server(llm, args, prefix_cache_mb: float, trace: HttpTrace | None = None):
     """tinyllm's Server (warmed up) behind uvicorn in a background thread; (server, http, thread, port, seconds).
-    With --engine-process, its engine (model and scheduler) runs in a child process."""
+    With --engine-process, its engine (model and scheduler) runs in a child process; with
+    `trace`, its intake is noted there (--timeline)."""
     import uvicorn
 
     from benchmarks.serve_load import free_port
@@ -340,7 +344,14 @@ def start_server(llm, args, prefix_cache_mb: float):
         if value is not None:
             flags += [flag, str(value)]
     server_args = build_parser().parse_args(flags)
-    config = uvicorn_config(server.app(), server_args)
+    app = server.app()
+    if trace is not None:
+        app = trace.app(app)
+        if engine is not None:
+            trace.engine(engine)
+    config = uvicorn_config(app, server_args)
+    if trace is not None:
+        config.http = trace.protocol(config.http)
     http = uvicorn.Server(config)  # off the main thread, uvicorn installs no signal handlers
     sockets = None
     if engine is not None and engine.pipes:  # --http-processes: the others, as `tinyllm serve` starts them
@@ -451,7 +462,8 @@ class Timeline:
     clock: time.perf_counter is the machine's monotonic clock in every process). One JSON
     file per run, times in seconds from the run's first event."""
 
-    CLOCK_FIELDS = {"submit": 1, "step": 2, "round": 2, "admit": 2, "request": 4}  # per kind: its leading clock readings
+    CLOCK_FIELDS = {"submit": 1, "step": 2, "round": 2, "admit": 2, "request": 4,  # per kind: its leading clock readings
+                    "accepted": 1, "received": 1, "sent": 1}
 
     def __init__(self, scheduler):
         self.rows = scheduler.rows
@@ -493,8 +505,8 @@ class Timeline:
     def taken(self) -> list:  # (in an engine process: what crosses back)
         return self.events
 
-    def write(self, folder: str, name: str, requests=None) -> None:
-        write_timeline(folder, name, self.events, requests)
+    def write(self, folder: str, name: str, requests=None, http=()) -> None:
+        write_timeline(folder, name, self.events + list(http), requests)
 
 
 class EngineTimeline:
@@ -507,8 +519,50 @@ class EngineTimeline:
     def clear(self) -> None:
         self.engine.trace("clear")
 
-    def write(self, folder: str, name: str, requests=None) -> None:
-        write_timeline(folder, name, self.engine.trace("taken"), requests)
+    def write(self, folder: str, name: str, requests=None, http=()) -> None:
+        write_timeline(folder, name, self.engine.trace("taken") + list(http), requests)
+
+
+class HttpTrace:
+    """--timeline: the HTTP process's side of the intake (see Timeline): when each connection
+    was accepted, each /v1 request reached the app and, with an engine process, was sent to it."""
+
+    def __init__(self):
+        self.events: list = []
+
+    def protocol(self, base):
+        """uvicorn's HTTP protocol class `base`, its connections' arrival noted."""
+        events = self.events
+
+        class Traced(base):
+            def connection_made(self, transport):
+                events.append(("accepted", time.perf_counter()))
+                super().connection_made(transport)
+
+        return Traced
+
+    def app(self, app):
+        events = self.events
+
+        async def traced(scope, receive, send):
+            if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+                events.append(("received", time.perf_counter()))
+            await app(scope, receive, send)
+
+        return traced
+
+    def engine(self, engine) -> None:
+        submit, events = engine.submit, self.events
+
+        def traced(request):
+            events.append(("sent", time.perf_counter()))
+            return submit(request)
+
+        engine.submit = traced
+
+    def taken(self) -> list:
+        events, self.events[:] = list(self.events), []
+        return events
 
 
 def write_timeline(folder: str, name: str, events: list, requests=None) -> None:
@@ -533,7 +587,8 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
     rounds over the stream counts. texts_for(n, run) gives the prompts of a run of n streams
     (None: serve_load's); longest_prompt (tokens), when given, must fit the server's context
     with --max-tokens. Each run records the prefix-cache counters' change over it."""
-    server, http, thread, port, warm_s = start_server(llm, args, prefix_cache_mb)
+    trace = HttpTrace() if args.timeline else None
+    server, http, thread, port, warm_s = start_server(llm, args, prefix_cache_mb, trace)
     engine_pid = getattr(server.scheduler, "pid", None)  # --engine-process: the engine's process
     helpers = [p.pid for p in getattr(server.scheduler, "helpers", [])]  # --http-processes: the others
     timeline = None
@@ -562,6 +617,7 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                 run += 1
                 if timeline is not None:
                     timeline.clear()
+                    trace.taken()
                 before, cpu, engine_cpu = server_metrics(port), time.process_time(), cpu_seconds(engine_pid)
                 cpu += sum(map(cpu_seconds, helpers))
                 r = clients.run(port, n, args.max_tokens, texts_for(n, run), per_request=timeline is not None)
@@ -576,7 +632,8 @@ def measure(llm, args, clients: Clients, prefix_cache_mb: float, texts_for=None,
                 r["exact"] = r["tokens"] == n * args.max_tokens  # every request made max_tokens tokens
                 runs.setdefault(n, []).append(r)
                 if timeline is not None:
-                    timeline.write(args.timeline, f"{n}-{repeat + 1}{label.strip(' ()').replace(' ', '-')}", requests)
+                    timeline.write(args.timeline, f"{n}-{repeat + 1}{label.strip(' ()').replace(' ', '-')}",
+                                   requests, trace.taken())
                 print(f"repeat {repeat + 1}{label}: {n:3d} streams, {r['total_tok_s']:8.1f} tok/s total, "
                       f"{r['tokens']} tokens{'' if r['exact'] else ' (NOT streams x max_tokens)'}, "
                       f"prefix cache {r['prefix_hit_tokens']} hit / {r['prefix_miss_tokens']} missed tokens, "
@@ -763,7 +820,7 @@ def write_profile(profiler, path: str, info: dict) -> None:
     print(f"gpu_serve: the scheduler thread's profile is in {path}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_serve.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (to try the script without a GPU)")
     p.add_argument("--shape", default="tinyllama-1.1b",
@@ -819,7 +876,11 @@ def main(argv=None) -> int:
     p.add_argument("--peer", action="store_true",
                    help="also run transformers' static-cache batch generate of B prompts for each stream count B "
                    "(not with --shared-prefix)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     missing = missing_packages(args.device)
     if missing:

@@ -173,6 +173,31 @@ def test_gpu_serve_engine_process_and_its_timeline_on_the_cpu(tmp_path):
     events = json.loads((tmp_path / "tl" / "timeline_3-1.json").read_text())
     kinds = [e[0] for e in events]
     assert kinds.count("submit") == 3 and kinds.count("request") == 3  # the engine's and the client's sides
+    # and the HTTP process's: each connection accepted, each request received and sent to the engine
+    assert kinds.count("received") == 3 and kinds.count("sent") == 3 and kinds.count("accepted") >= 3
     steps = [e for e in events if e[0] == "step"]
     assert len(steps) == run["steps"] and all(0 <= e[1] <= e[2] and e[4] <= 3 for e in steps)
     assert kinds.count("round") >= len(steps) and "admit" in kinds
+
+
+def test_gpu_serve_with_several_http_processes_on_the_cpu(tmp_path):
+    """--http-processes 2: the runs complete through both, and server CPU counts them all."""
+    proc = run_gpu_serve("--device", "cpu", "--shape", "smollm2-135m", "--n-layers", "2", "--vocab-size", "512",
+                         "--streams", "4", "--max-tokens", "4", "--repeats", "1", "--clients", "thread",
+                         "--engine-process", "--http-processes", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "gpu_serve_cpu.json").read_text())["runs"]["4"]
+    assert run["exact"] and run["tokens"] == 16
+    assert run["server_cpu_us_per_token"] >= run["engine_cpu_us_per_token"] > 0
+
+
+def test_serve_request_cost_on_the_cpu(tmp_path):
+    for name in ("tokenizers", "starlette", "uvicorn", "prometheus_client"):
+        pytest.importorskip(name)
+    proc = subprocess.run([sys.executable, "benchmarks/serve_request_cost.py", "--requests", "5", "--rounds", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serve_request_cost.json").read_text())
+    for kind in ("health", "completion", "stream"):
+        (r,) = result["rounds"][kind]
+        assert r["wall_ms"] > 0 and r["http_cpu_ms"] > 0
