@@ -67,6 +67,15 @@ def engines(pid: int) -> list[int]:
     return found
 
 
+def assert_gone(pids: list[int], timeout: float = 30) -> None:
+    """Each of `pids` has exited (within `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the server"
+
+
 def open_stream(port: int, body: dict):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
@@ -227,12 +236,7 @@ def test_sigterm_to_the_first_http_process_lets_every_stream_end_whole(tmp_path)
             text, reasons = read_stream(resp)
             assert reasons[-1] == "length"
         assert srv.proc.wait(60) in (0, -signal.SIGTERM)
-        for pid in children:
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.1)
-            assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the server"
+        assert_gone(children)
     finally:
         srv.stop()
 
@@ -276,12 +280,7 @@ def test_when_the_first_http_process_is_killed_the_others_and_the_engine_end(tmp
         assert len(children) == 3
         srv.proc.kill()
         srv.proc.wait(30)
-        for pid in children:
-            for _ in range(300):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.1)
-            assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the server"
+        assert_gone(children)
     finally:
         srv.stop()
 
