@@ -159,6 +159,8 @@ def test_an_engine_that_dies_fails_the_requests_in_flight_and_health_says_so(tmp
         assert rest.rstrip().endswith("data: [DONE]")
         status, _, body = http_request(srv.port, "GET", "/health")
         assert status == 503 and body["status"] == "failed" and "engine process ended" in body["error"]
+        status, _, body = http_request(srv.port, "GET", "/metrics")  # kept by the engine: gone with it
+        assert status == 503 and "engine process ended" in body["error"]["message"]
         status, _, body = http_request(srv.port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
         assert status == 503 and "engine process ended" in body["error"]["message"]
         assert body["error"]["code"] == "engine_failed"

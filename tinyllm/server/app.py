@@ -216,7 +216,10 @@ class Server:
         return JSONResponse(self.model_card())
 
     async def metrics_endpoint(self, request):
-        text = await anyio.to_thread.run_sync(self.metrics.text)  # (an engine process's: a round trip)
+        try:
+            text = await anyio.to_thread.run_sync(self.metrics.text)  # (an engine process's: a round trip)
+        except SchedulerStopped as e:  # the engine process that keeps them has ended
+            return JSONResponse(APIError(503, str(e), type="server_error", code="engine_failed").body(), status_code=503)
         return Response(text, media_type=self.metrics.content_type)
 
     # ---- generation endpoints ------------------------------------------------------------------

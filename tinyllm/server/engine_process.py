@@ -395,12 +395,21 @@ class EngineClient:
             pass
 
     def _ask(self, message, timeout: float):
-        """Send a question ("metrics", "trace") and wait for its answer."""
+        """Send a question ("metrics", "trace") and wait for its answer; SchedulerStopped if the
+        engine has ended or does not answer within `timeout` seconds."""
         with self._ask_lock:
             while not self._replies.empty():  # a late answer to one that timed out
                 self._replies.get_nowait()
+            if self.failure is not None or self._stopping:
+                raise SchedulerStopped(self.failure or "the server is shutting down")
             self._send(message)
-            return self._replies.get(timeout=timeout)
+            try:
+                reply = self._replies.get(timeout=timeout)
+            except queue.Empty:
+                raise SchedulerStopped(f"the engine process did not answer within {timeout:g} s") from None
+            if reply is _GONE:
+                raise SchedulerStopped(self.failure or "the server is shutting down")
+            return reply
 
     def _read(self) -> None:
         while True:
@@ -438,8 +447,12 @@ class EngineClient:
                 self.failure = "the engine process ended" + ("" if code is None else f" (exit code {code})")
             requests, self._requests, self._rids = list(self._requests.values()), {}, {}
             self._batch_size = self._queue_depth = 0
+        self._replies.put(_GONE)  # a question waiting for its answer gets none
         for request in requests:
             _deliver(request, Failed(self.failure or "the server is shutting down"))
+
+
+_GONE = object()  # in place of an answer: the engine has ended
 
 
 class EngineMetrics:
