@@ -105,7 +105,7 @@ class RowsView:
 # ---- the engine process -----------------------------------------------------------------------
 
 class _RelayScheduler(Scheduler):
-    """The engine's scheduler: each round's events and metrics calls go out as one message."""
+    """The engine's scheduler: each round's events go out as one message per HTTP process."""
 
     def __init__(self, *args, send, processes: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
@@ -190,9 +190,7 @@ def _engine_main(conns: list, factory, factory_args: tuple, options: dict, trace
     scheduler.start()
     requests: dict[tuple, Request] = {}   # (HTTP process, its request id) -> the request
     requests_lock = threading.Lock()
-    grammars = []
-    stopping = threading.Event()
-    stop_timeout = [10.0]
+    grammars = None  # built at the first JSON grammar
 
     def take(key) -> Request | None:  # a request that ended or left: no longer in flight
         with requests_lock:
@@ -209,15 +207,16 @@ def _engine_main(conns: list, factory, factory_args: tuple, options: dict, trace
         return emit
 
     def submit(k: int, message) -> None:
+        nonlocal grammars
         _, rid, prompt_ids, sampling, grammar, rules, prompt_logprobs, arrived = message
         key = (k, rid)
         try:
             if grammar is not None:  # compiled again against this process's vocabulary
                 with requests_lock:
-                    if not grammars:
+                    if grammars is None:
                         from ..constrain import Grammars
-                        grammars.append(Grammars(llm.tokenizer, llm.config.vocab_size))
-                sampling = dataclasses.replace(sampling, grammar=grammars[0].compiled(grammar))
+                        grammars = Grammars(llm.tokenizer, llm.config.vocab_size)
+                sampling = dataclasses.replace(sampling, grammar=grammars.compiled(grammar))
             request = Request(prompt_ids, sampling, rules, emitter(key), arrived=arrived,
                               prompt_logprobs=prompt_logprobs)
             with requests_lock:
@@ -229,8 +228,9 @@ def _engine_main(conns: list, factory, factory_args: tuple, options: dict, trace
             scheduler.post((key, Failed(f"{type(e).__name__}: {e}")))
             scheduler.flush()
 
-    def serve(k: int) -> None:
-        """HTTP process k's messages, until its pipe closes (or, from the first, a stop)."""
+    def serve(k: int) -> float | None:
+        """HTTP process k's messages, until its pipe closes or, from the first, a stop (its
+        timeout returned)."""
         conn = conns[k]
         while True:
             try:
@@ -257,24 +257,24 @@ def _engine_main(conns: list, factory, factory_args: tuple, options: dict, trace
             elif kind == "trace":  # a benchmark's tracer: one of its methods, the result sent back
                 send(k, ("trace", None if traced is None else getattr(traced, message[1])()))
             elif kind == "stop" and k == 0:
-                stop_timeout[0] = message[1]
-                break
+                return message[1]
         if k == 0:
-            stopping.set()
-            return
+            return None
         with requests_lock:  # nobody reads these answers any more
             mine = [(key, r) for key, r in requests.items() if key[0] == k]
         for key, request in mine:
             if scheduler.cancel(request):  # it was waiting: no event will end it
                 take(key)
+        return None
 
     for k in range(1, len(conns)):
         threading.Thread(target=serve, args=(k,), name=f"tinyllm-http-{k}", daemon=True).start()
     send(0, ("ready", info))
+    asked = None
     try:
-        serve(0)
+        asked = serve(0)
     finally:
-        scheduler.stop(timeout=stop_timeout[0])
+        scheduler.stop(timeout=10.0 if asked is None else asked)
         send(0, ("stopped",))
 
 
@@ -288,8 +288,6 @@ def _picklable(error: BaseException):
     except Exception:  # noqa: BLE001
         return EngineProcessError(f"{type(error).__name__}: {one_line(error)}")
 
-
-# ---- the HTTP side's handle on it -------------------------------------------------------------
 
 # ---- the HTTP side's handle on it -------------------------------------------------------------
 
