@@ -142,6 +142,7 @@ def kernel_profile(model: Model, decoder: CudaDecoder, context: int = PROMPT_LEN
         return f"gemv {w.shape[0]}x{w.shape[1]} {'norm+' if norm_w is not None else ''}{kind}"
 
     wrap("gemv", gemv_label, lambda w, x, out, **_: w.nbytes)
+    wrap("gemv_stream", lambda *a, **k: "stream " + gemv_label(*a, **k), lambda w, x, out, **_: w.nbytes)
     wrap("decode_attention", lambda *a, **k: "attention (rope+kv+split-K)",
          lambda *a, **k: 2 * c.n_kv_heads * c.head_dim * 2 * context)
     wrap("embedding", lambda *a, **k: "embedding", lambda *a, **k: c.dim * 4)
@@ -284,6 +285,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16"],
                     help="the weights' dtype; a bfloat16 row is keyed 'shape bfloat16' (its peers are left out)")
+    ap.add_argument("--compare-gemv", action="store_true",
+                    help="also time the step with every one-token GEMV on `gemv` (no streaming), same weights")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -306,6 +309,12 @@ def main(argv=None) -> dict:
             plain = bench_fast(fast, decoder, args.repeats)
             K.set_pdl(True)
             row["no_pdl"] = {k: plain[k] for k in ("decode_tok_s", "gpu_step_us")}
+        if args.compare_gemv:  # the big matrices on the register GEMV too (kernels.streams), re-captured
+            K.set_gemv_stream(False)
+            plain = bench_fast(fast, decoder, args.repeats)
+            K.set_gemv_stream(True)
+            row["all_gemv"] = {k: plain[k] for k in ("decode_tok_s", "gpu_step_us", "tokens_head")}
+            row["all_gemv"]["same_tokens"] = plain["tokens_head"] == row["tokens_head"]
         row["bandwidth_fraction"] = row["bytes_per_step"] / (row["gpu_step_us"] * 1e-6) / (result["copy_bandwidth_GBs"] * 1e9)
         row["limit_tok_s"] = result["copy_bandwidth_GBs"] * 1e9 / row["bytes_per_step"]
         row["generate_tok_s"] = bench_generation(fast, decoder, args.repeats)
@@ -371,6 +380,11 @@ def markdown(result: dict) -> str:
         if "gpt_fast" in r:
             lines += ["", gpt_fast_markdown(name, r, result["copy_bandwidth_GBs"])]
     for name, r in result["shapes"].items():
+        if "all_gemv" in r:
+            a = r["all_gemv"]
+            lines.append(f"\n{name}: every GEMV on gemv (no streaming) {a['decode_tok_s']:.0f} tok/s, "
+                         f"{a['gpu_step_us']:.0f} µs per step (streaming: {r['gpu_step_us']:.0f}); "
+                         f"same first tokens: {a['same_tokens']}")
         if "no_pdl" in r:
             lines.append(f"\n{name}: without programmatic dependent launch {r['no_pdl']['decode_tok_s']:.0f} tok/s, "
                          f"{r['no_pdl']['gpu_step_us']:.0f} µs per step")

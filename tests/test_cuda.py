@@ -139,7 +139,8 @@ GEMV_CASES = gemv_cases()  # name: (N, K, epilogue, norm)
 
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
 @pytest.mark.parametrize("case", list(GEMV_CASES))
-def test_gemv_kernel(shape, case, record):
+@pytest.mark.parametrize("which", ["gemv", "gemv_stream"])
+def test_gemv_kernel(shape, case, which, record):
     n, k, epi, norm = GEMV_CASES[case](*KERNEL_SHAPES[shape])
     if k % 8:
         pytest.skip(f"K={k} is not a multiple of 8: the GEMV kernel does not apply (the readable op runs)")
@@ -149,8 +150,8 @@ def test_gemv_kernel(shape, case, record):
     nw = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
     res = randn(n)
     out = cp.full(n, np.nan, dtype=np.float16)  # poisoned: every element must be written
-    K.gemv(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if norm else None, eps=1e-5,
-           residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
+    getattr(K, which)(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if norm else None,
+                      eps=1e-5, residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
     out = out.get()
     # reference 1: the readable NumPy ops (fp16 roundings where model.py has them), float64 matmul
     h = np_ops.rms_norm(x[None, None], nw, 1e-5)[0, 0] if norm else x
@@ -194,6 +195,70 @@ def test_gemv_rows_split_over_warps(k, epi):
     ref = (np_ops.add(res, y.astype(np.float16)) if epi == K.EPI_RESIDUAL else
            np_ops.swiglu(y.astype(np.float16)) if epi == K.EPI_SWIGLU else y)
     assert rel_err(out.get(), ref) < 2e-3
+
+
+@pytest.mark.parametrize("k, epi, norm", [(2048, K.EPI_SWIGLU, True), (5632, K.EPI_RESIDUAL, False),
+                                          (14336, K.EPI_RESIDUAL, False), (1000, K.EPI_STORE, True)])
+def test_gemv_stream_bits_do_not_depend_on_its_grid(k, epi, norm):
+    """gemv_stream: a warp takes rows g, g + G, ... of a grid of any width, each row in 4 KB
+    pieces through a ring of `slots`; a row's bits must not depend on either (one warp sums
+    it, in gemv's order). K = 5632 and 1000 end in a shorter piece, 14336 has seven; one
+    block (8 warps) for 3 * 8 + 5 rows makes every warp take several rows and wrap its ring."""
+    n = 29
+    w = randn(2 * n if epi == K.EPI_SWIGLU else n, k, scale=1 / math.sqrt(k))
+    w[:, -8:] = 0.5  # the last 16-byte vector of each row (in the last, shorter piece)
+    x, res = randn(k, scale=2.0), randn(n)
+    nw = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+    args = dict(epilogue=epi, norm_w=cp.asarray(nw) if norm else None, eps=1e-5,
+                residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
+    wd, xd = cp.asarray(w), cp.asarray(x)
+    outs = []
+    for slots, blocks in [(2, None), (1, 1), (3, 1), (2, 2), (4, 3)]:
+        out = cp.full(n, np.nan, dtype=np.float16)
+        K.gemv_stream(wd, xd, out, slots=slots, blocks=blocks, **args)
+        outs.append(out.get())
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    h = np_ops.rms_norm(x[None, None], nw, 1e-5)[0, 0] if norm else x
+    y = w.astype(np.float64) @ h.astype(np.float64)
+    ref = (np_ops.add(res, y.astype(np.float16)) if epi == K.EPI_RESIDUAL else
+           np_ops.swiglu(y.astype(np.float16)) if epi == K.EPI_SWIGLU else y)
+    assert np.isfinite(outs[0]).all() and rel_err(outs[0], ref) < 2e-3
+
+
+def test_the_big_matrices_stream():
+    """A decode step's matrices of STREAM_MIN_BYTES or more take gemv_stream, the others gemv
+    (kernels.streams); the captured step launches both, and turning streaming off gives the
+    same first tokens."""
+    model = random_model("tinyllama-1.1b", n_layers=2)  # gate|up 46 MB and the LM head 131 MB stream
+    assert K.streams(model.weights.layers[0].w_gate_up.nbytes) and not K.streams(model.weights.layers[0].wo.nbytes)
+    launched = collections.Counter()
+    originals = {name: getattr(K, name) for name in ("gemv", "gemv_stream")}
+
+    def counting(name):
+        def run(*a, **kw):
+            launched[name] += 1
+            return originals[name](*a, **kw)
+        return run
+
+    ids = np.arange(1, 9)[None]
+    firsts = []
+    try:
+        for name in originals:
+            setattr(K, name, counting(name))
+        for stream in (True, False):
+            K.set_gemv_stream(stream)
+            decoder = CudaDecoder(model)
+            cache = decoder.new_cache(32)
+            first = int(cp.argmax(decoder.eager.forward(ids, cache)[0, -1]))
+            firsts.append([first] + list(decoder.decode(cache, first, 8)))
+            if stream:
+                assert launched["gemv_stream"] >= 2 * 1 + 1 and launched["gemv"] >= 2 * 3
+    finally:
+        K.set_gemv_stream(True)
+        for name, fn in originals.items():
+            setattr(K, name, fn)
+    assert firsts[0] == firsts[1]
 
 
 def _attention_inputs(shape, length, capacity):

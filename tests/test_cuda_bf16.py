@@ -101,11 +101,12 @@ def _inputs(shape, case, rows):
 
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
 @pytest.mark.parametrize("case", list(GEMV_CASES))
-def test_gemv_kernel_bf16(shape, case):
+@pytest.mark.parametrize("which", ["gemv", "gemv_stream"])
+def test_gemv_kernel_bf16(shape, case, which):
     n, k, epi, norm, w, x, nw, res = _inputs(shape, case, 1)
     out = cp.full(n, np.nan, dtype=BF16)  # poisoned: every element must be written
-    K.gemv(w, x[0], out, epilogue=epi, norm_w=nw if norm else None, eps=1e-5,
-           residual=res[0] if epi == K.EPI_RESIDUAL else None)
+    getattr(K, which)(w, x[0], out, epilogue=epi, norm_w=nw if norm else None, eps=1e-5,
+                      residual=res[0] if epi == K.EPI_RESIDUAL else None)
     ref = _torch_gemv(w, x, nw, res, epi, norm, n)[0]
     assert out.dtype == BF16 and np.isfinite(f32(out)).all()
     assert rel_err(f32(out), f32(ref)) < 1.5e-2

@@ -423,6 +423,148 @@ __global__ void __launch_bounds__(512) gemv(const T* __restrict__ W, const T* __
 }
 
 // ---------------------------------------------------------------------------------------
+// gemv_stream: the same product, with the weights streamed through shared memory.
+//
+// `gemv` holds a row in registers, so the bytes a block has in flight are bounded by its
+// registers, and the blocks that fit on an SM are few: a layer's small matrices end before
+// memory is busy, and the next launch's first wave waits for free registers. Here every warp
+// streams its own rows through a ring of `slots` pieces in shared memory (4 KB each, SwiGLU:
+// the gate piece and the up piece), filled by the copy engine (one cp.async.bulk per piece,
+// issued by lane 0, completing on the slot's mbarrier), so a warp keeps `slots` pieces in
+// flight while it multiplies the oldest, at the cost of no registers. The grid is persistent
+// (what fits on the GPU at once); warp g of G takes rows g, g + G, ... Before pdl_wait a
+// warp already asks for its first pieces: the weights do not depend on the kernel before.
+//
+// x (normed, when NORM: h = x * g, the 1/rms applied to the sums as in `gemv`) is staged once
+// per block as fp32, each 16-byte vector's first and second four values in two arrays, so a
+// warp's reads of one vector per lane are contiguous. A row is summed by one warp in the
+// order of `gemv` (lane l: vectors l, l + 32, ... in turn; then the warp's butterfly), so a
+// row's bits depend on K only, never on the grid.
+constexpr int STREAM_WARPS = 8;
+constexpr int STREAM_PIECE = 4096;  // bytes of one row piece (256 16-byte vectors)
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(unsigned bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{\n"
+                 ".reg .pred done;\n"
+                 "WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n"
+                 "}" :: "r"(bar), "r"(parity) : "memory");
+}
+
+// bytes from global src into shared dst, completing on the mbarrier (which expects them)
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+template <typename T, int K, bool NORM, int EPI>
+__global__ void __launch_bounds__(STREAM_WARPS * 32) gemv_stream(
+        const T* __restrict__ W, const T* __restrict__ x, const T* __restrict__ norm_w, float eps,
+        const T* __restrict__ res, T* __restrict__ out, int N, int slots) {
+    static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
+    using T2 = typename Pair<T>::type;
+    constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
+    constexpr int NV = K / 8;                              // 16-byte vectors in a row
+    constexpr int PV = STREAM_PIECE / 16;                  // vectors in a piece
+    constexpr int PIECES = (NV + PV - 1) / PV;
+    constexpr int PER_LANE = ((NV < PV ? NV : PV) + 31) / 32;
+    extern __shared__ __align__(128) unsigned char smem[];
+    float4* xa = reinterpret_cast<float4*>(smem);          // x[8v .. 8v + 3]
+    float4* xb = xa + NV;                                  // x[8v + 4 .. 8v + 7]
+    __shared__ float red[33];
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + 32 * NV);
+    uint4* ring = reinterpret_cast<uint4*>(smem + 32 * NV + ((8 * STREAM_WARPS * slots + 127) & ~127));
+    pdl_launch_dependents();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = blockIdx.x * STREAM_WARPS + warp, G = gridDim.x * STREAM_WARPS;
+    const int units = (g < N ? (N - 1 - g) / G + 1 : 0) * PIECES;  // (row, piece) pairs, in order
+    const unsigned bar0 = smem_addr(bars + warp * slots);
+    uint4* wring = ring + (size_t)warp * slots * MATS * PV;
+    auto issue = [&](int u) {  // lane 0: unit u into its slot
+        const int slot = u % slots, piece = u % PIECES;
+        const size_t row = g + (size_t)(u / PIECES) * G;
+        const int nv = (NV - piece * PV) < PV ? (NV - piece * PV) : PV;
+        const unsigned bytes = nv * 16, bar = bar0 + 8 * slot;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes * MATS) : "memory");
+#pragma unroll
+        for (int m = 0; m < MATS; m++)
+            bulk_copy(smem_addr(wring + (slot * MATS + m) * PV), W + (row + m * (size_t)N) * K + (size_t)piece * PV * 8,
+                      bytes, bar);
+    };
+    if (lane == 0 && units > 0) {
+        for (int i = 0; i < slots; i++) mbar_init(bar0 + 8 * i);
+        asm volatile("fence.mbarrier_init.release.cluster;\n fence.proxy.async.shared::cta;" ::: "memory");
+        for (int u = 0; u < slots && u < units; u++) issue(u);
+    }
+    pdl_wait();
+    // x, written by the previous kernel, through L2 only (see gemv)
+    float ss = 0.f;
+    for (int v = threadIdx.x; v < NV; v += blockDim.x) {
+        const uint4 xr = __ldcg(reinterpret_cast<const uint4*>(x) + v);
+        const T2* x2 = reinterpret_cast<const T2*>(&xr);
+        float h[8];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float2 f = to_f2(x2[j]);
+            h[2 * j] = f.x; h[2 * j + 1] = f.y;
+        }
+        if (NORM) {
+            const uint4 nr = reinterpret_cast<const uint4*>(norm_w)[v];
+            const T2* n2 = reinterpret_cast<const T2*>(&nr);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = to_f2(n2[j]);
+                ss = fmaf(h[2 * j], h[2 * j], ss);
+                ss = fmaf(h[2 * j + 1], h[2 * j + 1], ss);
+                h[2 * j] *= f.x; h[2 * j + 1] *= f.y;
+            }
+        }
+        xa[v] = make_float4(h[0], h[1], h[2], h[3]);
+        xb[v] = make_float4(h[4], h[5], h[6], h[7]);
+    }
+    const float inv = NORM ? 1.f / sqrtf(block_sum(ss, red) / K + eps) : 1.f;  // (block_sum syncs)
+    if (!NORM) __syncthreads();
+    __syncwarp();
+    float acc_a = 0.f, acc_b = 0.f;
+    for (int u = 0; u < units; u++) {
+        const int slot = u % slots, piece = u % PIECES;
+        mbar_wait(bar0 + 8 * slot, (u / slots) & 1);
+        const uint4* wv = wring + slot * MATS * PV;
+        const int nv = (NV - piece * PV) < PV ? (NV - piece * PV) : PV;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) {
+            const int c = i * 32 + lane;
+            if (c < nv) {
+                const float4 a = xa[piece * PV + c], b = xb[piece * PV + c];
+                const float h[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+                fma8<T>(wv[c], h, acc_a);
+                if (EPI == EPI_SWIGLU) fma8<T>(wv[PV + c], h, acc_b);
+            }
+        }
+        __syncwarp();  // every lane is done with the slot before the copy engine refills it
+        if (lane == 0 && u + slots < units) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            issue(u + slots);
+        }
+        if (piece == PIECES - 1) {
+            const float y = warp_sum(acc_a) * inv;
+            const float up = (EPI == EPI_SWIGLU) ? warp_sum(acc_b) * inv : 0.f;
+            if (lane == 0) epilogue<EPI>(y, up, res, out, g + (size_t)(u / PIECES) * G);
+            acc_a = acc_b = 0.f;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The same GEMV for B tokens at once (continuous batching, B <= 8 * NT): Y[b, n] =
 // sum_k W[n, k] * X[b, k]. The weights are still read once, but each weight now meets B
 // inputs, and on CUDA cores the fp16->fp32 conversions alone would cost more than the

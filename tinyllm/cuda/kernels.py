@@ -288,6 +288,59 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
         pdl=True)
 
 
+# gemv_stream (kernels.cu): warps per block and bytes per piece as there; pieces in flight per
+# warp; blocks per SM at most. A matrix of STREAM_MIN_BYTES or more takes it, a smaller one
+# `gemv`: a small matrix is over before a ring fills, and `gemv`'s blocks (registers, little
+# shared memory) fit beside a streaming block, so the launch after a big matrix starts loading
+# its rows while the big one still streams (two streaming launches in a row would not fit
+# together). Measured on whole decode steps (docs/benchmarks.md, "Streaming the big matrices").
+STREAM_WARPS, STREAM_PIECE, STREAM_SLOTS, STREAM_PER_SM = 8, 4096, 2, 2
+STREAM_MIN_BYTES = 32 * 2 ** 20
+STREAM_SMEM = 227 * 1024  # the most dynamic shared memory a block may ask for
+_stream = {"enabled": os.environ.get("TINYLLM_GEMV_STREAM", "1") != "0"}
+
+
+def set_gemv_stream(enabled: bool) -> None:
+    """Let big matrices take gemv_stream, or keep every one-token GEMV on `gemv` (for
+    comparisons; re-capture graphs after)."""
+    _stream["enabled"] = enabled
+
+
+def streams(nbytes: int) -> bool:
+    """Whether a one-token GEMV over a matrix of this many bytes takes gemv_stream."""
+    return _stream["enabled"] and nbytes >= STREAM_MIN_BYTES
+
+
+def gemv_stream_name(dtype, k: int, norm: bool, epilogue: int) -> str:
+    return f"gemv_stream<{_ctype(dtype)}, {k}, {'true' if norm else 'false'}, {epilogue}>"
+
+
+def stream_shared(k: int, epilogue: int, slots: int) -> int:
+    """Dynamic shared memory of a gemv_stream block: x in fp32, the warps' mbarriers, their rings."""
+    mats = 2 if epilogue == EPI_SWIGLU else 1
+    return 4 * k + (8 * STREAM_WARPS * slots + 127) // 128 * 128 + STREAM_WARPS * slots * mats * STREAM_PIECE
+
+
+def gemv_stream(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None,
+                slots: int = STREAM_SLOTS, blocks: int | None = None):
+    """gemv's product and arguments, the weights streamed through shared memory (kernels.cu
+    gemv_stream). slots: pieces in flight per warp (fewer where shared memory is short);
+    blocks: the grid (default: what fits on the GPU at once). Neither changes a result's bits."""
+    n_out, k = w.shape
+    if epilogue == EPI_SWIGLU:
+        n_out //= 2
+    norm = norm_w is not None
+    while slots > 1 and stream_shared(k, epilogue, slots) > STREAM_SMEM:
+        slots -= 1
+    shared = stream_shared(k, epilogue, slots)
+    if blocks is None:
+        sms, smem = _sm_resources()
+        blocks = min(sms * max(1, min(STREAM_PER_SM, smem // (shared + 1024))), -(-n_out // STREAM_WARPS))
+    launch(gemv_stream_name(w.dtype, k, norm, epilogue), (max(1, blocks),), (32 * STREAM_WARPS,), (
+        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out),
+        np.int32(slots)), pdl=True, shared=shared)
+
+
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
                      scratch, out, n_rep: int, pdl: bool = True, *, slots, rows: int = 1, row_stride: int = 0,
                      write_only: bool = False, heads: int | None = None, table=None):

@@ -12,6 +12,8 @@ decode step launches:
     5  linear_residual  down GEMV + residual add
 
 plus the embedding, the final norm + LM head (norm_linear), and the fp32 cast of the logits.
+A GEMV holds its rows in registers (`gemv`), or, for a matrix of kernels.STREAM_MIN_BYTES or
+more, streams them through shared memory (`gemv_stream`): the same sums, more bytes in flight.
 
 Only the decode shape (one token per sequence, fp16 or bf16) takes the fused kernels. A prompt
 (prefill) runs each group's readable default, with its matmuls on cuBLAS called through ctypes
@@ -118,6 +120,9 @@ class FastOps(Ops):
                              (c.hidden_dim, False, K.EPI_STORE)]:
             if k % 8 == 0:
                 names.append(K.gemv_name(self.dtype, k, norm, epi))
+        for n, k, norm, epi in step_gemms(c):  # the big matrices' streaming GEMV
+            if k % 8 == 0 and K.streams(n * k * self.dtype.itemsize * (2 if epi == K.EPI_SWIGLU else 1)):
+                names.append(K.gemv_stream_name(self.dtype, k, norm, epi))
         if self.fused_attention:
             names += [K.attention_name(self.dtype, c.head_dim, c.n_rep, loop=loop) for loop in (False, True)]
         for kind, k, norm, epi in self.quantized:
@@ -173,7 +178,8 @@ class FastOps(Ops):
         out = self.xp.empty((b, 1, n_out), dtype=self.dtype)
         norm_w, eps = norm if norm is not None else (None, 0.0)
         if single:
-            K.gemv(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
+            run = K.gemv_stream if K.streams(w.nbytes) else K.gemv
+            run(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
         else:
             workspace, counters = self.rows_scratch(K.rows_workspace(n_out, k, epilogue), K.row_tiles(n_out))
             K.gemv_rows(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual,
