@@ -296,6 +296,7 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 # together). Measured on whole decode steps (docs/benchmarks.md, "Streaming the big matrices").
 STREAM_WARPS, STREAM_PIECE, STREAM_SLOTS, STREAM_PER_SM = 8, 4096, 2, 2
 STREAM_MIN_BYTES = 32 * 2 ** 20
+STREAM_LM_HEAD = False  # the LM head stays on gemv (ops.FastOps._streams says why)
 STREAM_SMEM = 227 * 1024  # the most dynamic shared memory a block may ask for
 _stream = {"enabled": os.environ.get("TINYLLM_GEMV_STREAM", "1") != "0"}
 

@@ -13,7 +13,8 @@ decode step launches:
 
 plus the embedding, the final norm + LM head (norm_linear), and the fp32 cast of the logits.
 A GEMV holds its rows in registers (`gemv`), or, for a matrix of kernels.STREAM_MIN_BYTES or
-more, streams them through shared memory (`gemv_stream`): the same sums, more bytes in flight.
+more but the LM head, streams them through shared memory (`gemv_stream`): the same sums,
+more bytes in flight.
 
 Only the decode shape (one token per sequence, fp16 or bf16) takes the fused kernels. A prompt
 (prefill) runs each group's readable default, with its matmuls on cuBLAS called through ctypes
@@ -121,7 +122,8 @@ class FastOps(Ops):
             if k % 8 == 0:
                 names.append(K.gemv_name(self.dtype, k, norm, epi))
         for n, k, norm, epi in step_gemms(c):  # the big matrices' streaming GEMV
-            if k % 8 == 0 and K.streams(n * k * self.dtype.itemsize * (2 if epi == K.EPI_SWIGLU else 1)):
+            rows = 2 * n if epi == K.EPI_SWIGLU else n
+            if k % 8 == 0 and self._streams(rows, rows * k * self.dtype.itemsize):
                 names.append(K.gemv_stream_name(self.dtype, k, norm, epi))
         if self.fused_attention:
             names += [K.attention_name(self.dtype, c.head_dim, c.n_rep, loop=loop) for loop in (False, True)]
@@ -178,7 +180,7 @@ class FastOps(Ops):
         out = self.xp.empty((b, 1, n_out), dtype=self.dtype)
         norm_w, eps = norm if norm is not None else (None, 0.0)
         if single:
-            run = K.gemv_stream if K.streams(w.nbytes) else K.gemv
+            run = K.gemv_stream if self._streams(w.shape[0], w.nbytes) else K.gemv
             run(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
         else:
             workspace, counters = self.rows_scratch(K.rows_workspace(n_out, k, epilogue), K.row_tiles(n_out))
@@ -186,6 +188,12 @@ class FastOps(Ops):
                         workspace=workspace, counters=counters)
         self.stats["fused"] += 1
         return out
+
+    def _streams(self, rows: int, nbytes: int) -> bool:
+        """Whether a one-token GEMV takes gemv_stream: a matrix of kernels.STREAM_MIN_BYTES or
+        more, but not the LM head (rows = the vocabulary), which made the whole step slower
+        streamed in every shape measured although it ran faster alone (docs/benchmarks.md)."""
+        return K.streams(nbytes) and (rows != self.config.vocab_size or K.STREAM_LM_HEAD)
 
     def _cublas(self, x, w, b: int, epilogue, norm, residual):
         """B rows through cuBLAS in calls of M = GEMM_M rows whatever B (one call up to GEMM_M
