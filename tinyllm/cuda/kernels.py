@@ -323,7 +323,7 @@ def stream_shared(k: int, epilogue: int, slots: int) -> int:
 
 
 def gemv_stream(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None,
-                slots: int = STREAM_SLOTS, blocks: int | None = None):
+                slots: int | None = None, blocks: int | None = None):
     """gemv's product and arguments, the weights streamed through shared memory (kernels.cu
     gemv_stream). slots: pieces in flight per warp (fewer where shared memory is short);
     blocks: the grid (default: what fits on the GPU at once). Neither changes a result's bits."""
@@ -331,6 +331,7 @@ def gemv_stream(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float
     if epilogue == EPI_SWIGLU:
         n_out //= 2
     norm = norm_w is not None
+    slots = STREAM_SLOTS if slots is None else slots
     while slots > 1 and stream_shared(k, epilogue, slots) > STREAM_SMEM:
         slots -= 1
     shared = stream_shared(k, epilogue, slots)

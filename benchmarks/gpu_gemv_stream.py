@@ -1,0 +1,137 @@
+"""Which one-token GEMVs should stream: the decode step's GPU time with gemv_stream's choices varied.
+
+`gemv` holds a weight row in registers; `gemv_stream` streams rows through shared memory
+(tinyllm/cuda/kernels.cu). Which matrices take which is decided per step by
+kernels.STREAM_MIN_BYTES and STREAM_LM_HEAD, and a streaming launch's shape by STREAM_SLOTS
+(pieces in flight per warp) and STREAM_PER_SM (blocks per SM at most). Here each variant
+sets them, a new CudaDecoder captures the step, and back-to-back replays are timed with
+CUDA events (median of 3 runs of N replays, cache at 144 positions); variants take turns
+for --rounds rounds. The greedy tokens of a 16-token prompt (33 of them) are compared with
+the first variant's. Random fp16 weights of the named shapes (benchmarks/gpu_models.py).
+
+    python benchmarks/gpu_gemv_stream.py [--shapes tinyllama-1.1b llama-3-8b] [--rounds 2] [--out FILE]
+        [--variants '[{"name": "all gemv", "stream": false}, {"name": "LM head too", "lm_head": true}]']
+
+A variant is a JSON object: name, and any of stream (false: every GEMV on gemv), min_mib,
+lm_head, slots, per_sm; what it leaves out keeps the library's value.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import git_commit  # noqa: E402
+
+DEFAULT_VARIANTS = [
+    {"name": "all gemv", "stream": False},
+    {"name": "default"},
+    {"name": "LM head too", "lm_head": True},
+    {"name": "every matrix", "min_mib": 0, "lm_head": True},
+    {"name": "3 slots", "slots": 3},
+    {"name": "1 block per SM", "per_sm": 1},
+]
+
+
+def configure(K, defaults: dict, v: dict) -> None:
+    K.set_gemv_stream(v.get("stream", True))
+    K.STREAM_MIN_BYTES = int(v["min_mib"] * 2 ** 20) if "min_mib" in v else defaults["min_bytes"]
+    K.STREAM_LM_HEAD = v.get("lm_head", defaults["lm_head"])
+    K.STREAM_SLOTS = v.get("slots", defaults["slots"])
+    K.STREAM_PER_SM = v.get("per_sm", defaults["per_sm"])
+
+
+def step_us(cp, K, decoder, cache, n: int) -> float:
+    step = decoder.captured(cache)
+    cache.trim(cache.length)
+    cache.advance(16 + 128)
+    runs = []
+    for _ in range(3):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        with decoder.stream:
+            K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
+            start.record(decoder.stream)
+            for _ in range(n):  # the graph advances the position itself
+                K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
+                step.graph.launch(decoder.stream)
+            end.record(decoder.stream)
+        end.synchronize()
+        runs.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / n)
+    return statistics.median(runs)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "llama-3.2-1b", "smollm2-135m", "llama-3-8b"])
+    ap.add_argument("--variants", type=json.loads, default=DEFAULT_VARIANTS)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    import cupy as cp
+
+    from benchmarks.gpu_models import ALL_SHAPES, prompt_ids, random_model
+    from tinyllm.cuda import CudaDecoder
+    from tinyllm.cuda import kernels as K
+
+    for name in args.shapes:
+        if name not in ALL_SHAPES:
+            ap.error(f"--shapes: unknown shape {name!r}; expected one of {', '.join(ALL_SHAPES)}")
+    defaults = {"min_bytes": K.STREAM_MIN_BYTES, "lm_head": K.STREAM_LM_HEAD, "slots": K.STREAM_SLOTS,
+                "per_sm": K.STREAM_PER_SM}
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "commit": git_commit(), "command": "python benchmarks/gpu_gemv_stream.py " + " ".join(argv or sys.argv[1:]),
+              "library": defaults, "variants": args.variants, "shapes": {}}
+    try:
+        for shape in args.shapes:
+            model = random_model(shape)
+            n = 200 if model.config.dim < 4096 else 60
+            rows: dict[str, dict] = {}
+            first = None
+            for r in range(args.rounds):
+                for v in args.variants:
+                    configure(K, defaults, v)
+                    decoder = CudaDecoder(model)
+                    cache = decoder.new_cache(16 + 256 + 8)
+                    us = step_us(cp, K, decoder, cache, n)
+                    row = rows.setdefault(v["name"], {"us": []})
+                    row["us"].append(us)
+                    if r == 0:
+                        ids = prompt_ids(16, model.config.vocab_size)
+                        c2 = decoder.new_cache(16 + 40)
+                        tok = int(cp.argmax(decoder.eager.forward(ids, c2)[0, -1]))
+                        tokens = [tok] + list(decoder.decode(c2, tok, 32))
+                        first = first or tokens
+                        row["same_tokens"] = tokens == first
+                    print(f"{shape} {v['name']:>16} round {r}: {us:8.1f} µs per step", flush=True)
+                    del decoder, cache
+                    gc.collect()
+                    cp.get_default_memory_pool().free_all_blocks()
+            base = statistics.median(rows[args.variants[0]["name"]]["us"])
+            for row in rows.values():
+                row["median_us"] = statistics.median(row["us"])
+                row["tok_s"] = 1e6 / row["median_us"]
+                row["vs_first"] = base / row["median_us"]
+            result["shapes"][shape] = rows
+            del model
+            gc.collect()
+            cp.get_default_memory_pool().free_all_blocks()
+    finally:
+        configure(K, defaults, {})
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    print("\n| shape | variant | GPU µs per step (median) | tok/s | vs first | runs | same tokens |\n|---|---|---|---|---|---|---|")
+    for shape, rows in result["shapes"].items():
+        for name, row in rows.items():
+            print(f"| {shape} | {name} | {row['median_us']:.1f} | {row['tok_s']:.0f} | {row['vs_first']:.3f}× | "
+                  f"{', '.join(f'{u:.1f}' for u in row['us'])} | {row.get('same_tokens', '')} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
