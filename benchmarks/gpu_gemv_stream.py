@@ -12,8 +12,9 @@ the first variant's. Random fp16 weights of the named shapes (benchmarks/gpu_mod
     python benchmarks/gpu_gemv_stream.py [--shapes tinyllama-1.1b llama-3-8b] [--rounds 2] [--out FILE]
         [--variants '[{"name": "all gemv", "stream": false}, {"name": "LM head too", "lm_head": true}]']
 
-A variant is a JSON object: name, and any of stream (false: every GEMV on gemv), min_mib,
-lm_head, slots, per_sm; what it leaves out keeps the library's value.
+A variant is a JSON object: name, and any of stream (false: every GEMV on gemv; streaming
+is on unless a variant says so, though the library's default is off), min_mib, lm_head,
+slots, per_sm; what it leaves out keeps the library's value.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from benchmarks.common import git_commit  # noqa: E402
 
 DEFAULT_VARIANTS = [
     {"name": "all gemv", "stream": False},
-    {"name": "default"},
+    {"name": "streaming on"},
     {"name": "LM head too", "lm_head": True},
     {"name": "every matrix", "min_mib": 0, "lm_head": True},
     {"name": "3 slots", "slots": 3},
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     for name in args.shapes:
         if name not in ALL_SHAPES:
             ap.error(f"--shapes: unknown shape {name!r}; expected one of {', '.join(ALL_SHAPES)}")
-    defaults = {"min_bytes": K.STREAM_MIN_BYTES, "lm_head": K.STREAM_LM_HEAD, "slots": K.STREAM_SLOTS,
+    defaults = {"stream": K._stream["enabled"], "min_bytes": K.STREAM_MIN_BYTES, "lm_head": K.STREAM_LM_HEAD, "slots": K.STREAM_SLOTS,
                 "per_sm": K.STREAM_PER_SM}
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "commit": git_commit(), "command": "python benchmarks/gpu_gemv_stream.py " + " ".join(argv or sys.argv[1:]),
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
             gc.collect()
             cp.get_default_memory_pool().free_all_blocks()
     finally:
-        configure(K, defaults, {})
+        configure(K, defaults, {"stream": defaults["stream"]})
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print("\n| shape | variant | GPU µs per step (median) | tok/s | vs first | runs | same tokens |\n|---|---|---|---|---|---|---|")

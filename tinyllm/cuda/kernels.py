@@ -298,12 +298,15 @@ STREAM_WARPS, STREAM_PIECE, STREAM_SLOTS, STREAM_PER_SM = 8, 4096, 2, 2
 STREAM_MIN_BYTES = 32 * 2 ** 20
 STREAM_LM_HEAD = False  # the LM head stays on gemv (ops.FastOps._streams says why)
 STREAM_SMEM = 227 * 1024  # the most dynamic shared memory a block may ask for
-_stream = {"enabled": os.environ.get("TINYLLM_GEMV_STREAM", "1") != "0"}
+# Off unless asked for (TINYLLM_GEMV_STREAM=1, or set_gemv_stream): with it on, two of six
+# benchmark processes on an H200 ended in an illegal memory access that neither the GPU tests
+# nor thousands of replayed steps reproduced, and whose cause is not yet found.
+_stream = {"enabled": os.environ.get("TINYLLM_GEMV_STREAM", "0") == "1"}
 
 
 def set_gemv_stream(enabled: bool) -> None:
-    """Let big matrices take gemv_stream, or keep every one-token GEMV on `gemv` (for
-    comparisons; re-capture graphs after)."""
+    """Let big matrices take gemv_stream, or keep every one-token GEMV on `gemv` (the
+    default; re-capture graphs after a change)."""
     _stream["enabled"] = enabled
 
 
