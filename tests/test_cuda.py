@@ -197,6 +197,19 @@ def test_gemv_rows_split_over_warps(k, epi):
     assert rel_err(out.get(), ref) < 2e-3
 
 
+def test_embedding_kernel_gives_zeros_for_an_id_outside_the_table():
+    """The sampling kernel leaves V where logits name no token, and a step queued behind it reads
+    that id before the host refuses it: the lookup must not read past the table."""
+    table = cp.asarray(randn(50, 24))
+    ids = cp.asarray(np.array([3, 50, -1, 49], dtype=np.int64))
+    out = cp.full((4, 24), np.nan, dtype=np.float16)
+    K.embedding(table, ids, out)
+    got, t = out.get(), table.get()
+    np.testing.assert_array_equal(got[0], t[3])
+    np.testing.assert_array_equal(got[3], t[49])
+    assert (got[1] == 0).all() and (got[2] == 0).all()
+
+
 @pytest.mark.parametrize("k, epi, norm", [(2048, K.EPI_SWIGLU, True), (5632, K.EPI_RESIDUAL, False),
                                           (14336, K.EPI_RESIDUAL, False), (1000, K.EPI_STORE, True)])
 def test_gemv_stream_bits_do_not_depend_on_its_grid(k, epi, norm):

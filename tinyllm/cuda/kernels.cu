@@ -118,14 +118,18 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 // ---------------------------------------------------------------------------------------
 // Embedding: one row of the table per token, the ids read from device memory; a copy of
 // 16-bit values, the same for either element type.
+// An id outside [0, V) gives a row of zeros, never a read past the table: the sampling
+// kernel leaves V where logits name no token (NaN), and a step queued behind that one has
+// already read it as its input before the host refuses the id.
 // blockIdx.y: which token.   token: [B] -> out: [B, D]
 extern "C" __global__ void embedding(const unsigned short* __restrict__ table, const long long* __restrict__ token,
-                                     unsigned short* __restrict__ out, int D) {
+                                     unsigned short* __restrict__ out, int D, long long V) {
     asm volatile("griddepcontrol.launch_dependents;" ::: );  // let layer 0's GEMV start loading weights
     const long long row = token[blockIdx.y];
+    const bool inside = row >= 0 && row < V;
     out += (size_t)blockIdx.y * D;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < D; i += gridDim.x * blockDim.x)
-        out[i] = table[row * D + i];
+        out[i] = inside ? table[row * D + i] : (unsigned short)0;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -215,9 +215,11 @@ def _allow_shared(name: str, nbytes: int) -> None:
 
 
 def embedding(table, token, out):
-    """out[b] = table[token[b]] for B ids read from device memory.  token: [B] -> out: [B, D]"""
+    """out[b] = table[token[b]] for B ids read from device memory (zeros for an id outside the
+    table).  token: [B] -> out: [B, D]"""
     d = table.shape[1]
-    kernel("embedding")(((d + 255) // 256, token.size), (256,), (table, token, out, np.int32(d)))
+    kernel("embedding")(((d + 255) // 256, token.size), (256,), (table, token, out, np.int32(d),
+                                                                  np.int64(table.shape[0])))
 
 
 def rms_norm_rows(x, w, eps: float, out, pdl: bool = False):
