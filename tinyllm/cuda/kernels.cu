@@ -344,6 +344,30 @@ __device__ __forceinline__ void fma8(const uint4& w, const float (&h)[8], float&
     }
 }
 
+// One 16-byte vector of x as eight fp32 values; with NORM, times the norm weights' vector g,
+// the squares (of x, before the weights) added to ss
+template <typename T, bool NORM>
+__device__ __forceinline__ void x_values(const uint4& xr, const uint4* g, float (&h)[8], float& ss) {
+    using T2 = typename Pair<T>::type;
+    const T2* x2 = reinterpret_cast<const T2*>(&xr);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 f = to_f2(x2[j]);
+        h[2 * j] = f.x; h[2 * j + 1] = f.y;
+    }
+    if (NORM) {
+        const uint4 nr = *g;
+        const T2* n2 = reinterpret_cast<const T2*>(&nr);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float2 w = to_f2(n2[j]);
+            ss = fmaf(h[2 * j], h[2 * j], ss);
+            ss = fmaf(h[2 * j + 1], h[2 * j + 1], ss);
+            h[2 * j] *= w.x; h[2 * j + 1] *= w.y;
+        }
+    }
+}
+
 template <typename T, int K, bool NORM, int EPI>
 __global__ void __launch_bounds__(512) gemv(const T* __restrict__ W, const T* __restrict__ x,
                                              const T* __restrict__ norm_w, float eps,
@@ -383,25 +407,8 @@ __global__ void __launch_bounds__(512) gemv(const T* __restrict__ W, const T* __
     for (int i = 0; i < PER_LANE; i++) {
         const int c = i * 32 + lane;
         if (c < n_here) {
-            const uint4 xr = xv[c];
-            const T2* x2 = reinterpret_cast<const T2*>(&xr);
             float h[8];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = to_f2(x2[j]);
-                h[2 * j] = f.x; h[2 * j + 1] = f.y;
-            }
-            if (NORM) {
-                const uint4 nr = nv[c];
-                const T2* n2 = reinterpret_cast<const T2*>(&nr);
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const float2 g = to_f2(n2[j]);
-                    ss = fmaf(h[2 * j], h[2 * j], ss);
-                    ss = fmaf(h[2 * j + 1], h[2 * j + 1], ss);
-                    h[2 * j] *= g.x; h[2 * j + 1] *= g.y;
-                }
-            }
+            x_values<T, NORM>(xv[c], nv + c, h, ss);
             fma8<T>(wa.v[i], h, acc_a);
             if (EPI == EPI_SWIGLU) fma8<T>(wb.v[i], h, acc_b);
         }
@@ -513,25 +520,8 @@ __global__ void __launch_bounds__(STREAM_WARPS * 32) gemv_stream(
     // x, written by the previous kernel, through L2 only (see gemv)
     float ss = 0.f;
     for (int v = threadIdx.x; v < NV; v += blockDim.x) {
-        const uint4 xr = __ldcg(reinterpret_cast<const uint4*>(x) + v);
-        const T2* x2 = reinterpret_cast<const T2*>(&xr);
         float h[8];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float2 f = to_f2(x2[j]);
-            h[2 * j] = f.x; h[2 * j + 1] = f.y;
-        }
-        if (NORM) {
-            const uint4 nr = reinterpret_cast<const uint4*>(norm_w)[v];
-            const T2* n2 = reinterpret_cast<const T2*>(&nr);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = to_f2(n2[j]);
-                ss = fmaf(h[2 * j], h[2 * j], ss);
-                ss = fmaf(h[2 * j + 1], h[2 * j + 1], ss);
-                h[2 * j] *= f.x; h[2 * j + 1] *= f.y;
-            }
-        }
+        x_values<T, NORM>(__ldcg(reinterpret_cast<const uint4*>(x) + v), reinterpret_cast<const uint4*>(norm_w) + v, h, ss);
         xa[v] = make_float4(h[0], h[1], h[2], h[3]);
         xb[v] = make_float4(h[4], h[5], h[6], h[7]);
     }
