@@ -192,9 +192,9 @@ class FastOps(Ops):
 
     def _streams(self, rows: int, nbytes: int) -> bool:
         """Whether a one-token GEMV takes gemv_stream: a matrix of kernels.STREAM_MIN_BYTES or
-        more, but not the LM head (rows = the vocabulary): streamed, it ran faster alone but made
-        the whole step slower in three of the four shapes measured, Llama-3-8B's being the
-        exception (docs/benchmarks.md)."""
+        more, but not the LM head (rows = the vocabulary): streamed, it ran faster alone but the
+        whole step was no faster, or slower, in three of the four shapes measured, Llama-3-8B's
+        being the exception (docs/benchmarks.md)."""
         return K.streams(nbytes) and (rows != self.config.vocab_size or K.STREAM_LM_HEAD)
 
     def _cublas(self, x, w, b: int, epilogue, norm, residual):
