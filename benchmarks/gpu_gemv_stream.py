@@ -11,6 +11,12 @@ the first variant's. Random fp16 weights of the named shapes (benchmarks/gpu_mod
 
     python benchmarks/gpu_gemv_stream.py [--shapes tinyllama-1.1b llama-3-8b] [--rounds 2] [--out FILE]
         [--variants '[{"name": "all gemv", "stream": false}, {"name": "LM head too", "lm_head": true}]']
+        [--soak N]
+
+--soak N: after the timings, each variant also decodes 256 greedy tokens N more times from
+the same prompt (the graph feeding itself, steps queued ahead, as `gpu_decode.py` runs it),
+and counts the passes whose tokens differ from its first: a check for faults that appear
+only now and then (a pass that raises is reported with its error, and the run stops).
 
 A variant is a JSON object: name, and any of stream (false: every GEMV on gemv; streaming
 is on unless a variant says so, though the library's default is off), min_mib, lm_head,
@@ -67,11 +73,29 @@ def step_us(cp, K, decoder, cache, n: int) -> float:
     return statistics.median(runs)
 
 
+def soak(cp, model, decoder, prompt_ids, passes: int) -> dict:
+    """256 greedy tokens from one prompt, `passes` + 1 times: passes differing from the first."""
+    ids = prompt_ids(16, model.config.vocab_size)
+    cache = decoder.new_cache(16 + 256 + 8)
+    first, differ = None, 0
+    for i in range(passes + 1):
+        cache.trim(cache.length)
+        try:
+            tok = int(cp.argmax(decoder.eager.forward(ids, cache)[0, -1]))
+            tokens = [tok] + list(decoder.decode(cache, tok, 255))
+        except Exception as e:  # the fault itself is the finding: report it, never hide it
+            return {"passes": i, "differ": differ, "error": f"{type(e).__name__}: {e}"[:300]}
+        first = first or tokens
+        differ += tokens != first
+    return {"passes": passes, "differ": differ}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "llama-3.2-1b", "smollm2-135m", "llama-3-8b"])
     ap.add_argument("--variants", type=json.loads, default=DEFAULT_VARIANTS)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--soak", type=int, default=0, help="decode passes of 256 tokens per variant after the timings")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     import cupy as cp
@@ -113,6 +137,18 @@ def main(argv=None) -> dict:
                     del decoder, cache
                     gc.collect()
                     cp.get_default_memory_pool().free_all_blocks()
+            for v in args.variants if args.soak else ():
+                configure(K, defaults, v)
+                found = rows[v["name"]]["soak"] = soak(cp, model, CudaDecoder(model), prompt_ids, args.soak)
+                print(f"{shape} {v['name']:>16} soak: {found}", flush=True)
+                if "error" in found:  # the GPU context is lost: keep what was measured, go no further
+                    result["shapes"][shape] = rows
+                    result["fault"] = {"shape": shape, "variant": v["name"], **found}
+                    if args.out:
+                        args.out.write_text(json.dumps(result, indent=1))
+                    return result
+                gc.collect()
+                cp.get_default_memory_pool().free_all_blocks()
             base = statistics.median(rows[args.variants[0]["name"]]["us"])
             for row in rows.values():
                 row["median_us"] = statistics.median(row["us"])
