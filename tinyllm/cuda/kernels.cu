@@ -374,7 +374,6 @@ __global__ void __launch_bounds__(512) gemv(const T* __restrict__ W, const T* __
                                              const T* __restrict__ res, T* __restrict__ out, int N) {
     static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
     using P = GemvSplit<K, EPI>;
-    using T2 = typename Pair<T>::type;
     constexpr int S = P::S, NV = P::NV, NVP = P::NVP, PER_LANE = P::PER_LANE;
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -482,7 +481,6 @@ __global__ void __launch_bounds__(STREAM_WARPS * 32) gemv_stream(
         const T* __restrict__ W, const T* __restrict__ x, const T* __restrict__ norm_w, float eps,
         const T* __restrict__ res, T* __restrict__ out, int N, int slots) {
     static_assert(K % 8 == 0, "K must be a multiple of 8 (16-byte rows)");
-    using T2 = typename Pair<T>::type;
     constexpr int MATS = (EPI == EPI_SWIGLU) ? 2 : 1;
     constexpr int NV = K / 8;                              // 16-byte vectors in a row
     constexpr int PV = STREAM_PIECE / 16;                  // vectors in a piece
@@ -500,11 +498,11 @@ __global__ void __launch_bounds__(STREAM_WARPS * 32) gemv_stream(
     const int units = (g < N ? (N - 1 - g) / G + 1 : 0) * PIECES;  // (row, piece) pairs, in order
     const unsigned bar0 = smem_addr(bars + warp * slots);
     uint4* wring = ring + (size_t)warp * slots * MATS * PV;
+    auto vectors = [](int piece) { return (NV - piece * PV) < PV ? (NV - piece * PV) : PV; };  // (the last is shorter)
     auto issue = [&](int u) {  // lane 0: unit u into its slot
         const int slot = u % slots, piece = u % PIECES;
         const size_t row = g + (size_t)(u / PIECES) * G;
-        const int nv = (NV - piece * PV) < PV ? (NV - piece * PV) : PV;
-        const unsigned bytes = nv * 16, bar = bar0 + 8 * slot;
+        const unsigned bytes = vectors(piece) * 16, bar = bar0 + 8 * slot;
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes * MATS) : "memory");
 #pragma unroll
         for (int m = 0; m < MATS; m++)
@@ -533,7 +531,7 @@ __global__ void __launch_bounds__(STREAM_WARPS * 32) gemv_stream(
         const int slot = u % slots, piece = u % PIECES;
         mbar_wait(bar0 + 8 * slot, (u / slots) & 1);
         const uint4* wv = wring + slot * MATS * PV;
-        const int nv = (NV - piece * PV) < PV ? (NV - piece * PV) : PV;
+        const int nv = vectors(piece);
 #pragma unroll
         for (int i = 0; i < PER_LANE; i++) {
             const int c = i * 32 + lane;
