@@ -274,20 +274,25 @@ def gemv_split(k: int, epilogue: int) -> int:
     return next(s for s in (1, 2, 4, 8) if s == 8 or ((nv + s - 1) // s + 31) // 32 * mats <= 24)
 
 
-def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
-    """out = W @ x (fp16 or bf16 in, fp32 accumulate) with an optional RMSNorm prologue and an epilogue.
-
-    w: [N, K] (EPI_SWIGLU: [2N, K], gate rows then up rows); x: [K]; out: [N]."""
+def _gemv_args(w, x, out, epilogue: int, norm_w, eps: float, residual) -> tuple:
+    """(N out, K, norm or not, the arguments gemv and gemv_stream share); unused pointer
+    arguments get x: a valid address the kernel never reads."""
     n_out, k = w.shape
     if epilogue == EPI_SWIGLU:
         n_out //= 2
     norm = norm_w is not None
+    return n_out, k, norm, (w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x,
+                            out, np.int32(n_out))
+
+
+def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0, residual=None):
+    """out = W @ x (fp16 or bf16 in, fp32 accumulate) with an optional RMSNorm prologue and an epilogue.
+
+    w: [N, K] (EPI_SWIGLU: [2N, K], gate rows then up rows); x: [K]; out: [N]."""
+    n_out, k, norm, args = _gemv_args(w, x, out, epilogue, norm_w, eps, residual)
     rows_per_block = GEMV_WARPS // gemv_split(k, epilogue)
     blocks = (n_out + rows_per_block - 1) // rows_per_block
-    # unused pointer arguments get x: a valid address the kernel never reads
-    launch(gemv_name(w.dtype, k, norm, epilogue), (blocks,), (32 * GEMV_WARPS,), (
-        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out)),
-        pdl=True)
+    launch(gemv_name(w.dtype, k, norm, epilogue), (blocks,), (32 * GEMV_WARPS,), args, pdl=True)
 
 
 # gemv_stream (kernels.cu): warps per block and bytes per piece as there; pieces in flight per
@@ -332,10 +337,7 @@ def gemv_stream(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float
     """gemv's product and arguments, the weights streamed through shared memory (kernels.cu
     gemv_stream). slots: pieces in flight per warp (fewer where shared memory is short);
     blocks: the grid (default: what fits on the GPU at once). Neither changes a result's bits."""
-    n_out, k = w.shape
-    if epilogue == EPI_SWIGLU:
-        n_out //= 2
-    norm = norm_w is not None
+    n_out, k, norm, args = _gemv_args(w, x, out, epilogue, norm_w, eps, residual)
     slots = STREAM_SLOTS if slots is None else slots
     while slots > 1 and stream_shared(k, epilogue, slots) > STREAM_SMEM:
         slots -= 1
@@ -343,9 +345,8 @@ def gemv_stream(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float
     if blocks is None:
         sms, smem = _sm_resources()
         blocks = min(sms * max(1, min(STREAM_PER_SM, smem // (shared + 1024))), -(-n_out // STREAM_WARPS))
-    launch(gemv_stream_name(w.dtype, k, norm, epilogue), (max(1, blocks),), (32 * STREAM_WARPS,), (
-        w, x, norm_w if norm else x, np.float32(eps), residual if residual is not None else x, out, np.int32(n_out),
-        np.int32(slots)), pdl=True, shared=shared)
+    launch(gemv_stream_name(w.dtype, k, norm, epilogue), (max(1, blocks),), (32 * STREAM_WARPS,),
+           args + (np.int32(slots),), pdl=True, shared=shared)
 
 
 def decode_attention(q, k_new, v_new, cos, sin, pos, k_cache, v_cache, scale: float, rotate: bool,
