@@ -96,24 +96,31 @@ def bench_fast(model: Model, decoder: CudaDecoder, repeats: int) -> dict:
         if r:  # the first run is warm-up
             rates.append(NEW_TOKENS / elapsed)
         tokens = out
-    # GPU time per step: replays queued back to back, timed with events
+    return {"decode_tok_s": statistics.median(rates), "decode_runs": rates,
+            "gpu_step_us": replay_us(decoder, cache, PROMPT_LEN + NEW_TOKENS // 2, 200),
+            "graph_kernels": decoder.captured(cache).n_nodes, "first_token": first, "tokens_head": tokens[:8],
+            "bytes_per_step": step_bytes(model, PROMPT_LEN + NEW_TOKENS // 2)}
+
+
+def replay_us(decoder: CudaDecoder, cache, context: int, n: int, runs: int = 1) -> float:
+    """GPU µs per step of the cache's captured step at `context` positions: n replays queued
+    back to back, timed with events (the median of `runs` such runs)."""
     step = decoder.captured(cache)
     cache.trim(cache.length)
-    cache.advance(PROMPT_LEN + NEW_TOKENS // 2)
-    n = 200
-    start_ev, end_ev = cp.cuda.Event(), cp.cuda.Event()
-    with decoder.stream:
-        K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
-        start_ev.record(decoder.stream)
-        for _ in range(n):  # the graph advances the position itself; stays inside the cache
+    cache.advance(context)
+    times = []
+    for _ in range(runs):
+        start_ev, end_ev = cp.cuda.Event(), cp.cuda.Event()
+        with decoder.stream:
             K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
-            step.graph.launch(decoder.stream)
-        end_ev.record(decoder.stream)
-    end_ev.synchronize()
-    step_s = cp.cuda.get_elapsed_time(start_ev, end_ev) / 1e3 / n
-    return {"decode_tok_s": statistics.median(rates), "decode_runs": rates, "gpu_step_us": step_s * 1e6,
-            "graph_kernels": step.n_nodes, "first_token": first, "tokens_head": tokens[:8],
-            "bytes_per_step": step_bytes(model, PROMPT_LEN + NEW_TOKENS // 2)}
+            start_ev.record(decoder.stream)
+            for _ in range(n):  # the graph advances the position itself; stays inside the cache
+                K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
+                step.graph.launch(decoder.stream)
+            end_ev.record(decoder.stream)
+        end_ev.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start_ev, end_ev) * 1e3 / n)
+    return statistics.median(times)
 
 
 def kernel_profile(model: Model, decoder: CudaDecoder, context: int = PROMPT_LEN + NEW_TOKENS // 2) -> list[dict]:

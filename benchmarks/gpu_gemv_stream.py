@@ -54,25 +54,6 @@ def configure(K, defaults: dict, v: dict) -> None:
     K.STREAM_PER_SM = v.get("per_sm", defaults["per_sm"])
 
 
-def step_us(cp, K, decoder, cache, n: int) -> float:
-    step = decoder.captured(cache)
-    cache.trim(cache.length)
-    cache.advance(16 + 128)
-    runs = []
-    for _ in range(3):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        with decoder.stream:
-            K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
-            start.record(decoder.stream)
-            for _ in range(n):  # the graph advances the position itself
-                K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
-                step.graph.launch(decoder.stream)
-            end.record(decoder.stream)
-        end.synchronize()
-        runs.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / n)
-    return statistics.median(runs)
-
-
 def soak(cp, model, decoder, prompt_ids, passes: int) -> dict:
     """256 greedy tokens from one prompt, `passes` + 1 times: passes differing from the first."""
     ids = prompt_ids(16, model.config.vocab_size)
@@ -100,6 +81,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     import cupy as cp
 
+    from benchmarks.gpu_decode import replay_us
     from benchmarks.gpu_models import ALL_SHAPES, prompt_ids, random_model
     from tinyllm.cuda import CudaDecoder
     from tinyllm.cuda import kernels as K
@@ -123,7 +105,7 @@ def main(argv=None) -> dict:
                     configure(K, defaults, v)
                     decoder = CudaDecoder(model)
                     cache = decoder.new_cache(16 + 256 + 8)
-                    us = step_us(cp, K, decoder, cache, n)
+                    us = replay_us(decoder, cache, 16 + 128, n, runs=3)
                     row = rows.setdefault(v["name"], {"us": []})
                     row["us"].append(us)
                     if r == 0:
