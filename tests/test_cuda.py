@@ -137,6 +137,18 @@ def test_rms_norm_kernel(shape, record):
 GEMV_CASES = gemv_cases()  # name: (N, K, epilogue, norm)
 
 
+def readable_gemv(w, x, epi, nw=None, res=None):
+    """A step GEMV by the readable NumPy ops (fp16 roundings where model.py has them), its
+    matmul in float64; nw: the RMSNorm weights folded in, or None."""
+    h = np_ops.rms_norm(x[None, None], nw, 1e-5)[0, 0] if nw is not None else x
+    y = w.astype(np.float64) @ h.astype(np.float64)
+    if epi == K.EPI_RESIDUAL:
+        return np_ops.add(res, y.astype(np.float16))
+    if epi == K.EPI_SWIGLU:
+        return np_ops.swiglu(y.astype(np.float16))
+    return y
+
+
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
 @pytest.mark.parametrize("case", list(GEMV_CASES))
 @pytest.mark.parametrize("which", ["gemv", "gemv_stream"])
@@ -153,16 +165,10 @@ def test_gemv_kernel(shape, case, which, record):
     getattr(K, which)(cp.asarray(w), cp.asarray(x), out, epilogue=epi, norm_w=cp.asarray(nw) if norm else None,
                       eps=1e-5, residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
     out = out.get()
-    # reference 1: the readable NumPy ops (fp16 roundings where model.py has them), float64 matmul
+    # reference 1: the readable NumPy ops
+    ref = readable_gemv(w, x, epi, nw if norm else None, res)
+    # reference 2: torch on the GPU (cuBLAS fp16 matmul, torch's SiLU), on the readable norm's output
     h = np_ops.rms_norm(x[None, None], nw, 1e-5)[0, 0] if norm else x
-    y = (w.astype(np.float64) @ h.astype(np.float64))
-    if epi == K.EPI_RESIDUAL:
-        ref = np_ops.add(res, y.astype(np.float16))
-    elif epi == K.EPI_SWIGLU:
-        ref = np_ops.swiglu(y.astype(np.float16))
-    else:
-        ref = y
-    # reference 2: torch on the GPU (cuBLAS fp16 matmul, torch's SiLU)
     torch = torch_cuda()
     wt, ht = torch.from_numpy(w).cuda(), torch.from_numpy(np.ascontiguousarray(h)).cuda()
     yt = (wt @ ht)
@@ -191,10 +197,7 @@ def test_gemv_rows_split_over_warps(k, epi):
     w[:, -8:] = 0.5  # the last 16-byte vector of each row: a part that skipped it would miss its share
     out = cp.full(n, np.nan, dtype=np.float16)
     K.gemv(cp.asarray(w), cp.asarray(x), out, epilogue=epi, residual=cp.asarray(res) if epi == K.EPI_RESIDUAL else None)
-    y = w.astype(np.float64) @ x.astype(np.float64)
-    ref = (np_ops.add(res, y.astype(np.float16)) if epi == K.EPI_RESIDUAL else
-           np_ops.swiglu(y.astype(np.float16)) if epi == K.EPI_SWIGLU else y)
-    assert rel_err(out.get(), ref) < 2e-3
+    assert rel_err(out.get(), readable_gemv(w, x, epi, res=res)) < 2e-3
 
 
 def test_embedding_kernel_gives_zeros_for_an_id_outside_the_table():
@@ -232,10 +235,7 @@ def test_gemv_stream_bits_do_not_depend_on_its_grid(k, epi, norm):
         outs.append(out.get())
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
-    h = np_ops.rms_norm(x[None, None], nw, 1e-5)[0, 0] if norm else x
-    y = w.astype(np.float64) @ h.astype(np.float64)
-    ref = (np_ops.add(res, y.astype(np.float16)) if epi == K.EPI_RESIDUAL else
-           np_ops.swiglu(y.astype(np.float16)) if epi == K.EPI_SWIGLU else y)
+    ref = readable_gemv(w, x, epi, nw if norm else None, res)
     assert np.isfinite(outs[0]).all() and rel_err(outs[0], ref) < 2e-3
 
 
