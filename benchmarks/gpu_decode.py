@@ -160,14 +160,17 @@ def kernel_profile(model: Model, decoder: CudaDecoder, context: int = PROMPT_LEN
         long long t0 = clock64(); while (clock64() - t0 < n) {} }''', "spin")
     try:
         cache = model.new_cache(context + 8)
+        history = cp.zeros(cache.capacity + 1, cp.int64)
         for _ in range(3):
             records.clear()
             cache.trim(cache.length)
             cache.advance(context - 1)
+            # the sampler writes history[pos + 1]: pos is the decoder's last position until
+            # set here, and a longer run before this one left it past this history's end
+            K.set_step(decoder.token, decoder.pos, decoder.params, 1, cache.length, 0.0)
             spin((1,), (1,), (np.int64(300_000_000),))  # ~0.15 s
             logits = model.forward(np.array([[1]]), cache)
-            K.sample_token(logits, decoder.params, decoder.w_scratch, decoder.token,
-                           cp.zeros(cache.capacity + 1, cp.int64), decoder.pos)
+            K.sample_token(logits, decoder.params, decoder.w_scratch, decoder.token, history, decoder.pos)
             sync()
     finally:
         for name, fn in originals.items():
