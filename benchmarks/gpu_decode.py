@@ -295,13 +295,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16"],
                     help="the weights' dtype; a bfloat16 row is keyed 'shape bfloat16' (its peers are left out)")
-    ap.add_argument("--gemv-stream", action="store_true",
-                    help="big matrices on the streaming GEMV (kernels.set_gemv_stream; off by default)")
+    ap.add_argument("--gemv-stream", choices=["on", "off"], default=None,
+                    help="big matrices on the streaming GEMV or not (kernels.set_gemv_stream; default: the library's, on)")
     ap.add_argument("--compare-gemv", action="store_true",
                     help="also time the step with streaming the other way (on/off), same weights")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    K.set_gemv_stream(args.gemv_stream)
+    streaming = K._stream["enabled"] if args.gemv_stream is None else args.gemv_stream == "on"
+    K.set_gemv_stream(streaming)
     props = cp.cuda.runtime.getDeviceProperties(0)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
@@ -322,13 +323,13 @@ def main(argv=None) -> dict:
             plain = bench_fast(fast, decoder, args.repeats)
             K.set_pdl(True)
             row["no_pdl"] = {k: plain[k] for k in ("decode_tok_s", "gpu_step_us")}
-        row["gemv_stream"] = args.gemv_stream
+        row["gemv_stream"] = streaming
         if args.compare_gemv:  # the big matrices' GEMV the other way (kernels.streams), re-captured
-            K.set_gemv_stream(not args.gemv_stream)
+            K.set_gemv_stream(not streaming)
             other = bench_fast(fast, decoder, args.repeats)
-            K.set_gemv_stream(args.gemv_stream)
+            K.set_gemv_stream(streaming)
             row["other_gemv"] = {k: other[k] for k in ("decode_tok_s", "gpu_step_us", "tokens_head")}
-            row["other_gemv"].update(gemv_stream=not args.gemv_stream, same_tokens=other["tokens_head"] == row["tokens_head"])
+            row["other_gemv"].update(gemv_stream=not streaming, same_tokens=other["tokens_head"] == row["tokens_head"])
         row["bandwidth_fraction"] = row["bytes_per_step"] / (row["gpu_step_us"] * 1e-6) / (result["copy_bandwidth_GBs"] * 1e9)
         row["limit_tok_s"] = result["copy_bandwidth_GBs"] * 1e9 / row["bytes_per_step"]
         row["generate_tok_s"] = bench_generation(fast, decoder, args.repeats)

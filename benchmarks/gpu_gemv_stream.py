@@ -19,7 +19,7 @@ and counts the passes whose tokens differ from its first: a check for faults tha
 only now and then (a pass that raises is reported with its error, and the run stops).
 
 A variant is a JSON object: name, and any of stream (false: every GEMV on gemv; streaming
-is on unless a variant says so, though the library's default is off), min_mib, lm_head,
+is on unless a variant says so, as in the library), min_mib, lm_head,
 slots, per_sm; what it leaves out keeps the library's value.
 """
 from __future__ import annotations

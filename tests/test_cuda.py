@@ -261,7 +261,7 @@ def test_the_big_matrices_stream():
         for name in originals:
             setattr(K, name, counting(name))
         for stream in (True, False):
-            K.set_gemv_stream(stream)  # (off by default: kernels.py says why)
+            K.set_gemv_stream(stream)
             decoder = CudaDecoder(model)
             if stream:
                 ops = decoder.graph_ops

@@ -305,15 +305,14 @@ STREAM_WARPS, STREAM_PIECE, STREAM_SLOTS, STREAM_PER_SM = 8, 4096, 2, 2
 STREAM_MIN_BYTES = 32 * 2 ** 20
 STREAM_LM_HEAD = False  # the LM head stays on gemv (ops.FastOps._streams says why)
 STREAM_SMEM = 227 * 1024  # the most dynamic shared memory a block may ask for
-# Off unless asked for (TINYLLM_GEMV_STREAM=1, or set_gemv_stream): with it on, two of six
-# benchmark processes on an H200 ended in an illegal memory access that neither the GPU tests
-# nor thousands of replayed steps reproduced, and whose cause is not yet found.
-_stream = {"enabled": os.environ.get("TINYLLM_GEMV_STREAM", "0") == "1"}
+# On unless turned off (TINYLLM_GEMV_STREAM=0, or set_gemv_stream(False)): to compare, or to
+# rule the kernel out when something goes wrong on a GPU it was not measured on.
+_stream = {"enabled": os.environ.get("TINYLLM_GEMV_STREAM", "1") != "0"}
 
 
 def set_gemv_stream(enabled: bool) -> None:
-    """Let big matrices take gemv_stream, or keep every one-token GEMV on `gemv` (the
-    default; re-capture graphs after a change)."""
+    """Let big matrices take gemv_stream (the default), or keep every one-token GEMV on
+    `gemv`; re-capture graphs after a change."""
     _stream["enabled"] = enabled
 
 

@@ -12,10 +12,9 @@ decode step launches:
     5  linear_residual  down GEMV + residual add
 
 plus the embedding, the final norm + LM head (norm_linear), and the fp32 cast of the logits.
-A GEMV holds its rows in registers (`gemv`), or, where streaming is turned on
-(kernels.set_gemv_stream; off by default) and the matrix has kernels.STREAM_MIN_BYTES or
-more and is not the LM head, streams them through shared memory (`gemv_stream`): the same
-sums, more bytes in flight.
+A GEMV holds its rows in registers (`gemv`), or, where the matrix has
+kernels.STREAM_MIN_BYTES or more and is not the LM head, streams them through shared memory
+(`gemv_stream`; kernels.set_gemv_stream turns that off): the same sums, more bytes in flight.
 
 Only the decode shape (one token per sequence, fp16 or bf16) takes the fused kernels. A prompt
 (prefill) runs each group's readable default, with its matmuls on cuBLAS called through ctypes
