@@ -52,6 +52,7 @@ def configure(K, defaults: dict, v: dict) -> None:
     K.STREAM_LM_HEAD = v.get("lm_head", defaults["lm_head"])
     K.STREAM_SLOTS = v.get("slots", defaults["slots"])
     K.STREAM_PER_SM = v.get("per_sm", defaults["per_sm"])
+    K.STREAM_GEMV_BLOCKS = v.get("gemv_blocks", defaults["gemv_blocks"])
 
 
 def soak(cp, model, decoder, prompt_ids, passes: int) -> dict:
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
         if name not in ALL_SHAPES:
             ap.error(f"--shapes: unknown shape {name!r}; expected one of {', '.join(ALL_SHAPES)}")
     defaults = {"stream": K._stream["enabled"], "min_bytes": K.STREAM_MIN_BYTES, "lm_head": K.STREAM_LM_HEAD, "slots": K.STREAM_SLOTS,
-                "per_sm": K.STREAM_PER_SM}
+                "per_sm": K.STREAM_PER_SM, "gemv_blocks": K.STREAM_GEMV_BLOCKS}
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "commit": git_commit(), "command": "python benchmarks/gpu_gemv_stream.py " + " ".join(argv or sys.argv[1:]),
               "library": defaults, "variants": args.variants, "shapes": {}}

@@ -2,8 +2,8 @@
 
 Speed depends on shapes, not on values, so the GPU benchmarks use random fp16 weights
 of TinyLlama-1.1B's and SmolLM2-135M's shapes (SHAPES, what the scripts run by default)
-and, when named, of Llama 3's (LLAMA3_SHAPES: 1B and 8B, the big models that sit at the
-bandwidth limit). No checkpoint travels to the GPU machine. The weights are drawn on the
+and, when named, of Llama 3's (LLAMA3_SHAPES: 1B, 3B and 8B, the big models that sit at
+the bandwidth limit). No checkpoint travels to the GPU machine. The weights are drawn on the
 device with CuPy, scaled so that activations stay O(1) through the layers and the logits
 are spread out (greedy comparisons need clear winners), and can be copied into a
 `transformers` LlamaForCausalLM for reference.
@@ -26,6 +26,8 @@ SHAPES = {
 # that changes the table's values, never the work of a step, so random weights leave it out.
 LLAMA3_SHAPES = {
     "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                         rope_theta=500000.0, norm_eps=1e-5, max_seq_len=131072, tie_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
                          rope_theta=500000.0, norm_eps=1e-5, max_seq_len=131072, tie_embeddings=True),
     "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=128256,
                        rope_theta=500000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=False),

@@ -304,6 +304,7 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 STREAM_WARPS, STREAM_PIECE, STREAM_SLOTS, STREAM_PER_SM = 8, 4096, 2, 2
 STREAM_MIN_BYTES = 32 * 2 ** 20
 STREAM_LM_HEAD = False  # the LM head stays on gemv (ops.FastOps._streams says why)
+STREAM_GEMV_BLOCKS: int | None = None  # stream only where gemv fits at most this many blocks per SM
 STREAM_SMEM = 227 * 1024  # the most dynamic shared memory a block may ask for
 # On unless turned off (TINYLLM_GEMV_STREAM=0, or set_gemv_stream(False)): to compare, or to
 # rule the kernel out when something goes wrong on a GPU it was not measured on.
@@ -319,6 +320,16 @@ def set_gemv_stream(enabled: bool) -> None:
 def streams(nbytes: int) -> bool:
     """Whether a one-token GEMV over a matrix of this many bytes takes gemv_stream."""
     return _stream["enabled"] and nbytes >= STREAM_MIN_BYTES
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_blocks_per_sm(dtype, k: int, norm: bool, epilogue: int) -> int:
+    """How many of `gemv`'s blocks fit on one SM by registers (the compiled kernel's count,
+    allocated 8 a thread at a time), as its launch shapes them."""
+    cp = _cupy()
+    per_sm = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["regsPerMultiprocessor"]
+    regs = -(-kernel(gemv_name(dtype, k, norm, epilogue)).num_regs // 8) * 8
+    return per_sm // (regs * 32 * GEMV_WARPS)
 
 
 def gemv_stream_name(dtype, k: int, norm: bool, epilogue: int) -> str:

@@ -180,7 +180,7 @@ class FastOps(Ops):
         out = self.xp.empty((b, 1, n_out), dtype=self.dtype)
         norm_w, eps = norm if norm is not None else (None, 0.0)
         if single:
-            run = K.gemv_stream if self._streams(w.shape[0], w.nbytes) else K.gemv
+            run = K.gemv_stream if self._streams(w.shape[0], w.nbytes, (k, norm_w is not None, epilogue)) else K.gemv
             run(w, x, out, epilogue=epilogue, norm_w=norm_w, eps=eps, residual=residual)
         else:
             workspace, counters = self.rows_scratch(K.rows_workspace(n_out, k, epilogue), K.row_tiles(n_out))
@@ -189,12 +189,15 @@ class FastOps(Ops):
         self.stats["fused"] += 1
         return out
 
-    def _streams(self, rows: int, nbytes: int) -> bool:
+    def _streams(self, rows: int, nbytes: int, gemv: tuple | None = None) -> bool:
         """Whether a one-token GEMV takes gemv_stream: a matrix of kernels.STREAM_MIN_BYTES or
         more, but not the LM head (rows = the vocabulary): streamed, it ran faster alone but the
         whole step was no faster, or slower, in three of the four shapes measured, Llama-3-8B's
-        being the exception (docs/benchmarks.md)."""
-        return K.streams(nbytes) and (rows != self.config.vocab_size or K.STREAM_LM_HEAD)
+        being the exception (docs/benchmarks.md). gemv: (K, norm, epilogue), for
+        kernels.STREAM_GEMV_BLOCKS (without it, whether it may stream)."""
+        if not (K.streams(nbytes) and (rows != self.config.vocab_size or K.STREAM_LM_HEAD)):
+            return False
+        return gemv is None or K.STREAM_GEMV_BLOCKS is None or K.gemv_blocks_per_sm(self.dtype, *gemv) <= K.STREAM_GEMV_BLOCKS
 
     def _cublas(self, x, w, b: int, epilogue, norm, residual):
         """B rows through cuBLAS in calls of M = GEMM_M rows whatever B (one call up to GEMM_M
