@@ -2,7 +2,7 @@
 
 `gemv` holds a weight row in registers; `gemv_stream` streams rows through shared memory
 (tinyllm/cuda/kernels.cu). Which matrices take which is decided per step by
-kernels.STREAM_MIN_BYTES and STREAM_LM_HEAD, and a streaming launch's shape by STREAM_SLOTS
+kernels.STREAM_MIN_BYTES and STREAM_HEAD_BLOCKS, and a streaming launch's shape by STREAM_SLOTS
 (pieces in flight per warp) and STREAM_PER_SM (blocks per SM at most). Here each variant
 sets them, a new CudaDecoder captures the step, and back-to-back replays are timed with
 CUDA events (median of 3 runs of N replays, cache at 144 positions); variants take turns
@@ -19,8 +19,9 @@ and counts the passes whose tokens differ from its first: a check for faults tha
 only now and then (a pass that raises is reported with its error, and the run stops).
 
 A variant is a JSON object: name, and any of stream (false: every GEMV on gemv; streaming
-is on unless a variant says so, as in the library), min_mib, lm_head,
-slots, per_sm; what it leaves out keeps the library's value.
+is on unless a variant says so, as in the library), min_mib, lm_head (true: the LM head
+streams whatever gemv's blocks per SM; false: never), slots, per_sm; what it leaves out
+keeps the library's value.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from benchmarks.common import git_commit  # noqa: E402
 DEFAULT_VARIANTS = [
     {"name": "all gemv", "stream": False},
     {"name": "streaming on"},
-    {"name": "LM head too", "lm_head": True},
+    {"name": "LM head never", "lm_head": False},
+    {"name": "LM head always", "lm_head": True},
     {"name": "every matrix", "min_mib": 0, "lm_head": True},
     {"name": "3 slots", "slots": 3},
     {"name": "1 block per SM", "per_sm": 1},
@@ -49,10 +51,10 @@ DEFAULT_VARIANTS = [
 def configure(K, defaults: dict, v: dict) -> None:
     K.set_gemv_stream(v.get("stream", True))
     K.STREAM_MIN_BYTES = int(v["min_mib"] * 2 ** 20) if "min_mib" in v else defaults["min_bytes"]
-    K.STREAM_LM_HEAD = v.get("lm_head", defaults["lm_head"])
+    # lm_head: true streams it whatever gemv's blocks per SM, false never
+    K.STREAM_HEAD_BLOCKS = {True: 1 << 20, False: -1}.get(v.get("lm_head"), defaults["head_blocks"])
     K.STREAM_SLOTS = v.get("slots", defaults["slots"])
     K.STREAM_PER_SM = v.get("per_sm", defaults["per_sm"])
-    K.STREAM_GEMV_BLOCKS = v.get("gemv_blocks", defaults["gemv_blocks"])
 
 
 def soak(cp, model, decoder, prompt_ids, passes: int) -> dict:
@@ -90,8 +92,8 @@ def main(argv=None) -> dict:
     for name in args.shapes:
         if name not in ALL_SHAPES:
             ap.error(f"--shapes: unknown shape {name!r}; expected one of {', '.join(ALL_SHAPES)}")
-    defaults = {"stream": K._stream["enabled"], "min_bytes": K.STREAM_MIN_BYTES, "lm_head": K.STREAM_LM_HEAD, "slots": K.STREAM_SLOTS,
-                "per_sm": K.STREAM_PER_SM, "gemv_blocks": K.STREAM_GEMV_BLOCKS}
+    defaults = {"stream": K._stream["enabled"], "min_bytes": K.STREAM_MIN_BYTES, "head_blocks": K.STREAM_HEAD_BLOCKS, "slots": K.STREAM_SLOTS,
+                "per_sm": K.STREAM_PER_SM}
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "commit": git_commit(), "command": "python benchmarks/gpu_gemv_stream.py " + " ".join(argv or sys.argv[1:]),
               "library": defaults, "variants": args.variants, "shapes": {}}

@@ -239,10 +239,25 @@ def test_gemv_stream_bits_do_not_depend_on_its_grid(k, epi, norm):
     assert np.isfinite(outs[0]).all() and rel_err(outs[0], ref) < 2e-3
 
 
+@pytest.mark.parametrize("k,norm,epi", [(576, True, 0), (2048, True, 0), (2048, True, 2), (3072, True, 0),
+                                        (4096, True, 0), (4096, False, 1), (14336, False, 1)])
+def test_gemv_blocks_per_sm_agrees_with_the_driver(k, norm, epi):
+    """kernels.gemv_blocks_per_sm (which LM heads stream) against the driver's occupancy
+    calculator for the compiled kernel at gemv's launch shape."""
+    from cuda.bindings import driver
+
+    fn = K.kernel(K.gemv_name(np.float16, k, norm, epi))
+    handle = fn.kernel.ptr if hasattr(fn, "kernel") else fn.ptr
+    err, blocks = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(driver.CUfunction(handle), 32 * K.GEMV_WARPS, 0)
+    assert err == driver.CUresult.CUDA_SUCCESS
+    assert K.gemv_blocks_per_sm(np.dtype(np.float16), k, norm, epi) == blocks
+
+
 def test_the_big_matrices_stream():
-    """With streaming on, a decode step's matrices of STREAM_MIN_BYTES or more but the LM head
-    take gemv_stream, the others gemv (FastOps._streams); the captured step launches both, and
-    the first tokens are those of the step with every GEMV on gemv."""
+    """With streaming on, a decode step's matrices of STREAM_MIN_BYTES or more take gemv_stream
+    (the LM head only where few of gemv's blocks fit on an SM), the others gemv
+    (FastOps._streams); the captured step launches both, and the first tokens are those of the
+    step with every GEMV on gemv."""
     model = random_model("tinyllama-1.1b", n_layers=2)  # gate|up (46 MB) streams; wo (8 MB), the LM head do not
     layer, head = model.weights.layers[0], model.weights.output
     launched = collections.Counter()
@@ -267,7 +282,10 @@ def test_the_big_matrices_stream():
                 ops = decoder.graph_ops
                 assert ops._streams(layer.w_gate_up.shape[0], layer.w_gate_up.nbytes)
                 assert not ops._streams(layer.wo.shape[0], layer.wo.nbytes)
-                assert K.streams(head.nbytes) and not ops._streams(head.shape[0], head.nbytes)  # left out by its role
+                # the LM head left out: 4 of gemv's blocks fit on an SM at K = 2048
+                head_gemv = (head.shape[1], True, K.EPI_STORE)
+                assert K.gemv_blocks_per_sm(model.weights.output.dtype, *head_gemv) == 4
+                assert K.streams(head.nbytes) and not ops._streams(head.shape[0], head.nbytes, head_gemv)
             cache = decoder.new_cache(32)
             first = int(cp.argmax(decoder.eager.forward(ids, cache)[0, -1]))
             firsts.append([first] + list(decoder.decode(cache, first, 8)))

@@ -300,11 +300,12 @@ def gemv(w, x, out, *, epilogue: int = EPI_STORE, norm_w=None, eps: float = 0.0,
 # `gemv`: a small matrix is over before a ring fills, and `gemv`'s blocks (registers, little
 # shared memory) fit beside a streaming block, so the launch after a big matrix starts loading
 # its rows while the big one still streams (two streaming launches in a row would not fit
-# together). Measured on whole decode steps (docs/benchmarks.md, "Streaming the big matrices").
+# together). The LM head streams only where `gemv` fits at most STREAM_HEAD_BLOCKS blocks on an
+# SM for it (ops.FastOps._streams says why). Measured on whole decode steps
+# (docs/benchmarks.md, "Streaming the big matrices").
 STREAM_WARPS, STREAM_PIECE, STREAM_SLOTS, STREAM_PER_SM = 8, 4096, 2, 2
 STREAM_MIN_BYTES = 32 * 2 ** 20
-STREAM_LM_HEAD = False  # the LM head stays on gemv (ops.FastOps._streams says why)
-STREAM_GEMV_BLOCKS: int | None = None  # stream only where gemv fits at most this many blocks per SM
+STREAM_HEAD_BLOCKS = 3
 STREAM_SMEM = 227 * 1024  # the most dynamic shared memory a block may ask for
 # On unless turned off (TINYLLM_GEMV_STREAM=0, or set_gemv_stream(False)): to compare, or to
 # rule the kernel out when something goes wrong on a GPU it was not measured on.

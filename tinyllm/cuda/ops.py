@@ -191,13 +191,16 @@ class FastOps(Ops):
 
     def _streams(self, rows: int, nbytes: int, gemv: tuple | None = None) -> bool:
         """Whether a one-token GEMV takes gemv_stream: a matrix of kernels.STREAM_MIN_BYTES or
-        more, but not the LM head (rows = the vocabulary): streamed, it ran faster alone but the
-        whole step was no faster, or slower, in three of the four shapes measured, Llama-3-8B's
-        being the exception (docs/benchmarks.md). gemv: (K, norm, epilogue), for
-        kernels.STREAM_GEMV_BLOCKS (without it, whether it may stream)."""
-        if not (K.streams(nbytes) and (rows != self.config.vocab_size or K.STREAM_LM_HEAD)):
+        more; the LM head (rows = the vocabulary) only where `gemv` fits at most
+        kernels.STREAM_HEAD_BLOCKS blocks on an SM for it (gemv: its (K, norm, epilogue); without
+        it, whether the head may stream). Where 4 fit (K = 2048), their loads overlap each
+        other's sums and the streamed head made the whole step no faster or slower; where 2 or 3
+        fit (K = 4096, 3072), it made the step faster (docs/benchmarks.md)."""
+        if not K.streams(nbytes):
             return False
-        return gemv is None or K.STREAM_GEMV_BLOCKS is None or K.gemv_blocks_per_sm(self.dtype, *gemv) <= K.STREAM_GEMV_BLOCKS
+        if rows != self.config.vocab_size or gemv is None:
+            return True
+        return K.gemv_blocks_per_sm(self.dtype, *gemv) <= K.STREAM_HEAD_BLOCKS
 
     def _cublas(self, x, w, b: int, epilogue, norm, residual):
         """B rows through cuBLAS in calls of M = GEMM_M rows whatever B (one call up to GEMM_M
