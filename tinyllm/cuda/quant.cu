@@ -497,10 +497,15 @@ __device__ __forceinline__ void nibble_a(const unsigned (&v)[4], int h, int s, u
 // bytes of quants; OFF and MIN (whether c3 is there): the formula above; coef(m, b, c1, c3)
 // for block b of the stage, m the row's scales. a(v, e, i, ...): the A registers of mma i (0, 1) of block e of the four
 // words v that ldmatrix gave (rows g, g + 8 of the first 16 bytes, then of the next 16).
+// QUAD_COEF: coef is costly enough to share (Q4_K: six-bit fields unpacked, integers turned
+// into floats): lane t of a quad computes blocks 2t and 2t + 1 of its two rows once per stage,
+// and the quad's lanes take the rest from it by shuffle, instead of each lane computing all
+// eight (needs SUBS = 2 and eight blocks a stage: block 2j + e is then lane j's).
 template <int KIND> struct QsFormat;
 template <int KIND> struct Qs4 {  // Q4_0, Q4_1: byte i of a block holds weights i and i + 16
     static constexpr int WEIGHTS = 256, META = KIND == Q4_1 ? 32 : 16, SUBS = 2;
     static constexpr bool MIN = KIND == Q4_1;
+    static constexpr bool QUAD_COEF = false;
     static constexpr float OFF = KIND == Q4_1 ? -1024.f : -1032.f;
     static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) {
         return reinterpret_cast<const unsigned char*>(p.scale);
@@ -525,6 +530,7 @@ template <> struct QsFormat<Q4_1> : Qs4<Q4_1> {};
 template <> struct QsFormat<Q8_0> {  // 32 int8 a block: a block per 32 bytes
     static constexpr int WEIGHTS = 128, META = 8, SUBS = 1;
     static constexpr bool MIN = false;
+    static constexpr bool QUAD_COEF = false;
     static constexpr float OFF = -1152.f;
     static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) {
         return reinterpret_cast<const unsigned char*>(p.scale);
@@ -544,7 +550,7 @@ template <> struct QsFormat<Q8_0> {  // 32 int8 a block: a block per 32 bytes
 };
 template <> struct QsFormat<Q4_K> {  // 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high)
     static constexpr int WEIGHTS = 256, META = 16, SUBS = 2;
-    static constexpr bool MIN = true;
+    static constexpr bool MIN = true, QUAD_COEF = true;
     static constexpr float OFF = -1024.f;
     static __device__ __forceinline__ const unsigned char* meta_plane(const Planes& p) { return p.meta; }
     static __device__ __forceinline__ void a(const unsigned (&v)[4], int e, int i, unsigned& a0, unsigned& a1,
@@ -664,6 +670,18 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
                 __syncwarp();
                 const int s = warp + QS_WARPS * i, slot = n % QS_STAGES;
                 const unsigned char* base = ring + slot * MATS * SLOT;
+                float qc[MATS][2][2][2];  // QUAD_COEF: blocks 2t + e of rows g, g + 8 ([m][h][e]: c1, c3)
+                if constexpr (F::QUAD_COEF) {
+                    static_assert(F::SUBS == 2 && BPS == 8, "block 2j + e must be lane j's");
+#pragma unroll
+                    for (int m = 0; m < MATS; m++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++)
+#pragma unroll
+                            for (int e = 0; e < 2; e++)
+                                F::coef(base + m * SLOT + 16 * QS_ROW + (g + 8 * h) * F::META, 2 * t + e,
+                                        qc[m][h][e][0], qc[m][h][e][1]);
+                }
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     unsigned v[MATS][4];
@@ -686,8 +704,16 @@ __global__ void __launch_bounds__(QS_WARPS * 32) gemv_qs(
                             mma_16816(y, a0, a1, a2, a3, x1.x, x1.y);
                             const unsigned char* mrow = base + m * SLOT + 16 * QS_ROW;
                             float c1g, c3g, c1h, c3h;
-                            F::coef(mrow + g * F::META, blk, c1g, c3g);
-                            F::coef(mrow + (g + 8) * F::META, blk, c1h, c3h);
+                            if constexpr (F::QUAD_COEF) {
+                                const int src = (lane & ~3) | j;  // the quad's lane that has block blk
+                                c1g = __shfl_sync(0xffffffffu, qc[m][0][e][0], src);
+                                c3g = __shfl_sync(0xffffffffu, qc[m][0][e][1], src);
+                                c1h = __shfl_sync(0xffffffffu, qc[m][1][e][0], src);
+                                c3h = __shfl_sync(0xffffffffu, qc[m][1][e][1], src);
+                            } else {
+                                F::coef(mrow + g * F::META, blk, c1g, c3g);
+                                F::coef(mrow + (g + 8) * F::META, blk, c1h, c3h);
+                            }
                             const float c1[4] = {c1g, c1g, c1h, c1h}, c3[4] = {c3g, c3g, c3h, c3h};
                             const float sxi[4] = {sx.x, sx.y, sx.x, sx.y};
 #pragma unroll
