@@ -155,7 +155,7 @@ def test_gpu_serve_shared_prefix_on_the_cpu(tmp_path):
 
 def test_gpu_serve_refuses_what_it_cannot_run(tmp_path):
     proc = run_gpu_serve("--device", "cpu", "--shape", "llama-2-7b", "--out", str(tmp_path))
-    assert proc.returncode == 2 and "llama-3.2-1b, llama-3-8b, got 'llama-2-7b'" in proc.stderr
+    assert proc.returncode == 2 and "llama-3.2-1b, llama-3.2-3b, llama-3-8b, got 'llama-2-7b'" in proc.stderr
     proc = run_gpu_serve("--device", "cpu", "--engine", "instant", "--shared-prefix", "64", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--shared-prefix: needs --engine model" in proc.stderr
 
