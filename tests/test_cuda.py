@@ -282,9 +282,9 @@ def test_the_big_matrices_stream():
                 ops = decoder.graph_ops
                 assert ops._streams(layer.w_gate_up.shape[0], layer.w_gate_up.nbytes)
                 assert not ops._streams(layer.wo.shape[0], layer.wo.nbytes)
-                # the LM head left out: 4 of gemv's blocks fit on an SM at K = 2048
+                # the LM head left out: at K = 2048 more of gemv's blocks fit on an SM than the rule's
                 head_gemv = (head.shape[1], True, K.EPI_STORE)
-                assert K.gemv_blocks_per_sm(model.weights.output.dtype, *head_gemv) == 4
+                assert K.gemv_blocks_per_sm(head.dtype, *head_gemv) > K.STREAM_HEAD_BLOCKS
                 assert K.streams(head.nbytes) and not ops._streams(head.shape[0], head.nbytes, head_gemv)
             cache = decoder.new_cache(32)
             first = int(cp.argmax(decoder.eager.forward(ids, cache)[0, -1]))

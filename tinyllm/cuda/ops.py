@@ -13,8 +13,9 @@ decode step launches:
 
 plus the embedding, the final norm + LM head (norm_linear), and the fp32 cast of the logits.
 A GEMV holds its rows in registers (`gemv`), or, where the matrix has
-kernels.STREAM_MIN_BYTES or more and is not the LM head, streams them through shared memory
-(`gemv_stream`; kernels.set_gemv_stream turns that off): the same sums, more bytes in flight.
+kernels.STREAM_MIN_BYTES or more (the LM head: see FastOps._streams), streams them through
+shared memory (`gemv_stream`; kernels.set_gemv_stream turns that off): the same sums, more
+bytes in flight.
 
 Only the decode shape (one token per sequence, fp16 or bf16) takes the fused kernels. A prompt
 (prefill) runs each group's readable default, with its matmuls on cuBLAS called through ctypes
@@ -121,7 +122,9 @@ class FastOps(Ops):
                              (c.hidden_dim, False, K.EPI_STORE)]:
             if k % 8 == 0:
                 names.append(K.gemv_name(self.dtype, k, norm, epi))
-        for n, k, norm, epi in step_gemms(c):  # the big matrices' streaming GEMV
+        # the big matrices' streaming GEMV (the LM head's wherever it may stream: whether it does
+        # is read off the compiled `gemv`, after this list is compiled)
+        for n, k, norm, epi in step_gemms(c):
             rows = 2 * n if epi == K.EPI_SWIGLU else n
             if k % 8 == 0 and self._streams(rows, rows * k * self.dtype.itemsize):
                 names.append(K.gemv_stream_name(self.dtype, k, norm, epi))
