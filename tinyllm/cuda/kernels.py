@@ -323,14 +323,17 @@ def streams(nbytes: int) -> bool:
     return _stream["enabled"] and nbytes >= STREAM_MIN_BYTES
 
 
+def blocks_by_registers(name: str, threads: int) -> int:
+    """How many blocks of `threads` threads of a compiled kernel fit on one SM by its registers
+    (allocated 8 a thread at a time; 64K of them an SM on every GPU since Maxwell)."""
+    regs = -(-kernel(name).num_regs // 8) * 8
+    return 65536 // (regs * threads)
+
+
 @functools.lru_cache(maxsize=None)
 def gemv_blocks_per_sm(dtype, k: int, norm: bool, epilogue: int) -> int:
-    """How many of `gemv`'s blocks fit on one SM by registers (the compiled kernel's count,
-    allocated 8 a thread at a time), as its launch shapes them."""
-    cp = _cupy()
-    per_sm = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["regsPerMultiprocessor"]
-    regs = -(-kernel(gemv_name(dtype, k, norm, epilogue)).num_regs // 8) * 8
-    return per_sm // (regs * 32 * GEMV_WARPS)
+    """How many of `gemv`'s blocks fit on one SM by registers, as its launch shapes them."""
+    return blocks_by_registers(gemv_name(dtype, k, norm, epilogue), 32 * GEMV_WARPS)
 
 
 def gemv_stream_name(dtype, k: int, norm: bool, epilogue: int) -> str:
@@ -622,11 +625,10 @@ def _sm_resources() -> tuple[int, int]:
 def qs_blocks(name: str, tiles: int, shared: int) -> int:
     """gemv_qs's grid: as many blocks as fit on the GPU at once, each looping over its tiles;
     never more than tiles. Per SM: by shared memory (1 KB of it reserved per block), by the
-    kernel's registers (allocated 8 a thread at a time, 64K per SM), and at most 3 (what was
-    measured). A grid that did not fit would still be right, only run in a second wave."""
+    kernel's registers (blocks_by_registers), and at most 3 (what was measured). A grid that
+    did not fit would still be right, only run in a second wave."""
     sms, smem = _sm_resources()
-    regs = -(-getattr(kernel(name), "num_regs", 80) // 8) * 8 * 32 * QS_WARPS  # (a RawKernel has num_regs)
-    return min(tiles, sms * max(1, min(3, smem // (shared + 1024), 65536 // regs)))
+    return min(tiles, sms * max(1, min(3, smem // (shared + 1024), blocks_by_registers(name, 32 * QS_WARPS))))
 
 
 @functools.lru_cache(maxsize=None)
